@@ -1,0 +1,224 @@
+"""Chip training speed: a per-layer scikit-learn loop against our batched trainer, on one cache.
+
+Methods, all on the same train / eval caches and the same 200 validation rows:
+
+* ``sklearn_loop``: for each layer, read it, StandardScaler + ``LogisticRegression`` (lbfgs,
+  C=1), the way one would write it by hand;
+* ``batched_linear``: ``train_chips(chip="linear")``, default regime (every layer at once);
+* ``batched_mlp``: ``train_chips(chip="mlp")``, default regime;
+* ``paper_linear``: ``train_chips(chip="linear", regime="paper")`` (batch 1, lr 1e-5, 1 epoch);
+* ``sweep``: ``probe sweep`` over every layer x {linear, MLP} x 5 weight decays.
+
+Each method runs in its own process, so its wall time and peak memory (``ru_maxrss``) are its
+own. The synthetic cache is shaped like Llama-2-7B (33 layers x 4096, 20,000 train rows, 4
+classes, bfloat16 storage) and written with the real ``CacheWriter``; its class signal grows with
+depth (chance up to layer ~12, a plateau from ~20) and a few outlier dimensions carry large,
+class-free activations, as real LLM residual streams do.
+
+    python benchmarks/probe_speed.py                       # full size (about 30 min on 2 cores)
+    python benchmarks/probe_speed.py --small               # quick check (about a minute)
+    python benchmarks/probe_speed.py --real-train CACHE --real-eval CACHE   # add a real cache
+
+Prints a table and writes JSON (``--json``, default ``probe_speed.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("sklearn_loop", "batched_linear", "batched_mlp", "paper_linear", "sweep")
+SWEEP_WEIGHT_DECAYS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
+SWEEP_EPOCHS = 3  # most epochs per sweep setting (early stopping, patience 2)
+
+
+def write_synthetic(root: Path, n_train: int, n_eval: int, n_layers: int, hidden: int, n_classes: int,
+                    seed: int = 0, storage_dtype: str = "bfloat16") -> tuple[Path, Path]:
+    """Train and eval caches with a planted signal growing with depth."""
+    from chiptuning.cache import CacheWriter
+
+    rng = np.random.default_rng(seed)
+    # class directions: a few hundred informative dimensions, not the whole space
+    centers = np.zeros((n_classes, hidden), dtype=np.float32)
+    informative = rng.choice(hidden, size=min(hidden, 256), replace=False)
+    centers[:, informative] = rng.normal(size=(n_classes, len(informative))) / np.sqrt(len(informative))
+    depth = np.arange(n_layers)
+    # chance at the bottom, a rise around 40-60% of the depth, a plateau (as in the paper's Fig. 2)
+    strength = 2.0 / (1 + np.exp(-(depth - 0.5 * n_layers) / (0.06 * n_layers)))
+    outliers = rng.choice(hidden, size=4, replace=False)
+    stats = {"embedding": 32000 * hidden, "blocks": [202_383_360] * (n_layers - 1), "final_norm": hidden,
+             "lm_head": 32000 * hidden, "other": 0}
+    stats["total"] = stats["embedding"] + sum(stats["blocks"]) + stats["final_norm"] + stats["lm_head"]
+    paths = []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        meta = {"model": f"synthetic-llama2-7b-shape-{hidden}x{n_layers}", "label_names": list("ABCD")[:n_classes],
+                "task": {"template": "{text}", "split": split, "label_names": list("ABCD")[:n_classes]},
+                "hidden_size": hidden, "num_blocks": n_layers - 1, "feature_mode": "raw", "seed": seed}
+        path = root / split
+        writer = CacheWriter(path, meta, n_rows=n, layers=range(n_layers), hidden_size=hidden,
+                             storage_dtype=storage_dtype, shard_size=2048, extra={"model_stats": stats})
+        split_rng = np.random.default_rng(seed + (1 if split == "train" else 2))
+        y = split_rng.integers(0, n_classes, n)
+        for start in range(0, n, 1024):
+            yb = y[start:start + 1024]
+            b = len(yb)
+            feats = split_rng.standard_normal((b, n_layers, hidden), dtype=np.float32)  # (b, L+1, H)
+            feats += strength[None, :, None].astype(np.float32) * centers[yb][:, None, :]
+            feats[:, :, outliers] *= 50.0  # massive activations: why features are standardized
+            writer.write(np.arange(start, start + b), feats, yb, [f"{split}-{i}" for i in range(start, start + b)],
+                         np.full(b, 64), np.full(b, n_classes))
+        writer.close()
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# -- one method, in its own process --------------------------------------------------------------
+
+def run_method(method: str, train: str, evals: str, seed: int) -> dict:
+    """Train with one method; returns wall time, peak memory and per-layer eval accuracy."""
+    import torch
+    from chiptuning.cache import CacheReader
+    from chiptuning.probe import train_chips
+    from chiptuning.probe.sweep import SweepConfig, sweep
+    from chiptuning.probe.train import carve_rows
+
+    reader, ev = CacheReader(train), CacheReader(evals)
+    start = time.perf_counter()
+    out: dict = {"method": method, "torch_threads": torch.get_num_threads()}
+    if method == "sklearn_loop":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        train_rows, _ = carve_rows(reader.n_rows, 200, seed, None)
+        accs, iters = {}, []
+        for layer in reader.layers:
+            x = reader.layer(layer, train_rows)
+            scaler = StandardScaler().fit(x)
+            clf = LogisticRegression(max_iter=1000).fit(scaler.transform(x), reader.labels[train_rows])
+            accs[layer] = float(clf.score(scaler.transform(ev.layer(layer)), ev.labels))
+            iters.append(int(clf.n_iter_.max()))
+        out["eval_accuracy"] = accs
+        out["lbfgs_iterations"] = iters
+    elif method == "sweep":
+        config = SweepConfig(chips=["linear", "mlp"], weight_decays=SWEEP_WEIGHT_DECAYS, lrs=[1e-3],
+                             epochs=[SWEEP_EPOCHS], n_iter_no_change=2, seed=seed)
+        result = sweep(train, evals, config=config)
+        best = {}
+        for row in result["best_per_layer"]:
+            best.setdefault(row["chip"], {})[row["layer"]] = row["eval_accuracy"]
+        out["eval_accuracy"] = best.get("linear", {})
+        out["eval_accuracy_mlp"] = best.get("mlp", {})
+        out["n_chips"] = len(result["rows"])
+        out["best"] = {k: result["best"][k] for k in ("chip", "setting", "layer", "val_accuracy", "eval_accuracy")}
+        out["epochs_run"] = sorted({r["epochs_run"] for r in result["rows"]})
+    else:
+        kind = "mlp" if method == "batched_mlp" else "linear"
+        regime = "paper" if method == "paper_linear" else "default"
+        chips = train_chips(reader, ev, chip=kind, regime=regime, seed=seed)
+        out["eval_accuracy"] = {m["layer"]: m["eval_accuracy"] for m in chips.metrics}
+        out["epochs_run"] = sorted({m["epochs_run"] for m in chips.metrics})
+        out["best_epoch"] = [m["best_epoch"] for m in chips.metrics]
+    out["seconds"] = time.perf_counter() - start
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+
+def summarize(result: dict, reference: dict | None) -> dict:
+    accs = {int(k): v for k, v in result["eval_accuracy"].items()}
+    best_layer = max(accs, key=lambda layer: accs[layer])
+    row = {"method": result["method"], "seconds": result["seconds"], "peak_rss_mb": result["peak_rss_mb"],
+           "best_layer": best_layer, "best_eval_accuracy": accs[best_layer],
+           "mean_eval_accuracy": float(np.mean(list(accs.values())))}
+    if reference is not None:
+        ref = {int(k): v for k, v in reference["eval_accuracy"].items()}
+        diffs = [accs[layer] - ref[layer] for layer in ref if layer in accs]
+        row["mean_diff_vs_sklearn"] = float(np.mean(diffs))
+        row["speedup_vs_sklearn"] = reference["seconds"] / result["seconds"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="2,000 rows x 9 layers x 256 (a quick check).")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--cache-dir", default=None, help="Where to write the synthetic caches (default a temp dir).")
+    parser.add_argument("--real-train", default=None, help="Also run on this real train cache (e.g. MiniLM features).")
+    parser.add_argument("--real-eval", default=None, help="Its eval cache.")
+    parser.add_argument("--no-synthetic", action="store_true", help="Only the real cache.")
+    parser.add_argument("--json", default="probe_speed.json", help="Where to write the results.")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--run-method", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--train", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--eval", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.run_method:  # child process: one method
+        print(json.dumps(run_method(args.run_method, args.train, args.eval, args.seed)))
+        return
+
+    methods = [m for m in args.methods.split(",") if m]
+    shape = dict(n_train=2000, n_eval=500, n_layers=9, hidden=256) if args.small else \
+        dict(n_train=20000, n_eval=2000, n_layers=33, hidden=4096)
+    caches = {}
+    tmp = None
+    root = Path(args.cache_dir) if args.cache_dir else Path(tmp := tempfile.mkdtemp(prefix="probe-speed-"))
+    if args.no_synthetic:
+        pass
+    elif not (root / "train" / "manifest.json").exists() or not (root / "eval" / "manifest.json").exists():
+        t = time.perf_counter()
+        write_synthetic(root, n_classes=4, **shape)
+        print(f"wrote synthetic caches to {root} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if not args.no_synthetic:
+        caches["synthetic"] = (root / "train", root / "eval")
+    if args.real_train and args.real_eval:
+        caches["real"] = (Path(args.real_train), Path(args.real_eval))
+
+    report = {"shape": shape, "cpu_count": os.cpu_count(), "sweep_epochs": SWEEP_EPOCHS, "caches": {}}
+    for name, (train, evals) in caches.items():
+        results, rows = {}, []
+        for method in methods:
+            cmd = [sys.executable, __file__, "--run-method", method, "--train", str(train), "--eval", str(evals),
+                   "--seed", str(args.seed)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{method} failed on {name}")
+            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"[{name}] {method}: {results[method]['seconds']:.1f} s", file=sys.stderr)
+        reference = results.get("sklearn_loop")
+        for method in methods:
+            rows.append(summarize(results[method], reference if method != "sklearn_loop" else None))
+            if method == "sweep" and results[method].get("eval_accuracy_mlp"):
+                rows.append(summarize(dict(results[method], method="sweep (best mlp)",
+                                           eval_accuracy=results[method]["eval_accuracy_mlp"]), reference))
+        report["caches"][name] = {"rows": rows, "raw": results}
+        print(f"\n{name} cache: {train}")
+        header = f"{'method':<18} {'wall s':>8} {'peak MB':>8} {'best layer':>10} {'best acc':>9} {'mean acc':>9} {'vs sklearn':>10} {'speedup':>8}"
+        print(header)
+        print("-" * len(header))
+        for r in rows:
+            diff = r.get("mean_diff_vs_sklearn")
+            speed = r.get("speedup_vs_sklearn")
+            print(f"{r['method']:<18} {r['seconds']:>8.1f} {r['peak_rss_mb']:>8.0f} {r['best_layer']:>10d} "
+                  f"{r['best_eval_accuracy']:>9.4f} {r['mean_eval_accuracy']:>9.4f} "
+                  f"{'' if diff is None else f'{100 * diff:+.2f} pt':>10} {'' if speed is None else f'{speed:.1f}x':>8}")
+    Path(args.json).write_text(json.dumps(report, indent=2, sort_keys=True))
+    print(f"\nwrote {args.json}")
+    if tmp:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

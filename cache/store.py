@@ -1,0 +1,493 @@
+"""HDF5 shard cache of last-token features: writer (resumable, atomic) and reader.
+
+Layout of one cache directory (one per model, task and split)::
+
+    manifest.json          # what determines the content + its fingerprint, shard list, complete flag
+    shard-00000.h5         # rows in extraction order; single process
+    shard-r01-00000.h5     # ... or one series per rank when extraction is data-parallel
+    (each shard)
+      hidden/<l>           # (rows, hidden_size) for every layer l, chunked by rows
+      index                # (rows,) int64 position of the row in the task's example list
+      labels               # (rows,) int64
+      example_ids          # (rows,) utf-8 strings
+      n_tokens             # (rows,) int32 prompt length in tokens
+      n_choices            # (rows,) int32 number of valid classes (the first n_choices are valid)
+
+Rows are read back in canonical order (sorted by ``index``), whatever order extraction wrote them
+in. A shard is written to ``*.tmp`` and renamed when complete; the manifest is rewritten (also
+atomically) after every shard, so a killed run loses at most the shard in progress, and a re-run
+skips every row already stored. Only numpy and h5py are used here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from chiptuning import __version__
+from chiptuning.errors import CacheError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "chiptuning-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+_CHUNK_ROWS = 256
+
+
+def fingerprint(meta: dict) -> str:
+    """Stable hash of the content-determining settings (sorted JSON, sha256, 16 hex chars)."""
+    blob = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Sorted, indented JSON written to a temporary name and renamed (never half-written)."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- storage dtypes -------------------------------------------------------------------------------
+
+def encode(features: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """float32 features -> what is stored. bfloat16 is stored exactly as its 16-bit pattern."""
+    if storage_dtype == "float32":
+        return features.astype(np.float32, copy=False)
+    if storage_dtype == "bfloat16":
+        bits = np.ascontiguousarray(features, dtype=np.float32).view(np.uint32)
+        # Round to nearest even, as torch does; exact for values that already are bfloat16.
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return (rounded >> np.uint32(16)).astype(np.uint16)
+    if storage_dtype == "float16":
+        with np.errstate(over="ignore"):  # overflow is reported below, as one clear error
+            out = features.astype(np.float16)
+        if not np.isfinite(out).all():
+            raise CacheError(
+                f"features exceed the float16 range (max |x| = {np.abs(features).max():.3g}); "
+                "use --storage-dtype bfloat16 or float32"
+            )
+        return out
+    raise CacheError(f"unknown storage dtype {storage_dtype!r}; choose one of {STORAGE_DTYPES}")
+
+
+def decode(stored: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """What is stored -> float32."""
+    if storage_dtype == "bfloat16":
+        return (stored.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return stored.astype(np.float32, copy=False)
+
+
+# -- writer ---------------------------------------------------------------------------------------
+
+class CacheWriter:
+    """Writes shards of one cache, resuming where an interrupted run stopped.
+
+    Args:
+        path: the cache directory.
+        meta: every setting that determines the content (model + weights hash, tokenizer, task,
+            template, split, limit, seed, pooling, storage dtype, layers, hidden size, ...). Its
+            fingerprint must match an existing cache's, or the writer refuses.
+        n_rows: the number of rows the finished cache will hold.
+        layers: the layer indices stored (``hidden/<l>``).
+        hidden_size: feature width.
+        storage_dtype: "float32", "bfloat16" (exact 16-bit pattern) or "float16" (checked finite).
+        shard_size: rows per shard.
+        extra: manifest fields that do not determine the content (model_stats, timings, ...).
+        rank: this process's rank in data-parallel extraction (shards ``shard-rNN-*.h5``).
+        world_size: number of ranks writing into this cache.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        meta: dict,
+        n_rows: int,
+        layers: Sequence[int],
+        hidden_size: int,
+        storage_dtype: str = "float32",
+        shard_size: int = 1024,
+        extra: dict | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if storage_dtype not in STORAGE_DTYPES:
+            raise CacheError(f"unknown storage dtype {storage_dtype!r}; choose one of {STORAGE_DTYPES}")
+        self.path = Path(path)
+        self.meta = meta
+        self.fingerprint = fingerprint(meta)
+        self.layers = [int(layer) for layer in layers]
+        self.hidden_size = int(hidden_size)
+        self.storage_dtype = storage_dtype
+        self.shard_size = int(shard_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self._manifest_name = MANIFEST if world_size == 1 else f"manifest.rank{rank:02d}.json"
+        self._buffer: list[dict] = []
+        self._buffered = 0
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest = self._open(n_rows, extra or {})
+
+    def _open(self, n_rows: int, extra: dict) -> dict:
+        existing = _read_manifest(self.path / MANIFEST, missing_ok=True)
+        if existing is None and self.world_size > 1:
+            existing = _read_manifest(self.path / self._manifest_name, missing_ok=True)
+        if existing is not None and existing.get("fingerprint") != self.fingerprint:
+            diff = _meta_diff(existing.get("meta", {}), self.meta)
+            raise CacheError(
+                f"{self.path} holds a cache made with other settings ({diff}); "
+                "write to another --out directory or delete this one"
+            )
+        if existing is not None and self.world_size == 1:
+            shards = [s for s in existing["shards"] if (self.path / s["file"]).exists()]
+        elif existing is not None:
+            shards = [s for s in existing["shards"] if s.get("rank", 0) == self.rank
+                      and (self.path / s["file"]).exists()]
+        else:
+            shards = []
+        known = {s["file"] for s in shards}
+        prefix = self._shard_prefix()
+        for stray in self.path.glob(prefix + "*"):
+            # Half-written (.tmp) or written-but-unrecorded shards of this rank: redo their rows.
+            if stray.name not in known:
+                log.info("removing unfinished shard %s", stray.name)
+                stray.unlink()
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "chiptuning_version": __version__,
+            "fingerprint": self.fingerprint,
+            "meta": self.meta,
+            "layers": self.layers,
+            "hidden_size": self.hidden_size,
+            "storage_dtype": self.storage_dtype,
+            "n_rows": int(n_rows),
+            "shards": shards,
+            "complete": bool(existing and existing.get("complete")),
+            "created": (existing or {}).get("created", _now()),
+            **extra,
+        }
+        if manifest["complete"]:
+            return manifest
+        self._write_manifest(manifest)
+        return manifest
+
+    def _shard_prefix(self) -> str:
+        return "shard-" if self.world_size == 1 else f"shard-r{self.rank:02d}-"
+
+    def _write_manifest(self, manifest: dict) -> None:
+        manifest["updated"] = _now()
+        write_json_atomic(self.path / self._manifest_name, manifest)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def done_indices(self) -> set[int]:
+        """Example positions already stored in complete shards (skip them on resume)."""
+        done: set[int] = set()
+        for shard in self.manifest["shards"]:
+            with h5py.File(self.path / shard["file"], "r") as f:
+                done.update(int(i) for i in f["index"][:])
+        return done
+
+    def write(
+        self,
+        index: np.ndarray,
+        features: np.ndarray,
+        labels: np.ndarray,
+        example_ids: Sequence[str],
+        n_tokens: np.ndarray,
+        n_choices: np.ndarray,
+    ) -> None:
+        """Buffer a batch of rows; a shard is written whenever ``shard_size`` rows are buffered.
+
+        Args:
+            index: (B,) position of each row in the task's example list.
+            features: (B, n_layers, H) float32, layers in ``self.layers`` order.
+            labels, n_tokens, n_choices: (B,) integers. example_ids: B strings.
+        """
+        B = len(index)
+        if features.shape != (B, len(self.layers), self.hidden_size):
+            raise ValueError(f"features shape {features.shape} != {(B, len(self.layers), self.hidden_size)}")
+        self._buffer.append({
+            "index": np.asarray(index, dtype=np.int64),
+            "features": encode(np.asarray(features, dtype=np.float32), self.storage_dtype),
+            "labels": np.asarray(labels, dtype=np.int64),
+            "example_ids": [str(e) for e in example_ids],
+            "n_tokens": np.asarray(n_tokens, dtype=np.int32),
+            "n_choices": np.asarray(n_choices, dtype=np.int32),
+        })
+        self._buffered += B
+        while self._buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _take(self, n: int) -> dict:
+        """Pop the first n buffered rows as one batch."""
+        cols = {k: [] for k in self._buffer[0]}
+        taken = 0
+        while taken < n:
+            part = self._buffer[0]
+            rows = len(part["index"])
+            k = min(rows, n - taken)
+            for key in cols:
+                cols[key].append(part[key][:k])
+            if k == rows:
+                self._buffer.pop(0)
+            else:
+                self._buffer[0] = {key: value[k:] for key, value in part.items()}
+            taken += k
+        self._buffered -= n
+        return {
+            key: (sum(parts, []) if key == "example_ids" else np.concatenate(parts))
+            for key, parts in cols.items()
+        }
+
+    def _flush(self, n: int) -> None:
+        batch = self._take(n)
+        number = sum(1 for s in self.manifest["shards"])
+        name = f"{self._shard_prefix()}{number:05d}.h5"
+        while (self.path / name).exists():  # never overwrite a recorded shard
+            number += 1
+            name = f"{self._shard_prefix()}{number:05d}.h5"
+        final = self.path / name
+        tmp = self.path / (name + ".tmp")
+        rows = len(batch["index"])
+        with h5py.File(tmp, "w") as f:
+            f.attrs["storage_dtype"] = self.storage_dtype
+            f.attrs["fingerprint"] = self.fingerprint
+            group = f.create_group("hidden")
+            feats = batch["features"]  # (rows, n_layers, H)
+            chunk = (min(rows, _CHUNK_ROWS), self.hidden_size)
+            for j, layer in enumerate(self.layers):
+                group.create_dataset(str(layer), data=np.ascontiguousarray(feats[:, j]), chunks=chunk)
+            f.create_dataset("index", data=batch["index"])
+            f.create_dataset("labels", data=batch["labels"])
+            f.create_dataset("example_ids", data=np.array(batch["example_ids"], dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset("n_tokens", data=batch["n_tokens"])
+            f.create_dataset("n_choices", data=batch["n_choices"])
+        checksum = sha256_file(tmp)
+        os.replace(tmp, final)
+        self.manifest["shards"].append(
+            {"file": name, "rows": rows, "sha256": checksum, "rank": self.rank}
+        )
+        self._write_manifest(self.manifest)
+        log.debug("wrote %s (%d rows)", name, rows)
+
+    def close(self, expected_rows: int | None = None) -> dict:
+        """Write the last partial shard and mark the cache complete if every row is stored.
+
+        Args:
+            expected_rows: rows this writer (rank) should hold in total; defaults to the manifest's
+                ``n_rows`` for a single process.
+        Returns:
+            The manifest as written.
+        """
+        if self._buffered:
+            self._flush(self._buffered)
+        stored = sum(s["rows"] for s in self.manifest["shards"])
+        expected = self.manifest["n_rows"] if expected_rows is None else expected_rows
+        if stored != expected:
+            raise CacheError(f"cache {self.path} holds {stored} rows, expected {expected}")
+        self.manifest["complete"] = True
+        self._write_manifest(self.manifest)
+        return self.manifest
+
+
+def merge_rank_manifests(path: str | Path, world_size: int) -> dict:
+    """Join the per-rank manifests of a data-parallel extraction into the one ``manifest.json``."""
+    path = Path(path)
+    parts = [_read_manifest(path / f"manifest.rank{r:02d}.json") for r in range(world_size)]
+    if not all(p.get("complete") for p in parts):
+        raise CacheError(f"not every rank finished writing {path}; re-run the same command to resume")
+    if len({p["fingerprint"] for p in parts}) != 1:
+        raise CacheError(f"ranks wrote {path} with different settings")
+    merged = dict(parts[0])
+    merged["shards"] = [s for p in parts for s in p["shards"]]
+    merged["world_size"] = world_size
+    stored = sum(s["rows"] for s in merged["shards"])
+    if stored != merged["n_rows"]:
+        raise CacheError(f"cache {path} holds {stored} rows across ranks, expected {merged['n_rows']}")
+    merged["complete"] = True
+    merged["updated"] = _now()
+    write_json_atomic(path / MANIFEST, merged)
+    for r in range(world_size):
+        (path / f"manifest.rank{r:02d}.json").unlink()
+    return merged
+
+
+def _read_manifest(path: Path, missing_ok: bool = False) -> dict | None:
+    if not path.exists():
+        if missing_ok:
+            return None
+        raise CacheError(f"no cache at {path.parent} ({path.name} is missing); run `chiptuning extract` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheError(f"{path} is corrupt ({err}); delete the cache and extract again") from None
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a chip-tuning cache manifest")
+    return manifest
+
+
+def _meta_diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        return "different fingerprint"
+    parts = [f"{k}: {str(old.get(k))[:40]!r} -> {str(new.get(k))[:40]!r}" for k in keys[:3]]
+    return "; ".join(parts)
+
+
+# -- reader ---------------------------------------------------------------------------------------
+
+class CacheReader:
+    """Read-only view of a complete cache, rows in canonical (dataset) order.
+
+    Args:
+        path: the cache directory.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        manifest = _read_manifest(self.path / MANIFEST)
+        if not manifest.get("complete"):
+            stored = sum(s["rows"] for s in manifest["shards"])
+            raise CacheError(
+                f"cache {self.path} is incomplete ({stored} of {manifest['n_rows']} rows); "
+                "re-run the same extract command to resume"
+            )
+        self.manifest = manifest
+        self.fingerprint: str = manifest["fingerprint"]
+        self.meta: dict = manifest["meta"]
+        self.layers: list[int] = list(manifest["layers"])
+        self.hidden_size: int = int(manifest["hidden_size"])
+        self.storage_dtype: str = manifest["storage_dtype"]
+        self.model_stats: dict = manifest.get("model_stats", {})
+        self.shards: list[dict] = manifest["shards"]
+        self._files: dict[str, h5py.File] = {}
+        cols = {key: [] for key in ("index", "labels", "example_ids", "n_tokens", "n_choices")}
+        for shard in self.shards:
+            f = self._file(shard)
+            if len(f["index"]) != shard["rows"]:
+                raise CacheError(f"shard {shard['file']} holds {len(f['index'])} rows, manifest says {shard['rows']}")
+            for key in cols:
+                cols[key].append(f[key][:])
+        index = np.concatenate(cols["index"])
+        # order[k] = position in shard order of canonical row k.
+        self._order = np.argsort(index, kind="stable")
+        self.index = index[self._order]
+        self.labels = np.concatenate(cols["labels"])[self._order].astype(np.int64)
+        ids = np.concatenate(cols["example_ids"])[self._order]
+        self.example_ids = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids], dtype=object)
+        self.n_tokens = np.concatenate(cols["n_tokens"])[self._order]
+        self.n_choices = np.concatenate(cols["n_choices"])[self._order]
+        # shard boundaries in shard order, to map a shard-order position to (shard, offset).
+        self._starts = np.cumsum([0] + [s["rows"] for s in self.shards])
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_blocks(self) -> int:
+        return max(self.layers) if self.layers else 0
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.meta.get("label_names", []))
+
+    def _file(self, shard: dict) -> h5py.File:
+        name = shard["file"]
+        if name not in self._files:
+            try:
+                self._files[name] = h5py.File(self.path / name, "r")
+            except (OSError, FileNotFoundError) as err:
+                raise CacheError(
+                    f"cannot read shard {self.path / name} ({err}); run `chiptuning cache verify {self.path}`"
+                ) from None
+        return self._files[name]
+
+    def _check_layer(self, layer: int) -> None:
+        if layer not in self.layers:
+            raise CacheError(f"layer {layer} is not in cache {self.path} (layers {self.layers[0]}..{self.layers[-1]})")
+
+    def layer(self, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Features of one layer, (N, H) float32 in canonical order, or only ``rows`` of them."""
+        self._check_layer(layer)
+        parts = [self._file(s)["hidden"][str(layer)][:] for s in self.shards]
+        stacked = decode(np.concatenate(parts), self.storage_dtype)[self._order]
+        return stacked if rows is None else stacked[np.asarray(rows)]
+
+    def iter_batches(
+        self, layers: Sequence[int], batch_size: int, rows: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream features of several layers without loading whole layers.
+
+        Reads shard by shard (contiguous row ranges, in storage order), so memory stays at
+        ``batch_size * len(layers) * H`` floats whatever the cache size.
+
+        Args:
+            layers: layer indices to read.
+            batch_size: rows per batch.
+            rows: canonical row positions to restrict to (default all).
+        Yields:
+            (row_idx (b,) canonical positions, feats (b, len(layers), H) float32).
+        """
+        for layer in layers:
+            self._check_layer(layer)
+        # canonical position of each shard-order row.
+        canonical = np.empty(self.n_rows, dtype=np.int64)
+        canonical[self._order] = np.arange(self.n_rows)
+        wanted = None if rows is None else np.zeros(self.n_rows, dtype=bool)
+        if wanted is not None:
+            wanted[np.asarray(rows)] = True
+        for s, shard in enumerate(self.shards):
+            start, stop = int(self._starts[s]), int(self._starts[s + 1])
+            offsets = np.arange(stop - start)
+            if wanted is not None:
+                offsets = offsets[wanted[canonical[start:stop]]]
+            group = self._file(shard)["hidden"]
+            for b in range(0, len(offsets), batch_size):
+                chunk = offsets[b:b + batch_size]
+                lo, hi = int(chunk[0]), int(chunk[-1]) + 1
+                # one contiguous slice read per layer, then pick rows (h5py fancy indexing is slow).
+                feats = np.stack(
+                    [decode(group[str(layer)][lo:hi], self.storage_dtype)[chunk - lo] for layer in layers],
+                    axis=1,
+                )  # (b, n_layers, H)
+                yield canonical[start + chunk], feats
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CacheReader({str(self.path)!r}, rows={self.n_rows}, layers={len(self.layers)}, hidden={self.hidden_size})"

@@ -1,0 +1,47 @@
+"""`chiptuning cache info | verify`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from chiptuning.errors import CacheError
+
+
+@click.group("cache")
+def cache_group():
+    """Inspect and check activation caches."""
+
+
+@cache_group.command("info")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info_cmd(cache_dir, as_json):
+    """Summarise CACHE_DIR from its manifest."""
+    from chiptuning.cache import cache_info
+
+    info = cache_info(cache_dir)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    width = max(map(len, info))
+    for key, value in info.items():
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@cache_group.command("verify")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+def verify_cmd(cache_dir):
+    """Check every shard of CACHE_DIR: checksums, shapes, counts, finite values."""
+    from chiptuning.cache import verify_cache
+
+    problems = verify_cache(cache_dir)
+    if problems:
+        for problem in problems[1:]:
+            click.echo(problem, err=True)
+        raise CacheError(f"{cache_dir}: {len(problems)} problem(s); first: {problems[0]}")
+    click.echo(f"{cache_dir}: OK")
+
+
+COMMANDS = [cache_group]

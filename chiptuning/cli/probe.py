@@ -1,0 +1,144 @@
+"""`chiptuning probe train | probe sweep` and `chiptuning select`: chips from a cache."""
+
+from __future__ import annotations
+
+import click
+
+from chiptuning.errors import ChipTuningError
+
+
+def _layers(value: str | None) -> list[int] | None:
+    """``--layers 10-20`` or ``--layers 4,8,12`` -> layer list."""
+    if not value:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.split(","):
+            lo, sep, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise ChipTuningError(f"--layers takes '4,8,12' or '10-20', got {value!r}") from None
+    return out
+
+
+@click.group("probe")
+def probe_group():
+    """Train chips (per-layer classifiers) from an activation cache, on CPU."""
+
+
+@probe_group.command("train")
+@click.argument("train_cache", type=click.Path(file_okay=False))
+@click.option("--eval", "eval_cache", type=click.Path(file_okay=False), default=None,
+              help="Cache of the eval split (same model, template and labels).")
+@click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Chips directory to write.")
+@click.option("--regime", type=click.Choice(["default", "paper"]), default="default", show_default=True,
+              help="paper: AdamW betas 0.9/0.99, lr 1e-5, weight decay 0.01, batch 1, 1 epoch, "
+                   "raw features, at most 20,000 rows.")
+@click.option("--val-size", type=int, default=200, show_default=True,
+              help="Validation rows carved from the training cache (seeded, disjoint); 0 for none.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate (default: the regime's).")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the regime's).")
+@click.option("--epochs", type=int, default=None, help="Most epochs (default: the regime's).")
+@click.option("--batch-size", type=int, default=None, help="Rows per step (default: the regime's).")
+@click.option("--patience", type=int, default=None, help="Early-stopping patience in epochs.")
+@click.option("--hidden", type=int, default=256, show_default=True, help="MLP hidden width.")
+@click.option("--C", "C", type=float, default=1.0, show_default=True, help="Inverse regularization (logreg).")
+@click.option("--layers", default=None, help="Layers to train, e.g. '10-20' or '4,8,12' (default all).")
+@click.option("--n-jobs", type=int, default=None, help="joblib workers (logreg).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device of the torch chips.")
+@click.option("--max-memory-mb", type=int, default=2048, show_default=True,
+              help="Feature memory budget; larger caches are read in groups of layers or streamed.")
+def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, weight_decay, epochs,
+              batch_size, patience, hidden, C, layers, n_jobs, device, max_memory_mb):
+    """Train a chip at every layer of TRAIN_CACHE; write metrics, eval predictions and a plot."""
+    from chiptuning.probe import TrainConfig, train_chips
+
+    config = TrainConfig(chip=chip, regime=regime, val_size=val_size, seed=seed, lr=lr,
+                         weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
+                         n_iter_no_change=patience, hidden=hidden, C=C, layers=_layers(layers),
+                         n_jobs=n_jobs, device=device, max_memory_mb=max_memory_mb)
+    chips = train_chips(train_cache, eval_cache, out=out, config=config, progress=True)
+    key = "eval_accuracy" if eval_cache else "val_accuracy"
+    scored = [m for m in chips.metrics if m.get(key) is not None]
+    if scored:
+        best = max(scored, key=lambda m: m[key])
+        click.echo(f"{chip} chips at {len(chips.layers)} layers -> {out}; best {key.replace('_', ' ')} "
+                   f"{best[key]:.4f} at layer {best['layer']}")
+    else:
+        click.echo(f"{chip} chips at {len(chips.layers)} layers -> {out}")
+
+
+@probe_group.command("sweep")
+@click.argument("train_cache", type=click.Path(file_okay=False))
+@click.option("--eval", "eval_cache", type=click.Path(file_okay=False), default=None,
+              help="Cache of the eval split (reported, never used to pick).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for sweep.csv, sweep.json, best.json and the plot.")
+@click.option("--chips", "chip_kinds", default="linear,mlp", show_default=True,
+              help="Chip types, comma-separated (linear, mlp, logreg).")
+@click.option("--weight-decay", "weight_decays", default="0,1e-4,1e-3,1e-2,1e-1", show_default=True,
+              help="Weight decays of the torch chips, comma-separated.")
+@click.option("--C", "Cs", default="0.01,0.1,1,10,100", show_default=True,
+              help="Inverse regularizations of logreg, comma-separated.")
+@click.option("--lr", "lrs", default="1e-3", show_default=True, help="Learning rates, comma-separated.")
+@click.option("--epochs", "epochs", default="30", show_default=True,
+              help="Most epochs, comma-separated (early stopping on validation loss, patience 3).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--layers", default=None, help="Layers, e.g. '10-20' (default all).")
+@click.option("--val-size", type=int, default=200, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--n-jobs", type=int, default=1, show_default=True,
+              help="joblib workers: one task per (layer group, batch of settings).")
+@click.option("--backend", default=None,
+              help="joblib backend: loky (default), threading, or 'dask' / 'ray' to run across "
+                   "machines (needs dask.distributed / ray and a running cluster).")
+@click.option("--scheduler", default=None,
+              help="With --backend dask: the scheduler address (tcp://host:8786); with ray: the "
+                   "cluster address (default auto).")
+@click.option("--max-memory-mb", type=int, default=2048, show_default=True)
+def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, epochs, batch_size,
+              layers, val_size, seed, n_jobs, backend, scheduler, max_memory_mb):
+    """Grid over chip type, regularization, learning rate, epochs and layers on TRAIN_CACHE."""
+    from chiptuning.probe.sweep import SweepConfig, sweep
+
+    def floats(flag, text):
+        try:
+            return [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ChipTuningError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+    config = SweepConfig(
+        chips=[c.strip() for c in chip_kinds.split(",") if c.strip()],
+        weight_decays=floats("--weight-decay", weight_decays), Cs=floats("--C", Cs),
+        lrs=floats("--lr", lrs), epochs=[int(e) for e in floats("--epochs", epochs)],
+        batch_size=batch_size, layers=_layers(layers), val_size=val_size, seed=seed, n_jobs=n_jobs,
+        backend=backend, scheduler=scheduler, max_memory_mb=max_memory_mb,
+    )
+    result = sweep(train_cache, eval_cache, out=out, config=config, progress=True)
+    best = result["best"]
+    click.echo(f"{len(result['rows'])} chips trained -> {out}; best: {best['chip']} at layer {best['layer']} "
+               f"({best['setting']}), val accuracy {best['val_accuracy']:.4f}")
+
+
+@click.command("select")
+@click.argument("chips_dir", type=click.Path(file_okay=False))
+@click.option("--strategy", default="validate", show_default=True,
+              help="fixed:L | validate | optimal (an oracle on eval labels) | within:DELTA "
+                   "(shallowest layer within DELTA of the best validation accuracy, e.g. within:0.01).")
+def select(chips_dir, strategy):
+    """Pick the pruning layer of CHIPS_DIR; write selection.json and report.md there."""
+    from chiptuning.probe import select_layer
+
+    s = select_layer(chips_dir, strategy)
+    acc = s["expected_accuracy"]
+    pr = s["pruning"]
+    click.echo(
+        f"layer {s['layer']} ({s['strategy']}{', ORACLE' if s['oracle'] else ''}): expected accuracy "
+        f"{'-' if acc is None else f'{acc:.4f}'} ({s['expected_accuracy_from']}), "
+        f"{100 * pr['ratio']:.1f}% of parameters removed ({pr['blocks_removed']} of {s['num_blocks']} blocks)"
+    )
+
+
+COMMANDS = [probe_group, select]

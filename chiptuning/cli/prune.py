@@ -1,0 +1,109 @@
+"""`chiptuning prune | eval | push`: pruned checkpoints, their evaluation and publication."""
+
+from __future__ import annotations
+
+import click
+
+from chiptuning.cli.tasks import load_task_from_options, task_options
+
+
+@click.command("prune")
+@click.option("--model", required=True, help="The full model (hub id or directory) the chips' cache came from.")
+@click.option("--chips", "chips_dirs", required=True, multiple=True,
+              help="Chips directory from `chiptuning probe train` (and `select`). Repeat it (as DIR or "
+                   "NAME=DIR) to pack several tasks in one checkpoint, cut after the deepest chip.")
+@click.option("--layer", type=int, default=None, help="Layer to prune at (default: the chips' selection.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Pruned checkpoint directory.")
+@click.option("--keep-lm-head", is_flag=True, help="Keep the LM head so the checkpoint still generates.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Weights dtype of the saved checkpoint.")
+@click.option("--adapter", default=None, help="PEFT/LoRA adapter merged first (as given to extract).")
+@click.option("--export", type=click.Choice(["sequence-classification"]), default=None,
+              help="Save a plain *ForSequenceClassification checkpoint (normed features, bias-free "
+                   "linear chip): it serves without chip-tuning.")
+@click.option("--device", default="cpu", show_default=True, help="Where to run the parity check.")
+def prune_cmd(model, chips_dirs, layer, out, keep_lm_head, dtype, adapter, export, device):
+    """Truncate MODEL after the chip's layer and save a checkpoint with the chip.
+
+    The checkpoint loads with `transformers.AutoModel.from_pretrained(OUT)` (backbone) or
+    `chiptuning.ChipModel.from_pretrained(OUT)` (classifier from raw text).
+    """
+    from chiptuning.models import resolve_device
+    from chiptuning.prune import prune, read_provenance
+
+    resolve_device(device)  # refuse --device cuda without a GPU before loading anything
+    path = prune(model, list(chips_dirs), out, layer=layer, keep_lm_head=keep_lm_head, dtype=dtype,
+                 adapter=adapter, device=device, export=export)
+    record = read_provenance(path)
+    params = record["params"]
+    click.echo(
+        f"pruned {model} at layer {record['layer']} of {record['num_blocks']}: "
+        f"{params['before']['total']:,} -> {params['after']['total']:,} parameters "
+        f"({100 * params['pruning_ratio']:.1f}% removed) -> {path}"
+    )
+
+
+@click.command("eval")
+@click.argument("pruned_dir", type=click.Path(file_okay=False, exists=True))
+@task_options
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for metrics.json and predictions.csv.")
+@click.option("--chip-task", "task_name", default=None, help="Which task of a multi-task checkpoint.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dense", "compare_dense", is_flag=True,
+              help="Also run the dense base model: speedup, and its zero-shot accuracy (decoders).")
+@click.option("--dense-model", default=None, help="Where the dense base model is, if not where it was pruned from.")
+def eval_cmd(pruned_dir, out, task_name, batch_size, device, compare_dense, dense_model, **task_opts):
+    """Run the pruned checkpoint PRUNED_DIR on labelled data, from raw text.
+
+    The data is given as to `chiptuning extract` (--task NAME or --data FILE); the prompt
+    template (or text column) and the label names default to the checkpoint's own.
+    """
+    from chiptuning.prune import ChipModel, evaluate
+
+    clf = ChipModel.from_pretrained(pruned_dir, device=device)
+    name, entry = clf._task(task_name)
+    saved = clf.task_data(name)
+    # A file read with neither --template nor --text-column gets the checkpoint's prompt format.
+    if task_opts.get("data") is not None and task_opts.get("template") is None and task_opts.get("text_column") is None:
+        task_opts["template"], task_opts["text_column"] = saved.template, saved.text_column
+    task_opts["strip_trailing_space"] = task_opts.get("strip_trailing_space") or saved.strip_trailing_space
+    task_opts["chat_template"] = task_opts.get("chat_template") or saved.chat_template
+    if task_opts.get("labels") is None:
+        task_opts["labels"] = ",".join(entry["label_names"])
+    data = load_task_from_options(**task_opts)
+    metrics = evaluate(pruned_dir, data, out_dir=out, task=name, batch_size=batch_size, device=device,
+                       model=clf, dense=dense_model or compare_dense)
+    click.echo(
+        f"accuracy {metrics['accuracy']:.4f} on {metrics['n_examples']} examples "
+        f"(layer {metrics['layer']} of {metrics['num_blocks']}, "
+        f"{metrics['examples_per_s']:.1f} examples/s) -> {out}"
+    )
+    if "dense" in metrics:
+        dense = metrics["dense"]
+        zero_shot = dense["zero_shot_accuracy"]
+        click.echo(
+            f"dense model: {dense['examples_per_s']:.1f} examples/s; pruned is {metrics['speedup']:.2f}x "
+            f"faster (ideal {metrics['ideal_speedup']:.2f}x); dense zero-shot accuracy "
+            + (f"{zero_shot:.4f}" if zero_shot is not None else "n/a")
+        )
+
+
+@click.command("push")
+@click.argument("pruned_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--repo-id", required=True, help="Hub model repository, user/name (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to push to.")
+@click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token (default: the logged-in one).")
+@click.option("--commit-message", default=None)
+def push_cmd(pruned_dir, repo_id, private, revision, token, commit_message):
+    """Verify PRUNED_DIR and upload it, with its model card, to the Hugging Face Hub."""
+    from chiptuning.prune.hub import push_to_hub
+
+    url = push_to_hub(pruned_dir, repo_id, private=private, token=token, revision=revision,
+                      commit_message=commit_message)
+    click.echo(f"pushed {pruned_dir} to {url}")
+
+
+COMMANDS = [prune_cmd, eval_cmd, push_cmd]

@@ -1,0 +1,5 @@
+"""`chiptuning` commands of the run stage."""
+
+import click  # noqa: F401
+
+COMMANDS: list = []

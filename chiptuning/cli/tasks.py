@@ -1,0 +1,125 @@
+"""Task options shared by every command that reads examples, and `chiptuning tasks`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+# The click parameter names task_options adds; load_task_from_options reads only these.
+TASK_PARAMS = (
+    "task", "data", "data_dir", "subset", "split", "text_column", "template", "label_column", "labels",
+    "truncate_field", "strip_trailing_space", "chat_template", "limit", "seed",
+)
+
+
+def task_options(func):
+    """Options that say which examples to read and how to turn them into prompts (shared).
+
+    The command receives them as keyword arguments named as in :data:`TASK_PARAMS`; pass them
+    on with ``load_task_from_options(**params)``.
+    """
+    options = [
+        click.option("--task", "task", default=None, metavar="NAME",
+                     help="Built-in task (boolq, race-high, race-middle, c3, mmlu; see `chiptuning tasks`) "
+                          "or a Hugging Face dataset name."),
+        click.option("--data", "data", default=None, type=click.Path(dir_okay=False),
+                     help="Labelled JSONL / JSON / CSV / TSV / Parquet file (instead of --task)."),
+        click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+                     help="Built-in task: directory of its original release files (offline, no hub)."),
+        click.option("--subset", default=None, help="Hub dataset: configuration name (e.g. sst2 of glue)."),
+        click.option("--split", default=None,
+                     help="Split, optionally sliced: validation, test[:500], train[10%:]. Default: the "
+                          "built-in task's train split, a hub dataset's train, a file's name."),
+        click.option("--text-column", default=None, help="Field holding the prompt text."),
+        click.option("--template", default=None,
+                     help="Prompt template over the record's fields, e.g. '{question}\\n{options}\\nAnswer:' "
+                          "(a list field renders as 'A. ...' lines; \\n and \\t are unescaped)."),
+        click.option("--label-column", default=None, help="Field holding the label  [default: label]."),
+        click.option("--labels", default=None, help="Label names in class order, comma-separated."),
+        click.option("--truncate-field", default=None,
+                     help="Field shortened when a prompt exceeds --max-length (default: the task's long "
+                          "field, or a template's longest; 'none' never shortens)."),
+        click.option("--strip-trailing-space", is_flag=True, default=False,
+                     help="End prompts with 'Answer:' instead of 'Answer: ' (the chip reads ':', not a lone space)."),
+        click.option("--chat-template", is_flag=True, default=False,
+                     help="Wrap each prompt in the tokenizer's chat template, with the generation prompt."),
+        click.option("--limit", type=int, default=None, help="Keep N examples (seeded shuffle)."),
+        click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit shuffle."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _unescape(template: str) -> str:
+    # A shell gives '\n' as two characters; only these escapes are decoded, so non-ASCII text
+    # (C3's Chinese) and other backslashes stay as typed.
+    return template.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def load_task_from_options(**options: Any):
+    """Load the task the :func:`task_options` parameters describe.
+
+    Args:
+        **options: the command's click parameters (others than :data:`TASK_PARAMS` are ignored).
+
+    Raises:
+        DataError: not exactly one of --task / --data, or anything :func:`load_task` refuses.
+    """
+    from chiptuning.errors import DataError
+    from chiptuning.tasks import load_task
+
+    opts = {key: options.get(key) for key in TASK_PARAMS}
+    if (opts["task"] is None) == (opts["data"] is None):
+        raise DataError("give exactly one of --task NAME (built-in or hub dataset) or --data FILE")
+    if opts["data"] is not None and opts["data_dir"] is not None:
+        raise DataError("--data-dir goes with a built-in --task NAME, not with --data FILE")
+    if opts["data"] is not None and not Path(opts["data"]).is_file():
+        raise DataError(f"--data {opts['data']} is not a file; give a local data file, or a hub dataset with --task NAME")
+    template = _unescape(opts["template"]) if opts["template"] is not None else None
+    labels = [x.strip() for x in opts["labels"].split(",")] if opts["labels"] else None
+    return load_task(
+        opts["task"] if opts["task"] is not None else opts["data"],
+        split=opts["split"], text_column=opts["text_column"], template=template,
+        label_column=opts["label_column"], labels=labels, limit=opts["limit"],
+        seed=42 if opts["seed"] is None else opts["seed"], data_dir=opts["data_dir"], subset=opts["subset"],
+        truncate_field=opts["truncate_field"], strip_trailing_space=bool(opts["strip_trailing_space"]),
+        chat_template=bool(opts["chat_template"]),
+    )
+
+
+@click.command("tasks")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+def tasks_cmd(as_json: bool) -> None:
+    """List the built-in tasks: splits, labels and prompt template.
+
+    Load one with `--task NAME` (from the Hugging Face hub) or `--task NAME --data-dir DIR`
+    (offline, from the original release files listed here).
+    """
+    from chiptuning.tasks import BUILTIN_TASKS
+
+    entries = [task.summary() for task in BUILTIN_TASKS.values()]
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
+        return
+    for entry in entries:
+        splits = ", ".join(
+            s + (" (train)" if s == entry["train_split"] else " (eval)" if s == entry["eval_split"] else "")
+            for s in entry["splits"]
+        )
+        click.echo(f"{entry['name']}: {entry['description']}")
+        click.echo(f"  hub:        {entry['hub']}")
+        click.echo(f"  data-dir:   {entry['local_files']}")
+        click.echo(f"  splits:     {splits}")
+        click.echo(f"  labels:     {', '.join(entry['labels'])}")
+        click.echo(f"  fields:     {', '.join(entry['fields'])}"
+                   + (f" (shortened to fit: {entry['truncate_field']})" if entry["truncate_field"] else ""))
+        # JSON quoting shows the newlines and the trailing space the chip reads.
+        click.echo(f"  template:   {json.dumps(entry['template'], ensure_ascii=False)}")
+        click.echo("")
+
+
+COMMANDS: list = [tasks_cmd]

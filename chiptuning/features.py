@@ -1,0 +1,140 @@
+"""The layer convention, defined once, and the hooks that read it.
+
+A model with L blocks has features at layers l = 0..L:
+
+* l = 0 is the embedding output (the input of block 1, after any embedding scaling/positions);
+* l >= 1 is the raw residual-stream output of block l, *before* any final norm, for every l
+  including L. (``output_hidden_states`` differs at index L, where Hugging Face returns the
+  final-normed state; that is why we hook the blocks instead.)
+
+A chip "at layer l" reads feature(l) at the last real (non-pad) token of the prompt. A model pruned
+at layer l keeps blocks 1..l; reading feature(l) from it with the same hooks gives exactly the
+feature the chip was trained on. ``chiptuning.extract`` and ``chiptuning.prune`` both call
+:func:`last_token_features`, so the definition cannot drift between them.
+
+``mode="normed"`` applies the model's final norm to every layer's feature (a logit-lens view).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+from chiptuning.registry import base_model, get_blocks, get_final_norm, get_spec
+
+FEATURE_MODES = ("raw", "normed")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding. (B, T) -> (B,)."""
+    T = attention_mask.shape[1]
+    # argmax returns the first maximum: on the flipped mask that is the last 1 of the row.
+    return T - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them. (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True if every row is ones then zeros (no pad before a real token)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook to skip the blocks nobody asked for."""
+
+
+def _hidden_from_args(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_from_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _accepts(module, name: str) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return name in params
+
+
+def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Keyword arguments for the backbone's forward: mask-derived positions where needed, no KV cache."""
+    backbone = base_model(model)
+    spec = get_spec(model)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if spec.decoder and bool(attention_mask[:, 0].all()) and _is_right_padded(attention_mask):
+        # Causal attention never lets a real token see the pads that follow it, so a right-padded
+        # batch needs no mask: SDPA then takes its fused causal (flash) path.
+        kwargs["attention_mask"] = None
+    if spec.positions_from_mask and _accepts(backbone, "position_ids"):
+        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    if _accepts(backbone, "use_cache"):
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+@torch.no_grad()
+def last_token_features(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    mode: str = "raw",
+) -> torch.Tensor:
+    """Feature(l) at the last real token for each requested layer.
+
+    Args:
+        model: a Hugging Face model of a registered architecture (base or with a head).
+        input_ids: (B, T) token ids, left or right padded.
+        attention_mask: (B, T), 1 for real tokens.
+        layers: layer indices in 0..L (default: all of them, 0..L).
+        mode: "raw" (the layer convention) or "normed" (final norm applied to each feature).
+
+    Returns:
+        (B, len(layers), H) tensor in the model's dtype, on the model's device. Only these rows
+        ever leave the hooks: full hidden states are never kept.
+    """
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
+    blocks = get_blocks(model)
+    L = len(blocks)
+    layers = list(range(L + 1)) if layers is None else [int(layer) for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer <= L]
+    if bad:
+        raise ValueError(f"layers {bad} out of range 0..{L} for this model")
+    norm = get_final_norm(model) if mode == "normed" else None
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    last = last_token_index(attention_mask)  # (B,)
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+
+    def keep(layer: int, hidden: torch.Tensor) -> None:
+        h = hidden[rows, last]  # (B, T, H) -> (B, H)
+        captured[layer] = norm(h) if norm is not None else h
+        if layer == deepest and deepest < L:
+            raise _StopForward
+
+    handles = []
+    try:
+        if 0 in layers:
+            handles.append(blocks[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: keep(0, _hidden_from_args(args, kwargs)),
+                with_kwargs=True,
+            ))
+        for layer in layers:
+            if layer >= 1:
+                handles.append(blocks[layer - 1].register_forward_hook(
+                    lambda _m, _a, out, layer=layer: keep(layer, _hidden_from_output(out))
+                ))
+        try:
+            base_model(model)(**model_inputs(model, input_ids, attention_mask))
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([captured[layer] for layer in layers], dim=1)  # (B, n_layers, H)

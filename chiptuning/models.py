@@ -1,0 +1,164 @@
+"""Loading models and tokenizers, and the facts about them that provenance records.
+
+Shared by ``chiptuning.extract`` and ``chiptuning.prune`` so both identify a model the same way:
+:func:`weights_hash` is what a cache records and what pruning checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from chiptuning.errors import ChipTuningError
+from chiptuning.registry import get_blocks, get_embedding, get_final_norm, get_spec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_SAMPLE = 1 << 20
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ChipTuningError(f"unknown dtype {name!r}; choose fp32, bf16 or fp16") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' (or None) -> cuda if available else cpu; refuses cuda without a GPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ChipTuningError(f"--device {name} but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def weights_hash(model_name_or_path: str, model=None) -> str:
+    """Identify a checkpoint's weights.
+
+    Local directory: sha256 over each weight file's name, size and first/last MiB (cheap on a
+    13 GB checkpoint, and changes when any file is replaced). Hub id: the commit hash the
+    weights were loaded from. Otherwise (an in-memory model), a hash of every parameter.
+    """
+    path = Path(model_name_or_path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        if files:
+            digest = hashlib.sha256()
+            for file in files:
+                size = file.stat().st_size
+                digest.update(f"{file.name}:{size}".encode())
+                with open(file, "rb") as f:
+                    digest.update(f.read(_SAMPLE))
+                    if size > _SAMPLE:
+                        f.seek(max(size - _SAMPLE, _SAMPLE))
+                        digest.update(f.read(_SAMPLE))
+            return "files:" + digest.hexdigest()[:16]
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if commit:
+        return "commit:" + commit
+    if model is not None:
+        return "params:" + params_hash(model)
+    return "unknown"
+
+
+def params_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def param_stats(model) -> dict:
+    """Parameter counts by part, from the model itself (used for pruning ratios).
+
+    Returns:
+        {"embedding": ..., "blocks": [per block], "final_norm": ..., "lm_head": ..., "other": ...,
+        "total": ...}. ``lm_head`` counts an untied output projection even when the loaded model
+        has none (``AutoModel``), from the config, since the full model ships it.
+    """
+    blocks = [_count(block) for block in get_blocks(model)]
+    norm = _count(get_final_norm(model))
+    embedding = _count(get_embedding(model))
+    backbone_total = sum(p.numel() for p in model.parameters())
+    lm_head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = model.config
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    if lm_head_module is not None:
+        lm_head = 0 if tied else _count(lm_head_module)
+        backbone_total -= _count(lm_head_module) if not tied else 0
+    elif get_spec(model).decoder and not tied:
+        lm_head = int(config.vocab_size) * int(config.hidden_size)
+    else:
+        lm_head = 0
+    other = backbone_total - embedding - sum(blocks) - norm
+    return {
+        "embedding": embedding,
+        "blocks": blocks,
+        "final_norm": norm,
+        "lm_head": lm_head,
+        "other": other,
+        "total": embedding + sum(blocks) + norm + lm_head + other,
+    }
+
+
+def load_tokenizer(model_name_or_path: str, padding_side: str = "right"):
+    """Tokenizer with a pad token (eos or unk when the model has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ChipTuningError(f"cannot load a tokenizer from {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ChipTuningError(f"tokenizer of {model_name_or_path!r} has no pad, eos or unk token")
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_backbone(model_name_or_path: str, dtype: str = "fp32", device: str | None = "cpu",
+                  device_map: str | None = None, adapter: str | None = None):
+    """The model without its LM head (``AutoModel``), in eval mode.
+
+    Args:
+        model_name_or_path: hub id or local directory.
+        dtype: fp32, bf16 or fp16.
+        device: where to put it (ignored with ``device_map``).
+        device_map: e.g. "auto" for models larger than one GPU (needs accelerate).
+        adapter: a PEFT (LoRA) adapter directory merged into the weights before anything else.
+    """
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ChipTuningError(f"cannot load model {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
+    get_spec(config)  # fail early, naming the model type, before loading weights
+    kwargs = {"dtype": resolve_dtype(dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModel.from_pretrained(model_name_or_path, **kwargs)
+    if adapter:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ChipTuningError("--adapter needs the peft package: pip install peft") from None
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if not device_map:
+        model = model.to(resolve_device(device))
+    return model.eval()

@@ -1,0 +1,250 @@
+"""Tasks: labelled examples plus the prompt template that turns a record into text.
+
+:func:`load_task` reads three kinds of data into a :class:`TaskData`:
+
+- a built-in task (``boolq``, ``race-high``, ``race-middle``, ``c3``, ``mmlu``; see
+  :mod:`chiptuning.tasks.builtin`) from the hub or offline from ``data_dir``;
+- a local JSONL / JSON / CSV / TSV / Parquet file, or a hub dataset by name, or a
+  ``datasets.Dataset`` (see :mod:`chiptuning.tasks.files` for how labels are named and ordered);
+
+and :meth:`TaskData.build_prompts` turns the examples into prompts that fit ``max_length``
+tokens by shortening the long field (passage, article, documents), never the question, the
+options or the ``Answer:`` suffix.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chiptuning.errors import DataError
+from chiptuning.tasks.base import (
+    LETTERS,
+    Example,
+    PromptFormatter,
+    TaskData,
+    format_options,
+    format_template,
+    template_fields,
+)
+from chiptuning.tasks.builtin import (
+    BUILTIN_TASKS,
+    BuiltinTask,
+    get_builtin,
+    load_builtin_examples,
+    mmlu_template,
+)
+from chiptuning.tasks.files import (
+    FILE_TYPES,
+    build_user_task,
+    file_sha256,
+    hub_records,
+    infer_label_names,
+    load_hub_dataset,
+    read_records,
+    read_table,
+)
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "LETTERS",
+    "BuiltinTask",
+    "Example",
+    "PromptFormatter",
+    "TaskData",
+    "format_options",
+    "format_template",
+    "get_builtin",
+    "infer_label_names",
+    "load_task",
+    "read_records",
+    "template_fields",
+]
+
+log = logging.getLogger(__name__)
+
+
+def load_task(
+    data: str | Path | Any,
+    *,
+    split: str | None = None,
+    text_column: str | None = None,
+    template: str | None = None,
+    label_column: str | None = "label",
+    labels: list[str] | None = None,
+    limit: int | None = None,
+    seed: int = 42,
+    id_column: str = "id",
+    data_dir: str | Path | None = None,
+    subset: str | None = None,
+    truncate_field: str | None = None,
+    strip_trailing_space: bool = False,
+    chat_template: bool = False,
+) -> TaskData:
+    """Load a task: a built-in benchmark, a local file, a hub dataset or a ``datasets.Dataset``.
+
+    Args:
+        data: a built-in task name (``boolq``, ``race-high``, ``race-middle``, ``c3``, ``mmlu``),
+            the path of a JSONL / JSON / CSV / TSV / Parquet file, a Hugging Face dataset name,
+            or a ``datasets.Dataset`` / ``DatasetDict``.
+        split: built-in task: ``train``, ``validation`` (alias ``dev``), ``test``, ... (default
+            its train split); hub dataset: the split to load (default ``train``); file: a name
+            recorded in provenance (default the file stem). A slice in dataset order may follow,
+            as in ``datasets``: ``validation[:2000]``, ``validation[2000:]``, ``train[:10%]``
+            (percentages round down), e.g. to train and evaluate on disjoint parts of one split.
+        text_column: field holding the prompt text (user data; exclusive with ``template``).
+        template: prompt template over the record's fields (``str.format``; a list field renders
+            as ``A. ...`` option lines, ``{field:lines}`` joins it with newlines). For a built-in
+            task it replaces the reference template and may use the task's fields.
+        label_column: field holding the label (user data; dotted names reach nested fields).
+        labels: label names in class order; default from a ``ClassLabel`` feature, else inferred.
+            For a built-in task they must equal its label names.
+        limit: keep this many examples, drawn by a seeded shuffle (seed ``seed``, first ``limit``).
+        seed: seed of that shuffle.
+        id_column: user data: field used as example id when present (else the row number).
+        data_dir: built-in task: directory of the original release files (offline).
+        subset: hub dataset: its configuration name.
+        truncate_field: field shortened when a prompt is too long (user templates default to
+            the longest field; built-in tasks declare theirs); ``"none"`` never shortens.
+        strip_trailing_space: drop the template's trailing space (``Answer: `` -> ``Answer:``).
+        chat_template: wrap prompts in the tokenizer's chat template in ``build_prompts``.
+
+    Returns:
+        The task with its examples, in dataset order or the seeded ``limit`` draw.
+
+    Raises:
+        DataError: a missing file or column, an unknown split or label, empty text, bad options.
+    """
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be a positive number of examples, got {limit}")
+    style = dict(truncate_field=truncate_field, strip_trailing_space=strip_trailing_space,
+                 chat_template=chat_template)
+    user = dict(text_column=text_column, template=template, label_column=label_column or "label",
+                labels=labels, id_column=id_column, **style)
+    split, part = _parse_split(split)
+    builtin = get_builtin(data) if isinstance(data, str) else None
+    if builtin is not None:
+        task = _load_builtin(builtin, split=split, data_dir=data_dir, subset=subset, text_column=text_column,
+                             template=template, label_column=label_column, labels=labels, **style)
+    elif data_dir is not None:
+        raise DataError(
+            f"--data-dir is for the built-in tasks ({', '.join(BUILTIN_TASKS)}), not {data!r}; "
+            "pass your own file with --data FILE"
+        )
+    elif (text_column is None) == (template is None):  # checked before reading any data
+        raise DataError("give exactly one of --text-column or --template")
+    elif not isinstance(data, (str, Path)) and hasattr(data, "column_names"):  # datasets.Dataset(Dict)
+        task = _load_dataset_object(data, split=split, **user)
+    else:
+        task = _load_file_or_hub(data, split=split, subset=subset, **user)
+    if part is not None:
+        task.examples = _slice(task.examples, part, split)
+        task.split = f"{task.split}[{part[0] or ''}:{part[1] or ''}]"
+    if limit is not None and limit < len(task.examples):
+        order = np.random.default_rng(seed).permutation(len(task.examples))[:limit]
+        task.examples = [task.examples[i] for i in order]
+        task.source.update(limit=limit, seed=seed)
+    log.info("task %s/%s: %d examples, labels %s", task.name, task.split, len(task.examples), task.label_names)
+    return task
+
+
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")
+
+
+def _parse_split(split: str | None) -> tuple[str | None, tuple[str | None, str | None] | None]:
+    """``"validation[:2000]"`` -> ``("validation", (None, "2000"))``; no slice -> (split, None)."""
+    if split is None or "[" not in split:
+        return split, None
+    match = _SLICE.match(split.strip())
+    if match is None:
+        raise DataError(f"--split {split!r} is not NAME or NAME[start:stop], e.g. validation[:2000] or train[10%:]")
+    return match["name"], (match["start"], match["stop"])
+
+
+def _slice(examples: list[Example], part: tuple[str | None, str | None], split: str | None) -> list[Example]:
+    n = len(examples)
+
+    def bound(text: str | None) -> int | None:
+        if text is None:
+            return None
+        return int(text[:-1]) * n // 100 if text.endswith("%") else int(text)
+
+    chosen = examples[bound(part[0]):bound(part[1])]
+    if not chosen:
+        raise DataError(f"--split {split}[{part[0] or ''}:{part[1] or ''}] selects no examples (the split has {n})")
+    return chosen
+
+
+def _load_builtin(spec: BuiltinTask, *, split, data_dir, subset, text_column, template, label_column,
+                  labels, truncate_field, strip_trailing_space, chat_template) -> TaskData:
+    if text_column is not None:
+        raise DataError(f"--text-column does not apply to the built-in task {spec.name}; use --template to change its prompt")
+    if label_column not in (None, "label"):
+        raise DataError(f"--label-column does not apply to the built-in task {spec.name} (its labels: {', '.join(spec.label_names)})")
+    if labels is not None and [str(x) for x in labels] != list(spec.label_names):
+        raise DataError(f"--labels {','.join(map(str, labels))} differ from {spec.name}'s labels {','.join(spec.label_names)}; leave --labels out")
+    if subset is not None:
+        raise DataError(f"--subset does not apply to the built-in task {spec.name} (it reads {spec.hub[0]} itself)")
+    if template is not None:
+        unknown = template_fields(template) - set(spec.fields)
+        if unknown:
+            raise DataError(f"--template field(s) {sorted(unknown)} are not fields of {spec.name} (fields: {', '.join(spec.fields)})")
+    split = spec.resolve_split(split)
+    examples, source = load_builtin_examples(spec, split, data_dir)
+    source["template"] = "reference" if template is None else "custom"
+    if template is None:
+        template = mmlu_template(examples) if spec.name == "mmlu" else spec.template
+    fields = template_fields(template)
+    if truncate_field is None:
+        truncate = spec.truncate_field if spec.truncate_field in fields else None
+    elif truncate_field.lower() == "none":
+        truncate = None
+    elif truncate_field not in fields:
+        raise DataError(f"--truncate-field {truncate_field!r} is not a field of the template (fields: {', '.join(sorted(fields))})")
+    else:
+        truncate = truncate_field
+    if strip_trailing_space:
+        template = template.rstrip(" ")
+    return TaskData(
+        name=spec.name, split=split, label_names=list(spec.label_names), examples=examples, template=template,
+        source=source, truncate_field=truncate, chat_template=chat_template,
+        strip_trailing_space=strip_trailing_space,
+    )
+
+
+def _load_dataset_object(dataset, *, split, **user) -> TaskData:
+    if not hasattr(dataset, "to_list"):  # a DatasetDict: pick the split
+        split = split or "train"
+        if split not in dataset:
+            raise DataError(f"the dataset has no split {split!r}; use one of {', '.join(dataset)}")
+        dataset = dataset[split]
+    records, features = hub_records(dataset)
+    name = getattr(getattr(dataset, "info", None), "dataset_name", None) or "dataset"
+    return build_user_task(records, where=f"dataset {name}", name="custom", split=split or "train",
+                           source={"dataset": name, "rows": len(records)}, features=features, **user)
+
+
+def _stem(path: Path) -> str:
+    return Path(path.stem).stem if path.suffix.lower() == ".gz" else path.stem
+
+
+def _load_file_or_hub(data: str | Path, *, split, subset, **user) -> TaskData:
+    path = Path(data)
+    if path.exists():
+        if subset is not None:
+            raise DataError("--subset is for hub datasets, not local files")
+        records, features = read_table(path)
+        return build_user_task(records, where=str(path), name="custom", split=split or _stem(path),
+                               source={"file": path.name, "sha256": file_sha256(path)}, features=features,
+                               **user)
+    name = str(data)
+    if any(name.lower().endswith(s) or name.lower().endswith(s + ".gz") for s in FILE_TYPES) or name.startswith((".", "~")):
+        raise DataError(f"data file {path} does not exist")
+    split = split or "train"
+    records, features = hub_records(load_hub_dataset(name, subset, split))
+    return build_user_task(records, where=f"hub:{name}", name="custom", split=split,
+                           source={"hub": name, "subset": subset}, features=features, **user)

@@ -1,0 +1,310 @@
+"""One pass over a task: feature(l) at the last real token of every prompt, every layer, to a cache.
+
+The hot loop: tokenize everything once, plan batches (dataset order or sorted by length under a
+token budget), run the backbone with hooks that keep only the last-token row of each layer, move
+those (B, L+1, H) rows to the CPU, and hand them to a background writer thread so the device
+never waits for the disk. An out-of-memory batch is split in two and retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from chiptuning.cache import CacheWriter, merge_rank_manifests
+
+from chiptuning.errors import ChipTuningError
+from chiptuning.features import FEATURE_MODES, last_token_features
+from chiptuning.models import load_backbone, load_tokenizer, param_stats, weights_hash
+from chiptuning.registry import get_spec, num_blocks
+from chiptuning.tasks import TaskData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of one extraction (``chiptuning extract``).
+
+    Attributes:
+        out: cache directory (``--out``).
+        model: hub id or local directory (``--model``).
+        dtype: compute dtype of the model: fp32, bf16 or fp16 (``--dtype``).
+        device: cpu, cuda, cuda:N or auto (``--device``); not part of the fingerprint.
+        batch_size: most examples per batch (``--batch-size``); not part of the fingerprint.
+        max_tokens_per_batch: token budget per batch, examples sorted by length (``--max-tokens-per-batch``);
+            0 = fixed batches in dataset order.
+        max_length: longest prompt in tokens (``--max-length``); default the model's limit.
+        padding_side: left or right (``--padding-side``); positions come from the mask either way.
+        storage_dtype: float32, bfloat16 (exact bits) or float16 (checked) (``--storage-dtype``).
+        feature_mode: raw (layer convention) or normed (final norm applied) (``--feature-mode``).
+        shard_size: rows per HDF5 shard (``--shard-size``).
+        device_map: "auto" to spread a model larger than one GPU (``--device-map``).
+        adapter: PEFT adapter merged into the model first (``--adapter``).
+        progress: show a progress bar.
+        model_hash: identity of the weights when ``model`` is not a path or hub id (an in-memory
+            model); default computed by :func:`chiptuning.models.weights_hash`.
+    """
+
+    out: str
+    model: str
+    dtype: str = "fp32"
+    device: str = "auto"
+    batch_size: int = 16
+    max_tokens_per_batch: int = 0
+    max_length: int | None = None
+    padding_side: str = "right"
+    storage_dtype: str = "float32"
+    feature_mode: str = "raw"
+    shard_size: int = 1024
+    device_map: str | None = None
+    adapter: str | None = None
+    progress: bool = False
+    model_hash: str | None = None
+    extra_meta: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ChipTuningError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.padding_side not in ("left", "right"):
+            raise ChipTuningError(f"--padding-side must be left or right, got {self.padding_side!r}")
+        if self.feature_mode not in FEATURE_MODES:
+            raise ChipTuningError(f"--feature-mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
+        if self.shard_size < 1:
+            raise ChipTuningError(f"--shard-size must be >= 1, got {self.shard_size}")
+
+
+def plan_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Group example positions into batches.
+
+    ``max_tokens == 0``: consecutive groups of ``batch_size`` in dataset order. Otherwise examples
+    sorted by length, longest first (an out-of-memory shows up on the first batch), each batch
+    as large as fits ``rows * longest <= max_tokens`` and at most ``batch_size`` rows.
+    """
+    n = len(lengths)
+    if not max_tokens:
+        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(token_lists: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), T), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if side == "right":
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        else:
+            ids[row, T - len(tokens):] = torch.tensor(tokens)
+            mask[row, T - len(tokens):] = 1
+    return ids, mask  # (B, T) each
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def features_for_batch(model, token_lists, pad_id, side, device, mode) -> np.ndarray:
+    """(B, L+1, H) float32 features of one batch; splits the batch in two on out-of-memory."""
+    ids, mask = _pad(token_lists, pad_id, side)
+    try:
+        feats = last_token_features(model, ids.to(device), mask.to(device), mode=mode)
+        return feats.float().cpu().numpy()
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err) or len(token_lists) == 1:
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(token_lists) // 2
+        log.warning("out of memory on a batch of %d; retrying as %d + %d", len(token_lists), half,
+                    len(token_lists) - half)
+        return np.concatenate([
+            features_for_batch(model, token_lists[:half], pad_id, side, device, mode),
+            features_for_batch(model, token_lists[half:], pad_id, side, device, mode),
+        ])
+
+
+def _prompts_hash(prompts: list[str], labels: list[int]) -> str:
+    digest = hashlib.sha256()
+    for prompt, label in zip(prompts, labels):
+        digest.update(prompt.encode())
+        digest.update(b"\x00%d\x00" % label)
+    return digest.hexdigest()[:16]
+
+
+def default_max_length(tokenizer, model) -> int | None:
+    """The model's context limit where one is known (tokenizers often report 1e30)."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(model.config, "n_positions", None)]
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if tok_limit and tok_limit < 1_000_000:
+        limits.append(tok_limit)
+    limits = [int(x) for x in limits if x]
+    return min(limits) if limits else None
+
+
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) under ``torchrun`` / ``accelerate launch``; (0, 1, 0) otherwise.
+
+    Initialises the default process group (NCCL on GPUs, gloo on CPU) when the launcher set
+    ``WORLD_SIZE`` > 1 and nobody has yet.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -> Path:
+    """Extract the last-token feature of every layer for every example of ``task`` into a cache.
+
+    Args:
+        config: the settings (see :class:`ExtractConfig`).
+        task: the examples and their prompt template.
+        model, tokenizer: already-loaded objects (tests, notebooks); loaded from ``config.model``
+            when None.
+
+    Under ``torchrun`` / ``accelerate launch`` each rank takes every world_size-th batch, writes its
+    own shards and manifest part, and rank 0 joins the parts into one manifest at the end.
+
+    Returns:
+        The cache directory. Re-running the same call resumes after the last complete shard;
+        a cache made with other settings is refused.
+    """
+    config.validate()
+    rank, world_size, local_rank = distributed_context()
+    if world_size > 1 and config.device in ("auto", "cuda") and torch.cuda.is_available():
+        config.device = f"cuda:{local_rank}"
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model, padding_side=config.padding_side)
+    if model is None:
+        model = load_backbone(config.model, dtype=config.dtype, device=config.device,
+                              device_map=config.device_map, adapter=config.adapter)
+    get_spec(model)
+    device = next(model.parameters()).device
+    L = num_blocks(model)
+    layers = list(range(L + 1))
+    hidden = int(model.config.get_text_config().hidden_size)
+    max_length = config.max_length or default_max_length(tokenizer, model)
+
+    prompts, n_long = task.build_prompts(tokenizer, max_length)
+    tokenizer.truncation_side = "left"  # if anything is still too long, keep the end ("Answer:")
+    token_lists = tokenizer(prompts, add_special_tokens=True, truncation=max_length is not None,
+                            max_length=max_length)["input_ids"]
+    lengths = [len(t) for t in token_lists]
+    labels = [ex.label for ex in task.examples]
+    meta = {
+        "model": config.model,
+        "model_hash": config.model_hash or weights_hash(config.model, model),
+        "model_type": model.config.model_type,
+        "adapter": config.adapter,
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "task": task.describe(),
+        "label_names": task.label_names,
+        "prompts_sha256": _prompts_hash(prompts, labels),
+        "max_length": max_length,
+        "pooling": "last_token",
+        "feature_mode": config.feature_mode,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "storage_dtype": config.storage_dtype,
+        "layers": layers,
+        "num_blocks": L,
+        "hidden_size": hidden,
+        **config.extra_meta,
+    }
+    preview = [
+        {"id": task.examples[i].id,
+         "last_tokens": tokenizer.convert_ids_to_tokens(token_lists[i][-6:]),
+         "chip_reads": tokenizer.convert_ids_to_tokens(token_lists[i][-1:])[0]}
+        for i in range(min(3, len(prompts)))
+    ]
+    batches = plan_batches(lengths, config.batch_size, config.max_tokens_per_batch)
+    batches = batches[rank::world_size]
+    my_rows = sum(len(b) for b in batches)
+    writer = CacheWriter(
+        config.out, meta, n_rows=len(prompts), layers=layers, hidden_size=hidden,
+        storage_dtype=config.storage_dtype, shard_size=config.shard_size,
+        extra={"model_stats": param_stats(model), "n_shortened": n_long, "preview": preview},
+        rank=rank, world_size=world_size,
+    )
+    if writer.complete:
+        log.info("cache %s is already complete (fingerprint %s)", config.out, writer.fingerprint)
+        _barrier(world_size)
+        if rank == 0 and world_size > 1 and not (Path(config.out) / "manifest.json").exists():
+            merge_rank_manifests(config.out, world_size)
+        _barrier(world_size)
+        return Path(config.out)
+    done = writer.done_indices()
+    # Whole batches are recomputed unless all their rows are stored, so a resumed run computes
+    # exactly the batches an uninterrupted one would (bit-identical features).
+    todo = [b for b in batches if not all(i in done for i in b)]
+    log.info("extracting %d examples (%d to go) from %s: %d layers x %d, %d batches on %s",
+             len(prompts), sum(len(b) for b in todo), config.model, L + 1, hidden, len(todo), device)
+    if n_long:
+        log.warning("%d prompts were longer than max_length=%d tokens", n_long, max_length)
+    pad_id = tokenizer.pad_token_id
+    started = time.perf_counter()
+    progress = None
+    if config.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=sum(len(b) for b in todo), unit="ex", desc="extract")
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for batch in todo:
+            feats = features_for_batch(model, [token_lists[i] for i in batch], pad_id,
+                                       config.padding_side, device, config.feature_mode)
+            keep = [k for k, i in enumerate(batch) if i not in done]
+            rows = [batch[k] for k in keep]
+            pending.append(pool.submit(
+                writer.write, np.array(rows), feats[keep], np.array([labels[i] for i in rows]),
+                [task.examples[i].id for i in rows], np.array([lengths[i] for i in rows]),
+                np.array([task.examples[i].n_choices for i in rows]),
+            ))
+            if len(pending) > 2:  # bounded queue: at most two batches wait for the disk
+                pending.pop(0).result()
+            if progress is not None:
+                progress.update(len(batch))
+        for future in pending:
+            future.result()
+    if progress is not None:
+        progress.close()
+    writer.close(expected_rows=my_rows if world_size > 1 else None)
+    _barrier(world_size)
+    if rank == 0 and world_size > 1:
+        merge_rank_manifests(config.out, world_size)
+    _barrier(world_size)
+    log.info("extraction finished in %.1fs: %s", time.perf_counter() - started, config.out)
+    return Path(config.out)
+
+
+def config_dict(config: ExtractConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,406 @@
+"""Chips: scikit-learn-compatible classifiers on one layer's features.
+
+* :class:`LinearChip` -- ``softmax(W x + b)`` in torch;
+* :class:`MLPChip` -- ``W1 ReLU(W2 x + b2) + b1`` in torch (hidden 256 by default);
+* :class:`LogRegChip` -- scikit-learn's ``LogisticRegression`` (the second backend).
+
+All three standardize each feature with statistics of their training rows (saved with the chip as
+``mean_`` / ``scale_``) and take an optional ``class_mask`` keyword, (N, C) bool, True where a
+class is valid for that row (C3 rows have 2 to 4 options): a masked class gets zero probability
+and is never predicted; the torch chips also leave it out of the training loss.
+
+The torch chips train with the same code as the batched trainer (:mod:`chiptuning.probe.batched`),
+with one chip in the group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from chiptuning.probe.batched import (
+    ChipSpec,
+    InMemoryBatches,
+    fit_banks,
+    param_shapes,
+    predict_logits,
+    standardization,
+)
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
+
+CHIP_KINDS = ("linear", "mlp", "logreg")
+
+
+def split_validation(n_rows: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, disjoint split of ``n_rows`` rows into (train_rows, val_rows), both sorted.
+
+    The validation rows are the first ``size`` of ``np.random.default_rng(seed).permutation``.
+    """
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    return np.sort(perm[size:]), np.sort(perm[:size])
+
+
+def as_class_mask(class_mask, n_rows: int, n_classes: int) -> np.ndarray | None:
+    """Check a class mask: (n_rows, n_classes) bool with at least one valid class per row."""
+    if class_mask is None:
+        return None
+    mask = np.asarray(class_mask, dtype=bool)
+    if mask.shape != (n_rows, n_classes):
+        raise ValueError(f"class_mask has shape {mask.shape}, expected {(n_rows, n_classes)}")
+    if not mask.any(axis=1).all():
+        raise ValueError("class_mask leaves a row with no valid class")
+    return mask
+
+
+def mask_from_n_choices(n_choices: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N, C) mask of the first ``n_choices[i]`` classes of each row (the cache's convention)."""
+    return np.arange(n_classes)[None, :] < np.asarray(n_choices)[:, None]
+
+
+def _seed(random_state) -> int:
+    """An int random_state is the seed itself (so the batched trainer can use it too)."""
+    if isinstance(random_state, (int, np.integer)):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+class _ChipBase(ClassifierMixin, BaseEstimator):
+    """What every chip shares: label encoding, standardization, masking, predict / score."""
+
+    def _encode_fit(self, X, y, class_mask):
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        if self.classes is not None:
+            self.classes_ = np.asarray(self.classes)
+            unknown = np.setdiff1d(np.unique(y), self.classes_)
+            if unknown.size:
+                raise ValueError(f"labels {unknown.tolist()} are not in classes={self.classes_.tolist()}")
+        else:
+            self.classes_ = np.unique(y)
+        y_idx = np.searchsorted(self.classes_, y)
+        mask = as_class_mask(class_mask, len(y), len(self.classes_))
+        if mask is not None and not mask[np.arange(len(y)), y_idx].all():
+            raise ValueError("class_mask marks the true class of some row as invalid")
+        return X, y_idx.astype(np.int64), mask
+
+    def _standardize(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean_) / self.scale_
+
+    def _masked_scores(self, X, class_mask) -> np.ndarray:
+        """(N, C) masked logits (torch chips) or log-probabilities (logreg)."""
+        raise NotImplementedError
+
+    def decision_function(self, X, class_mask=None) -> np.ndarray:
+        """Logits, (N, C); for two classes the logit difference, (N,), as scikit-learn does.
+
+        Masked classes are -inf.
+        """
+        scores = self._masked_scores(X, class_mask)
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
+
+    def predict_proba(self, X, class_mask=None) -> np.ndarray:
+        """Class probabilities (N, C), columns in ``classes_`` order; masked classes get 0."""
+        scores = torch.from_numpy(np.asarray(self._masked_scores(X, class_mask), dtype=np.float64))
+        return torch.softmax(scores, dim=1).numpy()
+
+    def predict(self, X, class_mask=None) -> np.ndarray:
+        """Predicted labels (N,); a masked class is never predicted."""
+        scores = self._masked_scores(X, class_mask)
+        return self.classes_[np.argmax(scores, axis=1)]
+
+    def score(self, X, y, sample_weight=None, class_mask=None) -> float:
+        """Accuracy (with the class mask applied when given)."""
+        pred = self.predict(X, class_mask=class_mask)
+        return float(np.average(pred == np.asarray(y), weights=sample_weight))
+
+    def _check_predict_input(self, X, class_mask):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        return X, as_class_mask(class_mask, X.shape[0], len(self.classes_))
+
+
+class _TorchChip(_ChipBase):
+    """A torch chip: the batched trainer with a group of one."""
+
+    _kind = "linear"
+
+    def _spec(self) -> ChipSpec:
+        return ChipSpec(
+            kind=self._kind, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas),
+            eps=1e-8, epochs=self.epochs, hidden=getattr(self, "hidden", 256),
+            early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change, tol=self.tol,
+            fit_intercept=getattr(self, "fit_intercept", True),
+        )
+
+    def fit(self, X, y, class_mask=None):
+        """Train the chip.
+
+        Args:
+            X: (N, H) features of one layer.
+            y: (N,) labels.
+            class_mask: optional (N, C) bool, True where a class is valid (columns in
+                ``classes_`` order); masked classes are left out of the loss.
+
+        Returns:
+            self.
+        """
+        X, y_idx, mask = self._encode_fit(X, y, class_mask)
+        seed = _seed(self.random_state)
+        n, H = X.shape
+        C = len(self.classes_)
+        train_rows, val_rows = np.arange(n), None
+        if self.early_stopping:
+            n_val = max(1, int(round(self.validation_fraction * n)))
+            if n_val >= n:
+                raise ValueError(f"validation_fraction={self.validation_fraction} leaves no training rows")
+            train_rows, val_rows = split_validation(n, n_val, seed)
+        self.mean_, self.scale_ = standardization(X[train_rows], self.standardize,
+                                                  center=getattr(self, "fit_intercept", True))
+        Xs = torch.from_numpy(self._standardize(X))
+        y_t = torch.from_numpy(y_idx)
+        m_t = None if mask is None else torch.from_numpy(mask)
+
+        def part(rows):
+            idx = torch.from_numpy(rows)
+            return Xs[idx].unsqueeze(0), y_t[idx], None if m_t is None else m_t[idx]  # x: (1, n, H)
+
+        x_tr, y_tr, m_tr = part(train_rows)
+        val = None if val_rows is None else part(val_rows)
+        data = InMemoryBatches(x_tr, y_tr, m_tr, self.batch_size, seed, shuffle=self.shuffle)
+        result = fit_banks(data, [self._spec()], H, C, seed=seed, val=val, device=self.device)[0]
+        self._set_params({k: v[0].numpy() for k, v in result["params"].items()})
+        self.n_iter_ = int(result["epochs_run"])
+        self.best_epoch_ = int(result["best_epoch"][0])
+        return self
+
+    def _params_tensors(self) -> dict[str, torch.Tensor]:
+        """This chip's tensors in the batched layout, with a chip axis of 1."""
+        raise NotImplementedError
+
+    def _masked_scores(self, X, class_mask) -> np.ndarray:
+        X, mask = self._check_predict_input(X, class_mask)
+        x = torch.from_numpy(self._standardize(X)).unsqueeze(0)  # (1, N, H)
+        m = None if mask is None else torch.from_numpy(mask)
+        params = {k: v.to(self.device) for k, v in self._params_tensors().items()}
+        return predict_logits(self._kind, params, x, m)[0].numpy()  # (N, C)
+
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        """Learned arrays in the batched layout (see :func:`~chiptuning.probe.batched.param_shapes`)
+        plus ``mean`` and ``scale``: what is saved."""
+        check_is_fitted(self)
+        out = {k: v[0].numpy() for k, v in self._params_tensors().items()}
+        out["mean"], out["scale"] = self.mean_, self.scale_
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray], classes) -> _TorchChip:
+        """Set the learned state from :meth:`state_tensors` arrays (used when loading)."""
+        self.classes_ = np.asarray(classes)
+        self.mean_ = np.asarray(state["mean"], dtype=np.float32)
+        self.scale_ = np.asarray(state["scale"], dtype=np.float32)
+        self.n_features_in_ = int(self.mean_.shape[0])
+        self._set_params({k: np.asarray(v, dtype=np.float32) for k, v in state.items()
+                          if k not in ("mean", "scale")})
+        return self
+
+    def _set_params(self, params: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+_TORCH_DOC_ARGS = """
+        lr: AdamW learning rate.
+        weight_decay: AdamW decoupled weight decay (the regularization).
+        epochs: most passes over the training rows.
+        batch_size: rows per optimizer step.
+        betas: AdamW betas.
+        standardize: standardize each feature with the training rows' mean and std (saved).
+        early_stopping: hold out ``validation_fraction`` of the rows (seeded) and keep the state of
+            lowest validation loss; stop after ``n_iter_no_change`` epochs without improvement.
+        validation_fraction: share of rows held out for early stopping.
+        n_iter_no_change: patience in epochs.
+        tol: smallest validation-loss improvement that counts.
+        shuffle: shuffle the rows every epoch (seeded).
+        classes: every class label, in order (default the labels seen in ``y``); pass it when a
+            class may be missing from the training rows.
+        random_state: seed of the initialisation, the row order and the validation split.
+        device: torch device to train on.
+        verbose: unused by the torch chips (logging is configured by the caller); kept for the
+            scikit-learn convention.
+"""
+
+
+class LinearChip(_TorchChip):
+    __doc__ = """Linear chip ``softmax(W x + b)`` trained with AdamW on standardized features.
+
+    Learned state: ``classes_``, ``n_features_in_``, ``mean_``, ``scale_`` (H,), ``coef_`` (C, H)
+    and ``intercept_`` (C,) on standardized features (``linear_weights()`` folds the
+    standardization into raw-feature weights), ``n_iter_``, ``best_epoch_``.
+
+    Args:""" + _TORCH_DOC_ARGS + """        fit_intercept: learn ``b``; without it features are only scaled (not centered) so the
+            folded chip is bias-free.
+    """
+
+    _kind = "linear"
+
+    def __init__(self, *, lr: float = 1e-3, weight_decay: float = 1e-2, epochs: int = 30,
+                 batch_size: int = 128, betas: tuple[float, float] = (0.9, 0.999),
+                 standardize: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 3, tol: float = 1e-4,
+                 shuffle: bool = True, fit_intercept: bool = True, classes=None, random_state=None,
+                 device: str = "cpu", verbose: int = 0) -> None:
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.betas = betas
+        self.standardize = standardize
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.shuffle = shuffle
+        self.fit_intercept = fit_intercept
+        self.classes = classes
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    def _set_params(self, params):
+        self.coef_ = params["weight"].copy()  # (C, H)
+        self.intercept_ = params["bias"].copy()  # (C,)
+
+    def _params_tensors(self):
+        return {"weight": torch.from_numpy(np.ascontiguousarray(self.coef_)).unsqueeze(0),
+                "bias": torch.from_numpy(self.intercept_).unsqueeze(0)}
+
+    def linear_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W (C, H), b (C,)) acting on raw features: the standardization folded in."""
+        check_is_fitted(self)
+        weight = self.coef_ / self.scale_[None, :]
+        return weight, self.intercept_ - weight @ self.mean_
+
+
+class MLPChip(_TorchChip):
+    __doc__ = """Two-layer MLP chip ``W1 ReLU(W2 x + b2) + b1`` trained with AdamW.
+
+    Learned state: ``classes_``, ``n_features_in_``, ``mean_``, ``scale_`` (H,), ``coefs_`` =
+    [W2 (H, D), W1 (D, C)] and ``intercepts_`` = [b2 (D,), b1 (C,)] (scikit-learn's MLP layout),
+    ``n_iter_``, ``best_epoch_``.
+
+    Args:
+        hidden: hidden width D.""" + _TORCH_DOC_ARGS
+
+    _kind = "mlp"
+
+    def __init__(self, *, hidden: int = 256, lr: float = 1e-3, weight_decay: float = 1e-2,
+                 epochs: int = 30, batch_size: int = 128, betas: tuple[float, float] = (0.9, 0.999),
+                 standardize: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 3, tol: float = 1e-4,
+                 shuffle: bool = True, classes=None, random_state=None, device: str = "cpu",
+                 verbose: int = 0) -> None:
+        self.hidden = hidden
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.betas = betas
+        self.standardize = standardize
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.shuffle = shuffle
+        self.classes = classes
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    def _set_params(self, params):
+        # scikit-learn's MLP layout is (in, out); the batched trainer's is (out, in).
+        self.coefs_ = [np.ascontiguousarray(params["weight_hidden"].T), np.ascontiguousarray(params["weight"].T)]
+        self.intercepts_ = [params["bias_hidden"].copy(), params["bias"].copy()]  # (D,), (C,)
+
+    def _params_tensors(self):
+        names = (("weight_hidden", self.coefs_[0].T), ("bias_hidden", self.intercepts_[0]),
+                 ("weight", self.coefs_[1].T), ("bias", self.intercepts_[1]))
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).unsqueeze(0) for k, v in names}
+
+
+class LogRegChip(_ChipBase):
+    """scikit-learn ``LogisticRegression`` on standardized features, with class masking.
+
+    The mask acts at prediction only (scikit-learn's loss has no per-row class mask).
+
+    Learned state: ``classes_``, ``n_features_in_``, ``mean_``, ``scale_``, ``estimator_`` (the
+    fitted ``LogisticRegression``), ``coef_`` / ``intercept_`` (its arrays, on standardized
+    features; ``linear_weights()`` folds the standardization).
+
+    Args:
+        C: inverse regularization strength.
+        max_iter: most solver iterations.
+        tol: solver tolerance.
+        standardize: standardize each feature with the training rows' statistics (saved).
+        classes: every class label, in order (default the labels seen in ``y``).
+        random_state: passed to ``LogisticRegression``.
+        verbose: passed to ``LogisticRegression``.
+    """
+
+    def __init__(self, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                 standardize: bool = True, classes=None, random_state=None, verbose: int = 0) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+        self.classes = classes
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y, class_mask=None):
+        """Fit on (N, H) features and (N,) labels; ``class_mask`` is checked, used at prediction."""
+        X, y_idx, _ = self._encode_fit(X, y, class_mask)
+        self.mean_, self.scale_ = standardization(X, self.standardize)
+        self.estimator_ = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol,
+                                             random_state=self.random_state, verbose=self.verbose)
+        self.estimator_.fit(self._standardize(X), y_idx)
+        self.coef_, self.intercept_ = self.estimator_.coef_, self.estimator_.intercept_
+        self.n_iter_ = int(np.max(self.estimator_.n_iter_))
+        return self
+
+    def _masked_scores(self, X, class_mask) -> np.ndarray:
+        X, mask = self._check_predict_input(X, class_mask)
+        C = len(self.classes_)
+        log_proba = np.full((X.shape[0], C), -np.inf)
+        seen = self.estimator_.classes_  # class indices present in the training rows
+        with np.errstate(divide="ignore"):
+            log_proba[:, seen] = np.log(self.estimator_.predict_proba(self._standardize(X)))
+        if mask is not None:
+            log_proba[~mask] = -np.inf
+        return log_proba
+
+    def linear_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) acting on raw features (the standardization folded in); scikit-learn's shapes."""
+        check_is_fitted(self)
+        weight = self.coef_ / self.scale_[None, :]
+        return weight, self.intercept_ - weight @ self.mean_
+
+
+def make_chip(kind: str, **params) -> _ChipBase:
+    """A new (unfitted) chip of ``kind`` ("linear", "mlp" or "logreg") with ``params``."""
+    classes = {"linear": LinearChip, "mlp": MLPChip, "logreg": LogRegChip}
+    if kind not in classes:
+        raise ValueError(f"unknown chip {kind!r}; choose one of {CHIP_KINDS}")
+    return classes[kind](**params)
+
+
+__all__ = [
+    "CHIP_KINDS",
+    "LinearChip",
+    "LogRegChip",
+    "MLPChip",
+    "as_class_mask",
+    "make_chip",
+    "mask_from_n_choices",
+    "param_shapes",
+    "split_validation",
+]

@@ -1,0 +1,222 @@
+"""Pick the layer to prune at: ``chiptuning select CHIPS_DIR --strategy ...``.
+
+Strategies (the paper's three, plus one for "most pruning at a marginal loss"):
+
+* ``fixed:L`` -- layer L, whatever the metrics say.
+* ``validate`` -- the best validation accuracy (validation rows carved from the training cache);
+  ties go to the shallowest layer, which prunes more.
+* ``optimal`` -- the best *eval* accuracy: an oracle that looks at the test labels, an upper
+  bound only, never a fair model selection.
+* ``within:DELTA`` -- the shallowest layer whose validation accuracy is within DELTA (a fraction:
+  0.01 = one point) of the best; never a layer more than DELTA below the best.
+
+Every selection reports the pruning ratio as the fraction of the model's parameters removed,
+from the parameter counts the extractor recorded (``model_stats``): pruning at layer l removes
+blocks l+1..L.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from chiptuning.probe.artifacts import REPORT, SELECTION, ChipSet, load_chips, write_json
+
+from chiptuning import __version__
+from chiptuning.errors import ChipTuningError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("fixed:L", "validate", "optimal", "within:DELTA")
+
+
+def parse_strategy(strategy: str) -> tuple[str, float | int | None]:
+    """``"within:0.01"`` -> ("within", 0.01); errors name ``--strategy``."""
+    name, _, arg = strategy.strip().partition(":")
+    if name == "fixed":
+        try:
+            return name, int(arg)
+        except ValueError:
+            raise ChipTuningError(f"--strategy fixed:L needs an integer layer, got {strategy!r}") from None
+    if name == "within":
+        try:
+            delta = float(arg[:-1]) / 100 if arg.endswith("%") else float(arg)
+        except ValueError:
+            raise ChipTuningError(f"--strategy within:DELTA needs a number (0.01 = one point), got {strategy!r}") from None
+        if not 0 <= delta < 1:
+            raise ChipTuningError(f"--strategy within:DELTA takes an accuracy fraction in [0, 1) "
+                                  f"(0.01 = one point, or 1%), got {arg!r}")
+        return name, delta
+    if name in ("validate", "optimal") and not arg:
+        return name, None
+    raise ChipTuningError(f"unknown --strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def pruning_stats(model_stats: dict, layer: int, num_blocks: int) -> dict:
+    """Parameters removed by pruning after ``layer`` (blocks layer+1..L are deleted).
+
+    ``ratio`` = removed block parameters / all parameters of the full model (``total``, which
+    includes an untied LM head). The LM head is counted in the total but not as removed, so the
+    ratio is conservative; ``ratio_with_lm_head`` also counts it as removed (the chip replaces it).
+    ``layer_ratio`` is the share of blocks removed, the paper's convention.
+    """
+    removed_blocks = num_blocks - layer
+    out = {"layer": layer, "blocks_kept": layer, "blocks_removed": removed_blocks,
+           "layer_ratio": removed_blocks / num_blocks if num_blocks else 0.0}
+    blocks = list(model_stats.get("blocks") or [])
+    total = model_stats.get("total")
+    if not blocks or not total:
+        out.update(ratio=out["layer_ratio"], source="block count (no parameter counts recorded)",
+                   lm_head_counted=False)
+        return out
+    removed = int(sum(blocks[layer:]))
+    lm_head = int(model_stats.get("lm_head") or 0)
+    out.update(
+        params_total=int(total), params_removed=int(removed), params_kept=int(total) - removed,
+        ratio=removed / total, ratio_with_lm_head=(removed + lm_head) / total,
+        lm_head_params=lm_head, lm_head_counted="in the total, not as removed",
+        source="model_stats (parameter counts of the full model)",
+    )
+    return out
+
+
+def _accuracy(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    return None if value is None or value == "" else float(value)
+
+
+def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write: bool = True) -> dict:
+    """Choose the pruning layer of a chips directory and (by default) write selection.json + report.md.
+
+    Args:
+        chips: a ChipSet or a chips directory.
+        strategy: ``fixed:L``, ``validate``, ``optimal`` or ``within:DELTA``.
+        write: write ``selection.json`` and ``report.md`` into the chips directory.
+
+    Returns:
+        The selection: layer, strategy, why, whether it is an oracle, expected accuracy and the
+        pruning statistics.
+
+    Raises:
+        ChipTuningError: unknown strategy, a layer without a chip, or metrics the strategy needs
+            (validation or eval accuracy) that were not recorded.
+    """
+    chips = chips if isinstance(chips, ChipSet) else load_chips(chips)
+    name, arg = parse_strategy(strategy)
+    rows = sorted(chips.metrics, key=lambda r: int(r["layer"]))
+    if not rows:
+        raise ChipTuningError(f"{chips.path} has no per-layer metrics; train the chips again")
+    by_layer = {int(r["layer"]): r for r in rows}
+    val = {layer: _accuracy(r, "val_accuracy") for layer, r in by_layer.items()}
+    ev = {layer: _accuracy(r, "eval_accuracy") for layer, r in by_layer.items()}
+    has_val = all(v is not None for v in val.values())
+    has_eval = all(v is not None for v in ev.values())
+    extra: dict = {}
+    if name == "fixed":
+        layer = int(arg)
+        if layer not in by_layer:
+            raise ChipTuningError(f"--strategy fixed:{layer}: no chip at layer {layer} "
+                                  f"(chips cover layers {rows[0]['layer']}..{rows[-1]['layer']})")
+        why = f"layer {layer} was fixed by the user"
+    elif name in ("validate", "within"):
+        if not has_val:
+            raise ChipTuningError(f"--strategy {name} needs validation accuracy; the chips were trained "
+                                  "with --val-size 0 (retrain with validation rows, or use fixed:L)")
+        best_layer = min(val, key=lambda layer: (-val[layer], layer))  # ties: shallowest
+        best = val[best_layer]
+        extra.update(best_val_layer=best_layer, best_val_accuracy=best)
+        if name == "validate":
+            layer = best_layer
+            why = f"best validation accuracy ({best:.4f}) over {len(val)} layers"
+        else:
+            delta = float(arg)
+            # A tiny slack absorbs float noise in accuracies such as 0.7 - 0.01; never more.
+            layer = min(layer for layer, acc in val.items() if acc >= best - delta - 1e-12)
+            extra["delta"] = delta
+            why = (f"shallowest layer whose validation accuracy ({val[layer]:.4f}) is within "
+                   f"{delta:g} of the best ({best:.4f} at layer {best_layer})")
+    else:  # optimal
+        if not has_eval:
+            raise ChipTuningError("--strategy optimal needs eval accuracy; train with --eval EVAL_CACHE")
+        layer = min(ev, key=lambda layer: (-ev[layer], layer))
+        why = (f"best eval accuracy ({ev[layer]:.4f}): an ORACLE that looks at the eval labels, "
+               "an upper bound only, not a fair selection")
+    num_blocks = _num_blocks(chips)
+    selection = {
+        "chiptuning_version": __version__,
+        "layer": layer,
+        "strategy": strategy,
+        "oracle": name == "optimal",
+        "why": why,
+        "chip": chips.kind,
+        "val_accuracy": val.get(layer),
+        "eval_accuracy": ev.get(layer),
+        "train_accuracy": _accuracy(by_layer[layer], "train_accuracy"),
+        "expected_accuracy": ev.get(layer) if ev.get(layer) is not None else val.get(layer),
+        "expected_accuracy_from": ("eval (optimistic: the oracle chose on it)" if name == "optimal"
+                                   else "eval" if ev.get(layer) is not None else "validation"),
+        "num_blocks": num_blocks,
+        "pruning": pruning_stats(chips.config.get("model_stats") or {}, layer, num_blocks),
+        **extra,
+    }
+    chips.selection = selection
+    if write and chips.path is not None:
+        write_json(Path(chips.path) / SELECTION, selection)
+        (Path(chips.path) / REPORT).write_text(render_report(chips, selection))
+        log.info("selected layer %d (%s); wrote %s", layer, strategy, Path(chips.path) / SELECTION)
+    return selection
+
+
+def _num_blocks(chips: ChipSet) -> int:
+    stats = chips.config.get("model_stats") or {}
+    if stats.get("blocks"):
+        return len(stats["blocks"])
+    meta = (chips.config.get("train_cache") or {}).get("meta") or {}
+    return int(meta.get("num_blocks") or max(chips.layers))
+
+
+def render_report(chips: ChipSet, selection: dict) -> str:
+    """A short markdown report: what was trained, the selected layer and why, per-layer table."""
+    cache = chips.config.get("train_cache") or {}
+    meta = cache.get("meta") or {}
+    pr = selection["pruning"]
+    lines = [
+        "# Chip-tuning report",
+        "",
+        f"- chip: **{chips.kind}**, {len(chips.layers)} layers, {chips.n_classes} classes "
+        f"({', '.join(chips.label_names)})",
+        f"- model: `{meta.get('model', '?')}`, train cache `{cache.get('fingerprint', '?')}`",
+        f"- validation: {(chips.config.get('validation') or {}).get('size', 0)} rows carved from the training cache",
+        "",
+        "## Selection",
+        "",
+        f"- strategy `{selection['strategy']}` -> **layer {selection['layer']}**"
+        + (" (ORACLE: chosen on the eval labels, an upper bound only)" if selection["oracle"] else ""),
+        f"- why: {selection['why']}",
+        f"- expected accuracy: {_fmt(selection['expected_accuracy'])} (from {selection['expected_accuracy_from']})",
+        f"- pruning: {pr['blocks_removed']} of {selection['num_blocks']} blocks removed; "
+        f"{100 * pr['ratio']:.1f}% of the model's parameters"
+        + (f" ({100 * pr['ratio_with_lm_head']:.1f}% counting the LM head the chip replaces)"
+           if "ratio_with_lm_head" in pr else f" ({pr['source']})"),
+        "",
+        "## Per layer",
+        "",
+        "| layer | train acc | val acc | eval acc | params removed | |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    stats = chips.config.get("model_stats") or {}
+    for row in sorted(chips.metrics, key=lambda r: int(r["layer"])):
+        layer = int(row["layer"])
+        mark = "**selected**" if layer == selection["layer"] else ""
+        ratio = pruning_stats(stats, layer, selection["num_blocks"])["ratio"]
+        lines.append(f"| {layer} | {_fmt(row.get('train_accuracy'))} | {_fmt(row.get('val_accuracy'))} | "
+                     f"{_fmt(row.get('eval_accuracy'))} | {100 * ratio:.1f}% | {mark} |")
+    lines += ["", "![accuracy by layer](layer_accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or value == "" else f"{float(value):.4f}"
+
+
+__all__ = ["STRATEGIES", "parse_strategy", "pruning_stats", "render_report", "select_layer"]

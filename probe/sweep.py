@@ -1,0 +1,321 @@
+"""Hyperparameter sweeps over chips: ``chiptuning probe sweep``.
+
+The grid is chip type x regularization (weight decay for the torch chips, C for logreg) x learning
+rate x epochs x layers. Every torch setting shares the minibatch order, so all of them train
+together: one task reads a group of layers from the cache once and trains one bank of chips per
+setting on the same minibatches (:func:`chiptuning.probe.batched.fit_banks`). logreg runs one
+task per layer (all C values). Tasks run with joblib, so ``n_jobs`` and any joblib backend apply:
+``backend="dask"`` (``dask.distributed``) or ``backend="ray"`` (``ray.util.joblib``) spread the
+tasks over a cluster whose workers can read the cache path. The best setting per layer and
+overall is chosen on the validation rows (carved from the training cache); eval accuracy is
+reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from chiptuning.probe.artifacts import plot_layer_accuracy, write_json
+from chiptuning.probe.batched import ChipSpec, InMemoryBatches, fit_banks, standardization
+from chiptuning.probe.chips import LogRegChip
+from chiptuning.probe.train import (
+    _class_mask,
+    _load_group,
+    _n_classes,
+    _score,
+    carve_rows,
+    check_same_source,
+    open_cache,
+)
+
+from chiptuning.errors import ChipTuningError
+
+log = logging.getLogger(__name__)
+
+SWEEP_COLUMNS = ("chip", "setting", "layer", "lr", "weight_decay", "epochs", "C", "train_accuracy",
+                 "val_accuracy", "val_loss", "eval_accuracy", "eval_loss", "best_epoch", "epochs_run")
+
+
+@dataclass
+class SweepConfig:
+    """Settings of ``chiptuning probe sweep``.
+
+    Attributes:
+        chips: chip types to sweep ("linear", "mlp", "logreg") (``--chips``).
+        weight_decays: AdamW weight decays of the torch chips (``--weight-decay``).
+        Cs: inverse regularizations of logreg (``--C``).
+        lrs: learning rates of the torch chips (``--lr``).
+        epochs: most epochs of the torch chips (``--epochs``); early stopping on validation loss.
+        batch_size: rows per step, shared by every torch setting (``--batch-size``).
+        hidden: MLP hidden width.
+        n_iter_no_change: early-stopping patience in epochs.
+        layers: layers to sweep (``--layers``); default all.
+        val_size: validation rows carved from the training cache (``--val-size``).
+        seed: seed of the split, the order and the initialisation (``--seed``).
+        n_jobs: joblib workers (``--n-jobs``); torch threads are split between them.
+        backend: joblib backend name (``--backend``): None (loky), "threading", "dask", "ray".
+        scheduler: cluster address (``--scheduler``): a Dask scheduler ("tcp://host:8786"),
+            or a Ray address (default "auto"). Without it, Dask uses the client already
+            created in this process.
+        max_memory_mb: feature memory budget of one task (``--max-memory-mb``).
+    """
+
+    chips: list[str] = field(default_factory=lambda: ["linear", "mlp"])
+    weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1])
+    Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
+    lrs: list[float] = field(default_factory=lambda: [1e-3])
+    epochs: list[int] = field(default_factory=lambda: [30])
+    batch_size: int = 128
+    hidden: int = 256
+    n_iter_no_change: int = 3
+    layers: list[int] | None = None
+    val_size: int = 200
+    seed: int = 42
+    n_jobs: int = 1
+    backend: str | None = None
+    scheduler: str | None = None
+    max_memory_mb: int = 2048
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.chips) - {"linear", "mlp", "logreg"})
+        if unknown or not self.chips:
+            raise ChipTuningError(f"--chips takes linear, mlp, logreg; got {self.chips}")
+        for flag, values in (("--weight-decay", self.weight_decays), ("--C", self.Cs), ("--lr", self.lrs),
+                             ("--epochs", self.epochs)):
+            if not values:
+                raise ChipTuningError(f"{flag} needs at least one value")
+        if min(self.Cs) <= 0 or min(self.lrs) <= 0 or min(self.epochs) <= 0 or min(self.weight_decays) < 0:
+            raise ChipTuningError("--C, --lr and --epochs must be > 0 and --weight-decay >= 0")
+
+    def specs(self) -> list[ChipSpec]:
+        """One torch ChipSpec per (chip, lr, weight decay, epochs)."""
+        return [ChipSpec(kind=kind, lr=lr, weight_decay=wd, epochs=ep, hidden=self.hidden,
+                         n_iter_no_change=self.n_iter_no_change)
+                for kind in self.chips if kind != "logreg"
+                for lr in self.lrs for wd in self.weight_decays for ep in self.epochs]
+
+
+def _setting(spec: ChipSpec | None = None, C: float | None = None) -> str:
+    if spec is None:
+        return f"C={C:g}"
+    return f"lr={spec.lr:g},wd={spec.weight_decay:g},epochs={spec.epochs}"
+
+
+def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config: SweepConfig | None = None,
+          progress: bool = False) -> dict:
+    """Run a sweep and (with ``out``) write sweep.csv, sweep.json, best_per_layer.csv and a plot.
+
+    Args:
+        train_cache: a cache directory (workers reopen it by path) or a reader object.
+        eval_cache: the eval split's cache, or None.
+        out: output directory.
+        config: the grid and how to run it.
+        progress: log each finished task.
+
+    Returns:
+        {"rows": one dict per (setting, layer), "best_per_layer": [...], "best": {...},
+        "seconds": wall time, "config": the config}.
+    """
+    from joblib import Parallel, delayed
+
+    config = config or SweepConfig()
+    config.validate()
+    train = open_cache(train_cache)
+    evals = open_cache(eval_cache) if eval_cache is not None else None
+    if evals is not None:
+        check_same_source(train, evals)
+    layers = list(train.layers) if config.layers is None else list(config.layers)
+    missing = sorted(set(layers) - set(train.layers))
+    if missing:
+        raise ChipTuningError(f"--layers {missing} not in the cache (layers {train.layers[0]}..{train.layers[-1]})")
+    train_rows, val_rows = carve_rows(train.n_rows, config.val_size, config.seed, None)
+    if not len(val_rows):
+        raise ChipTuningError("a sweep picks settings on validation rows; --val-size must be > 0")
+    # Tasks reopen caches by path: open HDF5 files do not pickle, and remote workers need a path.
+    t_src = str(train.path) if _is_reader(train) else train
+    e_src = None if evals is None else (str(evals.path) if _is_reader(evals) else evals)
+    specs = config.specs()
+    tasks = []
+    if specs:
+        per_layer = (len(train_rows) + len(val_rows)) * train.hidden_size * 4
+        G = max(1, min(len(layers), int(config.max_memory_mb * 2**20 // max(per_layer, 1))))
+        # With several workers, smaller groups keep them all busy.
+        G = max(1, min(G, -(-len(layers) // max(1, config.n_jobs))))
+        for i in range(0, len(layers), G):
+            tasks.append(delayed(_torch_task)(t_src, e_src, layers[i:i + G], train_rows, val_rows, specs,
+                                              config.batch_size, config.seed, config.n_jobs))
+    if "logreg" in config.chips:
+        for layer in layers:
+            tasks.append(delayed(_logreg_task)(t_src, e_src, layer, train_rows, val_rows, config.Cs, config.seed))
+    start = time.perf_counter()
+    with _backend(config.backend, config.n_jobs, config.scheduler):
+        results = Parallel(n_jobs=config.n_jobs, verbose=5 if progress else 0)(tasks)
+    seconds = time.perf_counter() - start
+    rows = sorted((row for part in results for row in part), key=lambda r: (r["chip"], r["setting"], r["layer"]))
+    best_per_layer = _best_per_layer(rows)
+    best = _pick(rows)
+    result = {"rows": rows, "best_per_layer": best_per_layer, "best": best, "seconds": seconds,
+              "config": asdict(config), "train_cache": train.fingerprint,
+              "eval_cache": None if evals is None else evals.fingerprint,
+              "validation": {"size": len(val_rows), "seed": config.seed}}
+    log.info("sweep: %d chips in %.1f s; best %s %s at layer %d (val %.4f)", len(rows), seconds,
+             best["chip"], best["setting"], best["layer"], best["val_accuracy"])
+    if out is not None:
+        _write(Path(out), result, _n_classes(train))
+    return result
+
+
+def _backend(name: str | None, n_jobs: int, scheduler: str | None = None):
+    """joblib's ``parallel_backend(name)``, or a clear error when it cannot be used here."""
+    from joblib import parallel_backend
+
+    if not name:
+        return contextlib.nullcontext()
+    try:
+        if name == "dask" and scheduler:
+            from distributed import Client
+
+            Client(scheduler)  # becomes the default client the joblib backend uses
+        if name == "ray":
+            import ray
+            from ray.util.joblib import register_ray
+
+            register_ray()
+            ray.init(address=scheduler or "auto", ignore_reinit_error=True)
+        return parallel_backend(name, n_jobs=n_jobs)
+    except (ImportError, ValueError, OSError) as err:
+        raise ChipTuningError(
+            f"joblib backend {name!r} is not available ({str(err).splitlines()[0]}); for dask: "
+            "`pip install dask distributed` and start a `dask.distributed.Client`; for ray: "
+            "`pip install ray` and call `ray.util.joblib.register_ray()`"
+        ) from None
+
+
+def _is_reader(cache) -> bool:
+    from chiptuning.cache import CacheReader
+
+    return isinstance(cache, CacheReader)
+
+
+def _pick(rows: list[dict]) -> dict:
+    """Best row on validation: highest accuracy, then lowest loss, then the shallowest layer."""
+    return min(rows, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["layer"]))
+
+
+def _best_per_layer(rows: list[dict]) -> list[dict]:
+    out = []
+    for kind in sorted({r["chip"] for r in rows}):
+        for layer in sorted({r["layer"] for r in rows if r["chip"] == kind}):
+            out.append(_pick([r for r in rows if r["chip"] == kind and r["layer"] == layer]))
+    return out
+
+
+def _write(out: Path, result: dict, n_classes: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("sweep.csv", result["rows"]), ("best_per_layer.csv", result["best_per_layer"])):
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(SWEEP_COLUMNS), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in SWEEP_COLUMNS} for r in rows)
+    from chiptuning import __version__
+
+    write_json(out / "sweep.json", dict(result, chiptuning_version=__version__))
+    series = {kind: [r for r in result["best_per_layer"] if r["chip"] == kind]
+              for kind in sorted({r["chip"] for r in result["rows"]})}
+    plot_layer_accuracy(series, out / "layer_accuracy.png", n_classes=n_classes,
+                        title="best setting per layer (chosen on validation)")
+
+
+def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, seed, n_jobs) -> list[dict]:
+    """Train every torch setting on a group of layers; one row per (setting, layer)."""
+    if n_jobs and n_jobs > 1:
+        # Workers share the machine: oversubscribed BLAS threads slow every worker down.
+        torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // n_jobs))
+    train = open_cache(t_src)
+    evals = open_cache(e_src) if e_src is not None else None
+    C = _n_classes(train)
+    H = int(train.hidden_size)
+    sel = np.concatenate([train_rows, val_rows])
+    x = _load_group(train, layers, sel)  # (G, n_train + n_val, H)
+    stats = [standardization(x[j, :len(train_rows)]) for j in range(len(layers))]
+    for j, (mean, scale) in enumerate(stats):
+        x[j] -= mean
+        x[j] /= scale
+    x = torch.from_numpy(x)
+    y = torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
+    mask = _class_mask(train, C)
+    mask = None if mask is None else torch.from_numpy(mask)
+
+    def part(t, rows):
+        return None if t is None else t[torch.from_numpy(rows)]
+
+    x_tr, x_val = x[:, :len(train_rows)], x[:, len(train_rows):]
+    val = (x_val, part(y, val_rows), part(mask, val_rows))
+    data = InMemoryBatches(x, part(y, train_rows), part(mask, train_rows), batch_size, seed,
+                           rows=np.arange(len(train_rows)))
+    results = fit_banks(data, specs, H, C, seed=seed, val=val)
+    ev = None
+    if evals is not None:
+        xe = _load_group(evals, layers, np.arange(evals.n_rows))
+        for j, (mean, scale) in enumerate(stats):
+            xe[j] -= mean
+            xe[j] /= scale
+        m = _class_mask(evals, C)
+        ev = (torch.from_numpy(xe), torch.from_numpy(np.asarray(evals.labels, dtype=np.int64)),
+              None if m is None else torch.from_numpy(m))
+    rows = []
+    for spec, result in zip(specs, results):
+        params = result["params"]
+        tr_acc, _, _ = _score(spec.kind, params, x_tr, part(y, train_rows), part(mask, train_rows))
+        va_acc, va_loss, _ = _score(spec.kind, params, *val)
+        ev_acc, ev_loss = (None, None) if ev is None else _score(spec.kind, params, *ev)[:2]
+        for j, layer in enumerate(layers):
+            rows.append({
+                "chip": spec.kind, "setting": _setting(spec), "layer": layer, "lr": spec.lr,
+                "weight_decay": spec.weight_decay, "epochs": spec.epochs, "C": None,
+                "train_accuracy": float(tr_acc[j]), "val_accuracy": float(va_acc[j]),
+                "val_loss": float(va_loss[j]),
+                "eval_accuracy": None if ev_acc is None else float(ev_acc[j]),
+                "eval_loss": None if ev_loss is None else float(ev_loss[j]),
+                "best_epoch": int(result["best_epoch"][j]), "epochs_run": int(result["chip_epochs"][j]),
+            })
+    return rows
+
+
+def _logreg_task(t_src, e_src, layer, train_rows, val_rows, Cs, seed) -> list[dict]:
+    """Every C of logreg at one layer (the layer is read once)."""
+    train = open_cache(t_src)
+    evals = open_cache(e_src) if e_src is not None else None
+    C_classes = _n_classes(train)
+    x = train.layer(layer)
+    y = np.asarray(train.labels)
+    xe = None if evals is None else evals.layer(layer)
+    rows = []
+    for C in Cs:
+        chip = LogRegChip(C=C, classes=list(range(C_classes)), random_state=seed).fit(x[train_rows], y[train_rows])
+        row = {"chip": "logreg", "setting": _setting(C=C), "layer": layer, "lr": None, "weight_decay": None,
+               "epochs": None, "C": C, "best_epoch": None, "epochs_run": int(chip.n_iter_)}
+        parts = {"train": (x[train_rows], y[train_rows], _class_mask(train, C_classes, train_rows)),
+                 "val": (x[val_rows], y[val_rows], _class_mask(train, C_classes, val_rows))}
+        if evals is not None:
+            parts["eval"] = (xe, np.asarray(evals.labels), _class_mask(evals, C_classes))
+        for name in ("train", "val", "eval"):
+            if name not in parts:
+                row[f"{name}_accuracy"] = row[f"{name}_loss"] = None
+                continue
+            xs, ys, m = parts[name]
+            proba = chip.predict_proba(xs, class_mask=m)
+            row[f"{name}_accuracy"] = float((proba.argmax(1) == ys).mean())
+            row[f"{name}_loss"] = float(-np.log(np.clip(proba[np.arange(len(ys)), ys], 1e-12, None)).mean())
+        rows.append(row)
+    return rows
+
+
+__all__ = ["SweepConfig", "sweep"]

@@ -1,0 +1,553 @@
+"""Train a chip at every layer of a cache: ``chiptuning probe train``.
+
+Torch chips (linear, MLP) of a group of layers train as one batched computation
+(:mod:`chiptuning.probe.batched`). Groups are sized so that their training features fit in
+``max_memory_mb``; each layer is read from the cache once, so peak memory is about one group of
+layers whatever the cache size. When even one layer does not fit, the rows are streamed from the
+cache in chunks (:class:`CacheBatches`). The scikit-learn backend fits one ``LogisticRegression``
+per layer in parallel with joblib.
+
+A validation part is carved from the *training* cache (seeded, disjoint, 200 rows by default as
+in the paper); it drives early stopping and the ``validate`` selection strategy, and its rows are
+recorded in chips.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from chiptuning.probe.artifacts import ChipSet
+from chiptuning.probe.batched import (
+    ChipSpec,
+    InMemoryBatches,
+    chip_losses,
+    fit_banks,
+    predict_logits,
+    standardization,
+)
+from chiptuning.probe.chips import CHIP_KINDS, LogRegChip, mask_from_n_choices, split_validation
+
+from chiptuning import __version__
+from chiptuning.errors import CacheError, ChipTuningError, ProvenanceError
+
+log = logging.getLogger(__name__)
+
+#: Training regimes of the torch chips. "paper" is the Chip-Tuning paper's setting, exactly.
+REGIMES: dict[str, dict[str, Any]] = {
+    "default": dict(lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), batch_size=128, epochs=30,
+                    early_stopping=True, n_iter_no_change=3, standardize=True, max_train_rows=None),
+    "paper": dict(lr=1e-5, weight_decay=0.01, betas=(0.9, 0.99), batch_size=1, epochs=1,
+                  early_stopping=False, n_iter_no_change=3, standardize=False, max_train_rows=20000),
+}
+
+#: Metadata fields that must agree between a train and an eval cache (when both record them).
+SAME_SOURCE_KEYS = ("model", "model_hash", "model_type", "adapter", "tokenizer", "label_names",
+                    "pooling", "feature_mode", "hidden_size", "num_blocks", "max_length")
+SAME_TASK_KEYS = ("template", "text_column", "label_names")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``chiptuning probe train``; saved, resolved, in chips.json under "train".
+
+    Fields left at None take the regime's value (see :data:`REGIMES`).
+
+    Attributes:
+        chip: "linear", "mlp" or "logreg" (``--chip``).
+        regime: "default" or "paper" (``--regime``); torch chips only.
+        lr: AdamW learning rate (``--lr``).
+        weight_decay: AdamW weight decay (``--weight-decay``).
+        betas: AdamW betas.
+        batch_size: rows per step (``--batch-size``).
+        epochs: most passes over the training rows (``--epochs``).
+        early_stopping: stop each chip when its validation loss stops improving.
+        n_iter_no_change: early-stopping patience in epochs (``--patience``).
+        standardize: standardize features per layer with training statistics (saved).
+        max_train_rows: use at most this many training rows (seeded choice); the paper's 20,000.
+        hidden: MLP hidden width (``--hidden``).
+        C: inverse regularization of the logreg chips (``--C``).
+        max_iter: solver iterations of the logreg chips.
+        val_size: validation rows carved from the training cache (``--val-size``); 0 for none.
+        seed: seed of the validation split, the row order and the initialisation (``--seed``).
+        layers: layers to train (``--layers``); default every layer of the cache.
+        n_jobs: joblib workers for the logreg chips (``--n-jobs``).
+        device: torch device (``--device``).
+        max_memory_mb: feature memory budget of the torch trainer (``--max-memory-mb``).
+    """
+
+    chip: str = "linear"
+    regime: str = "default"
+    lr: float | None = None
+    weight_decay: float | None = None
+    betas: tuple[float, float] | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    early_stopping: bool | None = None
+    n_iter_no_change: int | None = None
+    standardize: bool | None = None
+    max_train_rows: int | None = None
+    hidden: int = 256
+    C: float = 1.0
+    max_iter: int = 1000
+    val_size: int = 200
+    seed: int = 42
+    layers: list[int] | None = None
+    n_jobs: int | None = None
+    device: str = "cpu"
+    max_memory_mb: int = 2048
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the regime's values filled in, checked (errors name the CLI flag)."""
+        if self.chip not in CHIP_KINDS:
+            raise ChipTuningError(f"--chip must be one of {', '.join(CHIP_KINDS)}, got {self.chip!r}")
+        if self.regime not in REGIMES:
+            raise ChipTuningError(f"--regime must be one of {', '.join(REGIMES)}, got {self.regime!r}")
+        if self.chip == "logreg" and self.regime != "default":
+            raise ChipTuningError("--regime applies to the torch chips (linear, mlp), not logreg")
+        preset = REGIMES[self.regime]
+        filled = {k: (preset[k] if getattr(self, k) is None else getattr(self, k)) for k in preset}
+        if self.regime == "paper" and self.max_train_rows is None:
+            filled["max_train_rows"] = preset["max_train_rows"]
+        cfg = replace(self, **filled)
+        cfg.betas = tuple(cfg.betas)
+        for name, value in (("--lr", cfg.lr), ("--batch-size", cfg.batch_size), ("--epochs", cfg.epochs),
+                            ("--hidden", cfg.hidden), ("--C", cfg.C), ("--max-memory-mb", cfg.max_memory_mb)):
+            if value is None or value <= 0:
+                raise ChipTuningError(f"{name} must be > 0, got {value}")
+        if cfg.weight_decay < 0:
+            raise ChipTuningError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+        if cfg.val_size < 0:
+            raise ChipTuningError(f"--val-size must be >= 0, got {cfg.val_size}")
+        return cfg
+
+    def spec(self) -> ChipSpec:
+        """The batched trainer's settings for a torch chip."""
+        return ChipSpec(kind=self.chip, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
+                        epochs=self.epochs, hidden=self.hidden, early_stopping=self.early_stopping,
+                        n_iter_no_change=self.n_iter_no_change)
+
+    def chip_params(self, n_classes: int) -> dict:
+        """Estimator params of the chip this config trains (what ``load_chips`` rebuilds)."""
+        if self.chip == "logreg":
+            return dict(C=self.C, max_iter=self.max_iter, standardize=self.standardize is not False,
+                        classes=list(range(n_classes)), random_state=self.seed)
+        params = dict(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
+                      batch_size=self.batch_size, betas=list(self.betas), standardize=self.standardize,
+                      early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change,
+                      classes=list(range(n_classes)), random_state=self.seed, device="cpu")
+        if self.chip == "mlp":
+            params["hidden"] = self.hidden
+        return params
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["betas"] = list(d["betas"]) if d["betas"] is not None else None
+        return d
+
+
+# -- caches -----------------------------------------------------------------------------------------
+
+def open_cache(cache):
+    """A CacheReader for a path, or the object itself (a reader or anything with its API)."""
+    if isinstance(cache, (str, Path)):
+        from chiptuning.cache import CacheReader
+
+        return CacheReader(cache)
+    return cache
+
+
+def check_same_source(train, eval_cache) -> None:
+    """Refuse an eval cache made from another model, template or label set than the train cache.
+
+    Raises:
+        ProvenanceError: a differing model / tokenizer / template / label field.
+        CacheError: missing layers or another feature width.
+    """
+    a, b = train.meta or {}, eval_cache.meta or {}
+    where = f"eval cache {getattr(eval_cache, 'path', '')}".rstrip()
+    for key in SAME_SOURCE_KEYS:
+        if key in a and key in b and a[key] != b[key]:
+            raise ProvenanceError(
+                f"{where} has {key}={_short(b[key])} but the train cache has {_short(a[key])}; "
+                "extract both with the same model and task settings"
+            )
+    ta, tb = a.get("task") or {}, b.get("task") or {}
+    for key in SAME_TASK_KEYS:
+        if key in ta and key in tb and ta[key] != tb[key]:
+            raise ProvenanceError(
+                f"{where} has task {key}={_short(tb[key])} but the train cache has {_short(ta[key])}; "
+                "extract both with the same --template / --text-column / labels"
+            )
+    if list(train.label_names) != list(eval_cache.label_names):
+        raise ProvenanceError(
+            f"{where} has labels {eval_cache.label_names} but the train cache has {train.label_names}"
+        )
+    if train.hidden_size != eval_cache.hidden_size:
+        raise CacheError(f"{where} has hidden size {eval_cache.hidden_size}, the train cache {train.hidden_size}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _n_classes(cache) -> int:
+    names = list(cache.label_names)
+    n = len(names) if names else int(np.max(cache.labels)) + 1
+    if names and int(np.max(cache.labels)) >= n:
+        raise CacheError(f"cache {getattr(cache, 'path', '')} has a label index >= {n} (its label names: {names})")
+    return n
+
+
+def _class_mask(cache, n_classes: int, rows: np.ndarray | None = None) -> np.ndarray | None:
+    """(N, C) validity mask from ``n_choices``; None when every row has every class."""
+    n_choices = getattr(cache, "n_choices", None)
+    if n_choices is None:
+        return None
+    n_choices = np.asarray(n_choices) if rows is None else np.asarray(n_choices)[rows]
+    if (n_choices >= n_classes).all():
+        return None
+    return mask_from_n_choices(n_choices, n_classes)
+
+
+def carve_rows(n_rows: int, val_size: int, seed: int, max_train_rows: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train_rows, val_rows) of the training cache: seeded, disjoint, sorted.
+
+    ``val_size`` is capped at a fifth of the rows (with a warning) so a small cache still trains.
+    With ``max_train_rows`` the training rows are the first ones of a seeded shuffle (the paper:
+    shuffled with seed 42, first 20,000).
+    """
+    size = val_size
+    if size > n_rows // 5:
+        size = n_rows // 5
+        log.warning("--val-size %d is too large for %d rows; using %d validation rows", val_size, n_rows, size)
+    train_rows, val_rows = split_validation(n_rows, size, seed)
+    if max_train_rows is not None and len(train_rows) > max_train_rows:
+        shuffled = train_rows[np.random.default_rng(seed).permutation(len(train_rows))]
+        train_rows = np.sort(shuffled[:max_train_rows])
+    return train_rows, val_rows
+
+
+# -- training -------------------------------------------------------------------------------------
+
+def train_chips(
+    train_cache,
+    eval_cache=None,
+    chip: str = "linear",
+    out: str | Path | None = None,
+    *,
+    config: TrainConfig | None = None,
+    progress: bool = False,
+    callback: Callable[[int, int, np.ndarray], None] | None = None,
+    **options,
+) -> ChipSet:
+    """Train a chip at every layer of a cache and (with ``out``) write the chips directory.
+
+    Args:
+        train_cache: a cache directory or a CacheReader (or an object with its API).
+        eval_cache: the eval split's cache (same model, template and labels), or None.
+        chip: "linear", "mlp" or "logreg" (ignored when ``config`` is given).
+        out: chips directory to write (chips.json, weights, metrics, predictions, plot).
+        config: full settings; ``options`` override its fields.
+        progress: show a progress bar over layer groups.
+        callback: ``callback(epoch, step, rows)`` after every optimizer step (torch chips).
+        **options: any :class:`TrainConfig` field (lr, epochs, regime, val_size, seed, ...).
+
+    Returns:
+        The trained :class:`ChipSet` (saved to ``out`` when given).
+
+    Raises:
+        ChipTuningError: bad settings; CacheError / ProvenanceError for mismatched caches.
+    """
+    unknown = set(options) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"unknown train_chips options: {sorted(unknown)}")
+    cfg = replace(config or TrainConfig(chip=chip), **options).resolved()
+    train = open_cache(train_cache)
+    evals = open_cache(eval_cache) if eval_cache is not None else None
+    if evals is not None:
+        check_same_source(train, evals)
+    layers = list(train.layers) if cfg.layers is None else [int(layer) for layer in cfg.layers]
+    missing = [layer for layer in layers if layer not in train.layers or (evals is not None and layer not in evals.layers)]
+    if missing:
+        raise CacheError(f"--layers {missing} not in the cache(s) (layers {train.layers[0]}..{train.layers[-1]})")
+    C = _n_classes(train)
+    if evals is not None:
+        _n_classes(evals)
+    train_rows, val_rows = carve_rows(train.n_rows, cfg.val_size, cfg.seed, cfg.max_train_rows)
+    if len(np.unique(train.labels[train_rows])) < 2:
+        raise ChipTuningError("the training rows hold a single class; a chip needs at least two")
+    log.info("training %s chips on %d layers: %d train rows, %d validation rows, %d eval rows",
+             cfg.chip, len(layers), len(train_rows), len(val_rows), 0 if evals is None else evals.n_rows)
+    if cfg.chip == "logreg":
+        tensors, sk_chips, metrics, preds = None, *_train_logreg(train, evals, layers, train_rows, val_rows, C, cfg)
+    else:
+        sk_chips = None
+        tensors, metrics, preds = _train_torch(train, evals, layers, train_rows, val_rows, C, cfg,
+                                               progress=progress, callback=callback)
+    config_dict = {
+        "chiptuning_version": __version__,
+        "chip": cfg.chip,
+        "params": cfg.chip_params(C),
+        "train": cfg.to_dict(),
+        "layers": layers,
+        "label_names": list(train.label_names) or [str(c) for c in range(C)],
+        "n_classes": C,
+        "hidden_size": int(train.hidden_size),
+        "train_cache": _cache_record(train),
+        "eval_cache": None if evals is None else _cache_record(evals, with_meta=False),
+        "validation": {"size": len(val_rows), "seed": cfg.seed, "rows": val_rows.tolist(),
+                       "source": "train cache", "n_train_rows": len(train_rows)},
+        "model_stats": dict(getattr(train, "model_stats", None) or {}),
+    }
+    eval_predictions = None
+    if evals is not None:
+        eval_predictions = {"layers": layers, "example_ids": [str(e) for e in evals.example_ids],
+                            "labels": np.asarray(evals.labels), "predictions": preds}
+    chips = ChipSet(config_dict, tensors=tensors, sklearn_chips=sk_chips, metrics=metrics,
+                    eval_predictions=eval_predictions)
+    if out is not None:
+        chips.save(out)
+    return chips
+
+
+def _cache_record(cache, with_meta: bool = True) -> dict:
+    record = {"path": str(getattr(cache, "path", "")), "fingerprint": cache.fingerprint,
+              "n_rows": int(cache.n_rows)}
+    if with_meta:
+        record["meta"] = cache.meta
+    else:
+        record["model"] = (cache.meta or {}).get("model")
+        record["split"] = ((cache.meta or {}).get("task") or {}).get("split")
+    return record
+
+
+def _group_size(n_rows: int, hidden: int, n_layers: int, max_memory_mb: int) -> int:
+    per_layer = n_rows * hidden * 4  # float32 features of one layer
+    return max(1, min(n_layers, int(max_memory_mb * 2**20 // max(per_layer, 1))))
+
+
+def _load_group(cache, layers: list[int], rows: np.ndarray) -> np.ndarray:
+    """(G, len(rows), H) float32 features of ``layers`` at ``rows``, one layer read at a time."""
+    out = np.empty((len(layers), len(rows), cache.hidden_size), dtype=np.float32)
+    for j, layer in enumerate(layers):
+        out[j] = cache.layer(layer, rows)
+    return out
+
+
+def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig, *, progress=False,
+                 callback=None):
+    """Batched training of torch chips, one group of layers at a time.
+
+    Returns:
+        tensors (name -> (n_layers, ...)), metric rows, eval predictions (n_layers, N_eval) or None.
+    """
+    from tqdm.auto import tqdm
+
+    spec = cfg.spec()
+    H = int(train.hidden_size)
+    sel = np.concatenate([train_rows, val_rows])
+    G = _group_size(len(sel), H, len(layers), cfg.max_memory_mb)
+    if len(sel) * H * 4 > cfg.max_memory_mb * 2**20:
+        log.warning("one layer of training features (%.0f MB) exceeds --max-memory-mb %d; streaming from the cache",
+                    len(sel) * H * 4 / 2**20, cfg.max_memory_mb)
+    y_all = torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
+    mask_all = _class_mask(train, C)
+    mask_all = None if mask_all is None else torch.from_numpy(mask_all)
+    y_eval = m_eval = None
+    if evals is not None:
+        y_eval = torch.from_numpy(np.asarray(evals.labels, dtype=np.int64))
+        m = _class_mask(evals, C)
+        m_eval = None if m is None else torch.from_numpy(m)
+
+    def take(t, rows):
+        return None if t is None else t[torch.from_numpy(rows)]
+
+    tensors: dict[str, list[np.ndarray]] = {}
+    metrics, preds = [], []
+    groups = [layers[i:i + G] for i in range(0, len(layers), G)]
+    for group in tqdm(groups, desc="chip groups", unit="group", disable=not progress):
+        if len(sel) * H * 4 > cfg.max_memory_mb * 2**20:
+            stats, data = _streamed(train, group, train_rows, y_all, mask_all, cfg)
+            x_tr = None
+        else:
+            x = _load_group(train, group, sel)  # (G, n_train + n_val, H)
+            x_tr_np = x[:, :len(train_rows)]
+            stats = [standardization(x_tr_np[j], cfg.standardize) for j in range(len(group))]
+            for j, (mean, scale) in enumerate(stats):
+                x[j] -= mean
+                x[j] /= scale
+            x = torch.from_numpy(x)
+            x_tr = x[:, :len(train_rows)]
+            data = InMemoryBatches(x, take(y_all, train_rows), take(mask_all, train_rows),
+                                   cfg.batch_size, cfg.seed, rows=np.arange(len(train_rows)))
+        x_val = _standardized(train, group, val_rows, stats) if x_tr is None else x[:, len(train_rows):]
+        val = (x_val, take(y_all, val_rows), take(mask_all, val_rows)) if len(val_rows) else None
+        result = fit_banks(data, [spec], H, C, seed=cfg.seed, val=val, device=cfg.device,
+                           callback=callback)[0]
+        params = result["params"]
+        for name, value in params.items():
+            tensors.setdefault(name, []).append(value.numpy())
+        tensors.setdefault("mean", []).append(np.stack([s[0] for s in stats]))
+        tensors.setdefault("scale", []).append(np.stack([s[1] for s in stats]))
+        # Metrics of every chip of the group.
+        parts = {}
+        if x_tr is not None:
+            parts["train"] = (x_tr, take(y_all, train_rows), take(mask_all, train_rows))
+        if val is not None:
+            parts["val"] = val
+        if evals is not None:
+            parts["eval"] = (_standardized(evals, group, np.arange(evals.n_rows), stats), y_eval, m_eval)
+        scored = {name: _score(spec.kind, params, *part) for name, part in parts.items()}
+        for j, layer in enumerate(group):
+            row = {"layer": layer, "chip": cfg.chip, "best_epoch": int(result["best_epoch"][j]),
+                   "epochs_run": int(result["chip_epochs"][j]), "n_train": len(train_rows),
+                   "n_val": len(val_rows), "n_eval": 0 if evals is None else int(evals.n_rows)}
+            for name in ("train", "val", "eval"):
+                acc, loss, _ = scored[name] if name in scored else (None, None, None)
+                row[f"{name}_accuracy"] = None if acc is None else float(acc[j])
+                row[f"{name}_loss"] = None if loss is None else float(loss[j])
+            metrics.append(row)
+            if "eval" in scored:
+                preds.append(scored["eval"][2][j])
+        log.info("layers %s: eval accuracy %s", group,
+                 [round(m["eval_accuracy"], 4) if m["eval_accuracy"] is not None else None for m in metrics[-len(group):]])
+    stacked = {name: np.concatenate(parts) for name, parts in tensors.items()}
+    return stacked, metrics, (np.stack(preds) if preds else None)
+
+
+def _standardized(cache, layers, rows, stats) -> torch.Tensor:
+    """(G, len(rows), H) standardized features of ``rows`` with the training statistics."""
+    x = _load_group(cache, layers, rows)
+    for j, (mean, scale) in enumerate(stats):
+        x[j] -= mean
+        x[j] /= scale
+    return torch.from_numpy(x)
+
+
+def _score(kind, params, x, y, mask):
+    """(accuracy (G,), mean loss (G,), predictions (G, N)) of G chips."""
+    logits = predict_logits(kind, params, x, mask)  # (G, N, C)
+    pred = logits.argmax(dim=2)
+    acc = (pred == y.unsqueeze(0)).double().mean(dim=1)
+    loss = chip_losses(logits, y)
+    return acc.numpy(), loss.numpy(), pred.numpy()
+
+
+# -- streaming (cache larger than the memory budget) ----------------------------------------------
+
+class CacheBatches:
+    """Minibatches streamed from the cache, for training rows that do not fit in memory.
+
+    Each epoch reads the rows shard by shard in ``chunk_rows`` chunks (``CacheReader.iter_batches``),
+    shuffles each chunk with a seeded generator and cuts it into minibatches: memory stays at one
+    chunk of the group's layers. The order is therefore a shuffle within chunks, not a global one.
+    """
+
+    def __init__(self, cache, layers, rows, y_all, mask_all, stats, batch_size, seed, chunk_rows):
+        self.cache, self.layers, self.rows = cache, layers, rows
+        self.y_all, self.mask_all = y_all, mask_all
+        self.mean = torch.from_numpy(np.stack([s[0] for s in stats]))[:, None, :]  # (G, 1, H)
+        self.scale = torch.from_numpy(np.stack([s[1] for s in stats]))[:, None, :]
+        self.batch_size, self.chunk_rows = batch_size, chunk_rows
+        self.n_chips = len(layers)
+        self._rng = np.random.default_rng(seed)
+        # position of a cache row in the training rows (the ``rows`` handed to callbacks)
+        self._position = {int(r): i for i, r in enumerate(rows)}
+
+    def epoch(self, epoch: int):
+        for row_idx, feats in self.cache.iter_batches(self.layers, self.chunk_rows, rows=self.rows):
+            perm = self._rng.permutation(len(row_idx))
+            x = (torch.from_numpy(feats).transpose(0, 1) - self.mean) / self.scale  # (G, b, H)
+            for start in range(0, len(perm), self.batch_size):
+                local = torch.from_numpy(perm[start:start + self.batch_size])
+                cache_rows = torch.from_numpy(row_idx)[local]
+                mask = None if self.mask_all is None else self.mask_all[cache_rows]
+                positions = np.array([self._position[int(r)] for r in cache_rows])
+                yield positions, x.index_select(1, local), self.y_all[cache_rows], mask
+
+
+def _streamed(cache, layers, rows, y_all, mask_all, cfg: TrainConfig):
+    """Streaming statistics (one pass, Chan's parallel mean/variance) and batches of a group."""
+    H = int(cache.hidden_size)
+    chunk = max(cfg.batch_size, int(cfg.max_memory_mb * 2**20 // (4 * H * len(layers) * 3)))
+    n = 0
+    mean = np.zeros((len(layers), H))
+    m2 = np.zeros((len(layers), H))
+    for _, feats in cache.iter_batches(layers, chunk, rows=rows):
+        f = feats.transpose(1, 0, 2).astype(np.float64)  # (G, b, H)
+        b = f.shape[1]
+        b_mean = f.mean(axis=1)
+        b_m2 = ((f - b_mean[:, None, :]) ** 2).sum(axis=1)
+        delta = b_mean - mean
+        total = n + b
+        mean += delta * b / total
+        m2 += b_m2 + delta**2 * n * b / total
+        n = total
+    if cfg.standardize:
+        scale = np.sqrt(m2 / max(n, 1))
+        scale[scale < 1e-12] = 1.0
+        stats = [(mean[j].astype(np.float32), scale[j].astype(np.float32)) for j in range(len(layers))]
+    else:
+        stats = [(np.zeros(H, np.float32), np.ones(H, np.float32)) for _ in layers]
+    return stats, CacheBatches(cache, layers, rows, y_all, mask_all, stats, cfg.batch_size, cfg.seed, chunk)
+
+
+# -- scikit-learn backend ---------------------------------------------------------------------------
+
+def _train_logreg(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig):
+    """One LogRegChip per layer, in parallel with joblib (each job reads its own layer)."""
+    from chiptuning.cache import CacheReader
+    from joblib import Parallel, delayed
+
+    # A real reader holds open HDF5 files, which do not pickle: jobs reopen it by path (this is
+    # also what lets a Dask or Ray backend run them on other machines that see the same files).
+    t_src = str(train.path) if isinstance(train, CacheReader) else train
+    e_src = str(evals.path) if isinstance(evals, CacheReader) else evals
+    params = cfg.chip_params(C)
+    jobs = (delayed(_fit_logreg_layer)(t_src, e_src, layer, train_rows, val_rows, C, params) for layer in layers)
+    results = Parallel(n_jobs=cfg.n_jobs)(jobs)
+    chips = {layer: chip for layer, (chip, _, _) in zip(layers, results)}
+    metrics = [row for _, row, _ in results]
+    preds = np.stack([p for _, _, p in results]) if evals is not None else None
+    return chips, metrics, preds
+
+
+def _fit_logreg_layer(train_src, eval_src, layer, train_rows, val_rows, C, params):
+    train = open_cache(train_src)
+    evals = open_cache(eval_src) if eval_src is not None else None
+    x = train.layer(layer)
+    y = np.asarray(train.labels)
+    chip = LogRegChip(**params).fit(x[train_rows], y[train_rows])
+    row = {"layer": layer, "chip": "logreg", "best_epoch": None, "epochs_run": int(chip.n_iter_),
+           "n_train": len(train_rows), "n_val": len(val_rows), "n_eval": 0 if evals is None else int(evals.n_rows)}
+    parts = {"train": (x[train_rows], y[train_rows], _class_mask(train, C, train_rows))}
+    if len(val_rows):
+        parts["val"] = (x[val_rows], y[val_rows], _class_mask(train, C, val_rows))
+    if evals is not None:
+        parts["eval"] = (evals.layer(layer), np.asarray(evals.labels), _class_mask(evals, C))
+    pred_eval = None
+    for name in ("train", "val", "eval"):
+        if name not in parts:
+            row[f"{name}_accuracy"] = row[f"{name}_loss"] = None
+            continue
+        xs, ys, mask = parts[name]
+        proba = chip.predict_proba(xs, class_mask=mask)
+        pred = proba.argmax(axis=1)
+        row[f"{name}_accuracy"] = float((pred == ys).mean())
+        row[f"{name}_loss"] = float(-np.log(np.clip(proba[np.arange(len(ys)), ys], 1e-12, None)).mean())
+        if name == "eval":
+            pred_eval = pred
+    for cache in (train, evals):
+        if cache is not None and isinstance(train_src, (str, Path)) and hasattr(cache, "close"):
+            cache.close()
+    return chip, row, pred_eval
+
+
+__all__ = ["REGIMES", "TrainConfig", "carve_rows", "check_same_source", "open_cache", "train_chips"]

@@ -1,0 +1,121 @@
+"""The model card (``README.md``) of a pruned checkpoint, rendered from its provenance record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from chiptuning import __version__
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
+def _accuracy(metrics: dict[str, Any]) -> str:
+    for key in ("eval_accuracy", "accuracy", "val_accuracy", "train_accuracy"):
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{100 * metrics[key]:.2f}% ({key.replace('_', ' ')})"
+    return "not recorded"
+
+
+def render_model_card(record: dict[str, Any]) -> str:
+    """Markdown model card: base model, task(s), layer, strategy, pruning ratio, accuracy, usage."""
+    base = record["base_model"]
+    params = record["params"]
+    before, after, removed = params["before"], params["after"], params["removed"]
+    L, layer = record["num_blocks"], record["layer"]
+    tasks = record["tasks"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base['id']}",
+        "tags:",
+        "- chip-tuning",
+        "- pruned",
+        "- text-classification",
+        "---",
+        "",
+        f"# {Path(str(base['id'])).name} pruned to {layer} of {L} blocks (chip-tuning)",
+        "",
+        f"This checkpoint keeps blocks 1..{layer} of `{base['id']}` and classifies with "
+        + ("a small classifier (a *chip*)" if len(tasks) == 1 else f"{len(tasks)} small classifiers (*chips*), one per task,")
+        + " that read"
+        + ("s" if len(tasks) == 1 else "")
+        + f" the {'raw' if record['feature_mode'] == 'raw' else 'final-normed'} hidden state of a block at "
+        f"the last prompt token. It was made with chip-tuning {__version__}.",
+        "",
+        "## Pruning",
+        "",
+        "| | parameters |",
+        "|---|---:|",
+        f"| before (full model) | {_millions(before['total'])} |",
+        f"| after | {_millions(after['total'])} |",
+        f"| removed: blocks {layer + 1}..{L} | {_millions(removed['blocks'])} |",
+        f"| removed: LM head | {_millions(removed['lm_head'])} |",
+        f"| **pruning ratio** | **{100 * params['pruning_ratio']:.1f}%** |",
+        "",
+        f"- Base model: `{base['id']}` (weights `{base.get('hash')}`"
+        + (f", adapter `{base['adapter']}` merged" if base.get("adapter") else "") + ")",
+        f"- Kept: embeddings, blocks 1..{layer}, final norm (unused by the chip, kept so the "
+        "checkpoint loads cleanly)" + (", LM head" if record.get("keep_lm_head") else ""),
+        f"- Saved as `{record['architecture']}` in {record['dtype']}; feature mode `{record['feature_mode']}`",
+        "",
+    ]
+    for name, task in tasks.items():
+        source = task.get("task", {})
+        lines += [
+            f"## Task `{name}`",
+            "",
+            f"- Layer {task['layer']} (strategy `{task['strategy']}`), feature mode `{task.get('feature_mode', record['feature_mode'])}`",
+            f"- Labels: {', '.join(f'`{n}`' for n in task['label_names'])}",
+            "- Prompt: " + (f"template `{task['template']!r}`" if task.get("template")
+                             else f"text column `{task.get('text_column')}`"),
+            f"- Trained on: {source.get('source', {}).get('file', source.get('name', '?'))} "
+            f"(split `{source.get('split', '?')}`, {source.get('n_examples', '?')} examples), "
+            f"cache `{task.get('cache_fingerprint')}`",
+            f"- Chip: `{(task.get('chips_config') or {}).get('chip', (task.get('chips_config') or {}).get('chip_type', '?'))}`, "
+            f"accuracy at layer {task['layer']}: {_accuracy(task.get('chip_metrics') or {})}",
+            "",
+        ]
+    for image in record.get("images", []):
+        lines += [f"![accuracy against layer]({image})", ""]
+    lines += [
+        "## How to load",
+        "",
+        "```python",
+        "from chiptuning import ChipModel",
+        "",
+        'clf = ChipModel.from_pretrained("path/to/this/checkpoint")',
+        'clf.predict(["some text to classify"])',
+        "```",
+        "",
+        *([f"With several tasks: `clf.predict(texts, task=...)` (tasks: {', '.join(f'`{n}`' for n in tasks)}).", ""]
+          if len(tasks) > 1 else []),
+        *(["Without chip-tuning installed, the chip is folded into a standard classification head:", "",
+           "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+           'model = AutoModelForSequenceClassification.from_pretrained("path/to/this/checkpoint")',
+           'tokenizer = AutoTokenizer.from_pretrained("path/to/this/checkpoint")',
+           'label = model.config.id2label[model(**tokenizer("some text", return_tensors="pt")).logits.argmax(-1).item()]',
+           "```", ""] if record.get("export") == "sequence-classification" else []),
+        "The backbone alone (no chip) loads without chip-tuning:",
+        "",
+        "```python",
+        "from transformers import AutoModel",
+        "",
+        'model = AutoModel.from_pretrained("path/to/this/checkpoint")',
+        "```",
+        "",
+        f"Note: `AutoModel` applies the final norm to block {layer}'s output; the chip reads the "
+        "raw (pre-norm) stream, which `ChipModel` takes with hooks. `chiptuning.json` records "
+        "provenance and a sha256 of every file; `ChipModel` refuses edited files.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(root: Path, record: dict[str, Any]) -> Path:
+    """Write ``README.md`` into ``root``."""
+    path = Path(root) / "README.md"
+    path.write_text(render_model_card(record), encoding="utf-8")
+    return path

@@ -1,0 +1,477 @@
+"""Write a pruned checkpoint: truncated model + tokenizer + chip + provenance + model card.
+
+``prune()`` is the library function behind ``chiptuning prune``. It checks that the chips were
+trained on a cache of *this* model, truncates the model after the chosen layer, saves a Hugging
+Face directory that reloads with plain ``AutoModel.from_pretrained``, and proves, before handing
+the directory over, that the reloaded model gives the full model's feature(l) and the same chip
+predictions. Everything is written to a temporary sibling directory and renamed at the end, so a
+failed run leaves nothing half-written and never touches an existing checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from chiptuning.prune.card import write_model_card
+from chiptuning.prune.provenance import PROVENANCE_FILE, check_model_matches_cache, write_provenance
+from chiptuning.prune.truncate import check_layer, truncate_
+
+from chiptuning.errors import ChipTuningError, ProvenanceError
+from chiptuning.features import last_token_features
+from chiptuning.models import load_tokenizer, param_stats, resolve_dtype, weights_hash
+from chiptuning.registry import base_model, get_spec, num_blocks
+
+log = logging.getLogger(__name__)
+
+CHIP_DIR = "chip"
+#: Prompts of the post-save parity check: any text exercises every kept block.
+CHECK_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Chip-tuning keeps the blocks up to the chip's layer and removes the rest. Answer:",
+)
+CHECK_ATOL_FP32 = 1e-5
+
+
+# -- reading a chips directory --------------------------------------------------------------------
+
+def chips_cache(chips) -> tuple[str | None, dict[str, Any]]:
+    """(fingerprint, meta) of the training cache recorded in a ChipSet's config."""
+    config = chips.config or {}
+    for key in ("train_cache", "cache"):
+        entry = config.get(key)
+        if isinstance(entry, dict) and "meta" in entry:
+            return entry.get("fingerprint"), dict(entry["meta"])
+    if "cache_meta" in config:
+        return config.get("cache_fingerprint"), dict(config["cache_meta"])
+    raise ProvenanceError(
+        "the chips record no training-cache meta (model, task); they cannot be checked against "
+        "the model: re-train them with `chiptuning probe train`"
+    )
+
+
+def chip_metrics(chips, layer: int) -> dict[str, Any]:
+    """The chips' recorded metrics at ``layer`` ({} when none were recorded)."""
+    metrics = getattr(chips, "metrics", None)
+    if isinstance(metrics, dict):
+        if str(layer) in metrics or layer in metrics:
+            return dict(metrics.get(str(layer), metrics.get(layer)))
+        rows = metrics.get("layers") or metrics.get("per_layer") or []
+    else:
+        rows = metrics or []
+    for row in rows:
+        if isinstance(row, dict) and int(row.get("layer", -1)) == layer:
+            return dict(row)
+    return {}
+
+
+def resolve_layer(chips, layer: int | None) -> tuple[int, str]:
+    """The pruning layer and how it was chosen: ``--layer``, else the chips' ``selection.json``.
+
+    Raises:
+        ChipTuningError: no layer given and none selected, or a layer without a chip.
+    """
+    if layer is None:
+        selection = getattr(chips, "selection", None)
+        if not selection or selection.get("layer") is None:
+            raise ChipTuningError(
+                "no layer to prune at: pass --layer L, or run `chiptuning select CHIPS_DIR` first"
+            )
+        layer, strategy = int(selection["layer"]), str(selection.get("strategy", "selected"))
+    else:
+        strategy = f"fixed:{layer}"
+    if layer not in list(chips.layers):
+        raise ChipTuningError(
+            f"no chip at layer {layer}; the chips cover layers {min(chips.layers)}..{max(chips.layers)}"
+        )
+    return layer, strategy
+
+
+# -- the parity check -----------------------------------------------------------------------------
+
+def _encode(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer(list(prompts), padding=True, return_tensors="pt", add_special_tokens=True)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, T) each
+
+
+def layer_features(model, tokenizer, prompts: Sequence[str], layer: int, mode: str = "raw") -> np.ndarray:
+    """feature(layer) of each prompt, float32 (B, H), through the shared layer convention."""
+    device = next(model.parameters()).device
+    ids, mask = _encode(tokenizer, prompts, device)
+    return last_token_features(model, ids, mask, layers=[layer], mode=mode)[:, 0].float().cpu().numpy()
+
+
+def _check_close(reference: np.ndarray, pruned: np.ndarray, dtype: torch.dtype, what: str) -> None:
+    atol = CHECK_ATOL_FP32 if dtype == torch.float32 else 1e-2
+    scale = max(1.0, float(np.abs(reference).max()))
+    err = float(np.abs(reference - pruned).max())
+    if not err <= atol * scale:
+        raise ChipTuningError(
+            f"parity check failed: the pruned checkpoint's {what} differs from the full model's "
+            f"by {err:.3g} (tolerance {atol * scale:.3g}); this is a bug, please report it"
+        )
+
+
+# -- the library function -------------------------------------------------------------------------
+
+def _prepare_out(out_dir: Path) -> Path:
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / PROVENANCE_FILE).exists():
+        raise ChipTuningError(
+            f"--out {out_dir} exists and is not a pruned checkpoint; choose an empty or new directory"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _load_model(model_name_or_path: str, dtype: str, device: str, adapter: str | None,
+                causal_lm: bool):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ChipTuningError(f"cannot load model {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
+    get_spec(config)
+    if adapter:
+        from chiptuning.prune.adapters import load_model_with_adapter
+
+        model = load_model_with_adapter(model_name_or_path, adapter, causal_lm, dtype=resolve_dtype(dtype))
+    else:
+        cls = AutoModelForCausalLM if causal_lm else AutoModel
+        model = cls.from_pretrained(model_name_or_path, dtype=resolve_dtype(dtype))
+    return model.to(device).eval()
+
+
+@dataclass
+class TaskChip:
+    """One task of a checkpoint: its chips, the layer its chip reads, and where they came from.
+
+    Attributes:
+        chips: a ChipSet (``config``, ``layers``, ``label_names``, ``metrics``, ``chip(l)``,
+            ``save_layer(l, dir)``).
+        layer: the layer of the chip this task uses.
+        strategy: how that layer was chosen (``fixed:L``, ``validate``, ...).
+        cache_fingerprint, cache_meta: the training cache of the chips.
+        chips_dir: where the chips came from (the layer curve image is copied from there).
+        name: the task's name in the checkpoint (``predict(..., task=name)``).
+    """
+
+    chips: Any
+    layer: int
+    strategy: str
+    cache_fingerprint: str | None
+    cache_meta: dict[str, Any]
+    chips_dir: Path | None = None
+    name: str = "default"
+
+    @property
+    def feature_mode(self) -> str:
+        return self.cache_meta.get("feature_mode", "raw")
+
+
+def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
+    """``NAME=DIR`` or ``DIR``."""
+    text = str(entry)
+    name, sep, path = text.partition("=")
+    if sep and name and "/" not in name and not Path(text).exists():
+        return name, Path(path)
+    return None, Path(text)
+
+
+def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None) -> list[TaskChip]:
+    """Read one or more chips directories (``DIR`` or ``NAME=DIR``) into named :class:`TaskChip`.
+
+    Task names: the given NAME, else the task's own name when it is not the generic "custom" and
+    is unique, else the chips directory's name.
+
+    Raises:
+        ChipTuningError: ``layer`` with several chips directories, or duplicate task names.
+    """
+    from chiptuning.probe import load_chips
+
+    if not chips_dirs:
+        raise ChipTuningError("give at least one --chips directory")
+    if layer is not None and len(chips_dirs) > 1:
+        raise ChipTuningError("--layer applies to one --chips directory; with several, each uses its selection.json")
+    tasks = []
+    for entry in chips_dirs:
+        given, path = _parse_chips_arg(entry)
+        chips = load_chips(path)
+        chosen, strategy = resolve_layer(chips, layer)
+        fingerprint, meta = chips_cache(chips)
+        tasks.append(TaskChip(chips, chosen, strategy, fingerprint, meta, path, name=given or ""))
+    own = [(t.cache_meta.get("task") or {}).get("name") or "default" for t in tasks]
+    for task, name in zip(tasks, own):
+        if task.name:
+            continue
+        if len(tasks) == 1 or (name != "custom" and own.count(name) == 1):
+            task.name = name
+        else:  # several generic "custom" tasks: tell them apart by their chips directory
+            task.name = Path(task.chips_dir).resolve().name
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ChipTuningError(f"task names {names} are not unique; name them with --chips NAME=DIR")
+    return tasks
+
+
+def prune(
+    model_name_or_path: str,
+    chips_dir: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    layer: int | None = None,
+    keep_lm_head: bool = False,
+    dtype: str | None = "fp32",
+    adapter: str | None = None,
+    device: str = "cpu",
+    model_hash: str | None = None,
+    export: str | None = None,
+) -> Path:
+    """Prune ``model_name_or_path`` after the chips' selected layer and save a checkpoint.
+
+    Args:
+        model_name_or_path: hub id or local directory of the full model (the one the chips'
+            cache was extracted from).
+        chips_dir: directory written by ``chiptuning probe train`` (and ``select``); or several
+            (``DIR`` or ``NAME=DIR``), one per task, for a multi-task checkpoint truncated after
+            the deepest chip.
+        out_dir: the pruned checkpoint directory to write.
+        layer: the layer to prune at (``--layer``); default the chips' ``selection.json``.
+        keep_lm_head: keep the ``*ForCausalLM`` head (decoder models) so the checkpoint still
+            generates; by default only the backbone (``AutoModel``) is saved.
+        dtype: weights dtype of the saved checkpoint: fp32, bf16 or fp16 (None: the cache's).
+        adapter: PEFT adapter merged into the model before pruning (must match the cache's).
+        device: where to run the parity check.
+        model_hash: identity of the weights when it cannot be computed from the path.
+        export: "sequence-classification" to save a plain ``*ForSequenceClassification``
+            checkpoint (normed features, bias-free linear chip, one task, decoder models).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ProvenanceError: the chips were trained on a cache from another model.
+        ChipTuningError: bad layer, output directory in the way, failed parity check.
+    """
+    from transformers import AutoConfig
+
+    dirs = [chips_dir] if isinstance(chips_dir, (str, Path)) else list(chips_dir)
+    tasks = load_task_chips(dirs, layer)
+    _check_options(tasks, keep_lm_head, export)
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ChipTuningError(f"cannot load model {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
+    # Architecture first, from the config alone: a wrong model fails before loading its weights.
+    for task in tasks:
+        check_model_matches_cache(model_name_or_path, "", config, task.cache_meta, adapter)
+    spec = get_spec(config)
+    if keep_lm_head and not spec.decoder:
+        raise ChipTuningError(f"--keep-lm-head is for decoder models; {config.model_type} has no LM head to keep")
+    for task in tasks:
+        check_layer(task.layer, num_blocks(config))
+    meta = tasks[0].cache_meta
+    model = _load_model(model_name_or_path, meta.get("dtype", "fp32") if dtype is None else dtype,
+                        device, adapter, causal_lm=keep_lm_head)
+    model_hash = model_hash or weights_hash(model_name_or_path, model)
+    for task in tasks:
+        check_model_matches_cache(model_name_or_path, model_hash, config, task.cache_meta, adapter)
+    tokenizer = load_tokenizer(model_name_or_path, padding_side=meta.get("padding_side", "right"))
+    base = {"id": str(model_name_or_path), "hash": model_hash, "adapter": adapter}
+    return save_pruned(model, tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export)
+
+
+def _check_options(tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
+    from chiptuning.prune.export import EXPORT_FORMATS
+
+    if export is not None and export not in EXPORT_FORMATS:
+        raise ChipTuningError(f"--export must be one of {EXPORT_FORMATS}, got {export!r}")
+    if export and keep_lm_head:
+        raise ChipTuningError("--export sequence-classification replaces the LM head; drop --keep-lm-head")
+    if export and len(tasks) > 1:
+        raise ChipTuningError("--export sequence-classification holds one task; give one --chips directory")
+    settings = {(t.cache_meta.get("max_length"), t.cache_meta.get("padding_side", "right")) for t in tasks}
+    if len(settings) > 1:
+        raise ChipTuningError(
+            f"the tasks' caches were extracted with different max_length / padding side {sorted(settings, key=str)}; "
+            "re-extract them with the same settings to pack them in one checkpoint"
+        )
+
+
+def save_pruned(
+    model,
+    tokenizer,
+    tasks: Sequence[TaskChip],
+    out_dir: str | Path,
+    *,
+    base: dict[str, Any],
+    keep_lm_head: bool = False,
+    export: str | None = None,
+) -> Path:
+    """Truncate an already-loaded, already-checked ``model`` and write the checkpoint.
+
+    The part of :func:`prune` that works on objects (notebooks, tests, other pipelines). The
+    model keeps blocks up to the deepest task's layer; ``model`` is modified in place and released.
+
+    Args:
+        model: the full model (``AutoModel``, or ``*ForCausalLM`` with ``keep_lm_head``).
+        tokenizer: its tokenizer.
+        tasks: the task(s) and their chips (see :class:`TaskChip`); the first is the default.
+        out_dir: the checkpoint directory.
+        base: ``{"id", "hash", "adapter"}`` of the base model.
+        keep_lm_head, export: as :func:`prune`.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tasks = list(tasks)
+    _check_options(tasks, keep_lm_head, export)
+    out_dir = Path(out_dir)
+    L = num_blocks(model)
+    for task in tasks:
+        check_layer(task.layer, L)
+    depth = max(task.layer for task in tasks)
+    if keep_lm_head and model.get_output_embeddings() is None:
+        raise ChipTuningError(f"keep_lm_head needs the model with its head (*ForCausalLM), got {type(model).__name__}")
+    tmp = _prepare_out(out_dir)
+    try:
+        dtype = next(model.parameters()).dtype
+        model_type = model.config.model_type
+        hidden_size = int(model.config.get_text_config().hidden_size)
+        stats_before = param_stats(model)
+        references = {t.name: layer_features(model, tokenizer, CHECK_PROMPTS, t.layer, t.feature_mode)
+                      for t in tasks}  # name -> (B, H)
+        truncate_(model, depth)
+        if export:
+            from chiptuning.prune.export import to_sequence_classification
+
+            to_save = to_sequence_classification(model, tokenizer, tasks[0].chips.chip(tasks[0].layer),
+                                                 _label_names(tasks[0]), tasks[0].feature_mode)
+            cls = AutoModelForSequenceClassification
+        else:
+            to_save = model if keep_lm_head else base_model(model)
+            cls = AutoModelForCausalLM if keep_lm_head else AutoModel
+        to_save.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        stats_after = param_stats(to_save)
+        if not keep_lm_head:  # the config still describes a head (param_stats counts it); none ships
+            stats_after["total"] -= stats_after["lm_head"]
+            stats_after["lm_head"] = 0
+        if export:  # the score head is the chip, folded in: count it with the chip, not the model
+            stats_after["other"] -= to_save.score.weight.numel()
+            stats_after["total"] -= to_save.score.weight.numel()
+        architecture = type(to_save).__name__
+        device = next(model.parameters()).device
+        del model, to_save  # free the full model before reloading the pruned one
+
+        entries, images = {}, []
+        for task in tasks:
+            chip_dir = CHIP_DIR if len(tasks) == 1 else f"chips/{task.name}"
+            task.chips.save_layer(task.layer, tmp / chip_dir)
+            entries[task.name] = _task_entry(task, chip_dir)
+            curve = Path(task.chips_dir) / "layer_accuracy.png" if task.chips_dir is not None else None
+            if curve is not None and curve.is_file():
+                image = "layer_accuracy.png" if len(tasks) == 1 else f"layer_accuracy-{task.name}.png"
+                shutil.copy2(curve, tmp / image)
+                images.append(image)
+        removed = {
+            "blocks": int(sum(stats_before["blocks"][depth:])),
+            "lm_head": 0 if keep_lm_head else int(stats_before["lm_head"]),
+        }
+        meta = tasks[0].cache_meta
+        record = {
+            "base_model": {**base, "model_type": model_type, "num_blocks": L, "hidden_size": hidden_size},
+            "layer": depth,
+            "num_blocks": L,
+            "architecture": architecture,
+            "keep_lm_head": keep_lm_head,
+            "export": export,
+            "dtype": str(dtype).replace("torch.", ""),
+            "feature_mode": tasks[0].feature_mode,
+            "tokenizer": {
+                "padding_side": meta.get("padding_side", "right"),
+                "max_length": meta.get("max_length"),
+            },
+            "default_task": tasks[0].name,
+            "tasks": entries,
+            "params": {
+                "before": stats_before,
+                "after": stats_after,
+                "removed": removed,
+                "pruning_ratio": 1 - stats_after["total"] / stats_before["total"],
+            },
+            "images": images,
+        }
+        write_model_card(tmp, record)
+        record = write_provenance(tmp, record)
+        verify_checkpoint(tmp, tasks, references, depth, dtype, device, cls)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # a previous pruned checkpoint (checked in _prepare_out)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("pruned checkpoint at layer %d of %d written to %s (%.1f%% of parameters removed)",
+             depth, L, out_dir, 100 * record["params"]["pruning_ratio"])
+    return out_dir
+
+
+def _label_names(task: TaskChip) -> list[str]:
+    meta = task.cache_meta
+    return list(meta.get("label_names") or (meta.get("task") or {}).get("label_names") or task.chips.label_names)
+
+
+def _task_entry(task: TaskChip, chip_dir: str) -> dict[str, Any]:
+    source = dict(task.cache_meta.get("task") or {})
+    return {
+        "chip_dir": chip_dir,
+        "layer": task.layer,
+        "strategy": task.strategy,
+        "feature_mode": task.feature_mode,
+        "task": source,
+        "template": source.get("template"),
+        "text_column": source.get("text_column"),
+        "label_names": _label_names(task),
+        "cache_fingerprint": task.cache_fingerprint,
+        "cache_meta": task.cache_meta,
+        "chips_config": task.chips.config,
+        "chip_metrics": chip_metrics(task.chips, task.layer),
+    }
+
+
+def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[str, np.ndarray], depth: int,
+                      dtype: torch.dtype, device, cls) -> None:
+    """Reload ``path`` the way users will and compare every task's feature and chip predictions.
+
+    Raises:
+        ChipTuningError: missing / unexpected / re-initialised weights, or a feature that differs.
+    """
+    model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ChipTuningError(f"the pruned checkpoint does not reload cleanly: {bad}; this is a bug, please report it")
+    model = model.to(device).eval()
+    tokenizer = load_tokenizer(str(path))
+    if num_blocks(model) != depth:
+        raise ChipTuningError(f"the reloaded checkpoint has {num_blocks(model)} blocks, expected {depth}")
+    for task in tasks:
+        reference = references[task.name]
+        pruned = layer_features(model, tokenizer, CHECK_PROMPTS, task.layer, task.feature_mode)
+        _check_close(reference, pruned, dtype, f"feature({task.layer})")
+        chip = task.chips.chip(task.layer)
+        expected = chip.predict(reference)
+        if dtype == torch.float32 and not np.array_equal(expected, chip.predict(pruned)):
+            raise ChipTuningError("parity check failed: the chip predicts differently on the pruned model's feature")
+        if cls.__name__ == "AutoModelForSequenceClassification":
+            with torch.no_grad():  # one prompt at a time: HF pooling, no padding involved
+                logits = torch.cat([model(**tokenizer(p, return_tensors="pt").to(device)).logits
+                                    for p in CHECK_PROMPTS]).float().cpu().numpy()  # (B, C)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            _check_close(np.asarray(chip.predict_proba(reference)), probs, dtype,
+                         "sequence-classification probabilities")

@@ -1,0 +1,253 @@
+"""``ChipModel``: a pruned checkpoint as a classifier that predicts from raw text.
+
+Loading verifies the checkpoint first (every recorded file's sha256, the config against the
+provenance record), then reads feature(l) of the pruned backbone through the one shared layer
+convention (:func:`chiptuning.features.last_token_features`) and hands it to the chip. Prompts are
+built and tokenized exactly as extraction built those of the cache: same template, same special
+tokens, same truncation side and max length, batches in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from chiptuning.prune.provenance import read_provenance, verify_checksums
+
+from chiptuning.errors import DataError, ProvenanceError
+from chiptuning.features import last_token_features
+from chiptuning.models import load_tokenizer, resolve_device, resolve_dtype
+from chiptuning.registry import get_spec, num_blocks
+
+log = logging.getLogger(__name__)
+
+Record = str | Mapping[str, Any]
+
+
+def load_chip_dir(path: Path):
+    """Load one saved chip (the probe stage owns the format)."""
+    from chiptuning.probe import load_chip
+
+    return load_chip(path)
+
+
+def _check_config(path: Path, record: dict[str, Any]):
+    """The checkpoint's config must describe the model its provenance record describes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    base = record["base_model"]
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    problems = []
+    if config.model_type != base.get("model_type"):
+        problems.append(f"model_type {config.model_type!r}, provenance says {base.get('model_type')!r}")
+    if num_blocks(config) != record["layer"]:
+        problems.append(f"{num_blocks(config)} blocks, provenance says layer {record['layer']}")
+    if base.get("hidden_size") is not None and int(text_config.hidden_size) != int(base["hidden_size"]):
+        problems.append(f"hidden size {text_config.hidden_size}, provenance says {base['hidden_size']}")
+    for name, task in record["tasks"].items():
+        meta = task.get("cache_meta") or {}
+        then, now = meta.get("model_hash"), base.get("hash")
+        if then and now and then.split(":")[0] == now.split(":")[0] and then != now:
+            problems.append(f"task {name!r} chip comes from weights {then}, base model is {now}")
+        if meta.get("model_type") not in (None, config.model_type):
+            problems.append(f"task {name!r} chip comes from a {meta['model_type']!r} model")
+    if problems:
+        raise ProvenanceError(
+            f"{path}: the base model does not match its provenance ({'; '.join(problems)}); "
+            "re-run `chiptuning prune` on the right model"
+        )
+    return config
+
+
+def encode_batches(tokenizer, prompts: list[str], max_length: int | None, batch_size: int, device):
+    """Tokenize prompts as extraction did and yield padded batches in input order.
+
+    Special tokens added, left truncation past ``max_length`` (the end of a prompt, where the
+    chip reads, is kept), padding on the tokenizer's side. Yields (ids, mask), each (B, T).
+    """
+    tokenizer.truncation_side = "left"
+    token_lists = tokenizer(prompts, add_special_tokens=True, truncation=max_length is not None,
+                            max_length=max_length)["input_ids"]
+    for start in range(0, len(token_lists), batch_size):
+        batch = tokenizer.pad({"input_ids": token_lists[start:start + batch_size]}, return_tensors="pt")
+        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+class ChipModel:
+    """A pruned backbone plus its chip(s): a text classifier.
+
+    Build it with :meth:`from_pretrained`. Attributes: ``model`` (the pruned ``AutoModel``),
+    ``tokenizer``, ``chips`` (task name -> fitted chip), ``record`` (the provenance), ``path``.
+    """
+
+    def __init__(self, model, tokenizer, chips: dict[str, Any], record: dict[str, Any],
+                 path: Path | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chips = chips
+        self.record = record
+        self.path = path
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> ChipModel:
+        """Load and verify a pruned checkpoint written by ``chiptuning prune``.
+
+        Args:
+            path: the checkpoint directory.
+            device: cpu, cuda, cuda:N or auto.
+            dtype: override the saved dtype (fp32, bf16, fp16); predictions are only guaranteed
+                to equal the chip's on the cache in the dtype the cache was extracted in.
+
+        Raises:
+            ProvenanceError: not a checkpoint, edited or missing files, a config or weights that
+                do not match the provenance record.
+        """
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        path = Path(path)
+        record = read_provenance(path)
+        verify_checksums(path, record)
+        config = _check_config(path, record)
+        get_spec(config)
+        hf_logging.disable_progress_bar()
+        torch_dtype = resolve_dtype(dtype) if dtype else getattr(torch, record.get("dtype", "float32"))
+        model, info = AutoModel.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+        if info.get("missing_keys") or info.get("mismatched_keys"):
+            raise ProvenanceError(
+                f"{path}: weights do not fit the config (missing {info.get('missing_keys')[:5]}, "
+                f"mismatched {info.get('mismatched_keys')[:5]}); re-run `chiptuning prune`"
+            )
+        model = model.to(resolve_device(device)).eval()
+        tokenizer = load_tokenizer(str(path), padding_side=record["tokenizer"].get("padding_side", "right"))
+        chips = {name: load_chip_dir(path / task["chip_dir"]) for name, task in record["tasks"].items()}
+        log.info("loaded %s: %s pruned to %d blocks, tasks %s", path, record["base_model"]["id"],
+                 record["layer"], sorted(chips))
+        return cls(model, tokenizer, chips, record, path)
+
+    # -- facts ------------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> list[str]:
+        """Names of the tasks this checkpoint classifies."""
+        return list(self.record["tasks"])
+
+    def _task(self, task: str | None) -> tuple[str, dict[str, Any]]:
+        name = task or self.record["default_task"]
+        if name not in self.record["tasks"]:
+            raise DataError(f"unknown task {name!r}; this checkpoint has tasks {self.tasks}")
+        return name, self.record["tasks"][name]
+
+    def label_names(self, task: str | None = None) -> list[str]:
+        """Class names of ``task`` (default task when None), in class-index order."""
+        return list(self._task(task)[1]["label_names"])
+
+    @property
+    def layer(self) -> int:
+        """Depth of the pruned backbone (the deepest chip's layer)."""
+        return int(self.record["layer"])
+
+    # -- prompts and features ---------------------------------------------------------------------
+
+    def task_data(self, task: str | None = None):
+        """A :class:`chiptuning.tasks.TaskData` (no examples) holding the saved prompt template."""
+        from chiptuning.tasks import TaskData
+
+        name, entry = self._task(task)
+        description = dict(entry.get("task") or {})
+        # The saved prompt format wins over anything the cache description lacked.
+        description.update(name=name, split="predict", label_names=list(entry["label_names"]),
+                           template=entry.get("template"), text_column=entry.get("text_column"))
+        if description["template"] is None and description["text_column"] is None:
+            description["text_column"] = "text"
+        return TaskData.from_description(description)
+
+    def prompts(self, inputs: Record | Iterable[Record], task: str | None = None) -> list[str]:
+        """The prompt text of each input, as extraction built it.
+
+        A ``str`` is the text itself (text-column tasks) or the value of a one-field template; a
+        mapping is a record whose fields the saved template formats.
+        """
+        from chiptuning.tasks import Example, template_fields
+
+        data = self.task_data(task)
+        records = [inputs] if isinstance(inputs, (str, Mapping)) else list(inputs)
+        if not records:
+            raise DataError("no inputs to classify")
+        examples = []
+        for i, record in enumerate(records):
+            if isinstance(record, Mapping):
+                fields = dict(record)
+            elif not isinstance(record, str):
+                raise DataError(f"input {i} is a {type(record).__name__}; give a str or a dict of fields")
+            elif data.template is None:
+                fields = {data.text_column: record}
+            else:
+                names = template_fields(data.template)
+                if len(names) != 1:
+                    raise DataError(
+                        f"the task's template needs fields {sorted(names)}; pass dicts, not strings"
+                    )
+                fields = {next(iter(names)): record}
+            examples.append(Example(id=str(i), fields=fields, label=0, n_choices=len(data.label_names)))
+        data.examples = examples
+        prompts, _ = data.build_prompts(self.tokenizer, self.record["tokenizer"].get("max_length"))
+        return prompts
+
+    @torch.no_grad()
+    def features(self, inputs: Record | Iterable[Record], task: str | None = None,
+                 batch_size: int = 16) -> np.ndarray:
+        """feature(l) of each input at ``task``'s layer: float32 (N, H), what the chip reads."""
+        return self.features_of_prompts(self.prompts(inputs, task), task, batch_size)
+
+    @torch.no_grad()
+    def features_of_prompts(self, prompts: list[str], task: str | None = None,
+                            batch_size: int = 16) -> np.ndarray:
+        """feature(l) of finished prompt texts (no template applied): float32 (N, H)."""
+        _, entry = self._task(task)
+        layer = int(entry["layer"])
+        mode = entry.get("feature_mode", self.record["feature_mode"])
+        device = next(self.model.parameters()).device
+        out = []
+        for ids, mask in encode_batches(self.tokenizer, prompts, self.record["tokenizer"].get("max_length"),
+                                        batch_size, device):
+            feats = last_token_features(self.model, ids, mask, layers=[layer], mode=mode)  # (B, 1, H)
+            out.append(feats[:, 0].float().cpu().numpy())
+        return np.concatenate(out)  # (N, H)
+
+    # -- predictions ------------------------------------------------------------------------------
+
+    def predict_index(self, inputs: Record | Iterable[Record], task: str | None = None,
+                      batch_size: int = 16) -> np.ndarray:
+        """Class index of each input, int64 (N,)."""
+        name, _ = self._task(task)
+        return np.asarray(self.chips[name].predict(self.features(inputs, task, batch_size))).astype(np.int64)
+
+    def predict(self, inputs: Record | Iterable[Record], task: str | None = None,
+                batch_size: int = 16) -> list[str]:
+        """Label name of each input (a single str or dict is a batch of one).
+
+        Args:
+            inputs: raw texts, or records (dicts of fields) formatted by the saved template.
+            task: which task's chip to use (default: the checkpoint's default task).
+            batch_size: examples per forward pass.
+        """
+        names = self.label_names(task)
+        return [names[i] for i in self.predict_index(inputs, task, batch_size)]
+
+    def predict_proba(self, inputs: Record | Iterable[Record], task: str | None = None,
+                      batch_size: int = 16) -> np.ndarray:
+        """Class probabilities of each input, (N, C), columns in ``label_names(task)`` order."""
+        name, _ = self._task(task)
+        return np.asarray(self.chips[name].predict_proba(self.features(inputs, task, batch_size)))
+
+    def __repr__(self) -> str:
+        base = self.record["base_model"]["id"]
+        return f"ChipModel({base!r} pruned to {self.layer}/{self.record['num_blocks']} blocks, tasks={self.tasks})"

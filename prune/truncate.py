@@ -1,0 +1,111 @@
+"""Model surgery: keep blocks 1..l of a model, with its config made to agree.
+
+Pruning at layer l (the layer convention of :mod:`chiptuning.features`) keeps blocks 1..l, so a
+pruned model's feature(l) is exactly the full model's feature(l). Deleting blocks alone is not
+enough for a checkpoint that reloads and generates correctly (REFERENCE.md, "Hugging Face facts
+that bite"): the config depth, per-layer config lists and every attention module's ``layer_idx``
+must change with the weights, in one place. That place is :func:`truncate_`.
+
+The final norm stays in the module tree on purpose: the saved checkpoint must reload with plain
+``AutoModel.from_pretrained`` without newly initialised weights, and chips read the raw stream
+through hooks on the blocks, so the norm never touches their feature.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from chiptuning.errors import ChipTuningError
+from chiptuning.registry import base_model, get_blocks, get_spec, num_blocks, set_blocks
+
+log = logging.getLogger(__name__)
+
+#: Config attributes known to hold one entry per layer (sliced with the blocks). Any other list
+#: attribute of length L whose name mentions "layer" is sliced too; lists that only happen to be
+#: L long (token ids, architectures) are left alone.
+PER_LAYER_CONFIG_KEYS = frozenset({"layer_types", "no_rope_layers", "mlp_only_layers", "block_types"})
+_NOT_PER_LAYER = frozenset({
+    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "bad_words_ids",
+    "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids",
+})
+
+
+def check_layer(layer: int, n_blocks: int) -> int:
+    """Validate a pruning layer against a model of ``n_blocks`` blocks.
+
+    Raises:
+        ChipTuningError: ``layer`` is not in 1..n_blocks (layer 0, the embeddings, has no block
+            to keep and is not a pruning point).
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n_blocks:
+        raise ChipTuningError(
+            f"cannot prune at layer {layer!r}: the model has {n_blocks} blocks, so the layer must "
+            f"be in 1..{n_blocks} (layer l keeps blocks 1..l; pick another --layer)"
+        )
+    return layer
+
+
+def _per_layer_keys(config, n_blocks: int) -> list[str]:
+    keys = []
+    for key, value in vars(config).items():
+        if not isinstance(value, (list, tuple)) or len(value) != n_blocks or key in _NOT_PER_LAYER:
+            continue
+        if key in PER_LAYER_CONFIG_KEYS or "layer" in key:
+            keys.append(key)
+    return sorted(keys)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def truncate_(model: nn.Module, layer: int) -> nn.Module:
+    """Keep blocks 1..``layer`` of ``model`` in place and update its config to match.
+
+    Edits, together: the block ``ModuleList`` (via the registry), the config depth
+    (``num_hidden_layers``; GPT-2's ``n_layer`` follows through its attribute map), every per-layer
+    config list (``layer_types`` and the like), and the integer ``layer_idx`` of every submodule
+    of each kept block (the KV cache is indexed by it). The embeddings, the final norm and any
+    head are untouched.
+
+    Args:
+        model: a model of a registered architecture, base (``AutoModel``) or with a head.
+        layer: the chip's layer l, in 1..L. ``layer == L`` removes nothing.
+
+    Returns:
+        ``model`` itself, truncated.
+
+    Raises:
+        ChipTuningError: ``layer`` out of range.
+        UnsupportedModelError: an architecture missing from the registry.
+    """
+    get_spec(model)
+    blocks = get_blocks(model)
+    n_blocks = len(blocks)
+    check_layer(layer, n_blocks)
+    if num_blocks(model) != n_blocks:
+        raise ChipTuningError(
+            f"model config says {num_blocks(model)} blocks but the model holds {n_blocks}; "
+            "was it already truncated by other means?"
+        )
+    kept = nn.ModuleList(list(blocks)[:layer])
+    set_blocks(model, kept)
+
+    configs = {id(c): c for c in (model.config, base_model(model).config, _text_config(model.config))}
+    for config in configs.values():
+        for key in _per_layer_keys(config, n_blocks):
+            value = getattr(config, key)
+            setattr(config, key, type(value)(value[:layer]))
+            log.debug("sliced config.%s to %d entries", key, layer)
+        if getattr(config, "num_hidden_layers", None) is not None:
+            config.num_hidden_layers = layer
+
+    for index, block in enumerate(kept):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+    if n_blocks != layer:
+        log.info("truncated %s to blocks 1..%d of %d", model.config.model_type, layer, n_blocks)
+    return model
