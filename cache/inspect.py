@@ -31,6 +31,10 @@ def cache_info(path: str | Path) -> dict:
         "label_names": meta.get("label_names"),
         "size_mb": round(sum((path / s["file"]).stat().st_size for s in m["shards"]
                              if (path / s["file"]).exists()) / 2**20, 2),
+        "max_length": meta.get("max_length"),
+        "n_shortened": m.get("n_shortened"),
+        "chip_reads": [f"{p['id']}: ... {p['last_tokens']} -> {p['chip_reads']!r}"
+                       for p in m.get("preview") or []],
     }
 
 

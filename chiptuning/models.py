@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from chiptuning.errors import ChipTuningError
-from chiptuning.registry import get_blocks, get_embedding, get_final_norm, get_spec
+from chiptuning.registry import base_model, get_blocks, get_embedding, get_final_norm, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +128,83 @@ def load_tokenizer(model_name_or_path: str, padding_side: str = "right"):
     return tokenizer
 
 
-def load_backbone(model_name_or_path: str, dtype: str = "fp32", device: str | None = "cpu",
-                  device_map: str | None = None, adapter: str | None = None):
-    """The model without its LM head (``AutoModel``), in eval mode.
+# -- PEFT adapters ---------------------------------------------------------------------------------
+# An adapter saved from a ``*ForCausalLM`` names its weights ``base_model.model.model.layers...``;
+# one saved from a bare backbone ``base_model.model.layers...``. Applied to the other class, PEFT
+# finds no module for them and only warns, so the "fine-tuned" model silently stays the base
+# model. :func:`load_model` therefore merges on the class the adapter was saved from and refuses an
+# adapter whose weights do not all land.
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _peft():
+    try:
+        import peft
+        from peft.utils import load_peft_weights
+    except ImportError:
+        raise ChipTuningError("--adapter needs the peft package: pip install peft") from None
+    return peft, load_peft_weights
+
+
+def adapter_keys(adapter: str) -> list[str]:
+    """Names of the adapter's weights as saved (``base_model.model.<param path>``)."""
+    _, load_peft_weights = _peft()
+    try:
+        return sorted(load_peft_weights(adapter, device="cpu"))
+    except (OSError, ValueError) as err:
+        raise ChipTuningError(f"cannot read adapter {adapter!r}: {str(err).splitlines()[0]}") from None
+
+
+def saved_from_head_model(adapter: str, backbone_prefix: str) -> bool:
+    """True if the adapter was saved from a model with a head (its names go through the backbone)."""
+    keys = [k[len(_PEFT_PREFIX):] for k in adapter_keys(adapter) if k.startswith(_PEFT_PREFIX)]
+    return bool(keys) and all(k.startswith(backbone_prefix + ".") for k in keys)
+
+
+def merge_adapter_(model, adapter: str):
+    """Apply ``adapter`` to ``model`` in place and merge it into the weights; returns the merged model.
+
+    Raises:
+        ChipTuningError: adapter weights that find no module in ``model``.
+    """
+    peft, _ = _peft()
+    expected = adapter_keys(adapter)
+    wrapped = peft.PeftModel.from_pretrained(model, adapter)
+    loaded = {key.replace(".default", "") for key in wrapped.state_dict()}
+    missing = [key for key in expected if key not in loaded]
+    if missing:
+        raise ChipTuningError(
+            f"adapter {adapter!r} does not fit {type(model).__name__}: {len(missing)} of {len(expected)} "
+            f"weights have no place (first: {missing[0]}); was it trained on another model?"
+        )
+    merged = wrapped.merge_and_unload()
+    log.info("merged adapter %s (%d weights) into %s", adapter, len(expected), type(model).__name__)
+    return merged
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None = "cpu",
+               device_map: str | None = None, adapter: str | None = None, causal_lm: bool = False):
+    """A registered model in eval mode: the backbone (``AutoModel``) or, with ``causal_lm``, the
+    ``*ForCausalLM`` (backbone + LM head).
+
+    The one loading path of extract, prune and eval, so an adapter lands the same way in each.
 
     Args:
         model_name_or_path: hub id or local directory.
         dtype: fp32, bf16 or fp16.
         device: where to put it (ignored with ``device_map``).
         device_map: e.g. "auto" for models larger than one GPU (needs accelerate).
-        adapter: a PEFT (LoRA) adapter directory merged into the weights before anything else.
+        adapter: a PEFT (LoRA) adapter directory merged into the weights before anything else,
+            whether it was saved from the backbone or from the ``*ForCausalLM``.
+        causal_lm: return the model with its LM head.
+
+    Raises:
+        ChipTuningError: no such model, an unregistered architecture, an adapter that does not fit.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
@@ -152,13 +217,22 @@ def load_backbone(model_name_or_path: str, dtype: str = "fp32", device: str | No
     kwargs = {"dtype": resolve_dtype(dtype)}
     if device_map:
         kwargs["device_map"] = device_map
-    model = AutoModel.from_pretrained(model_name_or_path, **kwargs)
+    model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(model_name_or_path, **kwargs)
     if adapter:
-        try:
-            from peft import PeftModel
-        except ImportError:
-            raise ChipTuningError("--adapter needs the peft package: pip install peft") from None
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        if saved_from_head_model(adapter, getattr(model, "base_model_prefix", "model")):
+            if not causal_lm:  # the adapter names the head model's paths: merge there, keep the backbone
+                model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+            model = merge_adapter_(model, adapter)
+        else:  # saved from the backbone: merge into it in place (a head model holds it)
+            merge_adapter_(base_model(model), adapter)
+        if not causal_lm:
+            model = base_model(model)
     if not device_map:
         model = model.to(resolve_device(device))
     return model.eval()
+
+
+def load_backbone(model_name_or_path: str, dtype: str = "fp32", device: str | None = "cpu",
+                  device_map: str | None = None, adapter: str | None = None):
+    """The model without its LM head (``AutoModel``), in eval mode; see :func:`load_model`."""
+    return load_model(model_name_or_path, dtype=dtype, device=device, device_map=device_map, adapter=adapter)

@@ -4,25 +4,39 @@
 * :func:`prune` - chips directory + model -> pruned checkpoint directory (``chiptuning prune``);
 * :class:`ChipModel` - load a pruned checkpoint and predict from raw text;
 * :func:`evaluate` - run a checkpoint end to end on a labelled file (``chiptuning eval``).
+
+Names resolve lazily, so ``chiptuning.prune.truncate`` needs only torch and the registry (the
+benchmarks run it where the cache's h5py or the tasks' datasets are not installed).
 """
 
-from chiptuning.prune.checkpoint import TaskChip, load_task_chips, prune, save_pruned
-from chiptuning.prune.chip_model import ChipModel
-from chiptuning.prune.evaluate import evaluate
-from chiptuning.prune.hub import push_to_hub
-from chiptuning.prune.provenance import PROVENANCE_FILE, read_provenance, verify_checksums
-from chiptuning.prune.truncate import truncate_
+from __future__ import annotations
 
-__all__ = [
-    "PROVENANCE_FILE",
-    "ChipModel",
-    "TaskChip",
-    "evaluate",
-    "load_task_chips",
-    "prune",
-    "push_to_hub",
-    "read_provenance",
-    "save_pruned",
-    "truncate_",
-    "verify_checksums",
-]
+import importlib
+
+_EXPORTS = {
+    "PROVENANCE_FILE": "provenance",
+    "ChipModel": "chip_model",
+    "TaskChip": "checkpoint",
+    "evaluate": "evaluation",
+    "load_task_chips": "checkpoint",
+    "prune": "checkpoint",
+    "push_to_hub": "hub",
+    "read_provenance": "provenance",
+    "save_pruned": "checkpoint",
+    "truncate_": "truncate",
+    "verify_checksums": "provenance",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'chiptuning.prune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"chiptuning.prune.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -26,7 +26,7 @@ from chiptuning.prune.truncate import check_layer, truncate_
 
 from chiptuning.errors import ChipTuningError, ProvenanceError
 from chiptuning.features import last_token_features
-from chiptuning.models import load_tokenizer, param_stats, resolve_dtype, weights_hash
+from chiptuning.models import load_tokenizer, param_stats, weights_hash
 from chiptuning.registry import base_model, get_spec, num_blocks
 
 log = logging.getLogger(__name__)
@@ -132,21 +132,10 @@ def _prepare_out(out_dir: Path) -> Path:
 
 def _load_model(model_name_or_path: str, dtype: str, device: str, adapter: str | None,
                 causal_lm: bool):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    """The full model (backbone, or ``*ForCausalLM``) with ``adapter`` merged, via the shared loader."""
+    from chiptuning.models import load_model
 
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ChipTuningError(f"cannot load model {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
-    get_spec(config)
-    if adapter:
-        from chiptuning.prune.adapters import load_model_with_adapter
-
-        model = load_model_with_adapter(model_name_or_path, adapter, causal_lm, dtype=resolve_dtype(dtype))
-    else:
-        cls = AutoModelForCausalLM if causal_lm else AutoModel
-        model = cls.from_pretrained(model_name_or_path, dtype=resolve_dtype(dtype))
-    return model.to(device).eval()
+    return load_model(model_name_or_path, dtype=dtype, device=device, adapter=adapter, causal_lm=causal_lm)
 
 
 @dataclass

@@ -175,6 +175,17 @@ class ChipModel:
         A ``str`` is the text itself (text-column tasks) or the value of a one-field template; a
         mapping is a record whose fields the saved template formats.
         """
+        return self._prepare(inputs, task)[0]
+
+    def class_mask(self, inputs: Record | Iterable[Record], task: str | None = None) -> np.ndarray | None:
+        """(N, C) bool, True where a class is one of the input's options (None: all valid).
+
+        A record whose options list has fewer entries than the task has labels (a C3 question
+        with 2 or 3 options) can only be answered with its own options.
+        """
+        return self._prepare(inputs, task)[1]
+
+    def _prepare(self, inputs, task) -> tuple[list[str], np.ndarray | None]:
         from chiptuning.tasks import Example, template_fields
 
         data = self.task_data(task)
@@ -196,12 +207,11 @@ class ChipModel:
                         f"the task's template needs fields {sorted(names)}; pass dicts, not strings"
                     )
                 fields = {next(iter(names)): record}
-            examples.append(Example(id=str(i), fields=fields, label=0, n_choices=len(data.label_names)))
+            examples.append(Example(id=str(i), fields=fields, label=0, n_choices=data.n_choices(fields)))
         data.examples = examples
         prompts, _ = data.build_prompts(self.tokenizer, self.record["tokenizer"].get("max_length"))
-        return prompts
+        return prompts, options_mask([ex.n_choices for ex in examples], len(data.label_names))
 
-    @torch.no_grad()
     def features(self, inputs: Record | Iterable[Record], task: str | None = None,
                  batch_size: int = 16) -> np.ndarray:
         """feature(l) of each input at ``task``'s layer: float32 (N, H), what the chip reads."""
@@ -226,9 +236,11 @@ class ChipModel:
 
     def predict_index(self, inputs: Record | Iterable[Record], task: str | None = None,
                       batch_size: int = 16) -> np.ndarray:
-        """Class index of each input, int64 (N,)."""
+        """Class index of each input, int64 (N,); never a class outside the input's options."""
         name, _ = self._task(task)
-        return np.asarray(self.chips[name].predict(self.features(inputs, task, batch_size))).astype(np.int64)
+        prompts, mask = self._prepare(inputs, task)
+        features = self.features_of_prompts(prompts, task, batch_size)
+        return np.asarray(self.chips[name].predict(features, class_mask=mask)).astype(np.int64)
 
     def predict(self, inputs: Record | Iterable[Record], task: str | None = None,
                 batch_size: int = 16) -> list[str]:
@@ -244,10 +256,21 @@ class ChipModel:
 
     def predict_proba(self, inputs: Record | Iterable[Record], task: str | None = None,
                       batch_size: int = 16) -> np.ndarray:
-        """Class probabilities of each input, (N, C), columns in ``label_names(task)`` order."""
+        """Class probabilities of each input, (N, C), columns in ``label_names(task)`` order
+        (0 for a class that is not one of the input's options)."""
         name, _ = self._task(task)
-        return np.asarray(self.chips[name].predict_proba(self.features(inputs, task, batch_size)))
+        prompts, mask = self._prepare(inputs, task)
+        features = self.features_of_prompts(prompts, task, batch_size)
+        return np.asarray(self.chips[name].predict_proba(features, class_mask=mask))
 
     def __repr__(self) -> str:
         base = self.record["base_model"]["id"]
         return f"ChipModel({base!r} pruned to {self.layer}/{self.record['num_blocks']} blocks, tasks={self.tasks})"
+
+
+def options_mask(n_choices, n_classes: int) -> np.ndarray | None:
+    """(N, C) bool mask of the first ``n_choices[i]`` classes of each row; None when all are valid."""
+    n = np.asarray(n_choices, dtype=np.int64)
+    if n.size == 0 or (n >= n_classes).all():
+        return None
+    return np.arange(n_classes)[None, :] < n[:, None]

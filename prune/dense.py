@@ -74,8 +74,10 @@ def choice_token_ids(tokenizer, label_names: list[str], prompt: str) -> list[int
 
 @torch.no_grad()
 def dense_pass(model, tokenizer, prompts: list[str], layer: int, mode: str, chip, label_names: list[str],
-               max_length: int | None, batch_size: int = 16) -> dict[str, Any]:
+               max_length: int | None, batch_size: int = 16, class_mask: np.ndarray | None = None) -> dict[str, Any]:
     """Run the dense model over ``prompts``: chip predictions at ``layer``, zero-shot, timing.
+
+    ``class_mask`` (N, C) bool limits both predictions to each prompt's options (None: all valid).
 
     Returns:
         {"chip_predictions" (N,), "zero_shot_predictions" (N,) or None, "elapsed_s"}.
@@ -98,10 +100,13 @@ def dense_pass(model, tokenizer, prompts: list[str], layer: int, mode: str, chip
             logits = head(last).float()  # (B, V)
             rows = choices[k * batch_size:(k + 1) * batch_size]
             picked = logits.gather(1, torch.tensor(rows, device=logits.device))  # (B, C)
+            if class_mask is not None:
+                valid = torch.as_tensor(class_mask[k * batch_size:(k + 1) * batch_size], device=picked.device)
+                picked = picked.masked_fill(~valid, float("-inf"))
             zero_shot.append(picked.argmax(-1).cpu().numpy())
     elapsed = time.perf_counter() - started
     return {
-        "chip_predictions": np.asarray(chip.predict(np.concatenate(feats_l))).astype(np.int64),
+        "chip_predictions": np.asarray(chip.predict(np.concatenate(feats_l), class_mask=class_mask)).astype(np.int64),
         "zero_shot_predictions": np.concatenate(zero_shot).astype(np.int64) if choices is not None else None,
         "elapsed_s": elapsed,
     }

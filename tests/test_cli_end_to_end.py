@@ -107,6 +107,8 @@ def good_cache(tmp_path, tiny_models, sentiment_file):
     result = cli("extract", "--model", tiny_models["llama"], "--data", sentiment_file, "--text-column", "text",
                  "--out", out, "--device", "cpu", "--shard-size", "8")
     assert result.exit_code == 0, result.output
+    # The report shows the token each chip reads (the last token of the prompt).
+    assert "what the chip reads" in result.output and "-> '" in result.output
     return out
 
 

@@ -388,3 +388,11 @@ def test_chat_template_prompts_are_shortened_inside_the_field(mc_file, tokenizer
     prompts, n_short = task.build_prompts(chat, max_length=40)
     assert n_short == 1 and len(chat(prompts[0])["input_ids"]) <= 40
     assert prompts[0].startswith("<|user|>Cats purr.") and prompts[0].endswith("B. bark\nAnswer:<|assistant|>")
+
+
+def test_n_choices_of_a_raw_record(mc_file):
+    task = load_task(mc_file, template="{passage}\n{question}\n{options}\nAnswer:", label_column="answer",
+                     labels=list("ABCD"))
+    assert [task.n_choices(ex.fields) for ex in task.examples] == [2, 3, 4]
+    with pytest.raises(DataError, match=r"record has 5 options in 'options'; labels \['A', 'B', 'C', 'D'\] allow 1 to 4"):
+        task.n_choices({"passage": "p", "question": "q", "options": list("vwxyz")})

@@ -27,7 +27,12 @@ def info_cmd(cache_dir, as_json):
         return
     width = max(map(len, info))
     for key, value in info.items():
-        click.echo(f"{key:<{width}}  {value}")
+        if isinstance(value, list) and value and key == "chip_reads":
+            click.echo(f"{key:<{width}}  {value[0]}")
+            for more in value[1:]:
+                click.echo(f"{'':<{width}}  {more}")
+        else:
+            click.echo(f"{key:<{width}}  {value}")
 
 
 @cache_group.command("verify")

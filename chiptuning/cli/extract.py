@@ -51,6 +51,12 @@ def extract_cmd(model, out, device, dtype, batch_size, max_tokens_per_batch, max
     path = extract(config, task)
     info = cache_info(path)
     click.echo(f"cache {path}: {info['rows']} rows, layers {info['layers']}, fingerprint {info['fingerprint']}")
+    if info["n_shortened"]:
+        click.echo(f"{info['n_shortened']} prompts were longer than {info['max_length']} tokens and were "
+                   "shortened inside their long field (question, options and answer cue kept)")
+    click.echo("what the chip reads (last tokens of the first prompts -> the token read):")
+    for line in info["chip_reads"]:
+        click.echo(f"  {line}")
 
 
 COMMANDS = [extract_cmd]

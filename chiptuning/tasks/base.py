@@ -95,6 +95,20 @@ def template_fields(template: str) -> set[str]:
     return roots
 
 
+def choice_field(template: str | None, record: dict[str, Any]) -> str | None:
+    """The first list field ``template`` renders as option lines (``{options}``), else None.
+
+    Its length is the record's number of valid classes (C3 questions have 2 to 4 options); a list
+    joined with ``{field:lines}`` (C3's documents) is text, not options.
+    """
+    if template is None:
+        return None
+    for _, name, spec, _ in _FORMATTER.parse(template):
+        if name and isinstance(record.get(name), (list, tuple)) and spec in ("", "options"):
+            return name
+    return None
+
+
 def format_template(template: str, record: dict[str, Any]) -> str:
     """Format ``template`` over ``record`` (see the module docstring for list fields).
 
@@ -159,6 +173,24 @@ class TaskData:
             chat_template=bool(description.get("chat_template", False)),
             strip_trailing_space=bool(description.get("strip_trailing_space", False)),
         )
+
+    def n_choices(self, record: dict[str, Any] | str) -> int:
+        """Number of valid classes of a raw record: the length of its options list, when the
+        template renders one, else every label (the ``n_choices`` its :class:`Example` would get).
+
+        A checkpoint classifying raw records passes this on as the chip's class mask, so a C3
+        question with 2 options is never answered ``C``.
+
+        Raises:
+            DataError: more options than labels.
+        """
+        name = choice_field(self.template, record) if isinstance(record, dict) else None
+        if name is None:
+            return len(self.label_names)
+        n = len(record[name])
+        if not 1 <= n <= len(self.label_names):
+            raise DataError(f"record has {n} options in {name!r}; labels {self.label_names} allow 1 to {len(self.label_names)}")
+        return n
 
     def format(self, record: dict[str, Any] | str) -> str:
         """The prompt of one record (a dict of fields, or a raw text when a text column is used).

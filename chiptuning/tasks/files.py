@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chiptuning.errors import DataError
-from chiptuning.tasks.base import Example, TaskData, template_fields
+from chiptuning.tasks.base import Example, TaskData, choice_field, template_fields
 
 log = logging.getLogger(__name__)
 
@@ -225,18 +225,6 @@ def label_mapping(values: list[Any], labels: list[str] | None, class_names: list
 # -- building a task -------------------------------------------------------------------------------
 
 
-def _list_choice_field(template: str | None, record: dict[str, Any]) -> str | None:
-    """The first list field a template renders as options (it sets the example's n_choices)."""
-    if template is None:
-        return None
-    from chiptuning.tasks.base import _FORMATTER
-
-    for _, name, spec, _ in _FORMATTER.parse(template):
-        if name and name in record and isinstance(record[name], (list, tuple)) and spec in ("", "options"):
-            return name
-    return None
-
-
 def longest_field(template: str, records: list[dict[str, Any]]) -> str | None:
     """The template field with the most characters over all records (the default truncate field)."""
     names = sorted(template_fields(template))
@@ -320,7 +308,7 @@ def build_user_task(
         ex_id = record.get(id_column)
         ex_id = str(n) if ex_id in (None, "") else str(ex_id)
         n_choices = len(label_names)
-        choices = _list_choice_field(template, record)
+        choices = choice_field(template, record)
         if choices is not None:
             n_choices = len(record[choices])
             if not 1 <= n_choices <= len(label_names) or label >= n_choices:

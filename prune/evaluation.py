@@ -63,7 +63,7 @@ def evaluate(
     Raises:
         DataError: bad data, or labels that differ from the checkpoint's.
     """
-    from chiptuning.prune.chip_model import ChipModel
+    from chiptuning.prune.chip_model import ChipModel, options_mask
 
     from chiptuning.tasks import TaskData, load_task
 
@@ -95,7 +95,8 @@ def evaluate(
     clf.features_of_prompts(prompts[:batch_size], task=name, batch_size=batch_size)  # warm-up, untimed
     started = time.perf_counter()
     features = clf.features_of_prompts(prompts, task=name, batch_size=batch_size)  # (N, H)
-    y_pred = np.asarray(clf.chips[name].predict(features)).astype(np.int64)
+    mask = options_mask([ex.n_choices for ex in data_task.examples], len(saved_labels))
+    y_pred = np.asarray(clf.chips[name].predict(features, class_mask=mask)).astype(np.int64)
     elapsed = time.perf_counter() - started
     n = len(y_true)
     metrics = {
@@ -124,8 +125,9 @@ def evaluate(
                    mode=entry.get("feature_mode", clf.record["feature_mode"]), chip=clf.chips[name],
                    label_names=saved_labels, max_length=clf.record["tokenizer"].get("max_length"),
                    batch_size=batch_size)
-        dense_pass(dense_net, prompts=prompts[:batch_size], **run)  # warm-up, untimed
-        result = dense_pass(dense_net, prompts=prompts, **run)
+        warm_mask = mask[:batch_size] if mask is not None else None
+        dense_pass(dense_net, prompts=prompts[:batch_size], class_mask=warm_mask, **run)  # warm-up, untimed
+        result = dense_pass(dense_net, prompts=prompts, class_mask=mask, **run)
         del dense_net
         dense_pred, zero_shot = result["chip_predictions"], result["zero_shot_predictions"]
         if not np.array_equal(dense_pred, y_pred):
