@@ -83,7 +83,7 @@ def write_synthetic(root: Path, n_train: int, n_eval: int, n_layers: int, hidden
 
 # -- one method, in its own process --------------------------------------------------------------
 
-def run_method(method: str, train: str, evals: str, seed: int) -> dict:
+def run_method(method: str, train: str, evals: str, seed: int, sweep_batch_size: int = 512) -> dict:
     """Train with one method; returns wall time, peak memory and per-layer eval accuracy."""
     import torch
     from chiptuning.cache import CacheReader
@@ -95,22 +95,29 @@ def run_method(method: str, train: str, evals: str, seed: int) -> dict:
     start = time.perf_counter()
     out: dict = {"method": method, "torch_threads": torch.get_num_threads()}
     if method == "sklearn_loop":
+        from chiptuning.probe.batched import choose_threads
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
+        from threadpoolctl import threadpool_limits
 
         train_rows, _ = carve_rows(reader.n_rows, 200, seed, None)
         accs, iters = {}, []
-        for layer in reader.layers:
-            x = reader.layer(layer, train_rows)
-            scaler = StandardScaler().fit(x)
-            clf = LogisticRegression(max_iter=1000).fit(scaler.transform(x), reader.labels[train_rows])
-            accs[layer] = float(clf.score(scaler.transform(ev.layer(layer)), ev.labels))
-            iters.append(int(clf.n_iter_.max()))
+        # The same thread count as our trainer (on this VM 1 thread beats 2 by far for BLAS too),
+        # so the baseline is not slowed down by oversubscription.
+        out["blas_threads"] = choose_threads(None)
+        with threadpool_limits(limits=out["blas_threads"]):
+            for layer in reader.layers:
+                x = reader.layer(layer, train_rows)
+                scaler = StandardScaler().fit(x)
+                clf = LogisticRegression(max_iter=1000).fit(scaler.transform(x), reader.labels[train_rows])
+                accs[layer] = float(clf.score(scaler.transform(ev.layer(layer)), ev.labels))
+                iters.append(int(clf.n_iter_.max()))
         out["eval_accuracy"] = accs
         out["lbfgs_iterations"] = iters
     elif method == "sweep":
         config = SweepConfig(chips=["linear", "mlp"], weight_decays=SWEEP_WEIGHT_DECAYS, lrs=[1e-3],
-                             epochs=[SWEEP_EPOCHS], n_iter_no_change=2, seed=seed)
+                             epochs=[SWEEP_EPOCHS], n_iter_no_change=2, seed=seed, batch_size=sweep_batch_size)
+        out["sweep_batch_size"] = sweep_batch_size
         result = sweep(train, evals, config=config)
         best = {}
         for row in result["best_per_layer"]:
@@ -127,6 +134,7 @@ def run_method(method: str, train: str, evals: str, seed: int) -> dict:
         out["eval_accuracy"] = {m["layer"]: m["eval_accuracy"] for m in chips.metrics}
         out["epochs_run"] = sorted({m["epochs_run"] for m in chips.metrics})
         out["best_epoch"] = [m["best_epoch"] for m in chips.metrics]
+        out["precision"] = chips.config["train"]["precision"]
     out["seconds"] = time.perf_counter() - start
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -155,7 +163,9 @@ def main() -> None:
     parser.add_argument("--real-train", default=None, help="Also run on this real train cache (e.g. MiniLM features).")
     parser.add_argument("--real-eval", default=None, help="Its eval cache.")
     parser.add_argument("--no-synthetic", action="store_true", help="Only the real cache.")
-    parser.add_argument("--json", default="probe_speed.json", help="Where to write the results.")
+    parser.add_argument("--json", default="benchmarks/results/probe_speed.json", help="Where to write the results.")
+    parser.add_argument("--sweep-batch-size", type=int, default=512,
+                        help="Rows per step of the sweep (every setting shares the minibatches).")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--run-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--train", default=None, help=argparse.SUPPRESS)
@@ -163,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.run_method:  # child process: one method
-        print(json.dumps(run_method(args.run_method, args.train, args.eval, args.seed)))
+        print(json.dumps(run_method(args.run_method, args.train, args.eval, args.seed, args.sweep_batch_size)))
         return
 
     methods = [m for m in args.methods.split(",") if m]
@@ -183,12 +193,13 @@ def main() -> None:
     if args.real_train and args.real_eval:
         caches["real"] = (Path(args.real_train), Path(args.real_eval))
 
-    report = {"shape": shape, "cpu_count": os.cpu_count(), "sweep_epochs": SWEEP_EPOCHS, "caches": {}}
+    report = {"shape": shape, "cpu_count": os.cpu_count(), "sweep_epochs": SWEEP_EPOCHS,
+              "sweep_batch_size": args.sweep_batch_size, "methods": methods, "caches": {}}
     for name, (train, evals) in caches.items():
         results, rows = {}, []
         for method in methods:
             cmd = [sys.executable, __file__, "--run-method", method, "--train", str(train), "--eval", str(evals),
-                   "--seed", str(args.seed)]
+                   "--seed", str(args.seed), "--sweep-batch-size", str(args.sweep_batch_size)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -212,6 +223,7 @@ def main() -> None:
             print(f"{r['method']:<18} {r['seconds']:>8.1f} {r['peak_rss_mb']:>8.0f} {r['best_layer']:>10d} "
                   f"{r['best_eval_accuracy']:>9.4f} {r['mean_eval_accuracy']:>9.4f} "
                   f"{'' if diff is None else f'{100 * diff:+.2f} pt':>10} {'' if speed is None else f'{speed:.1f}x':>8}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2, sort_keys=True))
     print(f"\nwrote {args.json}")
     if tmp:

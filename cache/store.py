@@ -92,11 +92,21 @@ def encode(features: np.ndarray, storage_dtype: str) -> np.ndarray:
     raise CacheError(f"unknown storage dtype {storage_dtype!r}; choose one of {STORAGE_DTYPES}")
 
 
-def decode(stored: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """What is stored -> float32."""
+def decode(stored: np.ndarray, storage_dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """What is stored -> float32, written into ``out`` (float32, same shape) when given.
+
+    bfloat16 is decoded in one pass: its 16-bit pattern shifted into the high half of a 32-bit
+    word is the float32 of the same value.
+    """
+    if out is None:
+        if storage_dtype != "bfloat16":
+            return stored.astype(np.float32, copy=False)
+        out = np.empty(stored.shape, dtype=np.float32)
     if storage_dtype == "bfloat16":
-        return (stored.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return stored.astype(np.float32, copy=False)
+        np.left_shift(stored, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = stored
+    return out
 
 
 # -- writer ---------------------------------------------------------------------------------------
@@ -404,6 +414,8 @@ class CacheReader:
         self.n_choices = np.concatenate(cols["n_choices"])[self._order]
         # shard boundaries in shard order, to map a shard-order position to (shard, offset).
         self._starts = np.cumsum([0] + [s["rows"] for s in self.shards])
+        # Shards written in dataset order (the usual single-process case) need no reordering.
+        self._in_order = bool(np.array_equal(self._order, np.arange(len(self._order))))
 
     @property
     def n_rows(self) -> int:
@@ -432,12 +444,38 @@ class CacheReader:
         if layer not in self.layers:
             raise CacheError(f"layer {layer} is not in cache {self.path} (layers {self.layers[0]}..{self.layers[-1]})")
 
-    def layer(self, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
-        """Features of one layer, (N, H) float32 in canonical order, or only ``rows`` of them."""
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """numpy dtype of the stored arrays (uint16 holds bfloat16 bit patterns)."""
+        return np.dtype({"bfloat16": np.uint16, "float16": np.float16}.get(self.storage_dtype, np.float32))
+
+    def layer_stored(self, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """One layer as stored (see :attr:`stored_dtype`), (N, H) in canonical order, or ``rows``.
+
+        Each shard is read straight into one preallocated array; rows are reordered (one copy of
+        the 16-bit data) only when the shards are not already in dataset order.
+        """
         self._check_layer(layer)
-        parts = [self._file(s)["hidden"][str(layer)][:] for s in self.shards]
-        stacked = decode(np.concatenate(parts), self.storage_dtype)[self._order]
-        return stacked if rows is None else stacked[np.asarray(rows)]
+        name = str(layer)
+        stored = np.empty((int(self._starts[-1]), self.hidden_size), dtype=self.stored_dtype)
+        for s, shard in enumerate(self.shards):
+            start, stop = int(self._starts[s]), int(self._starts[s + 1])
+            if stop > start:
+                self._file(shard)["hidden"][name].read_direct(stored, dest_sel=np.s_[start:stop])
+        if rows is not None:
+            rows = np.asarray(rows)
+            return stored[rows if self._in_order else self._order[rows]]
+        return stored if self._in_order else stored[self._order]
+
+    def layer(self, layer: int, rows: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Features of one layer, (N, H) float32 in canonical order, or only ``rows`` of them.
+
+        Args:
+            layer: layer index.
+            rows: canonical row positions to return (default all, in order).
+            out: optional preallocated float32 array of the result's shape to decode into.
+        """
+        return decode(self.layer_stored(layer, rows), self.storage_dtype, out=out)
 
     def iter_batches(
         self, layers: Sequence[int], batch_size: int, rows: np.ndarray | None = None

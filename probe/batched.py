@@ -1,27 +1,36 @@
-"""The batched computation: the chips of many layers (and settings) as one set of tensors.
+"""The batched computation: the chips of many layers and settings as one set of tensors.
 
-Every chip of a group of G layers is a slice ``[g]`` of stacked tensors, so one ``torch.bmm``
-runs all of them on the same minibatch:
+A *bank* holds the chips of G layers x S settings that share everything but their weight decay
+(chip type, learning rate, betas, epochs, precision, ...). Its tensors carry two leading axes,
+``[g, s]``, and the first layer of every chip of a layer is one matrix product:
 
-    linear:  logits = W x + b                     W (G, C, H), b (G, C)
-    mlp:     logits = W1 relu(W2 x + b2) + b1      W2 (G, D, H), b2 (G, D), W1 (G, C, D), b1 (G, C)
+    linear:  logits = W x + b                     W (G, S, C, H), b (G, S, C)
+    mlp:     logits = W1 relu(W2 x + b2) + b1      W2 (G, S, D, H), b2 (G, S, D),
+                                                   W1 (G, S, C, D), b1 (G, S, C)
 
-with ``x`` (G, B, H): row b's feature at each of the G layers. Weights are (out, in) as in
-``torch.nn.Linear``, and the products are taken as ``W @ x^T``: for a handful of classes that
-layout is several times faster on CPU than ``x @ W`` (the weight gradient becomes a short-wide
-product instead of a tall-skinny one). The loss is the sum over chips of
-each chip's mean cross-entropy; the chips share no parameters, and AdamW acts elementwise, so a
-chip trained in a group follows the same trajectory as the chip trained alone (same seed, same
-minibatch order). Every chip starts from the same seeded initialisation whatever its group.
+with ``x`` (G, B, H): row b's feature at each of the G layers. ``W`` is viewed as (G, S*C, H)
+(or ``W2`` as (G, S*D, H)), so one ``torch.bmm`` per step runs every chip of the bank: the
+features are read once per step whatever the number of settings. Weights are (out, in) as in
+``torch.nn.Linear``. The loss is the sum over chips of each chip's mean cross-entropy; the chips
+share no parameters and AdamW acts elementwise (the per-setting weight decay is applied as
+AdamW's decoupled ``p *= 1 - lr * wd``), so a chip trained in a bank follows the same trajectory
+as the chip trained alone (same seed, same minibatch order). Every chip starts from the same
+seeded initialisation whatever its bank.
 
-Settings that share a minibatch order (same batch size and seed) train together as "banks": one
-set of stacked tensors and one optimizer per setting (learning rate, weight decay, chip type).
+Precision: ``float32``, or ``bfloat16`` for the products with the features (the big ones): the
+features are held in bfloat16 and the weights cast per step, while the master weights, the
+optimizer, the loss and the MLP's small second layer stay float32. On CPUs with AMX or
+AVX512-BF16 that product is several times faster than float32; ``"auto"`` picks bfloat16 there
+and float32 elsewhere. Validation (early stopping) always runs in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +42,23 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 TORCH_KINDS = ("linear", "mlp")
+PRECISIONS = ("auto", "float32", "bfloat16")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """"float32" or "bfloat16"; "auto" is bfloat16 on a CPU with AMX / AVX512-BF16, else float32."""
+    if precision in _DTYPES:
+        return precision
+    if precision != "auto":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if torch.device(device).type != "cpu":
+        return "float32"
+    fast = False
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        fast = fast or bool(check is not None and check())
+    return "bfloat16" if fast else "float32"
 
 
 @dataclass(frozen=True)
@@ -54,6 +80,7 @@ class ChipSpec:
         fit_intercept: learn the output bias ``b``; False keeps it at zero (a bias-free chip).
         lr_decay: the learning rate is multiplied by this after every epoch (the same schedule
             for every chip, so chips stay independent); 1 keeps it constant.
+        precision: "float32" or "bfloat16" (of the products with the features; see the module).
     """
 
     kind: str = "linear"
@@ -68,14 +95,22 @@ class ChipSpec:
     tol: float = 1e-4
     fit_intercept: bool = True
     lr_decay: float = 1.0
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.kind not in TORCH_KINDS:
             raise ValueError(f"kind must be one of {TORCH_KINDS}, got {self.kind!r}")
+        if self.precision not in _DTYPES:
+            raise ValueError(f"precision must be float32 or bfloat16 (resolve 'auto' first), got {self.precision!r}")
+
+    def bank_key(self) -> tuple:
+        """Specs with the same key train as one bank (they may differ in weight decay only)."""
+        return (self.kind, self.lr, tuple(self.betas), self.eps, self.epochs, self.hidden, self.early_stopping,
+                self.n_iter_no_change, self.tol, self.fit_intercept, self.lr_decay, self.precision)
 
 
 def param_shapes(kind: str, n_features: int, n_classes: int, hidden: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of one chip's tensors (without the leading chip axis), (out, in) like nn.Linear."""
+    """Shapes of one chip's tensors (without the leading chip axes), (out, in) like nn.Linear."""
     if kind == "linear":
         return {"weight": (n_classes, n_features), "bias": (n_classes,)}
     return {
@@ -86,6 +121,16 @@ def param_shapes(kind: str, n_features: int, n_classes: int, hidden: int) -> dic
     }
 
 
+def _init_one(spec: ChipSpec, n_features: int, n_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(int(seed))
+    params = {}
+    for name, shape in param_shapes(spec.kind, n_features, n_classes, spec.hidden).items():
+        fan_in = n_features if name.endswith("_hidden") or spec.kind == "linear" else spec.hidden
+        bound = 1.0 / math.sqrt(fan_in)
+        params[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    return params
+
+
 def init_params(spec: ChipSpec, n_chips: int, n_features: int, n_classes: int, seed: int) -> dict[str, torch.Tensor]:
     """Seeded initialisation, identical for every chip (so a chip does not depend on its group).
 
@@ -94,33 +139,55 @@ def init_params(spec: ChipSpec, n_chips: int, n_features: int, n_classes: int, s
     Returns:
         name -> float32 tensor (n_chips, *shape), requiring grad.
     """
-    gen = torch.Generator().manual_seed(int(seed))
-    params = {}
-    for name, shape in param_shapes(spec.kind, n_features, n_classes, spec.hidden).items():
-        fan_in = n_features if name.endswith("_hidden") or spec.kind == "linear" else spec.hidden
-        bound = 1.0 / math.sqrt(fan_in)
-        one = (torch.rand(shape, generator=gen) * 2 - 1) * bound
-        params[name] = one.expand(n_chips, *shape).clone().requires_grad_(True)
-    return params
+    return {name: one.expand(n_chips, *one.shape).clone().requires_grad_(True)
+            for name, one in _init_one(spec, n_features, n_classes, seed).items()}
 
 
-def chip_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits of G chips on their layers' features.
+def bank_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Logits of a bank of G x S chips on their layers' features.
 
     Args:
         kind: "linear" or "mlp".
-        params: stacked tensors of :func:`param_shapes`, leading axis G.
-        x: (G, B, H) standardized features.
+        params: tensors of :func:`param_shapes` with leading axes (G, S).
+        x: (G, B, H) standardized features, already in ``dtype``.
+        dtype: precision of the product with the features.
 
     Returns:
-        (G, B, C) logits.
+        (G, S, C, B) float32 logits.
     """
+    first = params["weight" if kind == "linear" else "weight_hidden"]
+    bias = params["bias" if kind == "linear" else "bias_hidden"]
+    G, S, D, H = first.shape
     xt = x.transpose(1, 2)  # (G, H, B), a view
+    if dtype == torch.float32:
+        z = torch.baddbmm(bias.reshape(G, S * D, 1), first.reshape(G, S * D, H), xt)  # (G, S*O, B)
+    else:
+        z = torch.bmm(first.reshape(G, S * D, H).to(dtype), xt).float() + bias.reshape(G, S * D, 1)
     if kind == "linear":
-        out = torch.baddbmm(params["bias"].unsqueeze(2), params["weight"], xt)  # (G, C, B)
-        return out.transpose(1, 2)
-    h = torch.relu(torch.baddbmm(params["bias_hidden"].unsqueeze(2), params["weight_hidden"], xt))  # (G, D, B)
-    return torch.baddbmm(params["bias"].unsqueeze(2), params["weight"], h).transpose(1, 2)  # (G, B, C)
+        return z.view(G, S, D, -1)
+    h = torch.relu(z).view(G * S, D, -1)  # (G*S, D, B)
+    C = params["weight"].shape[2]
+    out = torch.baddbmm(params["bias"].reshape(G * S, C, 1), params["weight"].reshape(G * S, C, D), h)
+    return out.view(G, S, C, -1)
+
+
+def bank_losses(logits: torch.Tensor, y: torch.Tensor, class_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of each chip: logits (G, S, C, B), y (B,) -> (G, S).
+
+    Invalid classes (``class_mask`` (B, C) False) get -inf logits: no probability, no gradient.
+    """
+    G, S, C, B = logits.shape
+    if class_mask is not None:
+        logits = logits.masked_fill(~class_mask.t(), float("-inf"))
+    per_row = F.cross_entropy(logits.reshape(G * S, C, B), y.expand(G * S, B), reduction="none")
+    return per_row.view(G, S, B).mean(dim=2)
+
+
+def chip_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits (G, B, C) of G chips (tensors with one leading axis G) on x (G, B, H), float32."""
+    fused = {k: v.unsqueeze(1) for k, v in params.items()}
+    return bank_logits(kind, fused, x)[:, 0].transpose(1, 2)
 
 
 def mask_logits(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tensor:
@@ -143,48 +210,139 @@ def chip_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(
-    kind: str,
-    params: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    class_mask: torch.Tensor | None = None,
-    chunk: int = 4096,
-) -> torch.Tensor:
-    """Masked logits (G, N, C) of G chips on x (G, N, H), in row chunks to bound memory."""
-    device = params["weight"].device
+def predict_bank(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor,
+                 class_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 chunk: int = 4096) -> torch.Tensor:
+    """Masked logits (G, S, N, C) of a bank on x (G, N, H), in row chunks to bound memory."""
+    first = params["weight" if kind == "linear" else "weight_hidden"]
+    device = first.device
+    G, S = first.shape[:2]
+    C = params["bias"].shape[-1]
     parts = []
     for start in range(0, x.shape[1], chunk):
-        xb = x[:, start:start + chunk].to(device)
+        xb = x[:, start:start + chunk].to(device=device, dtype=dtype)
+        logits = bank_logits(kind, params, xb, dtype).transpose(2, 3)  # (G, S, b, C)
         mb = None if class_mask is None else class_mask[start:start + chunk].to(device)
-        parts.append(mask_logits(chip_logits(kind, params, xb), mb).cpu())
+        parts.append(mask_logits(logits, mb).cpu())
     if not parts:
-        n_classes = params["bias"].shape[-1]
-        return torch.empty(x.shape[0], 0, n_classes)
-    return torch.cat(parts, dim=1)
+        return torch.empty(G, S, 0, C)
+    return torch.cat(parts, dim=2)
 
 
-def standardization(x: np.ndarray, standardize: bool = True, center: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor,
+                   class_mask: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """Masked float32 logits (G, N, C) of G chips (one leading axis) on x (G, N, H)."""
+    fused = {k: v.unsqueeze(1) for k, v in params.items()}
+    return predict_bank(kind, fused, x, class_mask, chunk=chunk)[:, 0]
+
+
+# -- standardization --------------------------------------------------------------------------------
+
+_STATS_CHUNK = 2048
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    x = np.asarray(x)
+    if x.dtype == np.uint16:  # bfloat16 bit patterns (the cache's storage)
+        return torch.from_numpy(np.ascontiguousarray(x)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float16 else np.float32))
+
+
+def _chunks(t: torch.Tensor, rows: np.ndarray | None, buf: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, float32 chunk of ``t[rows]``) by row chunks, decoded into the reused ``buf``
+    (fresh allocations of this size cost page faults on every chunk)."""
+    idx = None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    n = t.shape[0] if idx is None else len(idx)
+    for start in range(0, n, _STATS_CHUNK):
+        src = t[start:start + _STATS_CHUNK] if idx is None else t.index_select(0, idx[start:start + _STATS_CHUNK])
+        chunk = buf[:src.shape[0]]
+        chunk.copy_(src)
+        yield start, chunk
+
+
+class RunningStats:
+    """Per-feature mean and variance merged chunk by chunk (Chan et al.), in float64.
+
+    Each chunk is centered on its own mean before squaring (no cancellation when a feature's
+    mean dwarfs its spread). The result depends only on the values and the chunking, not on
+    their storage dtype: a bfloat16 array and its float32 decoding give identical statistics.
+    """
+
+    def __init__(self, n_features: int) -> None:
+        self.n = 0
+        self.mean = torch.zeros(n_features, dtype=torch.float64)
+        self.m2 = torch.zeros(n_features, dtype=torch.float64)
+
+    def update(self, chunk: torch.Tensor, center: bool = True) -> None:
+        """Merge a (b, H) chunk; a float32 chunk is overwritten (used as scratch)."""
+        b = chunk.shape[0]
+        if b == 0:
+            return
+        f = chunk if chunk.dtype == torch.float32 else chunk.float()
+        if center:
+            mean = f.mean(dim=0)
+            f.sub_(mean)
+        else:
+            mean = torch.zeros(f.shape[1])
+        m2 = f.mul_(f).sum(dim=0).double()
+        mean = mean.double()
+        total = self.n + b
+        delta = mean - self.mean
+        self.mean += delta * (b / total)
+        self.m2 += m2 + delta.square() * (self.n * b / total)
+        self.n = total
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        scale = (self.m2 / max(self.n, 1)).sqrt()
+        scale[scale < 1e-6] = 1.0
+        return self.mean.float().numpy(), scale.float().numpy()
+
+
+def standardization(x, standardize: bool = True, center: bool = True,
+                    rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and scale of one layer's training features.
 
     Args:
-        x: (N, H) features.
+        x: (N, H) features: float32 / float16 numpy, uint16 bfloat16 patterns, or a tensor.
         standardize: False gives mean 0 and scale 1 (the chip sees raw features).
         center: False keeps mean 0 (scale only), so a folded linear chip stays bias-free.
+        rows: only these rows of ``x`` (default all).
 
     Returns:
         mean (H,), scale (H,) float32; a constant feature gets scale 1.
     """
-    H = x.shape[1]
+    t = _as_tensor(x)
+    H = t.shape[1]
     if not standardize:
         return np.zeros(H, np.float32), np.ones(H, np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if center:
-        var, mean = torch.var_mean(t, dim=0, correction=0)  # Welford: no cancellation
-    else:
-        mean, var = torch.zeros(H), t.square().mean(dim=0)
-    scale = var.sqrt()
-    scale[scale < 1e-6] = 1.0
-    return mean.numpy().astype(np.float32), scale.numpy().astype(np.float32)
+    stats = RunningStats(H)
+    buf = torch.empty((min(_STATS_CHUNK, t.shape[0]), H), dtype=torch.float32)
+    for _, chunk in _chunks(t, rows, buf):
+        stats.update(chunk, center=center)
+    mean, scale = stats.result()
+    if not center:
+        mean = np.zeros(H, np.float32)
+    return mean, scale
+
+
+def standardize_into(x, mean: np.ndarray, scale: np.ndarray, out: torch.Tensor,
+                     rows: np.ndarray | None = None) -> torch.Tensor:
+    """``out[i] = (x[rows[i]] - mean) / scale`` in float32, rounded to ``out``'s dtype, by chunks.
+
+    Args:
+        x: (N, H) features (see :func:`standardization`).
+        mean, scale: (H,) float32.
+        out: (len(rows), H) tensor (float32 or bfloat16).
+        rows: rows of ``x`` (default all).
+    """
+    t = _as_tensor(x)
+    m, s = torch.from_numpy(np.asarray(mean, np.float32)), torch.from_numpy(np.asarray(scale, np.float32))
+    buf = torch.empty((min(_STATS_CHUNK, max(out.shape[0], 1)), t.shape[1]), dtype=torch.float32)
+    for start, chunk in _chunks(t, rows, buf):
+        out[start:start + len(chunk)].copy_(chunk.sub_(m).div_(s))
+    return out
 
 
 class Batches(Protocol):
@@ -255,11 +413,12 @@ def fit_banks(
     device: str | torch.device = "cpu",
     callback: Callable[[int, int, np.ndarray], None] | None = None,
 ) -> list[dict]:
-    """Train one bank of G chips per spec on the same minibatches.
+    """Train G chips per spec on the same minibatches; specs differing only in weight decay
+    share one bank (one product with the features per step).
 
     Args:
         data: the training minibatches (G layers).
-        specs: one per bank; all banks see the same rows in the same order.
+        specs: the settings; all see the same rows in the same order.
         n_features: H. n_classes: C.
         seed: initialisation seed (every chip starts from the same draw).
         val: (x (G, Nv, H), y (Nv,), class_mask (Nv, C) | None) for early stopping; None
@@ -268,44 +427,63 @@ def fit_banks(
         callback: called as ``callback(epoch, step, rows)`` after every step (tests, progress).
 
     Returns:
-        Per spec: {"params": name -> (G, ...) float32 tensor (best state), "best_epoch": (G,) int,
-        "epochs_run": epochs the bank ran, "chip_epochs": (G,) epochs until each chip stopped,
-        "val_loss": (G,) validation loss of the kept state or None}.
+        Per spec, in order: {"params": name -> (G, ...) float32 tensor (kept state),
+        "best_epoch": (G,) int, "epochs_run": epochs its bank ran, "chip_epochs": (G,) epochs
+        until each chip stopped, "val_loss": (G,) validation loss of the kept state or None}.
     """
     device = torch.device(device)
+    G = data.n_chips
+    keys: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        keys.setdefault(spec.bank_key(), []).append(i)
+    if val is not None:
+        val = (val[0].to(device=device, dtype=torch.float32), val[1].to(device),
+               None if val[2] is None else val[2].to(device))
     banks = []
-    for spec in specs:
-        params = {k: v.detach().to(device).requires_grad_(True)
-                  for k, v in init_params(spec, data.n_chips, n_features, n_classes, seed).items()}
+    for members in keys.values():
+        spec = specs[members[0]]
+        S = len(members)
+        one = _init_one(spec, n_features, n_classes, seed)
+        params = {k: v.expand(G, S, *v.shape).clone().to(device).requires_grad_(True) for k, v in one.items()}
         if not spec.fit_intercept:
             params["bias"] = params["bias"].detach().zero_()  # a constant zero, never trained
         trained = [v for k, v in params.items() if k != "bias" or spec.fit_intercept]
-        optimizer = torch.optim.AdamW(trained, lr=spec.lr, betas=spec.betas,
-                                      eps=spec.eps, weight_decay=spec.weight_decay)
+        decays = [specs[i].weight_decay for i in members]
+        uniform = len(set(decays)) == 1
+        optimizer = torch.optim.AdamW(trained, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                                      weight_decay=decays[0] if uniform else 0.0, **_fused(device))
+        shape = (G, S)
         banks.append({
-            "spec": spec, "params": params, "optimizer": optimizer,
+            "spec": spec, "members": members, "params": params, "trained": trained, "optimizer": optimizer,
+            "decays": None if uniform else decays, "dtype": _DTYPES[spec.precision],
             "best": {k: v.detach().clone() for k, v in params.items()},
-            "best_loss": torch.full((data.n_chips,), float("inf")),
-            "best_epoch": torch.zeros(data.n_chips, dtype=torch.long),
-            "bad": torch.zeros(data.n_chips, dtype=torch.long),
-            "done": torch.zeros(data.n_chips, dtype=torch.bool),
-            "stopped": torch.zeros(data.n_chips, dtype=torch.long),  # epochs each chip trained
+            "best_loss": torch.full(shape, float("inf")),
+            "best_epoch": torch.zeros(shape, dtype=torch.long),
+            "bad": torch.zeros(shape, dtype=torch.long),
+            "done": torch.zeros(shape, dtype=torch.bool),
+            "stopped": torch.zeros(shape, dtype=torch.long),  # epochs each chip trained
             "epochs_run": 0,
             "early": spec.early_stopping and val is not None,
         })
     step = 0
-    for epoch in range(max(spec.epochs for spec in specs)):
+    for epoch in range(max(b["spec"].epochs for b in banks)):
         active = [b for b in banks if not bool(b["done"].all()) and epoch < b["spec"].epochs]
         if not active:
             break
         for rows, xb, yb, mb in data.epoch(epoch):
-            xb, yb = xb.to(device), yb.to(device)
+            yb = yb.to(device)
             mb = None if mb is None else mb.to(device)
+            cast: dict[torch.dtype, torch.Tensor] = {}
             for bank in active:
-                logits = mask_logits(chip_logits(bank["spec"].kind, bank["params"], xb), mb)  # (G, B, C)
-                loss = chip_losses(logits, yb).sum()
+                dtype = bank["dtype"]
+                if dtype not in cast:
+                    cast[dtype] = xb.to(device=device, dtype=dtype)
+                logits = bank_logits(bank["spec"].kind, bank["params"], cast[dtype], dtype)
+                loss = bank_losses(logits, yb, mb).sum()
                 bank["optimizer"].zero_grad(set_to_none=True)
                 loss.backward()
+                if bank["decays"] is not None:
+                    _decay(bank)
                 bank["optimizer"].step()
             if callback is not None:
                 callback(epoch, step, rows)
@@ -321,25 +499,100 @@ def fit_banks(
                 bank["done"][:] = True
             bank["stopped"] = torch.where(live & bank["done"], torch.full_like(bank["stopped"], epoch + 1),
                                           bank["stopped"])
-    results = []
+    results: list[dict | None] = [None] * len(specs)
     for bank in banks:
         if bank["early"]:
             params, val_loss = bank["best"], bank["best_loss"]
         else:
-            params = {k: v.detach().clone() for k, v in bank["params"].items()}
+            params = {k: v.detach() for k, v in bank["params"].items()}
             val_loss = None
             bank["best_epoch"][:] = bank["epochs_run"] - 1
-        results.append({
-            "params": {k: v.cpu() for k, v in params.items()},
-            "best_epoch": bank["best_epoch"].numpy().copy(),
-            "epochs_run": bank["epochs_run"],
-            "chip_epochs": torch.where(bank["stopped"] > 0, bank["stopped"],
-                                       torch.full_like(bank["stopped"], bank["epochs_run"])).numpy(),
-            "val_loss": None if val_loss is None else val_loss.numpy().copy(),
-        })
+        chip_epochs = torch.where(bank["stopped"] > 0, bank["stopped"],
+                                  torch.full_like(bank["stopped"], bank["epochs_run"]))
+        for s, i in enumerate(bank["members"]):
+            results[i] = {
+                "params": {k: v[:, s].detach().cpu().clone() for k, v in params.items()},
+                "best_epoch": bank["best_epoch"][:, s].numpy().copy(),
+                "epochs_run": bank["epochs_run"],
+                "chip_epochs": chip_epochs[:, s].numpy().copy(),
+                "val_loss": None if val_loss is None else val_loss[:, s].numpy().copy(),
+            }
     return results
 
 
+def _fused(device: torch.device) -> dict:
+    """``fused=True`` (one pass over each tensor per step, several times faster than the
+    default on CPU) where this torch supports it for the device."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = _get_fused_kernels_supported_devices()
+    except Exception:  # a private helper: never let it break training
+        devices = ["cuda"]
+    return {"fused": True} if device.type in devices else {}
+
+
+_THREADS: dict[int, int] = {}
+
+
+def choose_threads(requested: int | None = None) -> int:
+    """Torch threads for the trainer: ``requested``, or the faster of 1 and one per CPU.
+
+    The choice (made once per process) times a small product with the features and an
+    optimizer-like elementwise update each way: where the CPUs the OS reports share physical
+    cores (common on virtual machines), one thread is often several times faster than two.
+    """
+    if requested:
+        return int(requested)
+    n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n_cpu <= 1:
+        return 1
+    if n_cpu not in _THREADS:
+        before = torch.get_num_threads()
+        x, w = torch.randn(256, 1024), torch.randn(512, 1024)
+        p, g = torch.randn(1 << 20), torch.randn(1 << 20)
+        timings = {}
+        try:
+            for n in (1, n_cpu):
+                torch.set_num_threads(n)
+                best = float("inf")
+                for _ in range(3):
+                    start = time.perf_counter()
+                    for _ in range(2):
+                        x @ w.t()
+                        p.mul_(0.999).addcmul_(g, g, value=1e-3)
+                    best = min(best, time.perf_counter() - start)
+                timings[n] = best
+        finally:
+            torch.set_num_threads(before)
+        _THREADS[n_cpu] = min(timings, key=timings.get)
+        log.info("torch threads: %d (timed %s)", _THREADS[n_cpu],
+                 {n: f"{1e3 * t:.1f} ms" for n, t in timings.items()})
+    return _THREADS[n_cpu]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``torch.set_num_threads(n)``, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def _decay(bank: dict) -> None:
+    """AdamW's decoupled weight decay, one value per setting: ``p *= 1 - lr * wd`` (the factor
+    computed in double and rounded, as torch does with a scalar weight decay)."""
+    lr = bank["optimizer"].param_groups[0]["lr"]
+    factors = torch.tensor([1.0 - lr * wd for wd in bank["decays"]], dtype=torch.float32)
+    for p in bank["trained"]:
+        p.mul_(factors.to(p.device).view(1, -1, *([1] * (p.dim() - 2))))
+
+
+@torch.no_grad()
 def _early_stopping_update(bank: dict, val, epoch: int) -> None:
     """Snapshot the chips whose validation loss improved; retire the ones out of patience.
 
@@ -348,12 +601,14 @@ def _early_stopping_update(bank: dict, val, epoch: int) -> None:
     """
     spec: ChipSpec = bank["spec"]
     x_val, y_val, m_val = val
-    logits = predict_logits(spec.kind, bank["params"], x_val, m_val)  # (G, Nv, C)
-    losses = chip_losses(logits, y_val)  # (G,)
+    logits = predict_bank(spec.kind, bank["params"], x_val, m_val)  # (G, S, Nv, C), float32
+    G, S, Nv, C = logits.shape
+    losses = F.cross_entropy(logits.reshape(G * S * Nv, C), y_val.cpu().repeat(G * S),
+                             reduction="none").view(G, S, Nv).mean(dim=2)
     live = ~bank["done"]
     improved = (losses < bank["best_loss"] - spec.tol) & live
     for name, value in bank["params"].items():
-        keep = improved.to(value.device).view(-1, *([1] * (value.dim() - 1)))
+        keep = improved.to(value.device).view(G, S, *([1] * (value.dim() - 2)))
         bank["best"][name] = torch.where(keep, value.detach(), bank["best"][name])
     bank["best_loss"] = torch.where(improved, losses, bank["best_loss"])
     bank["best_epoch"] = torch.where(improved, torch.full_like(bank["best_epoch"], epoch), bank["best_epoch"])

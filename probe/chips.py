@@ -23,7 +23,9 @@ from chiptuning.probe.batched import (
     fit_banks,
     param_shapes,
     predict_logits,
+    resolve_precision,
     standardization,
+    standardize_into,
 )
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
@@ -132,6 +134,7 @@ class _TorchChip(_ChipBase):
             eps=1e-8, epochs=self.epochs, hidden=getattr(self, "hidden", 256),
             early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change, tol=self.tol,
             fit_intercept=getattr(self, "fit_intercept", True),
+            precision=resolve_precision(self.precision, self.device),
         )
 
     def fit(self, X, y, class_mask=None):
@@ -156,20 +159,22 @@ class _TorchChip(_ChipBase):
             if n_val >= n:
                 raise ValueError(f"validation_fraction={self.validation_fraction} leaves no training rows")
             train_rows, val_rows = split_validation(n, n_val, seed)
-        self.mean_, self.scale_ = standardization(X[train_rows], self.standardize,
+        spec = self._spec()
+        self.mean_, self.scale_ = standardization(X, self.standardize, rows=train_rows,
                                                   center=getattr(self, "fit_intercept", True))
-        Xs = torch.from_numpy(self._standardize(X))
         y_t = torch.from_numpy(y_idx)
         m_t = None if mask is None else torch.from_numpy(mask)
 
-        def part(rows):
+        def part(rows, dtype):
+            # x: (1, n, H), standardized exactly as the batched trainer does (float32, then dtype)
+            x = standardize_into(X, self.mean_, self.scale_, torch.empty((len(rows), H), dtype=dtype), rows=rows)
             idx = torch.from_numpy(rows)
-            return Xs[idx].unsqueeze(0), y_t[idx], None if m_t is None else m_t[idx]  # x: (1, n, H)
+            return x.unsqueeze(0), y_t[idx], None if m_t is None else m_t[idx]
 
-        x_tr, y_tr, m_tr = part(train_rows)
-        val = None if val_rows is None else part(val_rows)
+        x_tr, y_tr, m_tr = part(train_rows, torch.bfloat16 if spec.precision == "bfloat16" else torch.float32)
+        val = None if val_rows is None else part(val_rows, torch.float32)
         data = InMemoryBatches(x_tr, y_tr, m_tr, self.batch_size, seed, shuffle=self.shuffle)
-        result = fit_banks(data, [self._spec()], H, C, seed=seed, val=val, device=self.device)[0]
+        result = fit_banks(data, [spec], H, C, seed=seed, val=val, device=self.device)[0]
         self._set_params({k: v[0].numpy() for k, v in result["params"].items()})
         self.n_iter_ = int(result["epochs_run"])
         self.best_epoch_ = int(result["best_epoch"][0])
@@ -227,6 +232,9 @@ _TORCH_DOC_ARGS = """
         device: torch device to train on.
         verbose: unused by the torch chips (logging is configured by the caller); kept for the
             scikit-learn convention.
+        precision: "auto", "float32" or "bfloat16": precision of the products with the features
+            in training ("auto": bfloat16 on CPUs with AMX / AVX512-BF16, else float32);
+            prediction is always float32.
 """
 
 
@@ -248,7 +256,7 @@ class LinearChip(_TorchChip):
                  standardize: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, n_iter_no_change: int = 3, tol: float = 1e-4,
                  shuffle: bool = True, fit_intercept: bool = True, classes=None, random_state=None,
-                 device: str = "cpu", verbose: int = 0) -> None:
+                 device: str = "cpu", verbose: int = 0, precision: str = "auto") -> None:
         self.lr = lr
         self.weight_decay = weight_decay
         self.epochs = epochs
@@ -265,6 +273,7 @@ class LinearChip(_TorchChip):
         self.random_state = random_state
         self.device = device
         self.verbose = verbose
+        self.precision = precision
 
     def _set_params(self, params):
         self.coef_ = params["weight"].copy()  # (C, H)
@@ -298,7 +307,7 @@ class MLPChip(_TorchChip):
                  standardize: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, n_iter_no_change: int = 3, tol: float = 1e-4,
                  shuffle: bool = True, classes=None, random_state=None, device: str = "cpu",
-                 verbose: int = 0) -> None:
+                 verbose: int = 0, precision: str = "auto") -> None:
         self.hidden = hidden
         self.lr = lr
         self.weight_decay = weight_decay
@@ -315,6 +324,7 @@ class MLPChip(_TorchChip):
         self.random_state = random_state
         self.device = device
         self.verbose = verbose
+        self.precision = precision
 
     def _set_params(self, params):
         # scikit-learn's MLP layout is (in, out); the batched trainer's is (out, in).

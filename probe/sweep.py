@@ -16,22 +16,29 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from chiptuning.probe.artifacts import plot_layer_accuracy, write_json
-from chiptuning.probe.batched import ChipSpec, InMemoryBatches, fit_banks, standardization
+from chiptuning.probe.batched import (
+    PRECISIONS,
+    ChipSpec,
+    choose_threads,
+    resolve_precision,
+    torch_threads,
+)
 from chiptuning.probe.chips import LogRegChip
 from chiptuning.probe.train import (
     _class_mask,
-    _load_group,
+    _feature_dtype,
+    _group_size,
     _n_classes,
-    _score,
     carve_rows,
     check_same_source,
+    fit_group,
     open_cache,
 )
 
@@ -65,6 +72,11 @@ class SweepConfig:
             or a Ray address (default "auto"). Without it, Dask uses the client already
             created in this process.
         max_memory_mb: feature memory budget of one task (``--max-memory-mb``).
+        precision: "auto", "float32" or "bfloat16" for the torch chips (``--precision``); see
+            :class:`~chiptuning.probe.train.TrainConfig`.
+        threads: torch threads per task (``--threads``); None: with one job the faster of 1 and
+            one per CPU (:func:`~chiptuning.probe.batched.choose_threads`), with n jobs the CPUs
+            shared between them.
     """
 
     chips: list[str] = field(default_factory=lambda: ["linear", "mlp"])
@@ -82,6 +94,8 @@ class SweepConfig:
     backend: str | None = None
     scheduler: str | None = None
     max_memory_mb: int = 2048
+    precision: str = "auto"
+    threads: int | None = None
 
     def validate(self) -> None:
         unknown = sorted(set(self.chips) - {"linear", "mlp", "logreg"})
@@ -93,11 +107,14 @@ class SweepConfig:
                 raise ChipTuningError(f"{flag} needs at least one value")
         if min(self.Cs) <= 0 or min(self.lrs) <= 0 or min(self.epochs) <= 0 or min(self.weight_decays) < 0:
             raise ChipTuningError("--C, --lr and --epochs must be > 0 and --weight-decay >= 0")
+        if self.precision not in PRECISIONS:
+            raise ChipTuningError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def specs(self) -> list[ChipSpec]:
         """One torch ChipSpec per (chip, lr, weight decay, epochs)."""
+        precision = resolve_precision(self.precision)
         return [ChipSpec(kind=kind, lr=lr, weight_decay=wd, epochs=ep, hidden=self.hidden,
-                         n_iter_no_change=self.n_iter_no_change)
+                         n_iter_no_change=self.n_iter_no_change, precision=precision)
                 for kind in self.chips if kind != "logreg"
                 for lr in self.lrs for wd in self.weight_decays for ep in self.epochs]
 
@@ -144,13 +161,15 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     specs = config.specs()
     tasks = []
     if specs:
-        per_layer = (len(train_rows) + len(val_rows)) * train.hidden_size * 4
-        G = max(1, min(len(layers), int(config.max_memory_mb * 2**20 // max(per_layer, 1))))
+        itemsize = _feature_dtype(train, specs, True).itemsize
+        G = _group_size(len(train_rows), len(val_rows), int(train.hidden_size), len(layers),
+                        config.max_memory_mb, itemsize)
         # With several workers, smaller groups keep them all busy.
         G = max(1, min(G, -(-len(layers) // max(1, config.n_jobs))))
         for i in range(0, len(layers), G):
             tasks.append(delayed(_torch_task)(t_src, e_src, layers[i:i + G], train_rows, val_rows, specs,
-                                              config.batch_size, config.seed, config.n_jobs))
+                                              config.batch_size, config.seed, config.n_jobs,
+                                              config.max_memory_mb, config.threads))
     if "logreg" in config.chips:
         for layer in layers:
             tasks.append(delayed(_logreg_task)(t_src, e_src, layer, train_rows, val_rows, config.Cs, config.seed))
@@ -233,59 +252,32 @@ def _write(out: Path, result: dict, n_classes: int) -> None:
                         title="best setting per layer (chosen on validation)")
 
 
-def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, seed, n_jobs) -> list[dict]:
+def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, seed, n_jobs,
+                max_memory_mb=2048, threads=None) -> list[dict]:
     """Train every torch setting on a group of layers; one row per (setting, layer)."""
-    if n_jobs and n_jobs > 1:
-        # Workers share the machine: oversubscribed BLAS threads slow every worker down.
-        torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // n_jobs))
+    if not threads and n_jobs and n_jobs > 1:
+        # Workers share the machine: oversubscribed threads slow every worker down.
+        threads = max(1, (os.cpu_count() or 1) // n_jobs)
     train = open_cache(t_src)
     evals = open_cache(e_src) if e_src is not None else None
-    C = _n_classes(train)
-    H = int(train.hidden_size)
-    sel = np.concatenate([train_rows, val_rows])
-    x = _load_group(train, layers, sel)  # (G, n_train + n_val, H)
-    stats = [standardization(x[j, :len(train_rows)]) for j in range(len(layers))]
-    for j, (mean, scale) in enumerate(stats):
-        x[j] -= mean
-        x[j] /= scale
-    x = torch.from_numpy(x)
-    y = torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
-    mask = _class_mask(train, C)
-    mask = None if mask is None else torch.from_numpy(mask)
-
-    def part(t, rows):
-        return None if t is None else t[torch.from_numpy(rows)]
-
-    x_tr, x_val = x[:, :len(train_rows)], x[:, len(train_rows):]
-    val = (x_val, part(y, val_rows), part(mask, val_rows))
-    data = InMemoryBatches(x, part(y, train_rows), part(mask, train_rows), batch_size, seed,
-                           rows=np.arange(len(train_rows)))
-    results = fit_banks(data, specs, H, C, seed=seed, val=val)
-    ev = None
-    if evals is not None:
-        xe = _load_group(evals, layers, np.arange(evals.n_rows))
-        for j, (mean, scale) in enumerate(stats):
-            xe[j] -= mean
-            xe[j] /= scale
-        m = _class_mask(evals, C)
-        ev = (torch.from_numpy(xe), torch.from_numpy(np.asarray(evals.labels, dtype=np.int64)),
-              None if m is None else torch.from_numpy(m))
+    with torch_threads(choose_threads(threads)):
+        fitted = fit_group(train, evals, layers, train_rows, val_rows, specs, n_classes=_n_classes(train),
+                           batch_size=batch_size, seed=seed, max_memory_mb=max_memory_mb)
     rows = []
-    for spec, result in zip(specs, results):
-        params = result["params"]
-        tr_acc, _, _ = _score(spec.kind, params, x_tr, part(y, train_rows), part(mask, train_rows))
-        va_acc, va_loss, _ = _score(spec.kind, params, *val)
-        ev_acc, ev_loss = (None, None) if ev is None else _score(spec.kind, params, *ev)[:2]
+    for spec, result, scored in zip(specs, fitted["results"], fitted["scores"]):
         for j, layer in enumerate(layers):
-            rows.append({
-                "chip": spec.kind, "setting": _setting(spec), "layer": layer, "lr": spec.lr,
-                "weight_decay": spec.weight_decay, "epochs": spec.epochs, "C": None,
-                "train_accuracy": float(tr_acc[j]), "val_accuracy": float(va_acc[j]),
-                "val_loss": float(va_loss[j]),
-                "eval_accuracy": None if ev_acc is None else float(ev_acc[j]),
-                "eval_loss": None if ev_loss is None else float(ev_loss[j]),
-                "best_epoch": int(result["best_epoch"][j]), "epochs_run": int(result["chip_epochs"][j]),
-            })
+            row = {"chip": spec.kind, "setting": _setting(spec), "layer": layer, "lr": spec.lr,
+                   "weight_decay": spec.weight_decay, "epochs": spec.epochs, "C": None,
+                   "best_epoch": int(result["best_epoch"][j]), "epochs_run": int(result["chip_epochs"][j])}
+            for name in ("train", "val", "eval"):
+                acc, loss, _ = scored.get(name, (None, None, None))
+                row[f"{name}_accuracy"] = None if acc is None else float(acc[j])
+                if name != "train":
+                    row[f"{name}_loss"] = None if loss is None else float(loss[j])
+            rows.append(row)
+    for cache in (train, evals):
+        if cache is not None and isinstance(t_src, (str, Path)) and hasattr(cache, "close"):
+            cache.close()
     return rows
 
 
@@ -297,9 +289,12 @@ def _logreg_task(t_src, e_src, layer, train_rows, val_rows, Cs, seed) -> list[di
     x = train.layer(layer)
     y = np.asarray(train.labels)
     xe = None if evals is None else evals.layer(layer)
+    from threadpoolctl import threadpool_limits
+
     rows = []
     for C in Cs:
-        chip = LogRegChip(C=C, classes=list(range(C_classes)), random_state=seed).fit(x[train_rows], y[train_rows])
+        with threadpool_limits(limits=choose_threads(None)):
+            chip = LogRegChip(C=C, classes=list(range(C_classes)), random_state=seed).fit(x[train_rows], y[train_rows])
         row = {"chip": "logreg", "setting": _setting(C=C), "layer": layer, "lr": None, "weight_decay": None,
                "epochs": None, "C": C, "best_epoch": None, "epochs_run": int(chip.n_iter_)}
         parts = {"train": (x[train_rows], y[train_rows], _class_mask(train, C_classes, train_rows)),

@@ -22,14 +22,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from chiptuning.probe.artifacts import ChipSet
 from chiptuning.probe.batched import (
+    PRECISIONS,
     ChipSpec,
     InMemoryBatches,
-    chip_losses,
+    RunningStats,
+    choose_threads,
     fit_banks,
-    predict_logits,
+    predict_bank,
+    resolve_precision,
     standardization,
+    standardize_into,
+    torch_threads,
 )
 from chiptuning.probe.chips import CHIP_KINDS, LogRegChip, mask_from_n_choices, split_validation
 
@@ -41,9 +47,11 @@ log = logging.getLogger(__name__)
 #: Training regimes of the torch chips. "paper" is the Chip-Tuning paper's setting, exactly.
 REGIMES: dict[str, dict[str, Any]] = {
     "default": dict(lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), batch_size=128, epochs=30,
-                    early_stopping=True, n_iter_no_change=3, standardize=True, max_train_rows=None),
+                    early_stopping=True, n_iter_no_change=3, standardize=True, max_train_rows=None,
+                    precision="auto"),
     "paper": dict(lr=1e-5, weight_decay=0.01, betas=(0.9, 0.99), batch_size=1, epochs=1,
-                  early_stopping=False, n_iter_no_change=3, standardize=False, max_train_rows=20000),
+                  early_stopping=False, n_iter_no_change=3, standardize=False, max_train_rows=20000,
+                  precision="float32"),
 }
 
 #: Metadata fields that must agree between a train and an eval cache (when both record them).
@@ -70,6 +78,9 @@ class TrainConfig:
         n_iter_no_change: early-stopping patience in epochs (``--patience``).
         standardize: standardize features per layer with training statistics (saved).
         max_train_rows: use at most this many training rows (seeded choice); the paper's 20,000.
+        precision: "auto", "float32" or "bfloat16": precision of the products with the features
+            (``--precision``); "auto" (default regime) is bfloat16 on CPUs with AMX / AVX512-BF16,
+            float32 elsewhere; the paper regime is float32. Saved resolved.
         hidden: MLP hidden width (``--hidden``).
         C: inverse regularization of the logreg chips (``--C``).
         max_iter: solver iterations of the logreg chips.
@@ -79,6 +90,8 @@ class TrainConfig:
         n_jobs: joblib workers for the logreg chips (``--n-jobs``).
         device: torch device (``--device``).
         max_memory_mb: feature memory budget of the torch trainer (``--max-memory-mb``).
+        threads: torch threads of the torch trainer (``--threads``); None picks the faster of 1
+            and one per CPU (see :func:`~chiptuning.probe.batched.choose_threads`).
     """
 
     chip: str = "linear"
@@ -92,6 +105,7 @@ class TrainConfig:
     n_iter_no_change: int | None = None
     standardize: bool | None = None
     max_train_rows: int | None = None
+    precision: str | None = None
     hidden: int = 256
     C: float = 1.0
     max_iter: int = 1000
@@ -101,6 +115,7 @@ class TrainConfig:
     n_jobs: int | None = None
     device: str = "cpu"
     max_memory_mb: int = 2048
+    threads: int | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the regime's values filled in, checked (errors name the CLI flag)."""
@@ -116,6 +131,9 @@ class TrainConfig:
             filled["max_train_rows"] = preset["max_train_rows"]
         cfg = replace(self, **filled)
         cfg.betas = tuple(cfg.betas)
+        if cfg.precision not in PRECISIONS:
+            raise ChipTuningError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+        cfg.precision = resolve_precision(cfg.precision, cfg.device)
         for name, value in (("--lr", cfg.lr), ("--batch-size", cfg.batch_size), ("--epochs", cfg.epochs),
                             ("--hidden", cfg.hidden), ("--C", cfg.C), ("--max-memory-mb", cfg.max_memory_mb)):
             if value is None or value <= 0:
@@ -130,7 +148,7 @@ class TrainConfig:
         """The batched trainer's settings for a torch chip."""
         return ChipSpec(kind=self.chip, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
                         epochs=self.epochs, hidden=self.hidden, early_stopping=self.early_stopping,
-                        n_iter_no_change=self.n_iter_no_change)
+                        n_iter_no_change=self.n_iter_no_change, precision=self.precision)
 
     def chip_params(self, n_classes: int) -> dict:
         """Estimator params of the chip this config trains (what ``load_chips`` rebuilds)."""
@@ -140,7 +158,8 @@ class TrainConfig:
         params = dict(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
                       batch_size=self.batch_size, betas=list(self.betas), standardize=self.standardize,
                       early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change,
-                      classes=list(range(n_classes)), random_state=self.seed, device="cpu")
+                      classes=list(range(n_classes)), random_state=self.seed, device="cpu",
+                      precision=self.precision)
         if self.chip == "mlp":
             params["hidden"] = self.hidden
         return params
@@ -289,8 +308,9 @@ def train_chips(
         tensors, sk_chips, metrics, preds = None, *_train_logreg(train, evals, layers, train_rows, val_rows, C, cfg)
     else:
         sk_chips = None
-        tensors, metrics, preds = _train_torch(train, evals, layers, train_rows, val_rows, C, cfg,
-                                               progress=progress, callback=callback)
+        with torch_threads(choose_threads(cfg.threads)):
+            tensors, metrics, preds = _train_torch(train, evals, layers, train_rows, val_rows, C, cfg,
+                                                   progress=progress, callback=callback)
     config_dict = {
         "chiptuning_version": __version__,
         "chip": cfg.chip,
@@ -328,9 +348,33 @@ def _cache_record(cache, with_meta: bool = True) -> dict:
     return record
 
 
-def _group_size(n_rows: int, hidden: int, n_layers: int, max_memory_mb: int) -> int:
-    per_layer = n_rows * hidden * 4  # float32 features of one layer
+def _feature_dtype(cache, specs: list[ChipSpec], standardize: bool) -> torch.dtype:
+    """dtype of the in-memory training features of a group.
+
+    bfloat16 when every spec computes in bfloat16, or when the chips read raw (unstandardized)
+    features of a bfloat16 cache (an exact copy of what is stored, half the memory); else float32.
+    """
+    if specs and all(s.precision == "bfloat16" for s in specs):
+        return torch.bfloat16
+    if not standardize and getattr(cache, "storage_dtype", None) == "bfloat16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def _group_size(n_train: int, n_other: int, hidden: int, n_layers: int, max_memory_mb: float,
+                itemsize: int = 4) -> int:
+    """Layers per group so that the group's features (training rows in their dtype, validation
+    rows in float32) fit in ``max_memory_mb``."""
+    per_layer = (n_train * itemsize + n_other * 4) * hidden
     return max(1, min(n_layers, int(max_memory_mb * 2**20 // max(per_layer, 1))))
+
+
+def _read_layer(cache, layer: int):
+    """One whole layer as stored (bfloat16 bit patterns stay 16-bit), or float32 for any object
+    with only the documented ``layer`` method."""
+    if hasattr(cache, "layer_stored"):
+        return cache.layer_stored(layer)
+    return cache.layer(layer)
 
 
 def _load_group(cache, layers: list[int], rows: np.ndarray) -> np.ndarray:
@@ -339,6 +383,130 @@ def _load_group(cache, layers: list[int], rows: np.ndarray) -> np.ndarray:
     for j, layer in enumerate(layers):
         out[j] = cache.layer(layer, rows)
     return out
+
+
+def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_rows: list[np.ndarray], *,
+                      standardize: bool = True, dtype: torch.dtype = torch.float32):
+    """Read each layer once; compute its statistics on ``train_rows`` and standardize.
+
+    Returns:
+        x (G, len(train_rows), H) in ``dtype``, [(G, len(rows), H) float32 for each of
+        ``other_rows``], stats [(mean (H,), scale (H,))] per layer.
+    """
+    G, H = len(layers), int(cache.hidden_size)
+    x = torch.empty((G, len(train_rows), H), dtype=dtype)
+    others = [torch.empty((G, len(rows), H), dtype=torch.float32) for rows in other_rows]
+    stats = []
+    for j, layer in enumerate(layers):
+        raw = _read_layer(cache, layer)
+        mean, scale = standardization(raw, standardize, rows=train_rows)
+        standardize_into(raw, mean, scale, x[j], rows=train_rows)
+        for rows, out in zip(other_rows, others):
+            standardize_into(raw, mean, scale, out[j], rows=rows)
+        stats.append((mean, scale))
+        del raw
+    return x, others, stats
+
+
+def _standardized(cache, layers, rows, stats, *, stream: bool = False) -> torch.Tensor:
+    """(G, len(rows), H) float32 features of ``rows`` standardized with the training statistics.
+
+    ``stream`` reads them with ``iter_batches`` (memory bounded by the rows asked for, not the
+    cache); otherwise one whole layer at a time.
+    """
+    rows = np.asarray(rows)
+    H = int(cache.hidden_size)
+    out = torch.empty((len(layers), len(rows), H), dtype=torch.float32)
+    if not stream:
+        for j, layer in enumerate(layers):
+            standardize_into(_read_layer(cache, layer), *stats[j], out[j], rows=rows)
+        return out
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    for row_idx, feats in cache.iter_batches(layers, 1024, rows=rows):
+        pos = torch.from_numpy(order[np.searchsorted(sorted_rows, row_idx)])
+        for j in range(len(layers)):
+            mean, scale = (torch.from_numpy(s) for s in stats[j])
+            out[j, pos] = (torch.from_numpy(np.ascontiguousarray(feats[:, j])) - mean) / scale
+    return out
+
+
+def score_specs(specs: list[ChipSpec], results: list[dict], x: torch.Tensor, y: torch.Tensor,
+                mask: torch.Tensor | None, dtype: torch.dtype = torch.float32):
+    """(accuracy (G,), mean loss (G,), predictions (G, N)) of each spec's G chips.
+
+    Specs of the same chip type are scored together (one product per row chunk for all).
+    """
+    out: list = [None] * len(specs)
+    kinds: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        kinds.setdefault((spec.kind, spec.hidden), []).append(i)
+    for (kind, _), members in kinds.items():
+        params = {name: torch.stack([results[i]["params"][name] for i in members], dim=1)
+                  for name in results[members[0]]["params"]}
+        logits = predict_bank(kind, params, x, mask, dtype=dtype)  # (G, S, N, C)
+        G, S, N, C = logits.shape
+        pred = logits.argmax(dim=3)
+        acc = (pred == y.view(1, 1, -1)).double().mean(dim=2)
+        loss = F.cross_entropy(logits.reshape(-1, C), y.repeat(G * S), reduction="none").view(G, S, N).mean(dim=2)
+        for s, i in enumerate(members):
+            out[i] = (acc[:, s].numpy(), loss[:, s].numpy(), pred[:, s].numpy())
+    return out
+
+
+def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows: np.ndarray,
+              specs: list[ChipSpec], *, n_classes: int, batch_size: int, seed: int, standardize: bool = True,
+              device: str = "cpu", max_memory_mb: float = 2048, callback=None) -> dict:
+    """Train every spec's chips on a group of layers: each layer is read once, standardized with
+    its training statistics, and every setting trains on the same minibatches (one bank per chip
+    type, see :func:`~chiptuning.probe.batched.fit_banks`).
+
+    Returns:
+        {"stats": [(mean, scale)] per layer, "results": fit_banks' results per spec,
+        "scores": per spec {"train" | "val" | "eval": (accuracy (G,), loss (G,), predictions (G, N))},
+        "streamed": whether the training rows were streamed from the cache}.
+    """
+    C, H = n_classes, int(train.hidden_size)
+    y_all = torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
+    mask_all = _class_mask(train, C)
+    mask_all = None if mask_all is None else torch.from_numpy(mask_all)
+
+    def take(t, rows):
+        return None if t is None else t[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+
+    dtype = _feature_dtype(train, specs, standardize)
+    stream = len(train_rows) * H * dtype.itemsize > max_memory_mb * 2**20
+    if stream:
+        log.warning("one layer of training features (%.0f MB) exceeds --max-memory-mb %g; streaming from the cache",
+                    len(train_rows) * H * dtype.itemsize / 2**20, max_memory_mb)
+        stats, data = _streamed(train, layers, train_rows, y_all, mask_all, standardize, batch_size, seed,
+                                max_memory_mb)
+        x_tr = None
+        x_val = _standardized(train, layers, val_rows, stats, stream=True)
+    else:
+        x_tr, (x_val,), stats = load_standardized(train, layers, train_rows, [val_rows], standardize=standardize,
+                                                  dtype=dtype)
+        data = InMemoryBatches(x_tr, take(y_all, train_rows), take(mask_all, train_rows), batch_size, seed)
+    val = (x_val, take(y_all, val_rows), take(mask_all, val_rows)) if len(val_rows) else None
+    results = fit_banks(data, specs, H, C, seed=seed, val=val, device=device, callback=callback)
+    parts = {}
+    if x_tr is not None:
+        parts["train"] = (x_tr, take(y_all, train_rows), take(mask_all, train_rows))
+    if val is not None:
+        parts["val"] = val
+    if evals is not None:
+        m = _class_mask(evals, C)
+        parts["eval"] = (_standardized(evals, layers, np.arange(evals.n_rows), stats, stream=stream),
+                         torch.from_numpy(np.asarray(evals.labels, dtype=np.int64)),
+                         None if m is None else torch.from_numpy(m))
+    scores: list[dict] = [{} for _ in specs]
+    for name, (xs, ys, ms) in parts.items():
+        # The training rows are scored in the precision they trained in; val / eval in float32.
+        compute = torch.bfloat16 if name == "train" and xs.dtype == torch.bfloat16 and all(
+            s.precision == "bfloat16" for s in specs) else torch.float32
+        for i, scored in enumerate(score_specs(specs, results, xs, ys, ms, compute)):
+            scores[i][name] = scored
+    return {"stats": stats, "results": results, "scores": scores, "streamed": stream}
 
 
 def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig, *, progress=False,
@@ -352,59 +520,20 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
 
     spec = cfg.spec()
     H = int(train.hidden_size)
-    sel = np.concatenate([train_rows, val_rows])
-    G = _group_size(len(sel), H, len(layers), cfg.max_memory_mb)
-    if len(sel) * H * 4 > cfg.max_memory_mb * 2**20:
-        log.warning("one layer of training features (%.0f MB) exceeds --max-memory-mb %d; streaming from the cache",
-                    len(sel) * H * 4 / 2**20, cfg.max_memory_mb)
-    y_all = torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
-    mask_all = _class_mask(train, C)
-    mask_all = None if mask_all is None else torch.from_numpy(mask_all)
-    y_eval = m_eval = None
-    if evals is not None:
-        y_eval = torch.from_numpy(np.asarray(evals.labels, dtype=np.int64))
-        m = _class_mask(evals, C)
-        m_eval = None if m is None else torch.from_numpy(m)
-
-    def take(t, rows):
-        return None if t is None else t[torch.from_numpy(rows)]
-
+    dtype = _feature_dtype(train, [spec], cfg.standardize)
+    G = _group_size(len(train_rows), len(val_rows), H, len(layers), cfg.max_memory_mb, dtype.itemsize)
     tensors: dict[str, list[np.ndarray]] = {}
     metrics, preds = [], []
     groups = [layers[i:i + G] for i in range(0, len(layers), G)]
     for group in tqdm(groups, desc="chip groups", unit="group", disable=not progress):
-        if len(sel) * H * 4 > cfg.max_memory_mb * 2**20:
-            stats, data = _streamed(train, group, train_rows, y_all, mask_all, cfg)
-            x_tr = None
-        else:
-            x = _load_group(train, group, sel)  # (G, n_train + n_val, H)
-            x_tr_np = x[:, :len(train_rows)]
-            stats = [standardization(x_tr_np[j], cfg.standardize) for j in range(len(group))]
-            for j, (mean, scale) in enumerate(stats):
-                x[j] -= mean
-                x[j] /= scale
-            x = torch.from_numpy(x)
-            x_tr = x[:, :len(train_rows)]
-            data = InMemoryBatches(x, take(y_all, train_rows), take(mask_all, train_rows),
-                                   cfg.batch_size, cfg.seed, rows=np.arange(len(train_rows)))
-        x_val = _standardized(train, group, val_rows, stats) if x_tr is None else x[:, len(train_rows):]
-        val = (x_val, take(y_all, val_rows), take(mask_all, val_rows)) if len(val_rows) else None
-        result = fit_banks(data, [spec], H, C, seed=cfg.seed, val=val, device=cfg.device,
-                           callback=callback)[0]
-        params = result["params"]
-        for name, value in params.items():
+        fitted = fit_group(train, evals, group, train_rows, val_rows, [spec], n_classes=C,
+                           batch_size=cfg.batch_size, seed=cfg.seed, standardize=cfg.standardize,
+                           device=cfg.device, max_memory_mb=cfg.max_memory_mb, callback=callback)
+        result, scored, stats = fitted["results"][0], fitted["scores"][0], fitted["stats"]
+        for name, value in result["params"].items():
             tensors.setdefault(name, []).append(value.numpy())
         tensors.setdefault("mean", []).append(np.stack([s[0] for s in stats]))
         tensors.setdefault("scale", []).append(np.stack([s[1] for s in stats]))
-        # Metrics of every chip of the group.
-        parts = {}
-        if x_tr is not None:
-            parts["train"] = (x_tr, take(y_all, train_rows), take(mask_all, train_rows))
-        if val is not None:
-            parts["val"] = val
-        if evals is not None:
-            parts["eval"] = (_standardized(evals, group, np.arange(evals.n_rows), stats), y_eval, m_eval)
-        scored = {name: _score(spec.kind, params, *part) for name, part in parts.items()}
         for j, layer in enumerate(group):
             row = {"layer": layer, "chip": cfg.chip, "best_epoch": int(result["best_epoch"][j]),
                    "epochs_run": int(result["chip_epochs"][j]), "n_train": len(train_rows),
@@ -422,24 +551,6 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
     return stacked, metrics, (np.stack(preds) if preds else None)
 
 
-def _standardized(cache, layers, rows, stats) -> torch.Tensor:
-    """(G, len(rows), H) standardized features of ``rows`` with the training statistics."""
-    x = _load_group(cache, layers, rows)
-    for j, (mean, scale) in enumerate(stats):
-        x[j] -= mean
-        x[j] /= scale
-    return torch.from_numpy(x)
-
-
-def _score(kind, params, x, y, mask):
-    """(accuracy (G,), mean loss (G,), predictions (G, N)) of G chips."""
-    logits = predict_logits(kind, params, x, mask)  # (G, N, C)
-    pred = logits.argmax(dim=2)
-    acc = (pred == y.unsqueeze(0)).double().mean(dim=1)
-    loss = chip_losses(logits, y)
-    return acc.numpy(), loss.numpy(), pred.numpy()
-
-
 # -- streaming (cache larger than the memory budget) ----------------------------------------------
 
 class CacheBatches:
@@ -451,7 +562,7 @@ class CacheBatches:
     """
 
     def __init__(self, cache, layers, rows, y_all, mask_all, stats, batch_size, seed, chunk_rows):
-        self.cache, self.layers, self.rows = cache, layers, rows
+        self.cache, self.layers, self.rows = cache, layers, np.asarray(rows)
         self.y_all, self.mask_all = y_all, mask_all
         self.mean = torch.from_numpy(np.stack([s[0] for s in stats]))[:, None, :]  # (G, 1, H)
         self.scale = torch.from_numpy(np.stack([s[1] for s in stats]))[:, None, :]
@@ -459,7 +570,8 @@ class CacheBatches:
         self.n_chips = len(layers)
         self._rng = np.random.default_rng(seed)
         # position of a cache row in the training rows (the ``rows`` handed to callbacks)
-        self._position = {int(r): i for i, r in enumerate(rows)}
+        self._order = np.argsort(self.rows, kind="stable")
+        self._sorted = self.rows[self._order]
 
     def epoch(self, epoch: int):
         for row_idx, feats in self.cache.iter_batches(self.layers, self.chunk_rows, rows=self.rows):
@@ -467,36 +579,26 @@ class CacheBatches:
             x = (torch.from_numpy(feats).transpose(0, 1) - self.mean) / self.scale  # (G, b, H)
             for start in range(0, len(perm), self.batch_size):
                 local = torch.from_numpy(perm[start:start + self.batch_size])
-                cache_rows = torch.from_numpy(row_idx)[local]
+                cache_rows = torch.from_numpy(np.asarray(row_idx))[local]
                 mask = None if self.mask_all is None else self.mask_all[cache_rows]
-                positions = np.array([self._position[int(r)] for r in cache_rows])
+                positions = self._order[np.searchsorted(self._sorted, cache_rows.numpy())]
                 yield positions, x.index_select(1, local), self.y_all[cache_rows], mask
 
 
-def _streamed(cache, layers, rows, y_all, mask_all, cfg: TrainConfig):
-    """Streaming statistics (one pass, Chan's parallel mean/variance) and batches of a group."""
+def _streamed(cache, layers, rows, y_all, mask_all, standardize: bool, batch_size: int, seed: int,
+              max_memory_mb: float):
+    """Streaming statistics (one pass, chunk by chunk) and batches of a group."""
     H = int(cache.hidden_size)
-    chunk = max(cfg.batch_size, int(cfg.max_memory_mb * 2**20 // (4 * H * len(layers) * 3)))
-    n = 0
-    mean = np.zeros((len(layers), H))
-    m2 = np.zeros((len(layers), H))
-    for _, feats in cache.iter_batches(layers, chunk, rows=rows):
-        f = feats.transpose(1, 0, 2).astype(np.float64)  # (G, b, H)
-        b = f.shape[1]
-        b_mean = f.mean(axis=1)
-        b_m2 = ((f - b_mean[:, None, :]) ** 2).sum(axis=1)
-        delta = b_mean - mean
-        total = n + b
-        mean += delta * b / total
-        m2 += b_m2 + delta**2 * n * b / total
-        n = total
-    if cfg.standardize:
-        scale = np.sqrt(m2 / max(n, 1))
-        scale[scale < 1e-12] = 1.0
-        stats = [(mean[j].astype(np.float32), scale[j].astype(np.float32)) for j in range(len(layers))]
+    chunk = max(batch_size, int(max_memory_mb * 2**20 // (4 * H * len(layers) * 3)))
+    running = [RunningStats(H) for _ in layers]
+    if standardize:
+        for _, feats in cache.iter_batches(layers, chunk, rows=rows):
+            for j in range(len(layers)):
+                running[j].update(torch.from_numpy(np.ascontiguousarray(feats[:, j])))
+        stats = [r.result() for r in running]
     else:
         stats = [(np.zeros(H, np.float32), np.ones(H, np.float32)) for _ in layers]
-    return stats, CacheBatches(cache, layers, rows, y_all, mask_all, stats, cfg.batch_size, cfg.seed, chunk)
+    return stats, CacheBatches(cache, layers, rows, y_all, mask_all, stats, batch_size, seed, chunk)
 
 
 # -- scikit-learn backend ---------------------------------------------------------------------------
@@ -520,11 +622,16 @@ def _train_logreg(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfi
 
 
 def _fit_logreg_layer(train_src, eval_src, layer, train_rows, val_rows, C, params):
+    from threadpoolctl import threadpool_limits
+
     train = open_cache(train_src)
     evals = open_cache(eval_src) if eval_src is not None else None
     x = train.layer(layer)
     y = np.asarray(train.labels)
-    chip = LogRegChip(**params).fit(x[train_rows], y[train_rows])
+    # BLAS threads sized like the torch trainer's (oversubscribed OpenMP pools next to torch's
+    # can make lbfgs many times slower).
+    with threadpool_limits(limits=choose_threads(None)):
+        chip = LogRegChip(**params).fit(x[train_rows], y[train_rows])
     row = {"layer": layer, "chip": "logreg", "best_epoch": None, "epochs_run": int(chip.n_iter_),
            "n_train": len(train_rows), "n_val": len(val_rows), "n_eval": 0 if evals is None else int(evals.n_rows)}
     parts = {"train": (x[train_rows], y[train_rows], _class_mask(train, C, train_rows))}

@@ -50,15 +50,21 @@ def probe_group():
 @click.option("--device", default="cpu", show_default=True, help="Torch device of the torch chips.")
 @click.option("--max-memory-mb", type=int, default=2048, show_default=True,
               help="Feature memory budget; larger caches are read in groups of layers or streamed.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+              help="Precision of the products with the features (default: the regime's; 'auto' is "
+                   "bfloat16 on CPUs with AMX / AVX512-BF16).")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads (default: the faster of 1 and one per CPU, timed once).")
 def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, weight_decay, epochs,
-              batch_size, patience, hidden, C, layers, n_jobs, device, max_memory_mb):
+              batch_size, patience, hidden, C, layers, n_jobs, device, max_memory_mb, precision, threads):
     """Train a chip at every layer of TRAIN_CACHE; write metrics, eval predictions and a plot."""
     from chiptuning.probe import TrainConfig, train_chips
 
     config = TrainConfig(chip=chip, regime=regime, val_size=val_size, seed=seed, lr=lr,
                          weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
                          n_iter_no_change=patience, hidden=hidden, C=C, layers=_layers(layers),
-                         n_jobs=n_jobs, device=device, max_memory_mb=max_memory_mb)
+                         n_jobs=n_jobs, device=device, max_memory_mb=max_memory_mb, precision=precision,
+                         threads=threads)
     chips = train_chips(train_cache, eval_cache, out=out, config=config, progress=True)
     key = "eval_accuracy" if eval_cache else "val_accuracy"
     scored = [m for m in chips.metrics if m.get(key) is not None]
@@ -98,8 +104,11 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
               help="With --backend dask: the scheduler address (tcp://host:8786); with ray: the "
                    "cluster address (default auto).")
 @click.option("--max-memory-mb", type=int, default=2048, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Precision of the products with the features of the torch chips.")
+@click.option("--threads", type=int, default=None, help="Torch threads per task (default: timed once).")
 def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, epochs, batch_size,
-              layers, val_size, seed, n_jobs, backend, scheduler, max_memory_mb):
+              layers, val_size, seed, n_jobs, backend, scheduler, max_memory_mb, precision, threads):
     """Grid over chip type, regularization, learning rate, epochs and layers on TRAIN_CACHE."""
     from chiptuning.probe.sweep import SweepConfig, sweep
 
@@ -114,7 +123,8 @@ def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, 
         weight_decays=floats("--weight-decay", weight_decays), Cs=floats("--C", Cs),
         lrs=floats("--lr", lrs), epochs=[int(e) for e in floats("--epochs", epochs)],
         batch_size=batch_size, layers=_layers(layers), val_size=val_size, seed=seed, n_jobs=n_jobs,
-        backend=backend, scheduler=scheduler, max_memory_mb=max_memory_mb,
+        backend=backend, scheduler=scheduler, max_memory_mb=max_memory_mb, precision=precision,
+        threads=threads,
     )
     result = sweep(train_cache, eval_cache, out=out, config=config, progress=True)
     best = result["best"]
