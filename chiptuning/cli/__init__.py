@@ -39,9 +39,9 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from chiptuning.cli import cache, extract, probe, prune, run, tasks
+    from chiptuning.cli import cache, compare, extract, probe, prune, run, tasks
 
-    for module in (tasks, extract, cache, probe, prune, run):
+    for module in (tasks, extract, cache, probe, prune, run, compare):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -6,12 +6,17 @@ import click
 
 from chiptuning.cli.tasks import load_task_from_options, task_options
 
+_BASELINES = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")  # chiptuning.prune.baselines.METHODS
+
 
 @click.command("prune")
 @click.option("--model", required=True, help="The full model (hub id or directory) the chips' cache came from.")
-@click.option("--chips", "chips_dirs", required=True, multiple=True,
-              help="Chips directory from `chiptuning probe train` (and `select`). Repeat it (as DIR or "
-                   "NAME=DIR) to pack several tasks in one checkpoint, cut after the deepest chip.")
+@click.option("--method", type=click.Choice(("chip",) + _BASELINES), default="chip", show_default=True,
+              help="chip: chip-tuning (needs --chips). Others: depth-pruning baselines (no chip): tail, "
+                   "shortgpt, angular, streamline (LLM-Streamline), slm (sliding layer merging), laco.")
+@click.option("--chips", "chips_dirs", multiple=True,
+              help="Chips directory from `chiptuning probe train` (and `select`); --method chip only. Repeat it "
+                   "(as DIR or NAME=DIR) to pack several tasks in one checkpoint, cut after the deepest chip.")
 @click.option("--layer", type=int, default=None, help="Layer to prune at (default: the chips' selection.json).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Pruned checkpoint directory.")
 @click.option("--keep-lm-head", is_flag=True, help="Keep the LM head so the checkpoint still generates.")
@@ -22,16 +27,80 @@ from chiptuning.cli.tasks import load_task_from_options, task_options
               help="Save a plain *ForSequenceClassification checkpoint (normed features, bias-free "
                    "linear chip): it serves without chip-tuning.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the parity check.")
-def prune_cmd(model, chips_dirs, layer, out, keep_lm_head, dtype, adapter, export, device):
-    """Truncate MODEL after the chip's layer and save a checkpoint with the chip.
+@click.option("--n-layers", type=int, default=None, help="Baselines: number of blocks to remove.")
+@click.option("--ratio", type=float, default=None, help="Baselines: fraction of the blocks to remove.")
+@click.option("--calibration-task", default=None,
+              help="Baselines: calibration text from a built-in task or hub dataset (its prompts).")
+@click.option("--calibration-data", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Baselines: calibration text from a labelled file (JSONL/CSV/...).")
+@click.option("--calibration-data-dir", default=None, type=click.Path(file_okay=False),
+              help="Built-in --calibration-task: directory of its release files (offline).")
+@click.option("--calibration-split", default=None, help="Split of the calibration data (default: its train split).")
+@click.option("--calibration-text-column", default=None, help="Text field of --calibration-data.")
+@click.option("--calibration-template", default=None, help="Prompt template of --calibration-data.")
+@click.option("--n-calibration", type=int, default=128, show_default=True, help="Calibration examples (seeded draw).")
+@click.option("--calibration-max-length", type=int, default=256, show_default=True,
+              help="Longest calibration prompt, in tokens.")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="shortgpt: last-token Block Influence from this cache of MODEL; angular: exact from it.")
+@click.option("--replacement", type=click.Choice(["layer", "mlp"]), default="layer", show_default=True,
+              help="streamline: one transformer layer (initialised from the first removed one) or a single MLP.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="streamline: training epochs.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="streamline: AdamW learning rate.")
+@click.option("--threshold", type=float, default=0.9, show_default=True,
+              help="slm / laco: output cosine a merge must keep (lowered when the target needs it).")
+@click.option("--merge-layers", type=int, default=4, show_default=True, help="laco: layers merged per step.")
+@click.option("--interval", type=int, default=2, show_default=True, help="laco: layers skipped after a merge.")
+def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapter, export, device, n_layers, ratio,
+              calibration_task, calibration_data, calibration_data_dir, calibration_split, calibration_text_column,
+              calibration_template, n_calibration, calibration_max_length, cache_dir, replacement, epochs, lr,
+              threshold, merge_layers, interval):
+    """Truncate MODEL after the chip's layer and save a checkpoint with the chip; or, with
+    --method, prune it with a depth-pruning baseline.
 
     The checkpoint loads with `transformers.AutoModel.from_pretrained(OUT)` (backbone) or
-    `chiptuning.ChipModel.from_pretrained(OUT)` (classifier from raw text).
+    `chiptuning.ChipModel.from_pretrained(OUT)` (classifier from raw text). A baseline checkpoint
+    is a plain HF model (with its LM head for decoders) plus pruning.json (method, blocks removed
+    or merged, scores, calibration source and size).
     """
+    from chiptuning.errors import ChipTuningError
     from chiptuning.models import resolve_device
-    from chiptuning.prune import prune, read_provenance
 
     resolve_device(device)  # refuse --device cuda without a GPU before loading anything
+    if method != "chip":
+        from chiptuning.prune.baselines import prune_with_method, read_record
+        from chiptuning.tasks import load_task
+
+        if chips_dirs or layer is not None or export or adapter:
+            raise ChipTuningError(f"--chips, --layer, --export and --adapter go with --method chip, not {method}")
+        if calibration_task and calibration_data:
+            raise ChipTuningError("give one of --calibration-task or --calibration-data")
+        source = calibration_task or calibration_data
+        calibration = None
+        if source is not None:
+            calibration = load_task(source, split=calibration_split, text_column=calibration_text_column,
+                                    template=calibration_template, data_dir=calibration_data_dir)
+        elif method in ("streamline", "slm", "laco") or (method in ("shortgpt", "angular") and cache_dir is None):
+            raise ChipTuningError(f"--method {method} needs calibration text: --calibration-task or --calibration-data"
+                                  + (" (or --cache)" if method in ("shortgpt", "angular") else ""))
+        options = {"streamline": {"replacement": replacement, "epochs": epochs, "lr": lr},
+                   "slm": {"threshold": threshold},
+                   "laco": {"threshold": threshold, "merge_layers": merge_layers, "interval": interval}}.get(method, {})
+        path = prune_with_method(model, method, out, n_layers=n_layers, ratio=ratio, calibration_task=calibration,
+                                 n_calibration=n_calibration, max_length=calibration_max_length, cache=cache_dir,
+                                 dtype=dtype, device=device, **options)
+        record = read_record(path)
+        params = record["params"]
+        click.echo(
+            f"pruned {model} with {method}: {record['base_model']['num_blocks']} -> {record['num_blocks']} blocks, "
+            f"{params['before']:,} -> {params['after']:,} parameters "
+            f"({100 * params['pruning_ratio']:.1f}% removed) -> {path}"
+        )
+        return
+    if not chips_dirs:
+        raise ChipTuningError("--method chip needs --chips DIR (from `chiptuning probe train`)")
+    from chiptuning.prune import prune, read_provenance
+
     path = prune(model, list(chips_dirs), out, layer=layer, keep_lm_head=keep_lm_head, dtype=dtype,
                  adapter=adapter, device=device, export=export)
     record = read_provenance(path)

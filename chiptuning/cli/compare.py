@@ -1,0 +1,103 @@
+"""`chiptuning compare`: chip-tuning against depth-pruning baselines on one model, task and ratio."""
+
+from __future__ import annotations
+
+import click
+
+from chiptuning.cli.tasks import load_task_from_options, task_options
+
+_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")  # chiptuning.prune.baselines.METHODS
+
+
+def _load_other_split(split: str, task_opts: dict):
+    opts = dict(task_opts, split=split, limit=None)
+    return load_task_from_options(**opts)
+
+
+@click.command("compare")
+@click.option("--model", required=True, help="The dense model (hub id or directory).")
+@task_options
+@click.option("--eval-split", default=None,
+              help="Split the chips are scored on (same task, e.g. 'validation[1000:2000]'). "
+                   "Default: carve --eval-fraction of the training examples.")
+@click.option("--eval-fraction", type=float, default=0.3, show_default=True,
+              help="Without --eval-split: share of the examples held out for scoring (seeded).")
+@click.option("--ratio", type=float, default=None, help="Target pruning ratio: fraction of the blocks removed.")
+@click.option("--n-layers", type=int, default=None, help="Blocks removed by every method (instead of --ratio).")
+@click.option("--methods", default=",".join(_METHODS), show_default=True,
+              help="Comma-separated baselines to run besides chip-tuning.")
+@click.option("--calibration-split", default=None,
+              help="Calibration text: this split of the same task (default: the training examples).")
+@click.option("--calibration-data", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Calibration text from a file instead (JSONL/CSV/...; with --calibration-text-column).")
+@click.option("--calibration-text-column", default="text", show_default=True,
+              help="Text field of --calibration-data.")
+@click.option("--calibration-label-column", default="label", show_default=True,
+              help="Label field of --calibration-data (any file the tool loads as a task).")
+@click.option("--n-calibration", type=int, default=128, show_default=True,
+              help="Calibration examples (seeded draw).")
+@click.option("--max-length", type=int, default=256, show_default=True, help="Longest prompt, in tokens.")
+@click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
+@click.option("--streamline-replacement", type=click.Choice(["layer", "mlp"]), default="layer", show_default=True,
+              help="LLM-Streamline's replacement: one transformer layer, or a single MLP.")
+@click.option("--streamline-epochs", type=int, default=10, show_default=True)
+@click.option("--streamline-lr", type=float, default=5e-4, show_default=True)
+@click.option("--slm-threshold", type=float, default=0.9, show_default=True,
+              help="Sliding layer merging: output cosine a merged window must keep (lowered if the target needs it).")
+@click.option("--laco-threshold", type=float, default=0.9, show_default=True,
+              help="LaCo: output cosine a collapse must keep (lowered if the target needs it).")
+@click.option("--laco-merge-layers", type=int, default=4, show_default=True, help="LaCo: layers merged per step.")
+@click.option("--laco-interval", type=int, default=2, show_default=True, help="LaCo: step down after a merge.")
+@click.option("--angular-from-text", is_flag=True,
+              help="Score `angular` on the calibration text instead of the dense train cache.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for compare.csv / .json / .md / .png (and the caches, chips, checkpoints).")
+def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, calibration_split, calibration_data,
+                calibration_text_column, calibration_label_column, n_calibration, max_length, chip, streamline_replacement, streamline_epochs,
+                streamline_lr, slm_threshold, laco_threshold, laco_merge_layers, laco_interval, angular_from_text,
+                batch_size, device, dtype, out, **task_opts):
+    """Run chip-tuning and every depth-pruning baseline on MODEL at one pruning ratio.
+
+    Each baseline's checkpoint gets a chip trained on its last remaining layer; the table (like
+    the Chip-Tuning paper's Table 1) shows the pruning ratio, chip accuracy and, for decoder
+    models, zero-shot accuracy. Writes compare.csv, compare.json, compare.md and compare.png.
+    """
+    from chiptuning.errors import ChipTuningError
+    from chiptuning.models import resolve_device
+    from chiptuning.pipeline import carve
+    from chiptuning.prune.compare import compare, markdown_table
+    from chiptuning.tasks import load_task
+
+    resolve_device(device)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in _METHODS]
+    if bad:
+        raise ChipTuningError(f"--methods: unknown {bad}; choose from {', '.join(_METHODS)}")
+    task = load_task_from_options(**task_opts)
+    if eval_split is not None:
+        train_task, eval_task = task, _load_other_split(eval_split, task_opts)
+    else:
+        train_task, eval_task = carve(task, eval_fraction, task_opts.get("seed") or 42)
+    calibration = None
+    if calibration_data is not None:
+        calibration = load_task(calibration_data, text_column=calibration_text_column,
+                                label_column=calibration_label_column)
+    elif calibration_split is not None:
+        calibration = _load_other_split(calibration_split, task_opts)
+    options = {
+        "streamline": {"replacement": streamline_replacement, "epochs": streamline_epochs, "lr": streamline_lr},
+        "slm": {"threshold": slm_threshold},
+        "laco": {"threshold": laco_threshold, "merge_layers": laco_merge_layers, "interval": laco_interval},
+    }
+    summary = compare(model, train_task, eval_task, out, n_layers=n_layers, ratio=ratio, methods=chosen,
+                      calibration_task=calibration, n_calibration=n_calibration, max_length=max_length,
+                      batch_size=batch_size, chip=chip, device=device, dtype=dtype,
+                      angular_from_cache=not angular_from_text, method_options=options)
+    click.echo(markdown_table(summary), nl=False)
+    click.echo(f"-> {out}/compare.csv, compare.json, compare.md, compare.png")
+
+
+COMMANDS = [compare_cmd]
