@@ -50,7 +50,7 @@ REPORT = "report.md"
 KNOWN_KEYS = {
     "chiptuning_version", "format", "chip", "params", "train", "layers", "label_names",
     "n_classes", "hidden_size", "train_cache", "eval_cache", "validation", "model_stats",
-    "weights", "metrics_summary",
+    "weights", "metrics_summary", "majority_baseline",
 }
 METRIC_COLUMNS = (
     "layer", "chip", "train_accuracy", "train_loss", "val_accuracy", "val_loss",
@@ -187,7 +187,9 @@ class ChipSet:
         write_metrics(out, self.metrics, self.kind)
         if self.eval_predictions is not None:
             write_predictions(out / PREDICTIONS, self.eval_predictions)
-        plot_layer_accuracy({self.kind: self.metrics}, out / PLOT, n_classes=self.n_classes)
+        part, baseline = pick_baseline(self.config.get("majority_baseline"))
+        plot_layer_accuracy({self.kind: self.metrics}, out / PLOT, n_classes=self.n_classes,
+                            baseline=baseline, baseline_label=f"majority class ({part})")
         write_json(out / CONFIG, config)  # last: a directory with chips.json is complete
         self.config, self.path = config, out
         log.info("wrote chips of %d layers to %s", len(self.layers), out)
@@ -244,15 +246,39 @@ def write_predictions(path: Path, predictions: dict) -> None:
             writer.writerow([example_id, int(label)] + [int(preds[j][i]) for j in range(len(layers))])
 
 
+def majority_baselines(**labels) -> dict[str, float]:
+    """Accuracy of always predicting the most frequent class, per labelled part
+    (``majority_baselines(eval=y_eval, val=y_val)``); parts with no labels are left out."""
+    out = {}
+    for part, y in labels.items():
+        y = np.asarray(y if y is not None else [], dtype=np.int64)
+        if len(y):
+            out[part] = float(np.bincount(y).max() / len(y))
+    return out
+
+
+def pick_baseline(baselines: dict | None) -> tuple[str | None, float | None]:
+    """(part, accuracy) of the majority-class baseline to draw: the eval labels', else the
+    validation labels'; (None, None) when neither was recorded."""
+    for part in ("eval", "val"):
+        if baselines and baselines.get(part) is not None:
+            return part, float(baselines[part])
+    return None, None
+
+
 def plot_layer_accuracy(series: dict[str, Sequence[dict]], path: Path, n_classes: int | None = None,
-                        title: str | None = None) -> Path:
+                        title: str | None = None, baseline: float | None = None,
+                        baseline_label: str = "majority class") -> Path:
     """Accuracy against layer (like the paper's Figures 2 and 5), one colour per chip type.
 
     Args:
         series: name (chip type) -> per-layer metric rows.
         path: PNG to write.
-        n_classes: draws the chance level 1/C when given.
+        n_classes: draws the chance level 1/C when given (uniform guessing).
         title: figure title.
+        baseline: accuracy of always predicting the most frequent class of the eval (or
+            validation) labels, the level a chip must beat on an unbalanced task; drawn when given.
+        baseline_label: its legend label.
     """
     # The object API with an Agg canvas: no global backend switch, safe in any process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -272,8 +298,10 @@ def plot_layer_accuracy(series: dict[str, Sequence[dict]], path: Path, n_classes
             ys = [np.nan if v is None or v == "" else float(v) for v in values]
             ax.plot(layers, ys, style, color=color, marker="o" if column == "eval_accuracy" else None,
                     markersize=3, label=f"{name} {column.split('_')[0]}")
+    if baseline is not None:
+        ax.axhline(baseline, color="black", lw=1.0, ls="--", label=f"{baseline_label}: {baseline:.3f}")
     if n_classes:
-        ax.axhline(1.0 / n_classes, color="grey", lw=0.8, ls="-.", label="chance")
+        ax.axhline(1.0 / n_classes, color="grey", lw=0.8, ls="-.", label=f"chance (1/{n_classes})")
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("accuracy")
     ax.set_title(title or "chip accuracy by layer")

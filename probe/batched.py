@@ -17,6 +17,13 @@ AdamW's decoupled ``p *= 1 - lr * wd``), so a chip trained in a bank follows the
 as the chip trained alone (same seed, same minibatch order). Every chip starts from the same
 seeded initialisation whatever its bank.
 
+A training step is written by hand (:func:`_step`): the forward products, the cross-entropy's
+gradient ``(softmax - one_hot) / B`` and the backward products go into buffers reused from step
+to step, and the gradients into the parameters' ``.grad`` for ``torch.optim.AdamW``. It computes
+what autograd computes for :func:`bank_logits` + :func:`bank_losses` (a test checks it), without
+building a graph or allocating tens of MB per step (page faults cost more than the arithmetic on
+a CPU). Layers are stepped in slices of :data:`STEP_WEIGHTS` first-layer weights.
+
 Precision: ``float32``, or ``bfloat16`` for the products with the features (the big ones): the
 features are held in bfloat16 and the weights cast per step, while the master weights, the
 optimizer, the loss and the MLP's small second layer stay float32. On CPUs with AMX or
@@ -163,10 +170,10 @@ def bank_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor,
     if dtype == torch.float32:
         z = torch.baddbmm(bias.reshape(G, S * D, 1), first.reshape(G, S * D, H), xt)  # (G, S*O, B)
     else:
-        z = torch.bmm(first.reshape(G, S * D, H).to(dtype), xt).float() + bias.reshape(G, S * D, 1)
+        z = torch.bmm(first.reshape(G, S * D, H).to(dtype), xt).float().add_(bias.reshape(G, S * D, 1))
     if kind == "linear":
         return z.view(G, S, D, -1)
-    h = torch.relu(z).view(G * S, D, -1)  # (G*S, D, B)
+    h = torch.relu_(z).view(G * S, D, -1)  # (G*S, D, B); in place (autograd-safe: nothing saved z)
     C = params["weight"].shape[2]
     out = torch.baddbmm(params["bias"].reshape(G * S, C, 1), params["weight"].reshape(G * S, C, D), h)
     return out.view(G, S, C, -1)
@@ -212,21 +219,30 @@ def chip_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_bank(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor,
                  class_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 chunk: int = 4096) -> torch.Tensor:
-    """Masked logits (G, S, N, C) of a bank on x (G, N, H), in row chunks to bound memory."""
-    first = params["weight" if kind == "linear" else "weight_hidden"]
+                 chunk: int = 2048) -> torch.Tensor:
+    """Masked logits (G, S, N, C) of a bank on x (G, N, H), in row chunks to bound memory.
+
+    One layer at a time: a row chunk of one layer is contiguous, so the product reads it in
+    place (a chunk of all G layers is a strided view that ``bmm`` would first copy).
+    """
+    name = "weight" if kind == "linear" else "weight_hidden"
+    first = params[name]
     device = first.device
     G, S = first.shape[:2]
     C = params["bias"].shape[-1]
-    parts = []
-    for start in range(0, x.shape[1], chunk):
-        xb = x[:, start:start + chunk].to(device=device, dtype=dtype)
-        logits = bank_logits(kind, params, xb, dtype).transpose(2, 3)  # (G, S, b, C)
-        mb = None if class_mask is None else class_mask[start:start + chunk].to(device)
-        parts.append(mask_logits(logits, mb).cpu())
-    if not parts:
-        return torch.empty(G, S, 0, C)
-    return torch.cat(parts, dim=2)
+    N = x.shape[1]
+    out = torch.empty(G, S, N, C)
+    if dtype != torch.float32:
+        params = dict(params, **{name: first.to(dtype)})  # cast once, not per chunk
+    for g in range(G):
+        one = {k: v[g:g + 1] for k, v in params.items()}
+        for start in range(0, N, chunk):
+            # (1, b, H) with its own strides: bmm copies a view whose layer stride is N * H
+            xb = x[g, start:start + chunk].to(device=device, dtype=dtype).contiguous().unsqueeze(0)
+            logits = bank_logits(kind, one, xb, dtype)[0].transpose(1, 2)  # (S, b, C)
+            mb = None if class_mask is None else class_mask[start:start + chunk].to(device)
+            out[g, :, start:start + xb.shape[1]] = mask_logits(logits, mb).cpu()
+    return out
 
 
 def predict_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -238,7 +254,7 @@ def predict_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor,
 
 # -- standardization --------------------------------------------------------------------------------
 
-_STATS_CHUNK = 2048
+_STATS_CHUNK = 256  # rows: a float32 chunk stays in cache across the passes over it (2048: ~1.5x slower)
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -251,12 +267,17 @@ def _as_tensor(x) -> torch.Tensor:
 
 
 def _chunks(t: torch.Tensor, rows: np.ndarray | None, buf: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, float32 chunk of ``t[rows]``) by row chunks, decoded into the reused ``buf``
-    (fresh allocations of this size cost page faults on every chunk)."""
+    """(start, float32 chunk of ``t[rows]``) by row chunks, gathered and decoded into reused
+    buffers (fresh allocations cost page faults on every chunk)."""
     idx = None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
     n = t.shape[0] if idx is None else len(idx)
+    gathered = None if idx is None else torch.empty((buf.shape[0], t.shape[1]), dtype=t.dtype)
     for start in range(0, n, _STATS_CHUNK):
-        src = t[start:start + _STATS_CHUNK] if idx is None else t.index_select(0, idx[start:start + _STATS_CHUNK])
+        if idx is None:
+            src = t[start:start + _STATS_CHUNK]
+        else:
+            part = idx[start:start + _STATS_CHUNK]
+            src = torch.index_select(t, 0, part, out=gathered[:len(part)])
         chunk = buf[:src.shape[0]]
         chunk.copy_(src)
         yield start, chunk
@@ -345,6 +366,30 @@ def standardize_into(x, mean: np.ndarray, scale: np.ndarray, out: torch.Tensor,
     return out
 
 
+def gather_standardized(x, out: torch.Tensor, rows: np.ndarray | None = None, standardize: bool = True,
+                        center: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Gather ``x[rows]`` into ``out`` (x's own dtype), then compute the statistics on ``out`` and
+    standardize it in place: one gather of the stored values instead of one per pass.
+
+    Gives what :func:`standardization` + :func:`standardize_into` give (the same values in the
+    same chunks), for ``x`` already in ``out``'s dtype (e.g. a bfloat16 cache trained in bfloat16).
+
+    Returns:
+        mean (H,), scale (H,) float32.
+    """
+    t = _as_tensor(x)
+    if t.dtype != out.dtype:
+        raise ValueError(f"gather_standardized needs x in out's dtype {out.dtype}, got {t.dtype}")
+    if rows is None:
+        out.copy_(t)
+    else:
+        torch.index_select(t, 0, torch.from_numpy(np.asarray(rows, dtype=np.int64)), out=out)
+    mean, scale = standardization(out, standardize, center=center)
+    if standardize:
+        standardize_into(out, mean, scale, out)
+    return mean, scale
+
+
 class Batches(Protocol):
     """Training rows of a group of layers, served as standardized minibatches."""
 
@@ -393,12 +438,21 @@ class InMemoryBatches:
         return self._orders[epoch]
 
     def epoch(self, epoch: int):
+        """Minibatches of an epoch. The yielded features live in a buffer reused by the next
+        minibatch of the same size (a fresh (G, B, H) allocation per step costs page faults)."""
         order = self.order(epoch)
+        G, H = self.x.shape[0], self.x.shape[2]
+        buffers: dict[int, torch.Tensor] = {}
         for start in range(0, len(order), self.batch_size):
             pos = order[start:start + self.batch_size]
             idx = torch.from_numpy(pos)
             mask = None if self.class_mask is None else self.class_mask[idx]
-            xb = self.x.index_select(1, torch.from_numpy(self.rows[pos]))  # (G, B, H)
+            src = torch.from_numpy(self.rows[pos])
+            if len(pos) not in buffers:
+                buffers[len(pos)] = torch.empty((G, len(pos), H), dtype=self.x.dtype, device=self.x.device)
+            xb = buffers[len(pos)]
+            for g in range(G):  # row gathers of one layer: contiguous source rows
+                torch.index_select(self.x[g], 0, src, out=xb[g])
             yield pos, xb, self.y[idx], mask
 
 
@@ -444,10 +498,12 @@ def fit_banks(
         spec = specs[members[0]]
         S = len(members)
         one = _init_one(spec, n_features, n_classes, seed)
-        params = {k: v.expand(G, S, *v.shape).clone().to(device).requires_grad_(True) for k, v in one.items()}
+        params = {k: v.expand(G, S, *v.shape).clone().to(device) for k, v in one.items()}
         if not spec.fit_intercept:
-            params["bias"] = params["bias"].detach().zero_()  # a constant zero, never trained
+            params["bias"].zero_()  # a constant zero, never trained
         trained = [v for k, v in params.items() if k != "bias" or spec.fit_intercept]
+        for p in trained:
+            p.grad = torch.zeros_like(p)  # written in place by every step (see _step)
         decays = [specs[i].weight_decay for i in members]
         uniform = len(set(decays)) == 1
         optimizer = torch.optim.AdamW(trained, lr=spec.lr, betas=spec.betas, eps=spec.eps,
@@ -455,7 +511,7 @@ def fit_banks(
         shape = (G, S)
         banks.append({
             "spec": spec, "members": members, "params": params, "trained": trained, "optimizer": optimizer,
-            "decays": None if uniform else decays, "dtype": _DTYPES[spec.precision],
+            "decays": None if uniform else decays, "dtype": _DTYPES[spec.precision], "work": {},
             "best": {k: v.detach().clone() for k, v in params.items()},
             "best_loss": torch.full(shape, float("inf")),
             "best_epoch": torch.zeros(shape, dtype=torch.long),
@@ -478,10 +534,7 @@ def fit_banks(
                 dtype = bank["dtype"]
                 if dtype not in cast:
                     cast[dtype] = xb.to(device=device, dtype=dtype)
-                logits = bank_logits(bank["spec"].kind, bank["params"], cast[dtype], dtype)
-                loss = bank_losses(logits, yb, mb).sum()
-                bank["optimizer"].zero_grad(set_to_none=True)
-                loss.backward()
+                _step(bank, cast[dtype], yb, mb)
                 if bank["decays"] is not None:
                     _decay(bank)
                 bank["optimizer"].step()
@@ -499,6 +552,9 @@ def fit_banks(
                 bank["done"][:] = True
             bank["stopped"] = torch.where(live & bank["done"], torch.full_like(bank["stopped"], epoch + 1),
                                           bank["stopped"])
+        for bank in banks:
+            if bool(bank["done"].all()):
+                bank["work"].clear()
     results: list[dict | None] = [None] * len(specs)
     for bank in banks:
         if bank["early"]:
@@ -518,6 +574,108 @@ def fit_banks(
                 "val_loss": None if val_loss is None else val_loss[:, s].numpy().copy(),
             }
     return results
+
+
+def _buffer(work: dict, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """A work tensor reused from step to step (one per shape: the last, shorter minibatch of an
+    epoch gets its own). Fresh allocations of tens of MB cost page faults on every step."""
+    key = (name, tuple(shape), dtype)
+    if key not in work:
+        work[key] = torch.empty(shape, dtype=dtype, device=device)
+    return work[key]
+
+
+#: Most first-layer weights (elements) of the chips one step's products cover at once. The layers
+#: of a bank are stepped in slices of this size: their gradients are independent, and one product
+#: per 4096 x 1280 weight runs faster on a CPU than one batched product over many layers (whose
+#: operands and temporaries no longer fit the caches), while small chips (linear heads, small
+#: hidden sizes) still batch many layers per product.
+STEP_WEIGHTS = 1 << 22
+
+
+@torch.no_grad()
+def _step(bank: dict, x: torch.Tensor, y: torch.Tensor, class_mask: torch.Tensor | None) -> None:
+    """Forward and backward of one minibatch for every chip of a bank, written into the
+    parameters' ``.grad`` (the gradient of the sum over chips of each chip's mean cross-entropy).
+
+    The gradients are the ones autograd gives for :func:`bank_logits` + :func:`bank_losses`
+    (the same products in the same precision), computed by hand into reused buffers: no graph,
+    no per-step allocation of the big tensors. Layers are stepped in slices of
+    :data:`STEP_WEIGHTS` first-layer weights.
+
+    Args:
+        bank: a bank of :func:`fit_banks`.
+        x: (G, B, H) features in the bank's dtype.
+        y: (B,) classes. class_mask: (B, C) bool or None.
+    """
+    params = bank["params"]
+    first = params["weight" if bank["spec"].kind == "linear" else "weight_hidden"]
+    G = first.shape[0]
+    per_layer = first[0].numel()
+    size = max(1, min(G, STEP_WEIGHTS // max(per_layer, 1)))
+    for g0 in range(0, G, size):
+        _step_layers(bank, slice(g0, min(G, g0 + size)), x, y, class_mask)
+
+
+def _step_layers(bank: dict, layers: slice, x: torch.Tensor, y: torch.Tensor,
+                 class_mask: torch.Tensor | None) -> None:
+    """:func:`_step` for the chips of a slice of the bank's layers (views: the slice of the
+    parameters and their gradients along the first axis)."""
+    spec, work, dtype = bank["spec"], bank["work"], bank["dtype"]
+    params = {k: v[layers] for k, v in bank["params"].items()}
+    grads = {k: v.grad[layers] for k, v in bank["params"].items() if v.grad is not None}
+    x = x[layers]
+    linear = spec.kind == "linear"
+    first = params["weight" if linear else "weight_hidden"]
+    bias = params["bias" if linear else "bias_hidden"]
+    G, S, D, H = first.shape
+    B = x.shape[1]
+    dev = first.device
+    w = first.view(G, S * D, H)
+    xt = x.transpose(1, 2)  # (G, H, B)
+    z = _buffer(work, "z", (G, S * D, B), torch.float32, dev)
+    if dtype == torch.float32:
+        torch.baddbmm(bias.view(G, S * D, 1), w, xt, out=z)
+    else:
+        w_lp = _buffer(work, "w_lp", (G, S * D, H), dtype, dev)
+        w_lp.copy_(w)
+        z_lp = _buffer(work, "z_lp", (G, S * D, B), dtype, dev)
+        torch.bmm(w_lp, xt, out=z_lp)
+        z.copy_(z_lp).add_(bias.view(G, S * D, 1))
+    if linear:
+        logits = z.view(G * S, D, B)
+    else:
+        h = z.clamp_min_(0).view(G * S, D, B)  # relu in place: h > 0 exactly where z > 0
+        C = params["weight"].shape[2]
+        w_out = params["weight"].view(G * S, C, D)
+        logits = torch.baddbmm(params["bias"].view(G * S, C, 1), w_out, h)
+    if class_mask is not None:
+        logits = logits.masked_fill(~class_mask.t(), float("-inf"))
+    # d(mean cross-entropy)/d(logits) = (softmax - one_hot) / B, per chip
+    dlogits = torch.softmax(logits, dim=1)
+    dlogits[:, y, torch.arange(B, device=dev)] -= 1.0
+    dlogits.div_(B)
+    if linear:
+        dz = dlogits.view(G, S * D, B)
+    else:
+        if spec.fit_intercept:
+            torch.sum(dlogits, dim=2, out=grads["bias"].view(G * S, C))
+        torch.bmm(dlogits, h.transpose(1, 2), out=grads["weight"].view(G * S, C, D))
+        dh = _buffer(work, "dh", (G * S, D, B), torch.float32, dev)
+        torch.bmm(w_out.transpose(1, 2), dlogits, out=dh)
+        # relu's gradient, in place (a fresh tensor of this size costs page faults every step)
+        dz = torch.ops.aten.threshold_backward.grad_input(dh, h, 0.0, grad_input=dh).view(G, S * D, B)
+    if spec.fit_intercept or not linear:
+        torch.sum(dz, dim=2, out=grads["bias" if linear else "bias_hidden"].view(G, S * D))
+    grad = grads["weight" if linear else "weight_hidden"].view(G, S * D, H)
+    if dtype == torch.float32:
+        torch.bmm(dz, x, out=grad)
+    else:
+        dz_lp = _buffer(work, "dz_lp", (G, S * D, B), dtype, dev)
+        dz_lp.copy_(dz)
+        g_lp = _buffer(work, "g_lp", (G, S * D, H), dtype, dev)
+        torch.bmm(dz_lp, x, out=g_lp)
+        grad.copy_(g_lp)
 
 
 def _fused(device: torch.device) -> dict:
@@ -551,18 +709,16 @@ def choose_threads(requested: int | None = None) -> int:
         before = torch.get_num_threads()
         x, w = torch.randn(256, 1024), torch.randn(512, 1024)
         p, g = torch.randn(1 << 20), torch.randn(1 << 20)
-        timings = {}
         try:
-            for n in (1, n_cpu):
-                torch.set_num_threads(n)
-                best = float("inf")
-                for _ in range(3):
+            timings = {1: float("inf"), n_cpu: float("inf")}
+            for _ in range(5):  # interleaved, best of 5: a burst of other load hits both counts alike
+                for n in (1, n_cpu):
+                    torch.set_num_threads(n)
                     start = time.perf_counter()
                     for _ in range(2):
                         x @ w.t()
                         p.mul_(0.999).addcmul_(g, g, value=1e-3)
-                    best = min(best, time.perf_counter() - start)
-                timings[n] = best
+                    timings[n] = min(timings[n], time.perf_counter() - start)
         finally:
             torch.set_num_threads(before)
         _THREADS[n_cpu] = min(timings, key=timings.get)
@@ -607,9 +763,9 @@ def _early_stopping_update(bank: dict, val, epoch: int) -> None:
                              reduction="none").view(G, S, Nv).mean(dim=2)
     live = ~bank["done"]
     improved = (losses < bank["best_loss"] - spec.tol) & live
-    for name, value in bank["params"].items():
-        keep = improved.to(value.device).view(G, S, *([1] * (value.dim() - 2)))
-        bank["best"][name] = torch.where(keep, value.detach(), bank["best"][name])
+    for g, s in improved.nonzero().tolist():  # copy only the improved chips (no full-size temporaries)
+        for name, value in bank["params"].items():
+            bank["best"][name][g, s].copy_(value[g, s])
     bank["best_loss"] = torch.where(improved, losses, bank["best_loss"])
     bank["best_epoch"] = torch.where(improved, torch.full_like(bank["best_epoch"], epoch), bank["best_epoch"])
     bank["bad"] = torch.where(improved, torch.zeros_like(bank["bad"]), bank["bad"] + live.long())

@@ -10,6 +10,9 @@ Strategies (the paper's three, plus one for "most pruning at a marginal loss"):
 * ``within:DELTA`` -- the shallowest layer whose validation accuracy is within DELTA (a fraction:
   0.01 = one point) of the best; never a layer more than DELTA below the best.
 
+Layer 0 (the embedding output) is never a candidate of ``validate``, ``optimal`` or ``within``
+and ``fixed:0`` is refused: a pruned model keeps blocks 1..l and needs at least one.
+
 Every selection reports the pruning ratio as the fraction of the model's parameters removed,
 from the parameter counts the extractor recorded (``model_stats``): pruning at layer l removes
 blocks l+1..L.
@@ -28,6 +31,11 @@ from chiptuning.errors import ChipTuningError
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("fixed:L", "validate", "optimal", "within:DELTA")
+
+#: The shallowest layer a pruned model can end at: layer 0 is the embedding output, and a pruned
+#: model keeps blocks 1..layer, so it needs layer >= 1.
+MIN_PRUNE_LAYER = 1
+_LAYER0_NOTE = "; layer 0 (embeddings only, no block) is never a candidate"
 
 
 def parse_strategy(strategy: str) -> tuple[str, float | int | None]:
@@ -112,35 +120,49 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
     has_val = all(v is not None for v in val.values())
     has_eval = all(v is not None for v in ev.values())
     extra: dict = {}
+    # A pruned model keeps blocks 1..layer: layer 0 (the embeddings) would leave no block at all.
+    candidates = [layer for layer in by_layer if layer >= MIN_PRUNE_LAYER]
     if name == "fixed":
         layer = int(arg)
         if layer not in by_layer:
             raise ChipTuningError(f"--strategy fixed:{layer}: no chip at layer {layer} "
                                   f"(chips cover layers {rows[0]['layer']}..{rows[-1]['layer']})")
+        if layer < MIN_PRUNE_LAYER:
+            raise ChipTuningError(f"--strategy fixed:{layer}: a pruned model needs at least one transformer "
+                                  f"block; choose a layer >= {MIN_PRUNE_LAYER} (layer 0 is the embedding output)")
         why = f"layer {layer} was fixed by the user"
+    elif not candidates:
+        raise ChipTuningError(f"--strategy {name}: the chips cover only layer(s) {sorted(by_layer)}; a pruned model "
+                              f"needs at least one transformer block (a chip at a layer >= {MIN_PRUNE_LAYER})")
     elif name in ("validate", "within"):
         if not has_val:
             raise ChipTuningError(f"--strategy {name} needs validation accuracy; the chips were trained "
                                   "with --val-size 0 (retrain with validation rows, or use fixed:L)")
+        val = {layer: val[layer] for layer in candidates}
         best_layer = min(val, key=lambda layer: (-val[layer], layer))  # ties: shallowest
         best = val[best_layer]
         extra.update(best_val_layer=best_layer, best_val_accuracy=best)
         if name == "validate":
             layer = best_layer
-            why = f"best validation accuracy ({best:.4f}) over {len(val)} layers"
+            why = f"best validation accuracy ({best:.4f}) over layers {_span(val)}"
         else:
             delta = float(arg)
             # A tiny slack absorbs float noise in accuracies such as 0.7 - 0.01; never more.
             layer = min(layer for layer, acc in val.items() if acc >= best - delta - 1e-12)
             extra["delta"] = delta
             why = (f"shallowest layer whose validation accuracy ({val[layer]:.4f}) is within "
-                   f"{delta:g} of the best ({best:.4f} at layer {best_layer})")
+                   f"{delta:g} of the best ({best:.4f} at layer {best_layer}) over layers {_span(val)}")
+        if min(by_layer) < MIN_PRUNE_LAYER:
+            why += _LAYER0_NOTE
     else:  # optimal
         if not has_eval:
             raise ChipTuningError("--strategy optimal needs eval accuracy; train with --eval EVAL_CACHE")
-        layer = min(ev, key=lambda layer: (-ev[layer], layer))
-        why = (f"best eval accuracy ({ev[layer]:.4f}): an ORACLE that looks at the eval labels, "
-               "an upper bound only, not a fair selection")
+        scored = {layer: ev[layer] for layer in candidates}
+        layer = min(scored, key=lambda layer: (-scored[layer], layer))
+        why = (f"best eval accuracy ({ev[layer]:.4f}) over layers {_span(scored)}: an ORACLE that looks at "
+               "the eval labels, an upper bound only, not a fair selection")
+        if min(by_layer) < MIN_PRUNE_LAYER:
+            why += _LAYER0_NOTE
     num_blocks = _num_blocks(chips)
     selection = {
         "chiptuning_version": __version__,
@@ -165,6 +187,10 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
         (Path(chips.path) / REPORT).write_text(render_report(chips, selection))
         log.info("selected layer %d (%s); wrote %s", layer, strategy, Path(chips.path) / SELECTION)
     return selection
+
+
+def _span(scores: dict) -> str:
+    return f"{min(scores)}..{max(scores)}"
 
 
 def _num_blocks(chips: ChipSet) -> int:

@@ -22,7 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from chiptuning.probe.artifacts import plot_layer_accuracy, write_json
+from chiptuning.probe.artifacts import (
+    majority_baselines,
+    pick_baseline,
+    plot_layer_accuracy,
+    write_json,
+)
 from chiptuning.probe.batched import (
     PRECISIONS,
     ChipSpec,
@@ -60,6 +65,9 @@ class SweepConfig:
         Cs: inverse regularizations of logreg (``--C``).
         lrs: learning rates of the torch chips (``--lr``).
         epochs: most epochs of the torch chips (``--epochs``); early stopping on validation loss.
+        chip_lrs: learning rates of one chip type instead of ``lrs`` (``--lr mlp:5e-4``), e.g.
+            ``{"mlp": [5e-4]}``: chip types train best at different rates.
+        chip_epochs: most epochs of one chip type instead of ``epochs`` (``--epochs mlp:2``).
         batch_size: rows per step, shared by every torch setting (``--batch-size``).
         hidden: MLP hidden width.
         n_iter_no_change: early-stopping patience in epochs.
@@ -84,6 +92,8 @@ class SweepConfig:
     Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
     lrs: list[float] = field(default_factory=lambda: [1e-3])
     epochs: list[int] = field(default_factory=lambda: [30])
+    chip_lrs: dict[str, list[float]] = field(default_factory=dict)
+    chip_epochs: dict[str, list[int]] = field(default_factory=dict)
     batch_size: int = 128
     hidden: int = 256
     n_iter_no_change: int = 3
@@ -105,7 +115,13 @@ class SweepConfig:
                              ("--epochs", self.epochs)):
             if not values:
                 raise ChipTuningError(f"{flag} needs at least one value")
-        if min(self.Cs) <= 0 or min(self.lrs) <= 0 or min(self.epochs) <= 0 or min(self.weight_decays) < 0:
+        for flag, per_chip in (("--lr", self.chip_lrs), ("--epochs", self.chip_epochs)):
+            for kind, values in per_chip.items():
+                if kind not in ("linear", "mlp") or not values:
+                    raise ChipTuningError(f"{flag} {kind}:VALUE takes a torch chip type (linear, mlp) and a value")
+        lrs = [v for kind in ("linear", "mlp") for v in self.lrs_of(kind)]
+        epochs = [v for kind in ("linear", "mlp") for v in self.epochs_of(kind)]
+        if min(self.Cs) <= 0 or min(lrs) <= 0 or min(epochs) <= 0 or min(self.weight_decays) < 0:
             raise ChipTuningError("--C, --lr and --epochs must be > 0 and --weight-decay >= 0")
         if self.precision not in PRECISIONS:
             raise ChipTuningError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -116,7 +132,15 @@ class SweepConfig:
         return [ChipSpec(kind=kind, lr=lr, weight_decay=wd, epochs=ep, hidden=self.hidden,
                          n_iter_no_change=self.n_iter_no_change, precision=precision)
                 for kind in self.chips if kind != "logreg"
-                for lr in self.lrs for wd in self.weight_decays for ep in self.epochs]
+                for lr in self.lrs_of(kind) for wd in self.weight_decays for ep in self.epochs_of(kind)]
+
+    def lrs_of(self, kind: str) -> list[float]:
+        """Learning rates swept for one chip type."""
+        return list(self.chip_lrs.get(kind) or self.lrs)
+
+    def epochs_of(self, kind: str) -> list[int]:
+        """Epoch caps swept for one chip type."""
+        return list(self.chip_epochs.get(kind) or self.epochs)
 
 
 def _setting(spec: ChipSpec | None = None, C: float | None = None) -> str:
@@ -183,7 +207,9 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     result = {"rows": rows, "best_per_layer": best_per_layer, "best": best, "seconds": seconds,
               "config": asdict(config), "train_cache": train.fingerprint,
               "eval_cache": None if evals is None else evals.fingerprint,
-              "validation": {"size": len(val_rows), "seed": config.seed}}
+              "validation": {"size": len(val_rows), "seed": config.seed},
+              "majority_baseline": majority_baselines(eval=None if evals is None else evals.labels,
+                                                      val=np.asarray(train.labels)[val_rows])}
     log.info("sweep: %d chips in %.1f s; best %s %s at layer %d (val %.4f)", len(rows), seconds,
              best["chip"], best["setting"], best["layer"], best["val_accuracy"])
     if out is not None:
@@ -248,8 +274,10 @@ def _write(out: Path, result: dict, n_classes: int) -> None:
     write_json(out / "sweep.json", dict(result, chiptuning_version=__version__))
     series = {kind: [r for r in result["best_per_layer"] if r["chip"] == kind]
               for kind in sorted({r["chip"] for r in result["rows"]})}
+    part, baseline = pick_baseline(result.get("majority_baseline"))
     plot_layer_accuracy(series, out / "layer_accuracy.png", n_classes=n_classes,
-                        title="best setting per layer (chosen on validation)")
+                        title="best setting per layer (chosen on validation)", baseline=baseline,
+                        baseline_label=f"majority class ({part})")
 
 
 def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, seed, n_jobs,

@@ -23,14 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from chiptuning.probe.artifacts import ChipSet
+from chiptuning.probe.artifacts import ChipSet, majority_baselines
 from chiptuning.probe.batched import (
     PRECISIONS,
     ChipSpec,
     InMemoryBatches,
     RunningStats,
+    _as_tensor,
     choose_threads,
     fit_banks,
+    gather_standardized,
     predict_bank,
     resolve_precision,
     standardization,
@@ -92,6 +94,10 @@ class TrainConfig:
         max_memory_mb: feature memory budget of the torch trainer (``--max-memory-mb``).
         threads: torch threads of the torch trainer (``--threads``); None picks the faster of 1
             and one per CPU (see :func:`~chiptuning.probe.batched.choose_threads`).
+        fit_intercept: learn the linear chip's bias (``--no-intercept`` turns it off); without it
+            the features are only scaled, not centered, so the chip folded onto raw features is
+            bias-free (what ``chiptuning prune --export sequence-classification`` needs). Linear
+            chips only.
     """
 
     chip: str = "linear"
@@ -116,6 +122,7 @@ class TrainConfig:
     device: str = "cpu"
     max_memory_mb: int = 2048
     threads: int | None = None
+    fit_intercept: bool = True
 
     def resolved(self) -> TrainConfig:
         """A copy with the regime's values filled in, checked (errors name the CLI flag)."""
@@ -138,6 +145,8 @@ class TrainConfig:
                             ("--hidden", cfg.hidden), ("--C", cfg.C), ("--max-memory-mb", cfg.max_memory_mb)):
             if value is None or value <= 0:
                 raise ChipTuningError(f"{name} must be > 0, got {value}")
+        if not cfg.fit_intercept and cfg.chip != "linear":
+            raise ChipTuningError(f"--no-intercept applies to linear chips, not {cfg.chip}")
         if cfg.weight_decay < 0:
             raise ChipTuningError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
         if cfg.val_size < 0:
@@ -148,7 +157,8 @@ class TrainConfig:
         """The batched trainer's settings for a torch chip."""
         return ChipSpec(kind=self.chip, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
                         epochs=self.epochs, hidden=self.hidden, early_stopping=self.early_stopping,
-                        n_iter_no_change=self.n_iter_no_change, precision=self.precision)
+                        n_iter_no_change=self.n_iter_no_change, precision=self.precision,
+                        fit_intercept=self.fit_intercept)
 
     def chip_params(self, n_classes: int) -> dict:
         """Estimator params of the chip this config trains (what ``load_chips`` rebuilds)."""
@@ -162,6 +172,8 @@ class TrainConfig:
                       precision=self.precision)
         if self.chip == "mlp":
             params["hidden"] = self.hidden
+        else:
+            params["fit_intercept"] = self.fit_intercept
         return params
 
     def to_dict(self) -> dict:
@@ -325,6 +337,9 @@ def train_chips(
         "validation": {"size": len(val_rows), "seed": cfg.seed, "rows": val_rows.tolist(),
                        "source": "train cache", "n_train_rows": len(train_rows)},
         "model_stats": dict(getattr(train, "model_stats", None) or {}),
+        "majority_baseline": majority_baselines(
+            eval=None if evals is None else evals.labels,
+            val=np.asarray(train.labels)[val_rows] if len(val_rows) else None),
     }
     eval_predictions = None
     if evals is not None:
@@ -386,7 +401,7 @@ def _load_group(cache, layers: list[int], rows: np.ndarray) -> np.ndarray:
 
 
 def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_rows: list[np.ndarray], *,
-                      standardize: bool = True, dtype: torch.dtype = torch.float32):
+                      standardize: bool = True, dtype: torch.dtype = torch.float32, center: bool = True):
     """Read each layer once; compute its statistics on ``train_rows`` and standardize.
 
     Returns:
@@ -399,8 +414,11 @@ def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_ro
     stats = []
     for j, layer in enumerate(layers):
         raw = _read_layer(cache, layer)
-        mean, scale = standardization(raw, standardize, rows=train_rows)
-        standardize_into(raw, mean, scale, x[j], rows=train_rows)
+        if _as_tensor(raw).dtype == dtype:  # stored as trained: gather once, then work in place
+            mean, scale = gather_standardized(raw, x[j], train_rows, standardize, center=center)
+        else:
+            mean, scale = standardization(raw, standardize, rows=train_rows, center=center)
+            standardize_into(raw, mean, scale, x[j], rows=train_rows)
         for rows, out in zip(other_rows, others):
             standardize_into(raw, mean, scale, out[j], rows=rows)
         stats.append((mean, scale))
@@ -456,10 +474,12 @@ def score_specs(specs: list[ChipSpec], results: list[dict], x: torch.Tensor, y: 
 
 def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows: np.ndarray,
               specs: list[ChipSpec], *, n_classes: int, batch_size: int, seed: int, standardize: bool = True,
+              center: bool = True,
               device: str = "cpu", max_memory_mb: float = 2048, callback=None) -> dict:
     """Train every spec's chips on a group of layers: each layer is read once, standardized with
     its training statistics, and every setting trains on the same minibatches (one bank per chip
-    type, see :func:`~chiptuning.probe.batched.fit_banks`).
+    type, see :func:`~chiptuning.probe.batched.fit_banks`). ``center=False`` only scales the
+    features (mean 0 is saved), for bias-free linear chips (``--no-intercept``).
 
     Returns:
         {"stats": [(mean, scale)] per layer, "results": fit_banks' results per spec,
@@ -480,11 +500,12 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
         log.warning("one layer of training features (%.0f MB) exceeds --max-memory-mb %g; streaming from the cache",
                     len(train_rows) * H * dtype.itemsize / 2**20, max_memory_mb)
         stats, data = _streamed(train, layers, train_rows, y_all, mask_all, standardize, batch_size, seed,
-                                max_memory_mb)
+                                max_memory_mb, center=center)
         x_tr = None
         x_val = _standardized(train, layers, val_rows, stats, stream=True)
     else:
         x_tr, (x_val,), stats = load_standardized(train, layers, train_rows, [val_rows], standardize=standardize,
+                                                  center=center,
                                                   dtype=dtype)
         data = InMemoryBatches(x_tr, take(y_all, train_rows), take(mask_all, train_rows), batch_size, seed)
     val = (x_val, take(y_all, val_rows), take(mask_all, val_rows)) if len(val_rows) else None
@@ -528,6 +549,7 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
     for group in tqdm(groups, desc="chip groups", unit="group", disable=not progress):
         fitted = fit_group(train, evals, group, train_rows, val_rows, [spec], n_classes=C,
                            batch_size=cfg.batch_size, seed=cfg.seed, standardize=cfg.standardize,
+                           center=cfg.fit_intercept,
                            device=cfg.device, max_memory_mb=cfg.max_memory_mb, callback=callback)
         result, scored, stats = fitted["results"][0], fitted["scores"][0], fitted["stats"]
         for name, value in result["params"].items():
@@ -586,7 +608,7 @@ class CacheBatches:
 
 
 def _streamed(cache, layers, rows, y_all, mask_all, standardize: bool, batch_size: int, seed: int,
-              max_memory_mb: float):
+              max_memory_mb: float, center: bool = True):
     """Streaming statistics (one pass, chunk by chunk) and batches of a group."""
     H = int(cache.hidden_size)
     chunk = max(batch_size, int(max_memory_mb * 2**20 // (4 * H * len(layers) * 3)))
@@ -594,7 +616,7 @@ def _streamed(cache, layers, rows, y_all, mask_all, standardize: bool, batch_siz
     if standardize:
         for _, feats in cache.iter_batches(layers, chunk, rows=rows):
             for j in range(len(layers)):
-                running[j].update(torch.from_numpy(np.ascontiguousarray(feats[:, j])))
+                running[j].update(torch.from_numpy(np.ascontiguousarray(feats[:, j])), center=center)
         stats = [r.result() for r in running]
     else:
         stats = [(np.zeros(H, np.float32), np.ones(H, np.float32)) for _ in layers]

@@ -234,6 +234,54 @@ def test_settings_in_one_bank_equal_each_setting_alone(kind, precision):
     assert not torch.allclose(together[0]["params"]["weight"], together[2]["params"]["weight"])
 
 
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_hand_written_step_equals_autograd(kind, precision, fit_intercept):
+    """The trainer's hand-written forward/backward gives autograd's gradients of the bank loss
+    (the sum over chips of each chip's mean cross-entropy), class masks included."""
+    from chiptuning.probe.batched import _DTYPES, _step, bank_logits, bank_losses, init_params
+
+    G, S, B, H, C = 2, 3, 20, 16, 4
+    gen = torch.Generator().manual_seed(0)
+    dtype = _DTYPES[precision]
+    x = torch.randn(G, B, H, generator=gen).to(dtype)
+    y = torch.randint(0, 2, (B,), generator=gen)
+    mask = torch.ones(B, C, dtype=torch.bool)
+    mask[::3, 2:] = False  # some rows have two options only (their labels are 0 or 1)
+    spec = ChipSpec(kind=kind, hidden=8, precision=precision, fit_intercept=fit_intercept)
+    params = {k: (v.detach() + 0.3 * torch.randn(v.shape, generator=gen)).view(G, S, *v.shape[1:])
+              for k, v in init_params(spec, G * S, H, C, seed=1).items()}
+    ref = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    bank_losses(bank_logits(kind, ref, x, dtype), y, mask).sum().backward()
+    trained = {k: v.detach().clone() for k, v in params.items() if k != "bias" or fit_intercept}
+    for v in trained.values():
+        v.grad = torch.full_like(v, float("nan"))  # every entry must be overwritten
+    _step({"spec": spec, "params": {**params, **trained}, "work": {}, "dtype": dtype}, x, y, mask)
+    tol = dict(rtol=1e-4, atol=1e-6) if precision == "float32" else dict(rtol=2e-2, atol=1e-3)
+    for name, value in trained.items():
+        torch.testing.assert_close(value.grad, ref[name].grad, **tol, msg=name)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_gather_standardized_equals_the_two_pass_path(center):
+    """Gathering the stored bfloat16 rows once and standardizing in place gives exactly the
+    statistics and features of the gather-per-pass path."""
+    from chiptuning.probe.batched import gather_standardized, standardization, standardize_into
+
+    rng = np.random.default_rng(0)
+    raw = torch.from_numpy((rng.normal(size=(700, 24)) * 3 + 5).astype(np.float32)).bfloat16()
+    stored = raw.view(torch.int16).numpy().view(np.uint16)  # the cache's bfloat16 bit patterns
+    rows = np.sort(rng.choice(700, 600, replace=False))
+    mean, scale = standardization(stored, rows=rows, center=center)
+    expected = standardize_into(stored, mean, scale, torch.empty(600, 24, dtype=torch.bfloat16), rows=rows)
+    out = torch.empty(600, 24, dtype=torch.bfloat16)
+    got_mean, got_scale = gather_standardized(stored, out, rows, center=center)
+    np.testing.assert_array_equal(got_mean, mean)
+    np.testing.assert_array_equal(got_scale, scale)
+    assert torch.equal(out, expected) and out.float().abs().mean() < 2  # and it did standardize
+
+
 # -- the paper regime -----------------------------------------------------------------------------
 
 def test_paper_regime_follows_the_paper(toy, monkeypatch):
@@ -328,8 +376,10 @@ def test_within_delta_never_picks_more_than_delta_below_best():
         val = np.round(rng.uniform(0.2, 0.9, rng.integers(2, 12)), 3)
         delta = float(rng.choice([0.0, 0.005, 0.01, 0.05, 0.2]))
         s = select_layer(_chipset(val.tolist()), f"within:{delta}", write=False)
-        assert val[s["layer"]] >= val.max() - delta - 1e-9
-        assert all(v < val.max() - delta - 1e-9 for v in val[:s["layer"]])  # shallowest such layer
+        best = val[1:].max()  # layer 0 (embeddings, no block) is never a candidate
+        assert s["layer"] >= 1
+        assert val[s["layer"]] >= best - delta - 1e-9
+        assert all(v < best - delta - 1e-9 for v in val[1:s["layer"]])  # shallowest such layer
     s = select_layer(_chipset([0.5, 0.79, 0.8, 0.7]), "within:1%", write=False)
     assert s["layer"] == 1
 
@@ -351,6 +401,19 @@ def test_strategies_and_pruning_ratio():
         select_layer(cs, "best", write=False)
     with pytest.raises(ChipTuningError, match="within:DELTA"):
         select_layer(cs, "within:5", write=False)
+
+
+def test_pruning_strategies_never_pick_layer_0():
+    """A pruned model needs at least one block: layer 0 is skipped even when it is the best."""
+    cs = _chipset([0.95, 0.6, 0.7, 0.65], eval_acc=[0.97, 0.6, 0.75, 0.7])
+    for strategy, expected in (("validate", 2), ("optimal", 2), ("within:0.5", 1), ("within:0.0", 2)):
+        s = select_layer(cs, strategy, write=False)
+        assert s["layer"] == expected, strategy
+        assert "layer 0" in s["why"] and "1..3" in s["why"]
+    with pytest.raises(ChipTuningError, match="at least one transformer block"):
+        select_layer(cs, "fixed:0", write=False)
+    with pytest.raises(ChipTuningError, match="at least one transformer block"):
+        select_layer(_chipset([0.9]), "validate", write=False)
 
 
 def test_select_writes_selection_and_report(linear_chips):
@@ -508,6 +571,62 @@ def test_cli_train_and_select(toy, tmp_path):
     assert json.loads((out / "selection.json").read_text())["oracle"] is True
 
 
+def test_cli_no_intercept_trains_bias_free_linear_chips(toy, tmp_path):
+    from chiptuning.cli import main
+
+    runner = CliRunner()
+    for flag, name in (([], "with"), (["--no-intercept"], "without")):
+        result = runner.invoke(main, ["-q", "probe", "train", str(toy["train"]), "--chip", "linear", "--epochs", "3",
+                                      "--layers", "3,4", "--out", str(tmp_path / name)] + flag)
+        assert result.exit_code == 0, result.output
+    with_bias, bias_free = load_chips(tmp_path / "with"), load_chips(tmp_path / "without")
+    assert bias_free.config["train"]["fit_intercept"] is False
+    assert bias_free.config["params"]["fit_intercept"] is False
+    for layer in (3, 4):
+        chip = bias_free.chip(layer)
+        assert not chip.fit_intercept and np.all(chip.intercept_ == 0) and np.all(chip.mean_ == 0)
+        weight, bias = chip.linear_weights()  # folded onto raw features: still no bias
+        assert np.all(bias == 0) and np.any(weight != 0)
+        assert np.any(with_bias.chip(layer).linear_weights()[1] != 0)  # the default does learn one
+        # and the saved single-chip directory keeps it bias-free
+        chip_dir = bias_free.save_layer(layer, tmp_path / f"chip-{layer}")
+        assert np.all(load_chip(chip_dir).linear_weights()[1] == 0)
+    # what `chiptuning prune --export sequence-classification` reads from the chip
+    from chiptuning.prune.export import linear_chip_weights
+
+    n_classes = len(toy["names"])
+    assert linear_chip_weights(load_chip(chip_dir), n_classes).shape == (n_classes, bias_free.config["hidden_size"])
+    with pytest.raises(ChipTuningError, match="bias-free"):
+        linear_chip_weights(with_bias.chip(4), n_classes)
+    result = runner.invoke(main, ["probe", "train", str(toy["train"]), "--chip", "mlp", "--no-intercept",
+                                  "--out", str(tmp_path / "mlp")])
+    assert result.exit_code == 1 and "--no-intercept applies to linear chips" in result.output
+
+
+def test_plot_draws_the_majority_class_baseline(tmp_path, monkeypatch):
+    """The plot's reference line is the eval labels' majority-class accuracy (an unbalanced
+    task's real floor), not only 1/C."""
+    import chiptuning.probe.artifacts as artifacts
+
+    feats, y = planted_features(300, 3, 8, 3, seed=5)
+    y_eval = np.array([0] * 70 + [1] * 20 + [2] * 10)
+    train = write_cache(tmp_path / "train", feats, y, label_names=list("abc"))
+    evals = write_cache(tmp_path / "eval", feats[:100], y_eval, label_names=list("abc"))
+    drawn = []
+    real = artifacts.plot_layer_accuracy
+    monkeypatch.setattr(artifacts, "plot_layer_accuracy", lambda *a, **k: drawn.append(k) or real(*a, **k))
+    chips = train_chips(train, evals, chip="linear", epochs=2, out=tmp_path / "chips")
+    val_rows = np.asarray(chips.config["validation"]["rows"])
+    assert chips.config["majority_baseline"] == {
+        "eval": pytest.approx(0.7), "val": pytest.approx(np.bincount(y[val_rows]).max() / len(val_rows))}
+    assert drawn[-1]["baseline"] == pytest.approx(0.7) and "eval" in drawn[-1]["baseline_label"]
+    assert (tmp_path / "chips" / "layer_accuracy.png").stat().st_size > 0
+    # without an eval cache the validation labels' baseline is drawn
+    train_chips(train, chip="linear", epochs=2, out=tmp_path / "chips-val")
+    assert drawn[-1]["baseline"] == pytest.approx(chips.config["majority_baseline"]["val"])
+    assert "val" in drawn[-1]["baseline_label"]
+
+
 def test_cli_errors_are_one_line(toy, tmp_path):
     from chiptuning.cli import main
 
@@ -576,3 +695,14 @@ def test_cli_sweep(toy, tmp_path):
                                        "0,0.1", "--epochs", "3", "--layers", "3,4"])
     assert result.exit_code == 0, result.output
     assert "4 chips trained" in result.output and (tmp_path / "s" / "sweep.csv").exists()
+    # per-chip learning rates and epoch caps
+    result = CliRunner().invoke(main, ["-q", "probe", "sweep", str(toy["train"]), "--out", str(tmp_path / "p"),
+                                       "--chips", "linear,mlp", "--weight-decay", "0", "--lr", "2e-3,mlp:5e-4",
+                                       "--epochs", "3,mlp:2", "--layers", "4"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "p" / "sweep.json").read_text())["rows"]
+    assert {(r["chip"], r["lr"], r["epochs"]) for r in rows} == {("linear", 2e-3, 3), ("mlp", 5e-4, 2)}
+    assert max(r["epochs_run"] for r in rows if r["chip"] == "mlp") <= 2
+    result = CliRunner().invoke(main, ["probe", "sweep", str(toy["train"]), "--out", str(tmp_path / "q"),
+                                       "--lr", "cnn:1e-3"])
+    assert result.exit_code == 1 and "--lr cnn:VALUE" in result.output

@@ -55,8 +55,12 @@ def probe_group():
                    "bfloat16 on CPUs with AMX / AVX512-BF16).")
 @click.option("--threads", type=int, default=None,
               help="Torch threads (default: the faster of 1 and one per CPU, timed once).")
+@click.option("--no-intercept", is_flag=True, default=False,
+              help="Linear chips without a bias (features scaled, not centered): what "
+                   "`chiptuning prune --export sequence-classification` needs.")
 def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, weight_decay, epochs,
-              batch_size, patience, hidden, C, layers, n_jobs, device, max_memory_mb, precision, threads):
+              batch_size, patience, hidden, C, layers, n_jobs, device, max_memory_mb, precision, threads,
+              no_intercept):
     """Train a chip at every layer of TRAIN_CACHE; write metrics, eval predictions and a plot."""
     from chiptuning.probe import TrainConfig, train_chips
 
@@ -64,7 +68,7 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
                          weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
                          n_iter_no_change=patience, hidden=hidden, C=C, layers=_layers(layers),
                          n_jobs=n_jobs, device=device, max_memory_mb=max_memory_mb, precision=precision,
-                         threads=threads)
+                         threads=threads, fit_intercept=not no_intercept)
     chips = train_chips(train_cache, eval_cache, out=out, config=config, progress=True)
     key = "eval_accuracy" if eval_cache else "val_accuracy"
     scored = [m for m in chips.metrics if m.get(key) is not None]
@@ -88,9 +92,12 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
               help="Weight decays of the torch chips, comma-separated.")
 @click.option("--C", "Cs", default="0.01,0.1,1,10,100", show_default=True,
               help="Inverse regularizations of logreg, comma-separated.")
-@click.option("--lr", "lrs", default="1e-3", show_default=True, help="Learning rates, comma-separated.")
+@click.option("--lr", "lrs", default="1e-3", show_default=True,
+              help="Learning rates, comma-separated; 'mlp:5e-4' sets one chip type's (e.g. "
+                   "'linear:2e-3,mlp:5e-4').")
 @click.option("--epochs", "epochs", default="30", show_default=True,
-              help="Most epochs, comma-separated (early stopping on validation loss, patience 3).")
+              help="Most epochs, comma-separated (early stopping on validation loss, patience 3); "
+                   "'mlp:2' sets one chip type's.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--layers", default=None, help="Layers, e.g. '10-20' (default all).")
 @click.option("--val-size", type=int, default=200, show_default=True)
@@ -118,10 +125,24 @@ def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, 
         except ValueError:
             raise ChipTuningError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
+    def per_chip(flag, text, cast):
+        """'1e-3,mlp:5e-4' -> ([1e-3], {"mlp": [5e-4]})."""
+        shared, chips = [], {}
+        for item in (v.strip() for v in text.split(",")):
+            if not item:
+                continue
+            kind, _, value = item.rpartition(":")
+            values = chips.setdefault(kind.strip(), []) if kind else shared
+            values.extend(cast(v) for v in floats(flag, value))
+        return shared, chips
+
+    lr_values, chip_lrs = per_chip("--lr", lrs, float)
+    epoch_values, chip_epochs = per_chip("--epochs", epochs, int)
     config = SweepConfig(
         chips=[c.strip() for c in chip_kinds.split(",") if c.strip()],
         weight_decays=floats("--weight-decay", weight_decays), Cs=floats("--C", Cs),
-        lrs=floats("--lr", lrs), epochs=[int(e) for e in floats("--epochs", epochs)],
+        lrs=lr_values or SweepConfig().lrs, epochs=epoch_values or SweepConfig().epochs,
+        chip_lrs=chip_lrs, chip_epochs=chip_epochs,
         batch_size=batch_size, layers=_layers(layers), val_size=val_size, seed=seed, n_jobs=n_jobs,
         backend=backend, scheduler=scheduler, max_memory_mb=max_memory_mb, precision=precision,
         threads=threads,
