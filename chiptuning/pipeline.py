@@ -84,7 +84,7 @@ class RunConfig:
     chip: str = "linear"
     strategy: str = "validate"
     eval_fraction: float = 0.25
-    val_size: int = 200
+    val_size: int | None = None  # None: 200, or a fifth of the training part when that is smaller
     seed: int = 42
     device: str = "auto"
     dtype: str = "fp32"
@@ -121,9 +121,10 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
         train_task = demo_task()
     if eval_task is None:
         train_task, eval_task = carve(train_task, config.eval_fraction, config.seed)
-    if len(train_task.examples) <= config.val_size:
+    val_size = config.val_size if config.val_size is not None else min(200, len(train_task.examples) // 5)
+    if len(train_task.examples) <= val_size:
         raise DataError(
-            f"{len(train_task.examples)} training examples leave none after the {config.val_size}-row "
+            f"{len(train_task.examples)} training examples leave none after the {val_size}-row "
             "validation part; give more data or a smaller --val-size"
         )
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +149,7 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
             shutil.rmtree(derived)
     t0 = time.perf_counter()
     chips = train_chips(caches["train"], caches["eval"], chip=config.chip, out=chips_dir,
-                        config=TrainConfig(chip=config.chip, val_size=config.val_size, seed=config.seed),
+                        config=TrainConfig(chip=config.chip, val_size=val_size, seed=config.seed),
                         progress=progress)
     timings["probe_s"] = time.perf_counter() - t0
     selection = select_layer(chips_dir, config.strategy)

@@ -20,8 +20,9 @@ from chiptuning.cli.tasks import load_task_from_options, task_options
 @click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
 @click.option("--strategy", default="validate", show_default=True,
               help="Layer selection: validate, within:DELTA, fixed:L or optimal (an oracle).")
-@click.option("--val-size", type=int, default=200, show_default=True,
-              help="Validation rows carved from the training part (for the selection).")
+@click.option("--val-size", type=int, default=None,
+              help="Validation rows carved from the training part (for the selection)  "
+                   "[default: 200, or a fifth of the training part when smaller].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
