@@ -603,6 +603,16 @@ class _OutputSimilarity:
         return total / count
 
 
+def _merge_start(model, n: int | None, tokenizer, calibration: Calibration, method: str):
+    """Shared start of the merging methods: (L, output similarity, [(block, [layer])], target depth)."""
+    L = num_blocks(model)
+    if n is not None:
+        _check_n(n, L, method)
+    similarity = _OutputSimilarity(model, tokenizer, calibration)
+    current = [(b, [i + 1]) for i, b in enumerate(get_blocks(model))]
+    return L, similarity, current, (L - n if n is not None else 1)
+
+
 def _merge_plan(method: str, current: list[tuple[nn.Module, list[int]]], L: int, details: dict) -> Plan:
     groups = [g for _, g in current]
     removed = sorted(i for g in groups if len(g) > 1 for i in g)
@@ -622,12 +632,7 @@ def plan_slm(model, n: int | None, tokenizer, calibration: Calibration, threshol
         n: blocks to lose (the target), or None to make one sweep at ``threshold`` and stop.
         threshold: cosine similarity to the original output that a merged window must keep.
     """
-    L = num_blocks(model)
-    if n is not None:
-        _check_n(n, L, "slm")
-    similarity = _OutputSimilarity(model, tokenizer, calibration)
-    current = [(b, [i + 1]) for i, b in enumerate(get_blocks(model))]
-    target = L - n if n is not None else 1
+    L, similarity, current, target = _merge_start(model, n, tokenizer, calibration, "slm")
     sweeps, t = [], float(threshold)
     while len(current) > target and len(sweeps) < max_sweeps:
         best_rejected, merges = -math.inf, []
@@ -666,14 +671,9 @@ def plan_laco(model, n: int | None, tokenizer, calibration: Calibration, thresho
     """LaCo: from the top down, collapse ``merge_layers`` consecutive layers into the lowest one
     (base + sum of differences) when the output similarity stays >= ``threshold``; after a merge
     step down ``interval`` layers, else one. Merges never overshoot the target ``n``."""
-    L = num_blocks(model)
-    if n is not None:
-        _check_n(n, L, "laco")
     if merge_layers < 2 or interval < 1:
         raise ChipTuningError(f"laco needs merge_layers >= 2 and interval >= 1, got {merge_layers}, {interval}")
-    similarity = _OutputSimilarity(model, tokenizer, calibration)
-    current = [(b, [i + 1]) for i, b in enumerate(get_blocks(model))]
-    target = L - n if n is not None else 1
+    L, similarity, current, target = _merge_start(model, n, tokenizer, calibration, "laco")
     sweeps, t = [], float(threshold)
     while len(current) > target and len(sweeps) < max_sweeps:
         best_rejected, merges = -math.inf, []
