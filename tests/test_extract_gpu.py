@@ -54,3 +54,17 @@ def test_bf16_cuda_matches_fp32_cpu(tiny_models, sentiment_file, tmp_path, kind)
         assert np.abs(got - ref).max() / scale < 0.05, (kind, layer)
         cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
         assert cos.min() > 0.995, (kind, layer)
+
+
+def test_auto_budget_on_cuda_scales_with_free_memory(tiny_models, monkeypatch):
+    """The CUDA branch, with the free-memory query faked: more free memory, a larger budget."""
+    model = load_backbone(tiny_models["llama"])
+    budgets = {}
+    for free_gib in (1, 4, 1000):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free_gib: (f * 2**30, 80 * 2**30))
+        budgets[free_gib] = auto_token_budget(model, torch.device("cuda", 0))
+    assert 512 <= budgets[1] < budgets[4] <= 262144
+    assert budgets[1000] == 262144  # clamped
+    cfg = model.config
+    per_token = 2 * (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4  # fp32 weights
+    assert budgets[4] == min(262144, int(0.5 * 4 * 2**30 / per_token))
