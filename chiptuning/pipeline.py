@@ -106,7 +106,6 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
     Raises:
         ChipTuningError: anything a stage refuses (bad data, unknown model, ...).
     """
-    from chiptuning.cache import CacheReader
     from chiptuning.extract import ExtractConfig, extract
     from chiptuning.models import resolve_device
     from chiptuning.probe import select_layer, train_chips
@@ -162,7 +161,6 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
-    reader = CacheReader(caches["train"])
     by_layer = {int(row["layer"]): row for row in chips.metrics}
     summary = {
         "model": model,
@@ -172,7 +170,7 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
         "n_eval": len(eval_task.examples),
         "chip": config.chip,
         "strategy": config.strategy,
-        "num_blocks": reader.num_blocks,
+        "num_blocks": int(selection["num_blocks"]),
         "layer": int(selection["layer"]),
         "selection": selection,
         "layer_curve": [
@@ -181,7 +179,7 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
             for layer in sorted(by_layer)
         ],
         "pruned_eval_accuracy": metrics["accuracy"],
-        "majority_baseline": _majority(eval_task),
+        "majority_baseline": chips.config["majority_baseline"]["eval"],
         "params": read_provenance(pruned_dir)["params"],
         "paths": {"train_cache": str(caches["train"]), "eval_cache": str(caches["eval"]),
                   "chips": str(chips_dir), "pruned": str(pruned_dir), "eval": str(eval_dir)},
@@ -200,7 +198,3 @@ def _made_by_run(path: Path) -> bool:
     markers = ("chips.json", "chiptuning.json", "metrics.json")
     return any((path / m).exists() for m in markers) or not any(path.iterdir())
 
-
-def _majority(task) -> float:
-    labels = np.array([ex.label for ex in task.examples])
-    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0

@@ -61,6 +61,14 @@ def mask_from_n_choices(n_choices: np.ndarray, n_classes: int) -> np.ndarray:
     return np.arange(n_classes)[None, :] < np.asarray(n_choices)[:, None]
 
 
+def optional_class_mask(n_choices, n_classes: int) -> np.ndarray | None:
+    """:func:`mask_from_n_choices`, or None when every row has every class (nothing to mask)."""
+    n_choices = np.asarray(n_choices, dtype=np.int64)
+    if n_choices.size == 0 or (n_choices >= n_classes).all():
+        return None
+    return mask_from_n_choices(n_choices, n_classes)
+
+
 def _seed(random_state) -> int:
     """An int random_state is the seed itself (so the batched trainer can use it too)."""
     if isinstance(random_state, (int, np.integer)):

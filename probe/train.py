@@ -39,7 +39,7 @@ from chiptuning.probe.batched import (
     standardize_into,
     torch_threads,
 )
-from chiptuning.probe.chips import CHIP_KINDS, LogRegChip, mask_from_n_choices, split_validation
+from chiptuning.probe.chips import CHIP_KINDS, LogRegChip, optional_class_mask, split_validation
 
 from chiptuning import __version__
 from chiptuning.errors import CacheError, ChipTuningError, ProvenanceError
@@ -241,10 +241,7 @@ def _class_mask(cache, n_classes: int, rows: np.ndarray | None = None) -> np.nda
     n_choices = getattr(cache, "n_choices", None)
     if n_choices is None:
         return None
-    n_choices = np.asarray(n_choices) if rows is None else np.asarray(n_choices)[rows]
-    if (n_choices >= n_classes).all():
-        return None
-    return mask_from_n_choices(n_choices, n_classes)
+    return optional_class_mask(np.asarray(n_choices) if rows is None else np.asarray(n_choices)[rows], n_classes)
 
 
 def carve_rows(n_rows: int, val_size: int, seed: int, max_train_rows: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -186,6 +186,8 @@ class ChipModel:
         return self._prepare(inputs, task)[1]
 
     def _prepare(self, inputs, task) -> tuple[list[str], np.ndarray | None]:
+        from chiptuning.probe.chips import optional_class_mask
+
         from chiptuning.tasks import Example, template_fields
 
         data = self.task_data(task)
@@ -210,7 +212,7 @@ class ChipModel:
             examples.append(Example(id=str(i), fields=fields, label=0, n_choices=data.n_choices(fields)))
         data.examples = examples
         prompts, _ = data.build_prompts(self.tokenizer, self.record["tokenizer"].get("max_length"))
-        return prompts, options_mask([ex.n_choices for ex in examples], len(data.label_names))
+        return prompts, optional_class_mask([ex.n_choices for ex in examples], len(data.label_names))
 
     def features(self, inputs: Record | Iterable[Record], task: str | None = None,
                  batch_size: int = 16) -> np.ndarray:
@@ -267,10 +269,3 @@ class ChipModel:
         base = self.record["base_model"]["id"]
         return f"ChipModel({base!r} pruned to {self.layer}/{self.record['num_blocks']} blocks, tasks={self.tasks})"
 
-
-def options_mask(n_choices, n_classes: int) -> np.ndarray | None:
-    """(N, C) bool mask of the first ``n_choices[i]`` classes of each row; None when all are valid."""
-    n = np.asarray(n_choices, dtype=np.int64)
-    if n.size == 0 or (n >= n_classes).all():
-        return None
-    return np.arange(n_classes)[None, :] < n[:, None]

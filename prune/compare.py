@@ -235,8 +235,9 @@ def compare(
 
 def majority_accuracy(task) -> float:
     """Accuracy of always predicting the most frequent label of ``task`` (context for the table)."""
-    labels = np.array([ex.label for ex in task.examples])
-    return float(np.bincount(labels).max() / len(labels))
+    from chiptuning.probe.artifacts import majority_baselines
+
+    return majority_baselines(eval=[ex.label for ex in task.examples])["eval"]
 
 
 def record_calibration(task, n_calibration, max_length) -> dict[str, Any]:

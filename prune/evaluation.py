@@ -63,7 +63,8 @@ def evaluate(
     Raises:
         DataError: bad data, or labels that differ from the checkpoint's.
     """
-    from chiptuning.prune.chip_model import ChipModel, options_mask
+    from chiptuning.probe.chips import optional_class_mask
+    from chiptuning.prune.chip_model import ChipModel
 
     from chiptuning.tasks import TaskData, load_task
 
@@ -95,7 +96,7 @@ def evaluate(
     clf.features_of_prompts(prompts[:batch_size], task=name, batch_size=batch_size)  # warm-up, untimed
     started = time.perf_counter()
     features = clf.features_of_prompts(prompts, task=name, batch_size=batch_size)  # (N, H)
-    mask = options_mask([ex.n_choices for ex in data_task.examples], len(saved_labels))
+    mask = optional_class_mask([ex.n_choices for ex in data_task.examples], len(saved_labels))
     y_pred = np.asarray(clf.chips[name].predict(features, class_mask=mask)).astype(np.int64)
     elapsed = time.perf_counter() - started
     n = len(y_true)

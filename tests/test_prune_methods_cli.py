@@ -43,6 +43,6 @@ def test_baseline_method_user_errors_are_one_line(tiny_models, tmp_path):
 def test_cli_lists_every_library_method():
     from chiptuning.prune.baselines import METHODS
 
-    from chiptuning.cli.prune import _BASELINES
+    from chiptuning.cli.prune import BASELINE_METHODS
 
-    assert set(_BASELINES) == set(METHODS)
+    assert set(BASELINE_METHODS) == set(METHODS)

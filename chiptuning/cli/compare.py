@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import click
 
-from chiptuning.cli.tasks import load_task_from_options, task_options
-
-_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")  # chiptuning.prune.baselines.METHODS
-
-
-def _load_other_split(split: str, task_opts: dict):
-    opts = dict(task_opts, split=split, limit=None)
-    return load_task_from_options(**opts)
+from chiptuning.cli.prune import BASELINE_METHODS
+from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_options
 
 
 @click.command("compare")
@@ -24,7 +18,7 @@ def _load_other_split(split: str, task_opts: dict):
               help="Without --eval-split: share of the examples held out for scoring (seeded).")
 @click.option("--ratio", type=float, default=None, help="Target pruning ratio: fraction of the blocks removed.")
 @click.option("--n-layers", type=int, default=None, help="Blocks removed by every method (instead of --ratio).")
-@click.option("--methods", default=",".join(_METHODS), show_default=True,
+@click.option("--methods", default=",".join(BASELINE_METHODS), show_default=True,
               help="Comma-separated baselines to run besides chip-tuning.")
 @click.option("--calibration-split", default=None,
               help="Calibration text: this split of the same task (default: the training examples).")
@@ -73,12 +67,12 @@ def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, cali
 
     resolve_device(device)
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in _METHODS]
+    bad = [m for m in chosen if m not in BASELINE_METHODS]
     if bad:
-        raise ChipTuningError(f"--methods: unknown {bad}; choose from {', '.join(_METHODS)}")
+        raise ChipTuningError(f"--methods: unknown {bad}; choose from {', '.join(BASELINE_METHODS)}")
     task = load_task_from_options(**task_opts)
     if eval_split is not None:
-        train_task, eval_task = task, _load_other_split(eval_split, task_opts)
+        train_task, eval_task = task, load_other_split(eval_split, task_opts)
     else:
         train_task, eval_task = carve(task, eval_fraction, task_opts.get("seed") or 42)
     calibration = None
@@ -86,7 +80,7 @@ def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, cali
         calibration = load_task(calibration_data, text_column=calibration_text_column,
                                 label_column=calibration_label_column)
     elif calibration_split is not None:
-        calibration = _load_other_split(calibration_split, task_opts)
+        calibration = load_other_split(calibration_split, task_opts)
     options = {
         "streamline": {"replacement": streamline_replacement, "epochs": streamline_epochs, "lr": streamline_lr},
         "slm": {"threshold": slm_threshold},

@@ -6,12 +6,13 @@ import click
 
 from chiptuning.cli.tasks import load_task_from_options, task_options
 
-_BASELINES = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")  # chiptuning.prune.baselines.METHODS
+# chiptuning.prune.baselines.METHODS, repeated here so `--help` does not import torch (a test keeps them equal).
+BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
 
 
 @click.command("prune")
 @click.option("--model", required=True, help="The full model (hub id or directory) the chips' cache came from.")
-@click.option("--method", type=click.Choice(("chip",) + _BASELINES), default="chip", show_default=True,
+@click.option("--method", type=click.Choice(("chip",) + BASELINE_METHODS), default="chip", show_default=True,
               help="chip: chip-tuning (needs --chips). Others: depth-pruning baselines (no chip): tail, "
                    "shortgpt, angular, streamline (LLM-Streamline), slm (sliding layer merging), laco.")
 @click.option("--chips", "chips_dirs", multiple=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from chiptuning.cli.tasks import load_task_from_options, task_options
+from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_options
 
 
 @click.command("run")
@@ -43,7 +43,7 @@ def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, dev
     if given:
         train_task = load_task_from_options(**task_opts)
         if eval_split is not None:
-            eval_task = load_task_from_options(**dict(task_opts, split=eval_split, limit=None))
+            eval_task = load_other_split(eval_split, task_opts)
     elif eval_split is not None:
         raise DataError("--eval-split needs --task NAME or --data FILE")
     config = RunConfig(out=out, model=model, chip=chip, strategy=strategy, eval_fraction=eval_fraction,

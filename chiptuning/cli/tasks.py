@@ -91,6 +91,11 @@ def load_task_from_options(**options: Any):
     )
 
 
+def load_other_split(split: str, options: dict):
+    """The same data as ``options`` describe, another split of it, whole (no --limit draw)."""
+    return load_task_from_options(**dict(options, split=split, limit=None))
+
+
 @click.command("tasks")
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
 def tasks_cmd(as_json: bool) -> None:
