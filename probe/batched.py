@@ -191,12 +191,6 @@ def bank_losses(logits: torch.Tensor, y: torch.Tensor, class_mask: torch.Tensor 
     return per_row.view(G, S, B).mean(dim=2)
 
 
-def chip_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits (G, B, C) of G chips (tensors with one leading axis G) on x (G, B, H), float32."""
-    fused = {k: v.unsqueeze(1) for k, v in params.items()}
-    return bank_logits(kind, fused, x)[:, 0].transpose(1, 2)
-
-
 def mask_logits(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tensor:
     """Invalid classes get -inf: zero probability, never the argmax, no gradient.
 
@@ -207,13 +201,6 @@ def mask_logits(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.
     if class_mask is None:
         return logits
     return logits.masked_fill(~class_mask, float("-inf"))
-
-
-def chip_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each chip: logits (G, B, C), y (B,) -> (G,)."""
-    G, B, C = logits.shape
-    per_row = F.cross_entropy(logits.reshape(G * B, C), y.repeat(G), reduction="none")
-    return per_row.view(G, B).mean(dim=1)
 
 
 @torch.no_grad()

@@ -389,14 +389,6 @@ def _read_layer(cache, layer: int):
     return cache.layer(layer)
 
 
-def _load_group(cache, layers: list[int], rows: np.ndarray) -> np.ndarray:
-    """(G, len(rows), H) float32 features of ``layers`` at ``rows``, one layer read at a time."""
-    out = np.empty((len(layers), len(rows), cache.hidden_size), dtype=np.float32)
-    for j, layer in enumerate(layers):
-        out[j] = cache.layer(layer, rows)
-    return out
-
-
 def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_rows: list[np.ndarray], *,
                       standardize: bool = True, dtype: torch.dtype = torch.float32, center: bool = True):
     """Read each layer once; compute its statistics on ``train_rows`` and standardize.
