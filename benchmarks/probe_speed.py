@@ -23,6 +23,7 @@ class-free activations, as real LLM residual streams do.
     python benchmarks/probe_speed.py                       # full size (about 6 min on 2 cores, + ~80 s to write the cache)
     python benchmarks/probe_speed.py --small               # quick check (about a minute)
     python benchmarks/probe_speed.py --real-train CACHE --real-eval CACHE   # add a real cache
+    python benchmarks/probe_speed.py --no-synthetic --real-train CACHE --real-eval CACHE --seeds 42,1,2,3
 
 Prints a table and writes JSON (``--json``, default ``probe_speed.json``).
 """
@@ -203,6 +204,40 @@ def summarize(result: dict, reference: dict | None) -> dict:
     return row
 
 
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    header = (f"{'method':<18} {'layers':>6} {'wall s':>8} {'peak MB':>8} {'best layer':>10} {'best acc':>9} "
+              f"{'mean acc':>9} {'vs sklearn':>10} {'speedup':>8} {'load':>5} {'thr':>3}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        diff = r.get("mean_diff_vs_sklearn")
+        speed = r.get("speedup_vs_sklearn")
+        load = "" if r.get("load") is None else f"{r['load']:.2f}"
+        print(f"{r['method']:<18} {r['n_layers']:>6d} {r['seconds']:>8.1f} {r['peak_rss_mb']:>8.0f} "
+              f"{'' if r['best_layer'] is None else r['best_layer']:>10} {r['best_eval_accuracy']:>9.4f} "
+              f"{r['mean_eval_accuracy']:>9.4f} {'' if diff is None else f'{100 * diff:+.2f} pt':>10} "
+              f"{'' if speed is None else f'{speed:.1f}x':>8} {load:>5} {r['threads'] or '':>3}")
+
+
+def mean_over_seeds(tables: list[list[dict]]) -> list[dict]:
+    """Per method, the mean over seeds of every number (best layer: the most frequent)."""
+    out = []
+    for i, row in enumerate(tables[0]):
+        same = [table[i] for table in tables]
+        mean = {"method": row["method"], "n_layers": row["n_layers"], "threads": row["threads"], "load": None,
+                "best_layer": max({r["best_layer"] for r in same}, key=[r["best_layer"] for r in same].count)}
+        for key in ("seconds", "peak_rss_mb", "best_eval_accuracy", "mean_eval_accuracy", "mean_diff_vs_sklearn",
+                    "speedup_vs_sklearn"):
+            values = [r[key] for r in same if r.get(key) is not None]
+            if values:
+                mean[key] = float(np.mean(values))
+        if "mean_diff_vs_sklearn" in mean:
+            mean["diff_vs_sklearn_per_seed"] = [r.get("mean_diff_vs_sklearn") for r in same]
+        out.append(mean)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="2,000 rows x 9 layers x 256 (a quick check).")
@@ -217,6 +252,10 @@ def main() -> None:
     parser.add_argument("--stream-memory-mb", type=int, default=64,
                         help="Feature memory budget of stream_linear (below one layer: forces streaming).")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", default=None,
+                        help="Comma-separated seeds (validation rows, row order, initialisation): every method "
+                             "runs once per seed, and a table of the means follows (e.g. 42,1,2,3 on a small "
+                             "real cache, where one seed's accuracy difference is mostly noise).")
     parser.add_argument("--run-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--train", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--eval", default=None, help=argparse.SUPPRESS)
@@ -244,43 +283,40 @@ def main() -> None:
     if args.real_train and args.real_eval:
         caches["real"] = (Path(args.real_train), Path(args.real_eval))
 
+    seeds = [int(v) for v in str(args.seeds or args.seed).split(",") if v.strip()]
     report = {"shape": shape, "cpu_count": os.cpu_count(), "sweep_epochs": SWEEP_EPOCHS, "sweep_lrs": SWEEP_LRS,
               "sweep_patience": SWEEP_PATIENCE, "sweep_batch_size": args.sweep_batch_size, "methods": methods,
-              "baseline_rss_mb": _baseline_rss_mb(), "caches": {}}
+              "seeds": seeds, "baseline_rss_mb": _baseline_rss_mb(), "caches": {}}
     for name, (train, evals) in caches.items():
-        results, rows = {}, []
-        for method in methods:
-            cmd = [sys.executable, __file__, "--run-method", method, "--train", str(train), "--eval", str(evals),
-                   "--seed", str(args.seed), "--sweep-batch-size", str(args.sweep_batch_size),
-                   "--stream-memory-mb", str(args.stream_memory_mb)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{method} failed on {name}")
-            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-            r = results[method]
-            print(f"[{name}] {method}: {r['seconds']:.1f} s, peak {r['peak_rss_mb']:.0f} MB, "
-                  f"load {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}, threads {r['torch_threads']}",
-                  file=sys.stderr)
-        reference = results.get("sklearn_loop")
-        for method in methods:
-            rows.append(summarize(results[method], reference if method != "sklearn_loop" else None))
-            if method == "sweep" and results[method].get("eval_accuracy_mlp"):
-                rows.append(summarize(dict(results[method], method="sweep (best mlp)",
-                                           eval_accuracy=results[method]["eval_accuracy_mlp"]), reference))
-        report["caches"][name] = {"rows": rows, "raw": results}
-        print(f"\n{name} cache: {train}")
-        header = (f"{'method':<18} {'layers':>6} {'wall s':>8} {'peak MB':>8} {'best layer':>10} {'best acc':>9} "
-                  f"{'mean acc':>9} {'vs sklearn':>10} {'speedup':>8} {'load':>5} {'thr':>3}")
-        print(header)
-        print("-" * len(header))
-        for r in rows:
-            diff = r.get("mean_diff_vs_sklearn")
-            speed = r.get("speedup_vs_sklearn")
-            print(f"{r['method']:<18} {r['n_layers']:>6d} {r['seconds']:>8.1f} {r['peak_rss_mb']:>8.0f} "
-                  f"{r['best_layer']:>10d} {r['best_eval_accuracy']:>9.4f} {r['mean_eval_accuracy']:>9.4f} "
-                  f"{'' if diff is None else f'{100 * diff:+.2f} pt':>10} {'' if speed is None else f'{speed:.1f}x':>8} "
-                  f"{r['load']:>5.2f} {r['threads']:>3}")
+        per_seed = {}
+        for seed in seeds:
+            results, rows = {}, []
+            for method in methods:
+                cmd = [sys.executable, __file__, "--run-method", method, "--train", str(train), "--eval", str(evals),
+                       "--seed", str(seed), "--sweep-batch-size", str(args.sweep_batch_size),
+                       "--stream-memory-mb", str(args.stream_memory_mb)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{method} failed on {name}")
+                results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+                r = results[method]
+                print(f"[{name} seed {seed}] {method}: {r['seconds']:.1f} s, peak {r['peak_rss_mb']:.0f} MB, "
+                      f"load {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}, threads {r['torch_threads']}",
+                      file=sys.stderr)
+            reference = results.get("sklearn_loop")
+            for method in methods:
+                rows.append(summarize(results[method], reference if method != "sklearn_loop" else None))
+                if method == "sweep" and results[method].get("eval_accuracy_mlp"):
+                    rows.append(summarize(dict(results[method], method="sweep (best mlp)",
+                                               eval_accuracy=results[method]["eval_accuracy_mlp"]), reference))
+            per_seed[seed] = {"rows": rows, "raw": results}
+            print_table(f"{name} cache: {train} (seed {seed})", rows)
+        entry = {"seeds": per_seed}
+        if len(seeds) > 1:
+            entry["mean_over_seeds"] = mean_over_seeds([per_seed[seed]["rows"] for seed in seeds])
+            print_table(f"{name} cache: mean over seeds {seeds}", entry["mean_over_seeds"])
+        report["caches"][name] = entry
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2, sort_keys=True))
     print(f"\nwrote {args.json}")

@@ -449,15 +449,23 @@ class CacheReader:
         """numpy dtype of the stored arrays (uint16 holds bfloat16 bit patterns)."""
         return np.dtype({"bfloat16": np.uint16, "float16": np.float16}.get(self.storage_dtype, np.float32))
 
-    def layer_stored(self, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
+    def layer_stored(self, layer: int, rows: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """One layer as stored (see :attr:`stored_dtype`), (N, H) in canonical order, or ``rows``.
 
-        Each shard is read straight into one preallocated array; rows are reordered (one copy of
-        the 16-bit data) only when the shards are not already in dataset order.
+        Each shard is read straight into one preallocated array (``out`` when given: an (N, H)
+        C-contiguous array of :attr:`stored_dtype`, e.g. a buffer reused from layer to layer); rows
+        are reordered (one copy of the 16-bit data) only when the shards are not already in
+        dataset order.
         """
         self._check_layer(layer)
         name = str(layer)
-        stored = np.empty((int(self._starts[-1]), self.hidden_size), dtype=self.stored_dtype)
+        shape = (int(self._starts[-1]), self.hidden_size)
+        if out is None:
+            stored = np.empty(shape, dtype=self.stored_dtype)
+        elif rows is not None or out.shape != shape or out.dtype != self.stored_dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {shape} {self.stored_dtype} array and rows None")
+        else:
+            stored = out
         for s, shard in enumerate(self.shards):
             start, stop = int(self._starts[s]), int(self._starts[s + 1])
             if stop > start:
@@ -465,7 +473,12 @@ class CacheReader:
         if rows is not None:
             rows = np.asarray(rows)
             return stored[rows if self._in_order else self._order[rows]]
-        return stored if self._in_order else stored[self._order]
+        if self._in_order:
+            return stored
+        if out is not None:
+            out[:] = stored[self._order]
+            return out
+        return stored[self._order]
 
     def layer(self, layer: int, rows: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Features of one layer, (N, H) float32 in canonical order, or only ``rows`` of them.

@@ -118,9 +118,14 @@ def get_embedding(model):
     return _resolve(base_model(model), get_spec(model).embedding)
 
 
+def text_config(config):
+    """The config of the text model (itself for a plain language model; the text part of a
+    multimodal one), where the depth and width are."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def num_blocks(model_or_config) -> int:
     """L, the number of transformer blocks according to the config."""
     config = getattr(model_or_config, "config", model_or_config)
     get_spec(config)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_config.num_hidden_layers)
+    return int(text_config(config).num_hidden_layers)

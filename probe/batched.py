@@ -19,7 +19,7 @@ seeded initialisation whatever its bank.
 
 A training step is written by hand (:func:`_step`): the forward products, the cross-entropy's
 gradient ``(softmax - one_hot) / B`` and the backward products go into buffers reused from step
-to step, and the gradients into the parameters' ``.grad`` for ``torch.optim.AdamW``. It computes
+to step, and the gradients into the parameters' ``.grad`` for :class:`AdamW` (torch's AdamW update). It computes
 what autograd computes for :func:`bank_logits` + :func:`bank_losses` (a test checks it), without
 building a graph or allocating tens of MB per step (page faults cost more than the arithmetic on
 a CPU). Layers are stepped in slices of :data:`STEP_WEIGHTS` first-layer weights.
@@ -83,6 +83,10 @@ class ChipSpec:
         early_stopping: keep each chip's state of lowest validation loss and stop it after
             ``n_iter_no_change`` epochs without an improvement larger than ``tol``.
         n_iter_no_change: patience, in epochs.
+        min_patience_steps: the patience is never shorter than this many optimizer steps
+            (``ceil(min_patience_steps / steps per epoch)`` epochs when that is more): on a small
+            cache an epoch is a handful of steps, and a 200-row validation loss is too noisy to
+            call a plateau after a few dozen of them.
         tol: smallest validation-loss improvement that counts.
         fit_intercept: learn the output bias ``b``; False keeps it at zero (a bias-free chip).
         lr_decay: the learning rate is multiplied by this after every epoch (the same schedule
@@ -99,6 +103,7 @@ class ChipSpec:
     hidden: int = 256
     early_stopping: bool = True
     n_iter_no_change: int = 3
+    min_patience_steps: int = 0
     tol: float = 1e-4
     fit_intercept: bool = True
     lr_decay: float = 1.0
@@ -113,7 +118,7 @@ class ChipSpec:
     def bank_key(self) -> tuple:
         """Specs with the same key train as one bank (they may differ in weight decay only)."""
         return (self.kind, self.lr, tuple(self.betas), self.eps, self.epochs, self.hidden, self.early_stopping,
-                self.n_iter_no_change, self.tol, self.fit_intercept, self.lr_decay, self.precision)
+                self.n_iter_no_change, self.min_patience_steps, self.tol, self.fit_intercept, self.lr_decay, self.precision)
 
 
 def param_shapes(kind: str, n_features: int, n_classes: int, hidden: int) -> dict[str, tuple[int, ...]]:
@@ -302,6 +307,17 @@ class RunningStats:
         self.m2 += m2 + delta.square() * (self.n * b / total)
         self.n = total
 
+    def remove(self, other: RunningStats) -> None:
+        """Take out the rows merged into ``other`` (a subset of the rows merged here): the
+        statistics of the remaining rows, without reading them again."""
+        n = self.n - other.n
+        if n <= 0:
+            raise ValueError(f"cannot remove {other.n} of {self.n} rows")
+        mean = (self.mean * self.n - other.mean * other.n) / n
+        delta = other.mean - mean
+        self.m2 = (self.m2 - other.m2 - delta.square() * (n * other.n / self.n)).clamp_min_(0)
+        self.mean, self.n = mean, n
+
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         scale = (self.m2 / max(self.n, 1)).sqrt()
         scale[scale < 1e-6] = 1.0
@@ -309,7 +325,7 @@ class RunningStats:
 
 
 def standardization(x, standardize: bool = True, center: bool = True,
-                    rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    rows: np.ndarray | None = None, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and scale of one layer's training features.
 
     Args:
@@ -317,6 +333,8 @@ def standardization(x, standardize: bool = True, center: bool = True,
         standardize: False gives mean 0 and scale 1 (the chip sees raw features).
         center: False keeps mean 0 (scale only), so a folded linear chip stays bias-free.
         rows: only these rows of ``x`` (default all).
+        exclude: every row of ``x`` but these (instead of ``rows``): computed as all rows minus
+            the excluded ones (:meth:`RunningStats.remove`), so the kept rows are never gathered.
 
     Returns:
         mean (H,), scale (H,) float32; a constant feature gets scale 1.
@@ -325,14 +343,24 @@ def standardization(x, standardize: bool = True, center: bool = True,
     H = t.shape[1]
     if not standardize:
         return np.zeros(H, np.float32), np.ones(H, np.float32)
-    stats = RunningStats(H)
-    buf = torch.empty((min(_STATS_CHUNK, t.shape[0]), H), dtype=torch.float32)
-    for _, chunk in _chunks(t, rows, buf):
-        stats.update(chunk, center=center)
+    if rows is not None and exclude is not None:
+        raise ValueError("give rows or exclude, not both")
+    stats = _running_stats(t, rows, center)
+    if exclude is not None and len(exclude):
+        stats.remove(_running_stats(t, exclude, center))
     mean, scale = stats.result()
     if not center:
         mean = np.zeros(H, np.float32)
     return mean, scale
+
+
+def _running_stats(t: torch.Tensor, rows: np.ndarray | None, center: bool) -> RunningStats:
+    stats = RunningStats(t.shape[1])
+    n = t.shape[0] if rows is None else len(rows)
+    buf = torch.empty((max(1, min(_STATS_CHUNK, n)), t.shape[1]), dtype=torch.float32)
+    for _, chunk in _chunks(t, rows, buf):
+        stats.update(chunk, center=center)
+    return stats
 
 
 def standardize_into(x, mean: np.ndarray, scale: np.ndarray, out: torch.Tensor,
@@ -493,8 +521,8 @@ def fit_banks(
             p.grad = torch.zeros_like(p)  # written in place by every step (see _step)
         decays = [specs[i].weight_decay for i in members]
         uniform = len(set(decays)) == 1
-        optimizer = torch.optim.AdamW(trained, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                                      weight_decay=decays[0] if uniform else 0.0, **_fused(device))
+        optimizer = AdamW(trained, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                          weight_decay=decays[0] if uniform else 0.0, fused=_fused(device))
         shape = (G, S)
         banks.append({
             "spec": spec, "members": members, "params": params, "trained": trained, "optimizer": optimizer,
@@ -507,9 +535,11 @@ def fit_banks(
             "stopped": torch.zeros(shape, dtype=torch.long),  # epochs each chip trained
             "epochs_run": 0,
             "early": spec.early_stopping and val is not None,
+            "patience": spec.n_iter_no_change,  # in epochs; raised to min_patience_steps after epoch 0
         })
     step = 0
     for epoch in range(max(b["spec"].epochs for b in banks)):
+        epoch_start = step
         active = [b for b in banks if not bool(b["done"].all()) and epoch < b["spec"].epochs]
         if not active:
             break
@@ -529,6 +559,9 @@ def fit_banks(
                 callback(epoch, step, rows)
             step += 1
         for bank in active:
+            if epoch == 0 and step > epoch_start:
+                bank["patience"] = max(bank["spec"].n_iter_no_change,
+                                       math.ceil(bank["spec"].min_patience_steps / (step - epoch_start)))
             bank["epochs_run"] = epoch + 1
             for group in bank["optimizer"].param_groups:
                 group["lr"] *= bank["spec"].lr_decay
@@ -665,16 +698,50 @@ def _step_layers(bank: dict, layers: slice, x: torch.Tensor, y: torch.Tensor,
         grad.copy_(g_lp)
 
 
-def _fused(device: torch.device) -> dict:
-    """``fused=True`` (one pass over each tensor per step, several times faster than the
-    default on CPU) where this torch supports it for the device."""
+def _fused(device: torch.device) -> bool:
+    """Whether this torch has a fused AdamW kernel for the device (one pass over each tensor
+    per step, several times faster than the default on CPU)."""
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
         devices = _get_fused_kernels_supported_devices()
     except Exception:  # a private helper: never let it break training
         devices = ["cuda"]
-    return {"fused": True} if device.type in devices else {}
+    return device.type in devices
+
+
+class AdamW:
+    """``torch.optim.AdamW``'s update, for tensors whose ``.grad`` each step fills.
+
+    The step is torch's own functional AdamW (``torch.optim.adamw.adamw``: the same code path
+    ``torch.optim.AdamW.step`` runs, the fused kernel where the device has one), with the state
+    kept here. ``torch.optim.Optimizer`` is not used because its first construction in a process
+    imports ``torch._dynamo``: about a second, most of the wall time of training chips on a small
+    cache. A test checks that it moves the parameters exactly as ``torch.optim.AdamW`` does.
+
+    ``param_groups`` mirrors torch's (one group; ``lr`` may be changed between steps).
+    """
+
+    def __init__(self, params: list[torch.Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, fused: bool = False) -> None:
+        self.params = list(params)
+        self.param_groups = [dict(params=self.params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                  amsgrad=False, maximize=False, fused=fused)]
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        # torch keeps the step count as a float32 tensor on the parameter's device when fused
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu") for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        from torch.optim.adamw import adamw
+
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        adamw(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self.steps,
+              foreach=False if group["fused"] else None, fused=group["fused"] or None, capturable=False,
+              differentiable=False, grad_scale=None, found_inf=None, amsgrad=False, beta1=beta1, beta2=beta2,
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 _THREADS: dict[int, int] = {}
@@ -756,4 +823,4 @@ def _early_stopping_update(bank: dict, val, epoch: int) -> None:
     bank["best_loss"] = torch.where(improved, losses, bank["best_loss"])
     bank["best_epoch"] = torch.where(improved, torch.full_like(bank["best_epoch"], epoch), bank["best_epoch"])
     bank["bad"] = torch.where(improved, torch.zeros_like(bank["bad"]), bank["bad"] + live.long())
-    bank["done"] |= bank["bad"] >= spec.n_iter_no_change
+    bank["done"] |= bank["bad"] >= bank["patience"]

@@ -140,7 +140,8 @@ class _TorchChip(_ChipBase):
         return ChipSpec(
             kind=self._kind, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas),
             eps=1e-8, epochs=self.epochs, hidden=getattr(self, "hidden", 256),
-            early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change, tol=self.tol,
+            early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change,
+            min_patience_steps=getattr(self, "min_patience_steps", 0), tol=self.tol,
             fit_intercept=getattr(self, "fit_intercept", True),
             precision=resolve_precision(self.precision, self.device),
         )
@@ -232,6 +233,7 @@ _TORCH_DOC_ARGS = """
             lowest validation loss; stop after ``n_iter_no_change`` epochs without improvement.
         validation_fraction: share of rows held out for early stopping.
         n_iter_no_change: patience in epochs.
+        min_patience_steps: the patience is never shorter than this many optimizer steps.
         tol: smallest validation-loss improvement that counts.
         shuffle: shuffle the rows every epoch (seeded).
         classes: every class label, in order (default the labels seen in ``y``); pass it when a
@@ -262,7 +264,8 @@ class LinearChip(_TorchChip):
     def __init__(self, *, lr: float = 1e-3, weight_decay: float = 1e-2, epochs: int = 30,
                  batch_size: int = 128, betas: tuple[float, float] = (0.9, 0.999),
                  standardize: bool = True, early_stopping: bool = False,
-                 validation_fraction: float = 0.1, n_iter_no_change: int = 3, tol: float = 1e-4,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 3, min_patience_steps: int = 0,
+                 tol: float = 1e-4,
                  shuffle: bool = True, fit_intercept: bool = True, classes=None, random_state=None,
                  device: str = "cpu", verbose: int = 0, precision: str = "auto") -> None:
         self.lr = lr
@@ -274,6 +277,7 @@ class LinearChip(_TorchChip):
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
+        self.min_patience_steps = min_patience_steps
         self.tol = tol
         self.shuffle = shuffle
         self.fit_intercept = fit_intercept
@@ -313,7 +317,8 @@ class MLPChip(_TorchChip):
     def __init__(self, *, hidden: int = 256, lr: float = 1e-3, weight_decay: float = 1e-2,
                  epochs: int = 30, batch_size: int = 128, betas: tuple[float, float] = (0.9, 0.999),
                  standardize: bool = True, early_stopping: bool = False,
-                 validation_fraction: float = 0.1, n_iter_no_change: int = 3, tol: float = 1e-4,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 3, min_patience_steps: int = 0,
+                 tol: float = 1e-4,
                  shuffle: bool = True, classes=None, random_state=None, device: str = "cpu",
                  verbose: int = 0, precision: str = "auto") -> None:
         self.hidden = hidden
@@ -326,6 +331,7 @@ class MLPChip(_TorchChip):
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
+        self.min_patience_steps = min_patience_steps
         self.tol = tol
         self.shuffle = shuffle
         self.classes = classes

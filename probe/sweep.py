@@ -45,6 +45,8 @@ from chiptuning.probe.train import (
     check_same_source,
     fit_group,
     open_cache,
+    rows_held,
+    warn_few_steps,
 )
 
 from chiptuning.errors import ChipTuningError
@@ -71,6 +73,8 @@ class SweepConfig:
         batch_size: rows per step, shared by every torch setting (``--batch-size``).
         hidden: MLP hidden width.
         n_iter_no_change: early-stopping patience in epochs.
+        min_patience_steps: the patience is never shorter than this many optimizer steps (as in
+            ``probe train``'s default regime).
         layers: layers to sweep (``--layers``); default all.
         val_size: validation rows carved from the training cache (``--val-size``).
         seed: seed of the split, the order and the initialisation (``--seed``).
@@ -96,7 +100,8 @@ class SweepConfig:
     chip_epochs: dict[str, list[int]] = field(default_factory=dict)
     batch_size: int = 128
     hidden: int = 256
-    n_iter_no_change: int = 3
+    n_iter_no_change: int = 2
+    min_patience_steps: int = 150
     layers: list[int] | None = None
     val_size: int = 200
     seed: int = 42
@@ -123,6 +128,8 @@ class SweepConfig:
         epochs = [v for kind in ("linear", "mlp") for v in self.epochs_of(kind)]
         if min(self.Cs) <= 0 or min(lrs) <= 0 or min(epochs) <= 0 or min(self.weight_decays) < 0:
             raise ChipTuningError("--C, --lr and --epochs must be > 0 and --weight-decay >= 0")
+        if self.n_iter_no_change < 1 or self.min_patience_steps < 0:
+            raise ChipTuningError(f"--patience must be >= 1, got {self.n_iter_no_change}")
         if self.precision not in PRECISIONS:
             raise ChipTuningError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -130,7 +137,8 @@ class SweepConfig:
         """One torch ChipSpec per (chip, lr, weight decay, epochs)."""
         precision = resolve_precision(self.precision)
         return [ChipSpec(kind=kind, lr=lr, weight_decay=wd, epochs=ep, hidden=self.hidden,
-                         n_iter_no_change=self.n_iter_no_change, precision=precision)
+                         n_iter_no_change=self.n_iter_no_change, min_patience_steps=self.min_patience_steps,
+                         precision=precision)
                 for kind in self.chips if kind != "logreg"
                 for lr in self.lrs_of(kind) for wd in self.weight_decays for ep in self.epochs_of(kind)]
 
@@ -185,9 +193,10 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     specs = config.specs()
     tasks = []
     if specs:
-        itemsize = _feature_dtype(train, specs, True).itemsize
-        G = _group_size(len(train_rows), len(val_rows), int(train.hidden_size), len(layers),
-                        config.max_memory_mb, itemsize)
+        dtype = _feature_dtype(train, specs, True)
+        G = _group_size(rows_held(train, dtype, len(train_rows)), len(val_rows), int(train.hidden_size), len(layers),
+                        config.max_memory_mb, dtype.itemsize)
+        warn_few_steps(len(train_rows), config.batch_size, min(spec.epochs for spec in specs))
         # With several workers, smaller groups keep them all busy.
         G = max(1, min(G, -(-len(layers) // max(1, config.n_jobs))))
         for i in range(0, len(layers), G):

@@ -15,6 +15,7 @@ recorded in chips.json.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from chiptuning.probe.batched import (
     choose_threads,
     fit_banks,
     gather_standardized,
+    mask_logits,
     predict_bank,
     resolve_precision,
     standardization,
@@ -49,11 +51,11 @@ log = logging.getLogger(__name__)
 #: Training regimes of the torch chips. "paper" is the Chip-Tuning paper's setting, exactly.
 REGIMES: dict[str, dict[str, Any]] = {
     "default": dict(lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), batch_size=128, epochs=30,
-                    early_stopping=True, n_iter_no_change=3, standardize=True, max_train_rows=None,
-                    precision="auto"),
+                    early_stopping=True, n_iter_no_change=2, min_patience_steps=150, standardize=True,
+                    max_train_rows=None, precision="auto"),
     "paper": dict(lr=1e-5, weight_decay=0.01, betas=(0.9, 0.99), batch_size=1, epochs=1,
-                  early_stopping=False, n_iter_no_change=3, standardize=False, max_train_rows=20000,
-                  precision="float32"),
+                  early_stopping=False, n_iter_no_change=3, min_patience_steps=0, standardize=False,
+                  max_train_rows=20000, precision="float32"),
 }
 
 #: Metadata fields that must agree between a train and an eval cache (when both record them).
@@ -78,6 +80,8 @@ class TrainConfig:
         epochs: most passes over the training rows (``--epochs``).
         early_stopping: stop each chip when its validation loss stops improving.
         n_iter_no_change: early-stopping patience in epochs (``--patience``).
+        min_patience_steps: the patience is never shorter than this many optimizer steps (a
+            small cache has few steps per epoch; see :class:`~chiptuning.probe.batched.ChipSpec`).
         standardize: standardize features per layer with training statistics (saved).
         max_train_rows: use at most this many training rows (seeded choice); the paper's 20,000.
         precision: "auto", "float32" or "bfloat16": precision of the products with the features
@@ -109,6 +113,7 @@ class TrainConfig:
     epochs: int | None = None
     early_stopping: bool | None = None
     n_iter_no_change: int | None = None
+    min_patience_steps: int | None = None
     standardize: bool | None = None
     max_train_rows: int | None = None
     precision: str | None = None
@@ -147,6 +152,8 @@ class TrainConfig:
                 raise ChipTuningError(f"{name} must be > 0, got {value}")
         if not cfg.fit_intercept and cfg.chip != "linear":
             raise ChipTuningError(f"--no-intercept applies to linear chips, not {cfg.chip}")
+        if cfg.n_iter_no_change < 1 or cfg.min_patience_steps < 0:
+            raise ChipTuningError(f"--patience must be >= 1, got {cfg.n_iter_no_change}")
         if cfg.weight_decay < 0:
             raise ChipTuningError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
         if cfg.val_size < 0:
@@ -157,7 +164,8 @@ class TrainConfig:
         """The batched trainer's settings for a torch chip."""
         return ChipSpec(kind=self.chip, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
                         epochs=self.epochs, hidden=self.hidden, early_stopping=self.early_stopping,
-                        n_iter_no_change=self.n_iter_no_change, precision=self.precision,
+                        n_iter_no_change=self.n_iter_no_change, min_patience_steps=self.min_patience_steps,
+                        precision=self.precision,
                         fit_intercept=self.fit_intercept)
 
     def chip_params(self, n_classes: int) -> dict:
@@ -168,7 +176,7 @@ class TrainConfig:
         params = dict(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
                       batch_size=self.batch_size, betas=list(self.betas), standardize=self.standardize,
                       early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change,
-                      classes=list(range(n_classes)), random_state=self.seed, device="cpu",
+                      min_patience_steps=self.min_patience_steps, classes=list(range(n_classes)), random_state=self.seed, device="cpu",
                       precision=self.precision)
         if self.chip == "mlp":
             params["hidden"] = self.hidden
@@ -389,30 +397,112 @@ def _read_layer(cache, layer: int):
     return cache.layer(layer)
 
 
+#: The training rows are read in place (a whole layer into the buffer it trains from) when they
+#: are at least this fraction of the cache's rows; fewer are gathered (a paper-regime subset).
+IN_PLACE_FRACTION = 0.9
+_STORED = {np.dtype(np.uint16): torch.bfloat16, np.dtype(np.float32): torch.float32}
+
+
+def _reads_in_place(cache, dtype: torch.dtype, n_train: int) -> bool:
+    """Whether a layer can be read straight into the training buffer: the cache stores what
+    training reads (bfloat16 trained in bfloat16, float32 in float32) and the training rows are
+    nearly all of it."""
+    stored = getattr(cache, "stored_dtype", None)
+    return (hasattr(cache, "layer_stored") and stored is not None and _STORED.get(np.dtype(stored)) == dtype
+            and n_train >= IN_PLACE_FRACTION * cache.n_rows)
+
+
+def rows_held(cache, dtype: torch.dtype, n_train: int) -> int:
+    """Rows of a layer the trainer holds in memory: the whole cache when it reads in place."""
+    return cache.n_rows if _reads_in_place(cache, dtype, n_train) else n_train
+
+
+#: Fewer optimizer steps than this in a whole run (at the epoch cap) and torch chips are very likely
+#: undertrained: a warning says so.
+FEW_STEPS = 100
+
+
+def warn_few_steps(n_train: int, batch_size: int, epochs: int) -> None:
+    """Warn when ``epochs`` passes over ``n_train`` rows at ``batch_size`` are few optimizer steps
+    (e.g. a sweep recipe sized for 20,000 rows run on 2,000: 4 steps per epoch)."""
+    steps = epochs * math.ceil(n_train / batch_size)
+    if steps < FEW_STEPS:
+        log.warning("%d training rows at --batch-size %d for at most %d epochs is only %d optimizer steps: "
+                    "the chips are likely undertrained (raise --epochs or lower --batch-size)",
+                    n_train, batch_size, epochs, steps)
+
+
+def _workspace_tensor(workspace: dict | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, carved from ``workspace``'s buffer of that dtype (grown when too
+    small) so group after group reuses the same memory; fresh when ``workspace`` is None.
+    (A fresh multi-GB buffer per group pays a page fault on every 4 kB of its first touch.)"""
+    numel = math.prod(shape)
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype)
+    flat = workspace.get(dtype)
+    if flat is None or flat.numel() < numel:
+        workspace.pop(dtype, None)
+        flat = workspace[dtype] = torch.empty(numel, dtype=dtype)
+    return flat[:numel].view(shape)
+
+
+def _as_stored(t: torch.Tensor, stored: np.dtype) -> np.ndarray:
+    """A numpy view of a tensor's memory in the cache's stored dtype (bfloat16 as uint16)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(stored)
+    return t.numpy()
+
+
 def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_rows: list[np.ndarray], *,
-                      standardize: bool = True, dtype: torch.dtype = torch.float32, center: bool = True):
+                      standardize: bool = True, dtype: torch.dtype = torch.float32, center: bool = True,
+                      workspace: dict | None = None):
     """Read each layer once; compute its statistics on ``train_rows`` and standardize.
 
+    When the cache stores ``dtype`` and the training rows are nearly all of it (the usual case:
+    all rows but the validation part), each layer is read straight into the buffer it trains
+    from and standardized there in place: ``x`` holds every row of the cache, the training rows
+    at ``train_pos``, and the statistics are those of all rows minus the others. Otherwise ``x``
+    holds the training rows only (``train_pos`` is ``arange``).
+
+    Args:
+        workspace: a dict whose buffers successive calls reuse (see :func:`_workspace_tensor`).
+
     Returns:
-        x (G, len(train_rows), H) in ``dtype``, [(G, len(rows), H) float32 for each of
-        ``other_rows``], stats [(mean (H,), scale (H,))] per layer.
+        x (G, M, H) in ``dtype``, train_pos (positions of the training rows in x),
+        [(G, len(rows), H) float32 for each of ``other_rows``], stats [(mean (H,), scale (H,))]
+        per layer.
     """
     G, H = len(layers), int(cache.hidden_size)
-    x = torch.empty((G, len(train_rows), H), dtype=dtype)
+    train_rows = np.asarray(train_rows)
+    in_place = _reads_in_place(cache, dtype, len(train_rows))
+    if in_place:
+        x = _workspace_tensor(workspace, (G, cache.n_rows, H), dtype)
+        train_pos = train_rows
+        excluded = np.setdiff1d(np.arange(cache.n_rows), train_rows)
+    else:
+        x = _workspace_tensor(workspace, (G, len(train_rows), H), dtype)
+        train_pos = np.arange(len(train_rows))
     others = [torch.empty((G, len(rows), H), dtype=torch.float32) for rows in other_rows]
     stats = []
     for j, layer in enumerate(layers):
-        raw = _read_layer(cache, layer)
-        if _as_tensor(raw).dtype == dtype:  # stored as trained: gather once, then work in place
-            mean, scale = gather_standardized(raw, x[j], train_rows, standardize, center=center)
+        if in_place:
+            cache.layer_stored(layer, out=_as_stored(x[j], cache.stored_dtype))
+            raw = x[j]
+            mean, scale = standardization(raw, standardize, center=center, exclude=excluded)
         else:
-            mean, scale = standardization(raw, standardize, rows=train_rows, center=center)
-            standardize_into(raw, mean, scale, x[j], rows=train_rows)
-        for rows, out in zip(other_rows, others):
+            raw = _read_layer(cache, layer)
+            if _as_tensor(raw).dtype == dtype:  # stored as trained: gather once, then work in place
+                mean, scale = gather_standardized(raw, x[j], train_rows, standardize, center=center)
+            else:
+                mean, scale = standardization(raw, standardize, rows=train_rows, center=center)
+                standardize_into(raw, mean, scale, x[j], rows=train_rows)
+        for rows, out in zip(other_rows, others):  # from the raw values, before standardizing in place
             standardize_into(raw, mean, scale, out[j], rows=rows)
+        if in_place and standardize:
+            standardize_into(raw, mean, scale, raw)
         stats.append((mean, scale))
         del raw
-    return x, others, stats
+    return x, train_pos, others, stats
 
 
 def _standardized(cache, layers, rows, stats, *, stream: bool = False) -> torch.Tensor:
@@ -439,10 +529,11 @@ def _standardized(cache, layers, rows, stats, *, stream: bool = False) -> torch.
 
 
 def score_specs(specs: list[ChipSpec], results: list[dict], x: torch.Tensor, y: torch.Tensor,
-                mask: torch.Tensor | None, dtype: torch.dtype = torch.float32):
+                mask: torch.Tensor | None, dtype: torch.dtype = torch.float32, rows: np.ndarray | None = None):
     """(accuracy (G,), mean loss (G,), predictions (G, N)) of each spec's G chips.
 
     Specs of the same chip type are scored together (one product per row chunk for all).
+    ``rows`` scores only these rows of ``x`` (``y`` and ``mask`` are theirs).
     """
     out: list = [None] * len(specs)
     kinds: dict[tuple, list[int]] = {}
@@ -451,7 +542,10 @@ def score_specs(specs: list[ChipSpec], results: list[dict], x: torch.Tensor, y: 
     for (kind, _), members in kinds.items():
         params = {name: torch.stack([results[i]["params"][name] for i in members], dim=1)
                   for name in results[members[0]]["params"]}
-        logits = predict_bank(kind, params, x, mask, dtype=dtype)  # (G, S, N, C)
+        if rows is None:
+            logits = predict_bank(kind, params, x, mask, dtype=dtype)  # (G, S, N, C)
+        else:
+            logits = mask_logits(predict_bank(kind, params, x, dtype=dtype)[:, :, torch.from_numpy(rows)], mask)
         G, S, N, C = logits.shape
         pred = logits.argmax(dim=3)
         acc = (pred == y.view(1, 1, -1)).double().mean(dim=2)
@@ -464,11 +558,13 @@ def score_specs(specs: list[ChipSpec], results: list[dict], x: torch.Tensor, y: 
 def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows: np.ndarray,
               specs: list[ChipSpec], *, n_classes: int, batch_size: int, seed: int, standardize: bool = True,
               center: bool = True,
-              device: str = "cpu", max_memory_mb: float = 2048, callback=None) -> dict:
+              device: str = "cpu", max_memory_mb: float = 2048, callback=None,
+              workspace: dict | None = None) -> dict:
     """Train every spec's chips on a group of layers: each layer is read once, standardized with
     its training statistics, and every setting trains on the same minibatches (one bank per chip
     type, see :func:`~chiptuning.probe.batched.fit_banks`). ``center=False`` only scales the
-    features (mean 0 is saved), for bias-free linear chips (``--no-intercept``).
+    features (mean 0 is saved), for bias-free linear chips (``--no-intercept``). Successive
+    groups given the same ``workspace`` dict reuse one feature buffer.
 
     Returns:
         {"stats": [(mean, scale)] per layer, "results": fit_banks' results per spec,
@@ -493,28 +589,30 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
         x_tr = None
         x_val = _standardized(train, layers, val_rows, stats, stream=True)
     else:
-        x_tr, (x_val,), stats = load_standardized(train, layers, train_rows, [val_rows], standardize=standardize,
-                                                  center=center,
-                                                  dtype=dtype)
-        data = InMemoryBatches(x_tr, take(y_all, train_rows), take(mask_all, train_rows), batch_size, seed)
+        x_tr, train_pos, (x_val,), stats = load_standardized(
+            train, layers, train_rows, [val_rows], standardize=standardize, center=center, dtype=dtype,
+            workspace=workspace)
+        data = InMemoryBatches(x_tr, take(y_all, train_rows), take(mask_all, train_rows), batch_size, seed,
+                               rows=train_pos)
     val = (x_val, take(y_all, val_rows), take(mask_all, val_rows)) if len(val_rows) else None
     results = fit_banks(data, specs, H, C, seed=seed, val=val, device=device, callback=callback)
     parts = {}
     if x_tr is not None:
-        parts["train"] = (x_tr, take(y_all, train_rows), take(mask_all, train_rows))
+        in_order = len(train_pos) == x_tr.shape[1]  # x_tr holds the training rows only, in order
+        parts["train"] = (x_tr, take(y_all, train_rows), take(mask_all, train_rows), None if in_order else train_pos)
     if val is not None:
-        parts["val"] = val
+        parts["val"] = (*val, None)
     if evals is not None:
         m = _class_mask(evals, C)
         parts["eval"] = (_standardized(evals, layers, np.arange(evals.n_rows), stats, stream=stream),
                          torch.from_numpy(np.asarray(evals.labels, dtype=np.int64)),
-                         None if m is None else torch.from_numpy(m))
+                         None if m is None else torch.from_numpy(m), None)
     scores: list[dict] = [{} for _ in specs]
-    for name, (xs, ys, ms) in parts.items():
+    for name, (xs, ys, ms, rows) in parts.items():
         # The training rows are scored in the precision they trained in; val / eval in float32.
         compute = torch.bfloat16 if name == "train" and xs.dtype == torch.bfloat16 and all(
             s.precision == "bfloat16" for s in specs) else torch.float32
-        for i, scored in enumerate(score_specs(specs, results, xs, ys, ms, compute)):
+        for i, scored in enumerate(score_specs(specs, results, xs, ys, ms, compute, rows=rows)):
             scores[i][name] = scored
     return {"stats": stats, "results": results, "scores": scores, "streamed": stream}
 
@@ -531,15 +629,19 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
     spec = cfg.spec()
     H = int(train.hidden_size)
     dtype = _feature_dtype(train, [spec], cfg.standardize)
-    G = _group_size(len(train_rows), len(val_rows), H, len(layers), cfg.max_memory_mb, dtype.itemsize)
+    G = _group_size(rows_held(train, dtype, len(train_rows)), len(val_rows), H, len(layers), cfg.max_memory_mb,
+                    dtype.itemsize)
+    warn_few_steps(len(train_rows), cfg.batch_size, cfg.epochs)
     tensors: dict[str, list[np.ndarray]] = {}
     metrics, preds = [], []
     groups = [layers[i:i + G] for i in range(0, len(layers), G)]
+    workspace: dict = {}  # one feature buffer for every group
     for group in tqdm(groups, desc="chip groups", unit="group", disable=not progress):
         fitted = fit_group(train, evals, group, train_rows, val_rows, [spec], n_classes=C,
                            batch_size=cfg.batch_size, seed=cfg.seed, standardize=cfg.standardize,
                            center=cfg.fit_intercept,
-                           device=cfg.device, max_memory_mb=cfg.max_memory_mb, callback=callback)
+                           device=cfg.device, max_memory_mb=cfg.max_memory_mb, callback=callback,
+                           workspace=workspace)
         result, scored, stats = fitted["results"][0], fitted["scores"][0], fitted["stats"]
         for name, value in result["params"].items():
             tensors.setdefault(name, []).append(value.numpy())

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from chiptuning.prune.truncate import _per_layer_keys, _text_config, truncate_
+from chiptuning.prune.truncate import model_configs, per_layer_keys, truncate_
 from torch import nn
 from torch.nn import functional as F
 
@@ -125,11 +125,6 @@ def calibration_from_task(task, tokenizer=None, n_examples: int | None = 128, ma
 
 # -- block surgery --------------------------------------------------------------------------------
 
-def _configs(model) -> list:
-    found = {id(c): c for c in (model.config, base_model(model).config, _text_config(model.config))}
-    return list(found.values())
-
-
 def rebuild_blocks_(model, plan: Sequence[tuple[nn.Module, int]]) -> nn.Module:
     """Make ``model``'s blocks exactly ``plan`` (in order), with the config made to agree.
 
@@ -147,8 +142,8 @@ def rebuild_blocks_(model, plan: Sequence[tuple[nn.Module, int]]) -> nn.Module:
     used = {id(module) for module, _ in plan}
     leftovers = [(b, i) for i, b in enumerate(blocks) if id(b) not in used]
     order = list(plan) + leftovers[: L - len(plan)]
-    for config in _configs(model):
-        for key in _per_layer_keys(config, L):
+    for config in model_configs(model):
+        for key in per_layer_keys(config, L):
             value = getattr(config, key)
             setattr(config, key, type(value)(value[src] for _, src in order))
     set_blocks(model, nn.ModuleList([module for module, _ in order]))

@@ -21,7 +21,7 @@ from chiptuning.prune.provenance import read_provenance, verify_checksums
 from chiptuning.errors import DataError, ProvenanceError
 from chiptuning.features import last_token_features
 from chiptuning.models import load_tokenizer, resolve_device, resolve_dtype
-from chiptuning.registry import get_spec, num_blocks
+from chiptuning.registry import get_spec, num_blocks, text_config
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,14 @@ def _check_config(path: Path, record: dict[str, Any]):
 
     config = AutoConfig.from_pretrained(path)
     base = record["base_model"]
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     problems = []
     if config.model_type != base.get("model_type"):
         problems.append(f"model_type {config.model_type!r}, provenance says {base.get('model_type')!r}")
     if num_blocks(config) != record["layer"]:
         problems.append(f"{num_blocks(config)} blocks, provenance says layer {record['layer']}")
-    if base.get("hidden_size") is not None and int(text_config.hidden_size) != int(base["hidden_size"]):
-        problems.append(f"hidden size {text_config.hidden_size}, provenance says {base['hidden_size']}")
+    if base.get("hidden_size") is not None and int(text.hidden_size) != int(base["hidden_size"]):
+        problems.append(f"hidden size {text.hidden_size}, provenance says {base['hidden_size']}")
     for name, task in record["tasks"].items():
         meta = task.get("cache_meta") or {}
         then, now = meta.get("model_hash"), base.get("hash")

@@ -136,7 +136,7 @@ def check_model_matches_cache(model_id: str, model_hash: str, config, cache_meta
     Raises:
         ProvenanceError: "cache from another model", with both identities.
     """
-    from chiptuning.registry import num_blocks
+    from chiptuning.registry import num_blocks, text_config
 
     def refuse(detail: str) -> None:
         raise ProvenanceError(
@@ -145,11 +145,11 @@ def check_model_matches_cache(model_id: str, model_hash: str, config, cache_meta
             "prune the model the cache was extracted from, or re-extract and re-train the chips"
         )
 
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     facts = {
         "model_type": getattr(config, "model_type", None),
         "num_blocks": num_blocks(config),
-        "hidden_size": int(text_config.hidden_size),
+        "hidden_size": int(text.hidden_size),
     }
     for key, value in facts.items():
         recorded = cache_meta.get(key)

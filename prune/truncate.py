@@ -18,7 +18,14 @@ import logging
 from torch import nn
 
 from chiptuning.errors import ChipTuningError
-from chiptuning.registry import base_model, get_blocks, get_spec, num_blocks, set_blocks
+from chiptuning.registry import (
+    base_model,
+    get_blocks,
+    get_spec,
+    num_blocks,
+    set_blocks,
+    text_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,9 @@ def check_layer(layer: int, n_blocks: int) -> int:
     return layer
 
 
-def _per_layer_keys(config, n_blocks: int) -> list[str]:
+def per_layer_keys(config, n_blocks: int) -> list[str]:
+    """Config fields holding one entry per block (e.g. Gemma-2's ``layer_types``): what cutting
+    or reordering the blocks must cut or reorder too."""
     keys = []
     for key, value in vars(config).items():
         if not isinstance(value, (list, tuple)) or len(value) != n_blocks or key in _NOT_PER_LAYER:
@@ -57,8 +66,11 @@ def _per_layer_keys(config, n_blocks: int) -> list[str]:
     return sorted(keys)
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+def model_configs(model) -> list:
+    """Every distinct config object of a model (the model's, its backbone's, its text config):
+    depth and per-layer fields must agree in all of them."""
+    found = {id(c): c for c in (model.config, base_model(model).config, text_config(model.config))}
+    return list(found.values())
 
 
 def truncate_(model: nn.Module, layer: int) -> nn.Module:
@@ -93,9 +105,8 @@ def truncate_(model: nn.Module, layer: int) -> nn.Module:
     kept = nn.ModuleList(list(blocks)[:layer])
     set_blocks(model, kept)
 
-    configs = {id(c): c for c in (model.config, base_model(model).config, _text_config(model.config))}
-    for config in configs.values():
-        for key in _per_layer_keys(config, n_blocks):
+    for config in model_configs(model):
+        for key in per_layer_keys(config, n_blocks):
             value = getattr(config, key)
             setattr(config, key, type(value)(value[:layer]))
             log.debug("sliced config.%s to %d entries", key, layer)

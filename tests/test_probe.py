@@ -160,18 +160,23 @@ def test_linear_chip_matches_logistic_regression_on_real_data(tmp_path):
 
 # -- batched == single-layer ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_batched_trainer_equals_single_layer_chips(toy, kind):
+def test_batched_trainer_equals_single_layer_chips(toy, kind, precision):
+    """float32 on this float32 cache reads each layer in place into the training buffer (statistics
+    as all rows minus the validation rows); bfloat16 gathers the training rows: both give the
+    chips of single-layer training."""
     from chiptuning.cache import CacheReader
 
     reader = CacheReader(toy["train"])
-    chips = train_chips(reader, chip=kind, epochs=3, early_stopping=False, seed=7, hidden=16, batch_size=32)
+    chips = train_chips(reader, chip=kind, epochs=3, early_stopping=False, seed=7, hidden=16, batch_size=32,
+                        precision=precision)
     train_rows, _ = carve_rows(reader.n_rows, 200, 7, None)
     cls = {"linear": LinearChip, "mlp": MLPChip}[kind]
     extra = {"hidden": 16} if kind == "mlp" else {}
     for layer in reader.layers:
         single = cls(epochs=3, lr=1e-3, weight_decay=1e-2, batch_size=32, random_state=7,
-                     classes=[0, 1, 2], **extra)
+                     classes=[0, 1, 2], precision=precision, **extra)
         single.fit(reader.layer(layer, train_rows), reader.labels[train_rows])
         batched = chips.chip(layer)
         np.testing.assert_allclose(batched.mean_, single.mean_, rtol=1e-6, atol=1e-6)
@@ -209,6 +214,25 @@ def test_batched_early_stopping_equals_single_layer():
         assert alone["best_epoch"][0] == stopped[g] and alone["chip_epochs"][0] == together["chip_epochs"][g]
         for name in ("weight", "bias"):
             torch.testing.assert_close(together["params"][name][g], alone["params"][name][0], rtol=1e-4, atol=1e-5)
+
+
+def test_min_patience_steps_lengthens_the_patience_of_short_epochs():
+    """13 steps per epoch: a patience of 2 epochs is raised to ceil(60 / 13) = 5 epochs."""
+    feats, y = planted_features(300, 4, 12, 3, seed=3, signal=1.0)
+    x = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2)))
+    y_t = torch.from_numpy(y)
+    tr, va = np.arange(200), np.arange(200, 300)
+
+    def run(min_steps):
+        spec = ChipSpec(kind="linear", lr=5e-2, epochs=40, early_stopping=True, n_iter_no_change=2,
+                        min_patience_steps=min_steps)
+        data = InMemoryBatches(x[:, tr], y_t[tr], None, batch_size=16, seed=0)
+        return fit_banks(data, [spec], 12, 3, seed=0, val=(x[:, va], y_t[va], None))[0]
+
+    short, long = run(0), run(60)
+    assert short["chip_epochs"].tolist() == [min(40, int(b) + 3) for b in short["best_epoch"]]
+    assert long["chip_epochs"].tolist() == [min(40, int(b) + 6) for b in long["best_epoch"]]
+    assert (long["chip_epochs"] > short["chip_epochs"]).any()
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
@@ -282,17 +306,119 @@ def test_gather_standardized_equals_the_two_pass_path(center):
     assert torch.equal(out, expected) and out.float().abs().mean() < 2  # and it did standardize
 
 
+def test_running_stats_remove_gives_the_statistics_of_the_other_rows():
+    from chiptuning.probe.batched import standardization
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(900, 16)) * rng.uniform(0.01, 5, 16) + rng.uniform(-300, 300, 16)).astype(np.float32)
+    x[:, 3] = 7.0  # a constant feature keeps scale 1
+    out = np.sort(rng.choice(900, 40, replace=False))
+    keep = np.setdiff1d(np.arange(900), out)
+    for center in (True, False):
+        mean, scale = standardization(x, center=center, rows=keep)
+        got_mean, got_scale = standardization(x, center=center, exclude=out)
+        np.testing.assert_allclose(got_mean, mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got_scale, scale, rtol=1e-5)
+        assert got_scale[3] == (1.0 if center else 7.0)  # constant: scale 1 when centered, else its RMS
+
+
+@pytest.mark.parametrize("shuffled_shards", [False, True])
+def test_layers_read_in_place_train_the_chips_of_the_gather_path(tmp_path, monkeypatch, shuffled_shards):
+    """A bfloat16 cache trained in bfloat16: each layer is read straight into the training
+    buffer (the statistics are all rows minus the validation rows); forcing the gather path gives
+    the same chips and metrics. With shards written out of row order (as several extraction
+    processes write them) the in-place read reorders the rows."""
+    import chiptuning.probe.train as train_mod
+    from chiptuning.cache import CacheReader, CacheWriter
+
+    feats, y = planted_features(700, 3, 32, 3, seed=5)
+    feats[:, :, 4] += 80.0  # a feature whose mean dwarfs its spread
+    meta = {"model": "toy-model", "label_names": ["a", "b", "c"], "hidden_size": 32, "num_blocks": 2,
+            "task": {"template": "{text}", "label_names": ["a", "b", "c"]}}
+    writer = CacheWriter(tmp_path / "bf16", meta, n_rows=700, layers=range(3), hidden_size=32,
+                         storage_dtype="bfloat16", shard_size=128)
+    order = [slice(350, 700), slice(0, 350)] if shuffled_shards else [slice(0, 700)]
+    for part in order:
+        rows = np.arange(700)[part]
+        writer.write(rows, feats[rows], y[rows], [f"r{i}" for i in rows], np.full(len(rows), 7), np.full(len(rows), 3))
+    writer.close()
+    reader = CacheReader(tmp_path / "bf16")
+    assert reader._in_order is not shuffled_shards
+    reads = []
+    original = CacheReader.layer_stored
+    monkeypatch.setattr(CacheReader, "layer_stored",
+                        lambda self, layer, rows=None, out=None: reads.append(out is not None)
+                        or original(self, layer, rows, out))
+    settings = dict(chip="linear", precision="bfloat16", epochs=4, early_stopping=True, seed=3, batch_size=64,
+                    val_size=50)
+    in_place = train_chips(reader, **settings)
+    assert reads and all(reads)
+    reads.clear()
+    monkeypatch.setattr(train_mod, "IN_PLACE_FRACTION", 2.0)
+    gathered = train_chips(reader, **settings)
+    assert reads and not any(reads)
+    np.testing.assert_allclose(in_place._tensors["mean"], gathered._tensors["mean"], rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(in_place._tensors["scale"], gathered._tensors["scale"], rtol=1e-5)
+    np.testing.assert_allclose(in_place._tensors["weight"], gathered._tensors["weight"], rtol=1e-2, atol=2e-3)
+    for a, b in zip(in_place.metrics, gathered.metrics):
+        assert abs(a["train_accuracy"] - b["train_accuracy"]) <= 2 / 650 and a["best_epoch"] == b["best_epoch"]
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 50)
+    assert in_place.metrics[-1]["train_accuracy"] > 0.6  # real chips, not two broken ones
+
+
+def test_layer_stored_into_a_buffer(toy):
+    from chiptuning.cache import CacheReader
+
+    reader = CacheReader(toy["train"])
+    buf = np.empty((reader.n_rows, reader.hidden_size), dtype=reader.stored_dtype)
+    assert reader.layer_stored(2, out=buf) is buf
+    np.testing.assert_array_equal(buf, reader.layer_stored(2))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        reader.layer_stored(2, out=buf[:10])
+
+
 # -- the paper regime -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_moves_the_parameters_as_torch_optim_adamw(fused):
+    """The trainer's AdamW (torch's functional update, no torch.optim.Optimizer) gives exactly the
+    parameters torch.optim.AdamW gives, step after step, with a changing learning rate."""
+    from chiptuning.probe.batched import AdamW, _fused
+
+    if fused and not _fused(torch.device("cpu")):
+        pytest.skip("this torch has no fused AdamW kernel for the CPU")
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(3, 4, 5, generator=gen), torch.randn(7, generator=gen)]
+    theirs = [p.clone().requires_grad_(True) for p in ours]
+    start = [p.clone() for p in ours]
+    settings = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    mine = AdamW(ours, fused=fused, **settings)
+    ref = torch.optim.AdamW(theirs, fused=fused or None, **settings)
+    for step in range(6):
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 3:
+            mine.param_groups[0]["lr"] *= 0.5
+            ref.param_groups[0]["lr"] *= 0.5
+        mine.step()
+        ref.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    assert all((a - b).abs().mean() > 1e-2 for a, b in zip(ours, start))  # every parameter moved
+
+
 def test_paper_regime_follows_the_paper(toy, monkeypatch):
+    import chiptuning.probe.batched as batched
+
     made = []
 
-    class RecordingAdamW(torch.optim.AdamW):
+    class RecordingAdamW(batched.AdamW):
         def __init__(self, params, **kwargs):
             super().__init__(params, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(batched, "AdamW", RecordingAdamW)
     steps = []
     chips = train_chips(toy["train"], chip="linear", regime="paper",
                         callback=lambda epoch, step, rows: steps.append((epoch, rows.copy())))
@@ -546,11 +672,22 @@ def test_eval_cache_from_another_model_or_label_set_is_refused(toy, tmp_path):
         train_chips(toy["train"], other_template)
 
 
+def test_too_few_optimizer_steps_are_warned_about(toy, caplog):
+    with caplog.at_level(logging.WARNING, logger="chiptuning.probe.train"):
+        train_chips(toy["train"], chip="linear", layers=[4], epochs=30)  # 4 steps x 30 epochs
+    assert "optimizer steps" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="chiptuning.probe.train"):
+        train_chips(toy["train"], chip="linear", layers=[4], epochs=3, batch_size=256)
+    assert "only 6 optimizer steps" in caplog.text and "raise --epochs or lower --batch-size" in caplog.text
+
+
 def test_bad_settings_name_the_flag(toy):
     with pytest.raises(ChipTuningError, match="--lr"):
         train_chips(toy["train"], lr=-1.0)
     with pytest.raises(ChipTuningError, match="--regime"):
         train_chips(toy["train"], chip="logreg", regime="paper")
+    with pytest.raises(ChipTuningError, match="--patience"):
+        train_chips(toy["train"], n_iter_no_change=0)
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -703,6 +840,11 @@ def test_cli_sweep(toy, tmp_path):
     rows = json.loads((tmp_path / "p" / "sweep.json").read_text())["rows"]
     assert {(r["chip"], r["lr"], r["epochs"]) for r in rows} == {("linear", 2e-3, 3), ("mlp", 5e-4, 2)}
     assert max(r["epochs_run"] for r in rows if r["chip"] == "mlp") <= 2
+    config = json.loads((tmp_path / "p" / "sweep.json").read_text())["config"]
+    assert (config["n_iter_no_change"], config["min_patience_steps"]) == (2, 150)  # the train defaults
+    result = CliRunner().invoke(main, ["probe", "sweep", str(toy["train"]), "--out", str(tmp_path / "z"),
+                                       "--patience", "0"])
+    assert result.exit_code == 1 and "--patience must be >= 1" in result.output
     result = CliRunner().invoke(main, ["probe", "sweep", str(toy["train"]), "--out", str(tmp_path / "q"),
                                        "--lr", "cnn:1e-3"])
     assert result.exit_code == 1 and "--lr cnn:VALUE" in result.output

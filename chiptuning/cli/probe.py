@@ -42,7 +42,8 @@ def probe_group():
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the regime's).")
 @click.option("--epochs", type=int, default=None, help="Most epochs (default: the regime's).")
 @click.option("--batch-size", type=int, default=None, help="Rows per step (default: the regime's).")
-@click.option("--patience", type=int, default=None, help="Early-stopping patience in epochs.")
+@click.option("--patience", type=int, default=None,
+              help="Early-stopping patience in epochs (default regime: 2, and never fewer than 150 steps).")
 @click.option("--hidden", type=int, default=256, show_default=True, help="MLP hidden width.")
 @click.option("--C", "C", type=float, default=1.0, show_default=True, help="Inverse regularization (logreg).")
 @click.option("--layers", default=None, help="Layers to train, e.g. '10-20' or '4,8,12' (default all).")
@@ -96,8 +97,10 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
               help="Learning rates, comma-separated; 'mlp:5e-4' sets one chip type's (e.g. "
                    "'linear:2e-3,mlp:5e-4').")
 @click.option("--epochs", "epochs", default="30", show_default=True,
-              help="Most epochs, comma-separated (early stopping on validation loss, patience 3); "
+              help="Most epochs, comma-separated (early stopping on validation loss, see --patience); "
                    "'mlp:2' sets one chip type's.")
+@click.option("--patience", type=int, default=2, show_default=True,
+              help="Early-stopping patience in epochs (and never fewer than 150 optimizer steps).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--layers", default=None, help="Layers, e.g. '10-20' (default all).")
 @click.option("--val-size", type=int, default=200, show_default=True)
@@ -114,7 +117,7 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Precision of the products with the features of the torch chips.")
 @click.option("--threads", type=int, default=None, help="Torch threads per task (default: timed once).")
-def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, epochs, batch_size,
+def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, epochs, patience, batch_size,
               layers, val_size, seed, n_jobs, backend, scheduler, max_memory_mb, precision, threads):
     """Grid over chip type, regularization, learning rate, epochs and layers on TRAIN_CACHE."""
     from chiptuning.probe.sweep import SweepConfig, sweep
@@ -142,7 +145,7 @@ def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, 
         chips=[c.strip() for c in chip_kinds.split(",") if c.strip()],
         weight_decays=floats("--weight-decay", weight_decays), Cs=floats("--C", Cs),
         lrs=lr_values or SweepConfig().lrs, epochs=epoch_values or SweepConfig().epochs,
-        chip_lrs=chip_lrs, chip_epochs=chip_epochs,
+        chip_lrs=chip_lrs, chip_epochs=chip_epochs, n_iter_no_change=patience,
         batch_size=batch_size, layers=_layers(layers), val_size=val_size, seed=seed, n_jobs=n_jobs,
         backend=backend, scheduler=scheduler, max_memory_mb=max_memory_mb, precision=precision,
         threads=threads,
