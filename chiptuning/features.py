@@ -113,8 +113,10 @@ def last_token_features(
     deepest = max(layers)
 
     def keep(layer: int, hidden: torch.Tensor) -> None:
-        h = hidden[rows, last]  # (B, T, H) -> (B, H)
-        captured[layer] = norm(h) if norm is not None else h
+        # With device_map="auto" the blocks sit on several GPUs: index on the block's device,
+        # then bring the (B, H) rows to the inputs' device (no-ops on one device).
+        h = hidden[rows.to(hidden.device), last.to(hidden.device)]  # (B, T, H) -> (B, H)
+        captured[layer] = (norm(h) if norm is not None else h).to(input_ids.device)
         if layer == deepest and deepest < L:
             raise _StopForward
 

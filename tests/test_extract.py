@@ -61,6 +61,21 @@ def test_token_budget_equals_simple_path(tiny_models, sentiment_file, tmp_path):
         np.testing.assert_allclose(budget.layer(layer), simple.layer(layer), atol=1e-5)
 
 
+def test_device_map_loading_path_equals_the_plain_path(tiny_models, sentiment_file, tmp_path):
+    """The ``--device-map auto`` loading path gives the cache of the plain path. On a machine with
+    only a CPU, transformers puts every weight there without dispatch hooks, so this checks the
+    path, not a split: blocks on several GPUs (the feature hooks then index each block's output on
+    its own device and gather the rows on the inputs' device) have not run in this project's
+    sessions, which had no GPU."""
+    pytest.importorskip("accelerate")
+    task = load_task(sentiment_file, text_column="text", limit=8)
+    plain = _extract(tiny_models["llama"], task, tmp_path / "plain", batch_size=4)
+    mapped = _extract(tiny_models["llama"], task, tmp_path / "mapped", batch_size=4, device_map="auto")
+    assert plain.fingerprint == mapped.fingerprint
+    for layer in plain.layers:
+        np.testing.assert_allclose(mapped.layer(layer), plain.layer(layer), atol=1e-6)
+
+
 def test_plan_batches_budget():
     lengths = [5, 20, 7, 20, 3, 9]
     batches = plan_batches(lengths, batch_size=8, max_tokens=40)
