@@ -19,8 +19,8 @@ seeded initialisation whatever its bank.
 
 A training step is written by hand (:func:`_step`): the forward products, the cross-entropy's
 gradient ``(softmax - one_hot) / B`` and the backward products go into buffers reused from step
-to step, and the gradients into the parameters' ``.grad`` for :class:`AdamW` (torch's AdamW update). It computes
-what autograd computes for :func:`bank_logits` + :func:`bank_losses` (a test checks it), without
+to step, and the gradients into the parameters' ``.grad`` for :class:`AdamW` (torch's AdamW
+update). It computes what autograd computes for :func:`bank_logits` + :func:`bank_losses` (a test checks it), without
 building a graph or allocating tens of MB per step (page faults cost more than the arithmetic on
 a CPU). Layers are stepped in slices of :data:`STEP_WEIGHTS` first-layer weights.
 
@@ -118,7 +118,8 @@ class ChipSpec:
     def bank_key(self) -> tuple:
         """Specs with the same key train as one bank (they may differ in weight decay only)."""
         return (self.kind, self.lr, tuple(self.betas), self.eps, self.epochs, self.hidden, self.early_stopping,
-                self.n_iter_no_change, self.min_patience_steps, self.tol, self.fit_intercept, self.lr_decay, self.precision)
+                self.n_iter_no_change, self.min_patience_steps, self.tol, self.fit_intercept, self.lr_decay,
+                self.precision)
 
 
 def param_shapes(kind: str, n_features: int, n_classes: int, hidden: int) -> dict[str, tuple[int, ...]]:

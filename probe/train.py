@@ -176,8 +176,8 @@ class TrainConfig:
         params = dict(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
                       batch_size=self.batch_size, betas=list(self.betas), standardize=self.standardize,
                       early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change,
-                      min_patience_steps=self.min_patience_steps, classes=list(range(n_classes)), random_state=self.seed, device="cpu",
-                      precision=self.precision)
+                      min_patience_steps=self.min_patience_steps, classes=list(range(n_classes)),
+                      random_state=self.seed, device="cpu", precision=self.precision)
         if self.chip == "mlp":
             params["hidden"] = self.hidden
         else:
