@@ -23,12 +23,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_importable(module: str = "chiptuning.extract") -> None:
+    """Make ``chiptuning`` importable from a bare checkout (no ``pip install -e .``, e.g. on a lent
+    GPU machine): map the stage folders under ``chiptuning`` as setup.cfg's package_dir does, so
+    ``chiptuning.extract`` is ``<repo>/extract``. ``module`` is what is tried first (and all
+    that is imported when the package is installed)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("chiptuning"):
+            raise  # a missing dependency (h5py, transformers, ...), not the mapping
+        sys.path.insert(0, str(REPO))
+        import chiptuning
+
+        chiptuning.__path__.append(str(REPO))
+
 
 SHAPES = {
     # Llama-2-7B: 32 blocks, width 4096, MLP 11008, 32 heads, vocab 32000.
@@ -92,6 +114,7 @@ def one_at_a_time(model, token_lists, device) -> tuple[float, np.ndarray]:
 
 
 def run(args) -> dict:
+    ensure_importable()
     from chiptuning.cache import CacheReader
     from chiptuning.extract import ExtractConfig, extract, plan_batches
     from transformers import AutoTokenizer

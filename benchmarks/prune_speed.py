@@ -28,28 +28,17 @@ import gc
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from extract_speed import SHAPES  # one definition of the benchmark shapes (this directory)
-
-REPO = Path(__file__).resolve().parents[1]
+from extract_speed import REPO, SHAPES, ensure_importable  # one definition of each (this directory)
 
 
 def _import_chiptuning():
     """(truncate_, last_token_features, get_blocks, base_model), importing nothing heavier than torch."""
-    try:
-        import chiptuning.prune.truncate  # noqa: F401
-    except ModuleNotFoundError:
-        # A bare checkout (no `pip install -e .`): map the stage folders under `chiptuning` as
-        # setup.cfg's package_dir does, so `chiptuning.prune` is `<repo>/prune`.
-        sys.path.insert(0, str(REPO))
-        import chiptuning
-
-        chiptuning.__path__.append(str(REPO))
+    ensure_importable("chiptuning.prune.truncate")
     from chiptuning.prune.truncate import truncate_
 
     from chiptuning.features import last_token_features
