@@ -324,6 +324,13 @@ def load_chips(path: str | Path) -> ChipSet:
     path = Path(path)
     if not path.is_dir():
         raise ChipTuningError(f"no chips directory at {path}; run `chiptuning probe train` first")
+    if not (path / CONFIG).exists() and (path / "sweep.json").exists():
+        try:
+            command = json.loads((path / "sweep.json").read_text())["best_command"]
+        except (OSError, ValueError, KeyError, TypeError):
+            command = "chiptuning probe train CACHE --out CHIPS_DIR with the setting in sweep.csv"
+        raise ChipTuningError(f"{path} is a sweep directory (metrics, no chips); train the chosen setting's "
+                              f"chips first: {command}")
     config = _read_json(path / CONFIG, "chips")
     for key in ("chip", "layers", "n_classes"):
         if key not in config:

@@ -157,6 +157,29 @@ def _setting(spec: ChipSpec | None = None, C: float | None = None) -> str:
     return f"lr={spec.lr:g},wd={spec.weight_decay:g},epochs={spec.epochs}"
 
 
+def train_command(best: dict, config: SweepConfig, train_path, eval_path=None, out=None) -> str:
+    """The ``chiptuning probe train`` command that trains ``best``'s setting at every layer (the
+    chips ``select`` and ``prune`` need: a sweep keeps metrics, not weights). With the sweep's
+    seed, validation rows and batch size it trains the chips the sweep scored."""
+    import shlex
+
+    parts = ["chiptuning", "probe", "train", shlex.quote(str(train_path))]
+    if eval_path is not None:
+        parts += ["--eval", shlex.quote(str(eval_path))]
+    parts += ["--chip", best["chip"]]
+    if best["chip"] == "logreg":
+        parts += ["--C", f"{best['C']:g}"]
+    else:
+        parts += ["--lr", f"{best['lr']:g}", "--weight-decay", f"{best['weight_decay']:g}",
+                  "--epochs", str(best["epochs"]), "--batch-size", str(config.batch_size),
+                  "--patience", str(config.n_iter_no_change), "--precision", config.precision]
+        if best["chip"] == "mlp":
+            parts += ["--hidden", str(config.hidden)]
+    parts += ["--seed", str(config.seed), "--val-size", str(config.val_size),
+              "--out", shlex.quote(str(out)) if out is not None else "CHIPS_DIR"]
+    return " ".join(parts)
+
+
 def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config: SweepConfig | None = None,
           progress: bool = False) -> dict:
     """Run a sweep and (with ``out``) write sweep.csv, sweep.json, best_per_layer.csv and a plot.
@@ -170,7 +193,8 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
 
     Returns:
         {"rows": one dict per (setting, layer), "best_per_layer": [...], "best": {...},
-        "seconds": wall time, "config": the config}.
+        "seconds": wall time, "config": the config, "best_command": the ``probe train`` command
+        that trains the best setting's chips (:func:`train_command`)}.
     """
     from joblib import Parallel, delayed
 
@@ -219,6 +243,10 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
               "validation": {"size": len(val_rows), "seed": config.seed},
               "majority_baseline": majority_baselines(eval=None if evals is None else evals.labels,
                                                       val=np.asarray(train.labels)[val_rows])}
+    result["best_command"] = train_command(
+        best, config, getattr(train, "path", "TRAIN_CACHE"),
+        None if evals is None else getattr(evals, "path", "EVAL_CACHE"),
+        None if out is None else Path(out) / f"chips-{best['chip']}")
     log.info("sweep: %d chips in %.1f s; best %s %s at layer %d (val %.4f)", len(rows), seconds,
              best["chip"], best["setting"], best["layer"], best["val_accuracy"])
     if out is not None:

@@ -805,6 +805,34 @@ def test_sweep_grid_best_settings_and_outputs(toy, tmp_path):
     assert row["eval_accuracy"] == pytest.approx(alone.metrics_at(3)["eval_accuracy"], abs=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "logreg"])
+def test_sweep_prints_the_command_that_trains_its_best_chips(toy, tmp_path, kind):
+    """A sweep keeps metrics, not chips: its best_command trains the best setting at every layer,
+    and those chips score what the sweep reported; select on the sweep directory points to it."""
+    import shlex
+
+    from chiptuning.cli import main
+
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["-q", "probe", "sweep", str(toy["train"]), "--eval", str(toy["eval"]),
+                                       "--out", str(out), "--chips", kind, "--weight-decay", "0,0.1",
+                                       "--C", "0.01,1", "--epochs", "5", "--layers", "2,4"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "sweep.json").read_text())
+    command, best = report["best_command"], report["best"]
+    assert command in result.output and f"--chip {kind}" in command
+    selected = CliRunner().invoke(main, ["select", str(out)])
+    assert selected.exit_code == 1 and "is a sweep directory" in selected.output and command in selected.output
+    args = shlex.split(command)
+    assert args[:3] == ["chiptuning", "probe", "train"]
+    trained = CliRunner().invoke(main, ["-q", *args[1:]])
+    assert trained.exit_code == 0, trained.output
+    chips = load_chips(out / f"chips-{kind}")
+    assert chips.layers == list(range(5))
+    assert chips.metrics_at(best["layer"])["val_accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-9)
+    assert chips.metrics_at(best["layer"])["eval_accuracy"] == pytest.approx(best["eval_accuracy"], abs=1 / 300)
+
+
 def test_sweep_backend_errors_are_clear(toy, tmp_path):
     from chiptuning.probe.sweep import SweepConfig, sweep
 

@@ -154,6 +154,7 @@ def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, 
     best = result["best"]
     click.echo(f"{len(result['rows'])} chips trained -> {out}; best: {best['chip']} at layer {best['layer']} "
                f"({best['setting']}), val accuracy {best['val_accuracy']:.4f}")
+    click.echo(f"chips of that setting at every layer (for select / prune):\n  {result['best_command']}")
 
 
 @click.command("select")
