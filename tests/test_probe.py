@@ -852,6 +852,27 @@ def test_sweep_on_a_local_dask_cluster(toy):
     assert len(result["rows"]) == 4
 
 
+def test_sweep_on_a_local_ray_cluster(toy, monkeypatch):
+    # ray is in the dev extra: a missing install fails this test. A local Ray instance that cannot
+    # start on this machine (an environment limit, not chiptuning) skips it, saying why.
+    import ray
+    from chiptuning.probe.sweep import SweepConfig, sweep
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as err:  # noqa: BLE001 - whatever stops Ray from starting here
+        pytest.skip(f"a local Ray instance could not start here: {str(err).splitlines()[0]}")
+    try:
+        result = sweep(toy["train"], config=SweepConfig(chips=["linear", "logreg"], weight_decays=[0.0], Cs=[1.0],
+                                                        epochs=[3], layers=[2, 4], backend="ray", n_jobs=2))
+    finally:
+        ray.shutdown()
+    assert len(result["rows"]) == 4
+    assert {(r["chip"], r["layer"]) for r in result["rows"]} == {("linear", 2), ("linear", 4), ("logreg", 2),
+                                                                  ("logreg", 4)}
+
+
 def test_cli_sweep(toy, tmp_path):
     from chiptuning.cli import main
 
