@@ -559,12 +559,13 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
               specs: list[ChipSpec], *, n_classes: int, batch_size: int, seed: int, standardize: bool = True,
               center: bool = True,
               device: str = "cpu", max_memory_mb: float = 2048, callback=None,
-              workspace: dict | None = None) -> dict:
+              workspace: dict | None = None, warn: bool = True) -> dict:
     """Train every spec's chips on a group of layers: each layer is read once, standardized with
     its training statistics, and every setting trains on the same minibatches (one bank per chip
     type, see :func:`~chiptuning.probe.batched.fit_banks`). ``center=False`` only scales the
     features (mean 0 is saved), for bias-free linear chips (``--no-intercept``). Successive
-    groups given the same ``workspace`` dict reuse one feature buffer.
+    groups given the same ``workspace`` dict reuse one feature buffer; ``warn=False`` leaves the
+    streaming warning to the first group.
 
     Returns:
         {"stats": [(mean, scale)] per layer, "results": fit_banks' results per spec,
@@ -581,9 +582,10 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
 
     dtype = _feature_dtype(train, specs, standardize)
     stream = len(train_rows) * H * dtype.itemsize > max_memory_mb * 2**20
-    if stream:
+    if stream and warn:
         log.warning("one layer of training features (%.0f MB) exceeds --max-memory-mb %g; streaming from the cache",
                     len(train_rows) * H * dtype.itemsize / 2**20, max_memory_mb)
+    if stream:
         stats, data = _streamed(train, layers, train_rows, y_all, mask_all, standardize, batch_size, seed,
                                 max_memory_mb, center=center)
         x_tr = None
@@ -636,12 +638,12 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
     metrics, preds = [], []
     groups = [layers[i:i + G] for i in range(0, len(layers), G)]
     workspace: dict = {}  # one feature buffer for every group
-    for group in tqdm(groups, desc="chip groups", unit="group", disable=not progress):
+    for i, group in enumerate(tqdm(groups, desc="chip groups", unit="group", disable=not progress)):
         fitted = fit_group(train, evals, group, train_rows, val_rows, [spec], n_classes=C,
                            batch_size=cfg.batch_size, seed=cfg.seed, standardize=cfg.standardize,
                            center=cfg.fit_intercept,
                            device=cfg.device, max_memory_mb=cfg.max_memory_mb, callback=callback,
-                           workspace=workspace)
+                           workspace=workspace, warn=i == 0)
         result, scored, stats = fitted["results"][0], fitted["scores"][0], fitted["stats"]
         for name, value in result["params"].items():
             tensors.setdefault(name, []).append(value.numpy())
