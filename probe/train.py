@@ -505,15 +505,16 @@ def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_ro
     return x, train_pos, others, stats
 
 
-def _standardized(cache, layers, rows, stats, *, stream: bool = False) -> torch.Tensor:
+def _standardized(cache, layers, rows, stats, *, stream: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """(G, len(rows), H) float32 features of ``rows`` standardized with the training statistics.
 
     ``stream`` reads them with ``iter_batches`` (memory bounded by the rows asked for, not the
-    cache); otherwise one whole layer at a time.
+    cache); otherwise one whole layer at a time. ``out``: a float32 buffer of that shape to fill.
     """
     rows = np.asarray(rows)
     H = int(cache.hidden_size)
-    out = torch.empty((len(layers), len(rows), H), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((len(layers), len(rows), H), dtype=torch.float32)
     if not stream:
         for j, layer in enumerate(layers):
             standardize_into(_read_layer(cache, layer), *stats[j], out[j], rows=rows)
@@ -604,11 +605,6 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
         parts["train"] = (x_tr, take(y_all, train_rows), take(mask_all, train_rows), None if in_order else train_pos)
     if val is not None:
         parts["val"] = (*val, None)
-    if evals is not None:
-        m = _class_mask(evals, C)
-        parts["eval"] = (_standardized(evals, layers, np.arange(evals.n_rows), stats, stream=stream),
-                         torch.from_numpy(np.asarray(evals.labels, dtype=np.int64)),
-                         None if m is None else torch.from_numpy(m), None)
     scores: list[dict] = [{} for _ in specs]
     for name, (xs, ys, ms, rows) in parts.items():
         # The training rows are scored in the precision they trained in; val / eval in float32.
@@ -616,7 +612,26 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
             s.precision == "bfloat16" for s in specs) else torch.float32
         for i, scored in enumerate(score_specs(specs, results, xs, ys, ms, compute, rows=rows)):
             scores[i][name] = scored
+    if evals is not None:
+        for i, scored in enumerate(_score_eval(evals, layers, stats, specs, results, C, stream)):
+            scores[i]["eval"] = scored
     return {"stats": stats, "results": results, "scores": scores, "streamed": stream}
+
+
+def _score_eval(evals, layers, stats, specs, results, n_classes: int, stream: bool) -> list[tuple]:
+    """Eval scores of every spec, one layer at a time: an eval cache as large as the training
+    cache costs one float32 layer of memory, not the group's layers."""
+    m = _class_mask(evals, n_classes)
+    y = torch.from_numpy(np.asarray(evals.labels, dtype=np.int64))
+    mask = None if m is None else torch.from_numpy(m)
+    per_layer = []
+    x = torch.empty((1, evals.n_rows, int(evals.hidden_size)), dtype=torch.float32)  # reused by every layer
+    for j, layer in enumerate(layers):
+        _standardized(evals, [layer], np.arange(evals.n_rows), [stats[j]], stream=stream, out=x)
+        one = [dict(r, params={k: v[j:j + 1] for k, v in r["params"].items()}) for r in results]
+        per_layer.append(score_specs(specs, one, x, y, mask, torch.float32))
+    return [tuple(np.concatenate([scored[i][k] for scored in per_layer]) for k in range(3))
+            for i in range(len(specs))]
 
 
 def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig, *, progress=False,
