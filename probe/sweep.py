@@ -128,8 +128,10 @@ class SweepConfig:
         epochs = [v for kind in ("linear", "mlp") for v in self.epochs_of(kind)]
         if min(self.Cs) <= 0 or min(lrs) <= 0 or min(epochs) <= 0 or min(self.weight_decays) < 0:
             raise ChipTuningError("--C, --lr and --epochs must be > 0 and --weight-decay >= 0")
-        if self.n_iter_no_change < 1 or self.min_patience_steps < 0:
+        if self.n_iter_no_change < 1:
             raise ChipTuningError(f"--patience must be >= 1, got {self.n_iter_no_change}")
+        if self.min_patience_steps < 0:
+            raise ChipTuningError(f"min_patience_steps must be >= 0, got {self.min_patience_steps}")
         if self.precision not in PRECISIONS:
             raise ChipTuningError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 

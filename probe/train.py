@@ -152,8 +152,10 @@ class TrainConfig:
                 raise ChipTuningError(f"{name} must be > 0, got {value}")
         if not cfg.fit_intercept and cfg.chip != "linear":
             raise ChipTuningError(f"--no-intercept applies to linear chips, not {cfg.chip}")
-        if cfg.n_iter_no_change < 1 or cfg.min_patience_steps < 0:
+        if cfg.n_iter_no_change < 1:
             raise ChipTuningError(f"--patience must be >= 1, got {cfg.n_iter_no_change}")
+        if cfg.min_patience_steps < 0:
+            raise ChipTuningError(f"min_patience_steps must be >= 0, got {cfg.min_patience_steps}")
         if cfg.weight_decay < 0:
             raise ChipTuningError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
         if cfg.val_size < 0:
