@@ -115,10 +115,11 @@ def one_at_a_time(model, token_lists, device) -> tuple[float, np.ndarray]:
 
 def run(args) -> dict:
     ensure_importable()
-    from chiptuning.cache import CacheReader
-    from chiptuning.extract import ExtractConfig, extract, plan_batches
     from transformers import AutoTokenizer
 
+    from chiptuning.cache import CacheReader
+    from chiptuning.encoding import plan_batches
+    from chiptuning.extract import ExtractConfig, extract
     from chiptuning.registry import get_blocks
     from chiptuning.tasks import load_task
 

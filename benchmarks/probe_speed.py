@@ -104,19 +104,21 @@ def run_method(method: str, train: str, evals: str, seed: int, sweep_batch_size:
                stream_memory_mb: int = 64) -> dict:
     """Train with one method; returns wall time, peak memory and per-layer eval accuracy."""
     import torch
+
     from chiptuning.cache import CacheReader
     from chiptuning.probe import train_chips
+    from chiptuning.probe.data import carve_rows
     from chiptuning.probe.sweep import SweepConfig, sweep
-    from chiptuning.probe.train import carve_rows
 
     reader, ev = CacheReader(train), CacheReader(evals)
     start = time.perf_counter()
     out: dict = {"method": method, "load_before": os.getloadavg()}
     if method == "sklearn_loop":
-        from chiptuning.probe.batched import choose_threads
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
         from threadpoolctl import threadpool_limits
+
+        from chiptuning.probe.batched import choose_threads
 
         train_rows, _ = carve_rows(reader.n_rows, 200, seed, None)
         accs, iters = {}, []

@@ -39,9 +39,8 @@ from extract_speed import REPO, SHAPES, ensure_importable  # one definition of e
 def _import_chiptuning():
     """(truncate_, last_token_features, get_blocks, base_model), importing nothing heavier than torch."""
     ensure_importable("chiptuning.prune.truncate")
-    from chiptuning.prune.truncate import truncate_
-
     from chiptuning.features import last_token_features
+    from chiptuning.prune.truncate import truncate_
     from chiptuning.registry import base_model, get_blocks
 
     return truncate_, last_token_features, get_blocks, base_model

@@ -1,29 +1,31 @@
 """The activation cache: HDF5 shards of last-token features, one dataset per layer.
 
-Needs only numpy and h5py. See ``store.py`` for the on-disk layout.
+Needs only numpy and h5py. ``store.py`` holds the on-disk layout (writer and reader),
+``manifest.py`` the typed records (:class:`CacheManifest`, :class:`CacheMeta`), ``inspect.py``
+the ``cache info`` / ``cache verify`` commands' checks.
 """
 
 from chiptuning.cache.inspect import cache_info, verify_cache
+from chiptuning.cache.manifest import CacheManifest, CacheMeta, ShardRecord
 from chiptuning.cache.store import (
     MANIFEST,
     STORAGE_DTYPES,
     CacheReader,
     CacheWriter,
-    fingerprint,
     merge_rank_manifests,
-    sha256_file,
-    write_json_atomic,
+    read_manifest,
 )
 
 __all__ = [
     "MANIFEST",
     "STORAGE_DTYPES",
+    "CacheManifest",
+    "CacheMeta",
     "CacheReader",
     "CacheWriter",
+    "ShardRecord",
     "cache_info",
-    "fingerprint",
     "merge_rank_manifests",
-    "sha256_file",
+    "read_manifest",
     "verify_cache",
-    "write_json_atomic",
 ]

@@ -6,35 +6,35 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from chiptuning.cache.store import MANIFEST, _read_manifest, decode, sha256_file
+
+from chiptuning.cache.store import MANIFEST, decode, read_manifest
+from chiptuning.io import sha256_file
 
 
 def cache_info(path: str | Path) -> dict:
     """Summary of a cache from its manifest (cheap: reads no shard)."""
     path = Path(path)
-    m = _read_manifest(path / MANIFEST)
-    stored = sum(s["rows"] for s in m["shards"])
-    meta = m["meta"]
+    m = read_manifest(path / MANIFEST)
+    meta = m.meta
     return {
         "path": str(path),
-        "fingerprint": m["fingerprint"],
-        "complete": m["complete"],
-        "rows": f"{stored} / {m['n_rows']}",
-        "shards": len(m["shards"]),
-        "model": meta.get("model"),
-        "task": (meta.get("task") or {}).get("name"),
-        "split": (meta.get("task") or {}).get("split"),
-        "layers": f"{m['layers'][0]}..{m['layers'][-1]} ({len(m['layers'])})",
-        "hidden_size": m["hidden_size"],
-        "storage_dtype": m["storage_dtype"],
-        "feature_mode": meta.get("feature_mode"),
-        "label_names": meta.get("label_names"),
-        "size_mb": round(sum((path / s["file"]).stat().st_size for s in m["shards"]
-                             if (path / s["file"]).exists()) / 2**20, 2),
-        "max_length": meta.get("max_length"),
-        "n_shortened": m.get("n_shortened"),
-        "chip_reads": [f"{p['id']}: ... {p['last_tokens']} -> {p['chip_reads']!r}"
-                       for p in m.get("preview") or []],
+        "fingerprint": m.fingerprint,
+        "complete": m.complete,
+        "rows": f"{m.stored_rows} / {m.n_rows}",
+        "shards": len(m.shards),
+        "model": meta.model,
+        "task": meta.task_name,
+        "split": meta.split,
+        "layers": f"{m.layers[0]}..{m.layers[-1]} ({len(m.layers)})",
+        "hidden_size": m.hidden_size,
+        "storage_dtype": m.storage_dtype,
+        "feature_mode": meta.feature_mode,
+        "label_names": meta.label_names,
+        "size_mb": round(sum((path / s.file).stat().st_size for s in m.shards
+                             if (path / s.file).exists()) / 2**20, 2),
+        "max_length": meta.max_length,
+        "n_shortened": m.n_shortened,
+        "chip_reads": [f"{p['id']}: ... {p['last_tokens']} -> {p['chip_reads']!r}" for p in m.preview],
     }
 
 
@@ -45,41 +45,41 @@ def verify_cache(path: str | Path) -> list[str]:
         A list of problems, empty when the cache is sound.
     """
     path = Path(path)
-    m = _read_manifest(path / MANIFEST)
+    m = read_manifest(path / MANIFEST)
     problems: list[str] = []
-    if not m["complete"]:
-        problems.append(f"incomplete: {sum(s['rows'] for s in m['shards'])} of {m['n_rows']} rows stored")
-    n_classes = len(m["meta"].get("label_names") or []) or None
+    if not m.complete:
+        problems.append(f"incomplete: {m.stored_rows} of {m.n_rows} rows stored")
+    n_classes = len(m.meta.label_names) or None
     seen: list[np.ndarray] = []
-    for shard in m["shards"]:
-        file = path / shard["file"]
+    for shard in m.shards:
+        file = path / shard.file
         if not file.exists():
-            problems.append(f"{shard['file']}: missing")
+            problems.append(f"{shard.file}: missing")
             continue
-        if sha256_file(file) != shard["sha256"]:
-            problems.append(f"{shard['file']}: checksum mismatch (file changed or corrupt)")
+        if sha256_file(file) != shard.sha256:
+            problems.append(f"{shard.file}: checksum mismatch (file changed or corrupt)")
             continue
         try:
             with h5py.File(file, "r") as f:
-                rows = shard["rows"]
+                rows = shard.rows
                 for key in ("index", "labels", "example_ids", "n_tokens", "n_choices"):
                     if f[key].shape != (rows,):
-                        problems.append(f"{shard['file']}: {key} has shape {f[key].shape}, expected ({rows},)")
+                        problems.append(f"{shard.file}: {key} has shape {f[key].shape}, expected ({rows},)")
                 labels = f["labels"][:]
                 if n_classes and ((labels < 0) | (labels >= n_classes)).any():
-                    problems.append(f"{shard['file']}: labels outside 0..{n_classes - 1}")
+                    problems.append(f"{shard.file}: labels outside 0..{n_classes - 1}")
                 seen.append(f["index"][:])
-                for layer in m["layers"]:
+                for layer in m.layers:
                     data = f["hidden"][str(layer)]
-                    if data.shape != (rows, m["hidden_size"]):
-                        problems.append(f"{shard['file']}: hidden/{layer} has shape {data.shape}")
+                    if data.shape != (rows, m.hidden_size):
+                        problems.append(f"{shard.file}: hidden/{layer} has shape {data.shape}")
                         continue
-                    if not np.isfinite(decode(data[:], m["storage_dtype"])).all():
-                        problems.append(f"{shard['file']}: hidden/{layer} has non-finite values")
+                    if not np.isfinite(decode(data[:], m.storage_dtype)).all():
+                        problems.append(f"{shard.file}: hidden/{layer} has non-finite values")
         except (OSError, KeyError) as err:
-            problems.append(f"{shard['file']}: unreadable ({err})")
-    if seen and m["complete"]:
+            problems.append(f"{shard.file}: unreadable ({err})")
+    if seen and m.complete:
         index = np.concatenate(seen)
-        if len(np.unique(index)) != len(index) or len(index) != m["n_rows"]:
+        if len(np.unique(index)) != len(index) or len(index) != m.n_rows:
             problems.append("row index is not a permutation of the examples (duplicate or missing rows)")
     return problems

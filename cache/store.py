@@ -12,6 +12,8 @@ Layout of one cache directory (one per model, task and split)::
       example_ids          # (rows,) utf-8 strings
       n_tokens             # (rows,) int32 prompt length in tokens
       n_choices            # (rows,) int32 number of valid classes (the first n_choices are valid)
+      lens                 # (rows, n_layers, K) float32, decoders only: the LM head's logits of the
+                           # K label-word tokens (meta.lens) applied to each layer's feature
 
 Rows are read back in canonical order (sorted by ``index``), whatever order extraction wrote them
 in. A shard is written to ``*.tmp`` and renamed when complete; the manifest is rewritten (also
@@ -22,7 +24,6 @@ skips every row already stored. Only numpy and h5py are used here.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -32,37 +33,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from chiptuning import __version__
+from chiptuning.cache.manifest import CacheManifest, CacheMeta, ShardRecord
 from chiptuning.errors import CacheError
+from chiptuning.io import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-FORMAT = "chiptuning-cache"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 _CHUNK_ROWS = 256
-
-
-def fingerprint(meta: dict) -> str:
-    """Stable hash of the content-determining settings (sorted JSON, sha256, 16 hex chars)."""
-    blob = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Sorted, indented JSON written to a temporary name and renamed (never half-written)."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _now() -> str:
@@ -117,14 +96,16 @@ class CacheWriter:
     Args:
         path: the cache directory.
         meta: every setting that determines the content (model + weights hash, tokenizer, task,
-            template, split, limit, seed, pooling, storage dtype, layers, hidden size, ...). Its
-            fingerprint must match an existing cache's, or the writer refuses.
+            template, split, limit, seed, pooling, storage dtype, layers, hidden size, ...), as a
+            :class:`CacheMeta` or its dict. Its fingerprint must match an existing cache's, or the
+            writer refuses.
         n_rows: the number of rows the finished cache will hold.
         layers: the layer indices stored (``hidden/<l>``).
         hidden_size: feature width.
         storage_dtype: "float32", "bfloat16" (exact 16-bit pattern) or "float16" (checked finite).
         shard_size: rows per shard.
-        extra: manifest fields that do not determine the content (model_stats, timings, ...).
+        extra: manifest fields that do not determine the content: ``model_stats``,
+            ``n_shortened``, ``preview`` (see :class:`CacheManifest`), or others kept as given.
         rank: this process's rank in data-parallel extraction (shards ``shard-rNN-*.h5``).
         world_size: number of ranks writing into this cache.
     """
@@ -132,7 +113,7 @@ class CacheWriter:
     def __init__(
         self,
         path: str | Path,
-        meta: dict,
+        meta: CacheMeta | dict,
         n_rows: int,
         layers: Sequence[int],
         hidden_size: int,
@@ -145,8 +126,8 @@ class CacheWriter:
         if storage_dtype not in STORAGE_DTYPES:
             raise CacheError(f"unknown storage dtype {storage_dtype!r}; choose one of {STORAGE_DTYPES}")
         self.path = Path(path)
-        self.meta = meta
-        self.fingerprint = fingerprint(meta)
+        self.meta = CacheMeta.from_dict(meta)
+        self.fingerprint = self.meta.fingerprint()
         self.layers = [int(layer) for layer in layers]
         self.hidden_size = int(hidden_size)
         self.storage_dtype = storage_dtype
@@ -158,46 +139,38 @@ class CacheWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest = self._open(n_rows, extra or {})
 
-    def _open(self, n_rows: int, extra: dict) -> dict:
-        existing = _read_manifest(self.path / MANIFEST, missing_ok=True)
+    def _open(self, n_rows: int, extra: dict) -> CacheManifest:
+        existing = read_manifest(self.path / MANIFEST, missing_ok=True)
         if existing is None and self.world_size > 1:
-            existing = _read_manifest(self.path / self._manifest_name, missing_ok=True)
-        if existing is not None and existing.get("fingerprint") != self.fingerprint:
-            diff = _meta_diff(existing.get("meta", {}), self.meta)
+            existing = read_manifest(self.path / self._manifest_name, missing_ok=True)
+        if existing is not None and existing.fingerprint != self.fingerprint:
             raise CacheError(
-                f"{self.path} holds a cache made with other settings ({diff}); "
+                f"{self.path} holds a cache made with other settings ({existing.meta.differences(self.meta)}); "
                 "write to another --out directory or delete this one"
             )
         if existing is not None and self.world_size == 1:
-            shards = [s for s in existing["shards"] if (self.path / s["file"]).exists()]
+            shards = [s for s in existing.shards if (self.path / s.file).exists()]
         elif existing is not None:
-            shards = [s for s in existing["shards"] if s.get("rank", 0) == self.rank
-                      and (self.path / s["file"]).exists()]
+            shards = [s for s in existing.shards if s.rank == self.rank and (self.path / s.file).exists()]
         else:
             shards = []
-        known = {s["file"] for s in shards}
+        known = {s.file for s in shards}
         prefix = self._shard_prefix()
         for stray in self.path.glob(prefix + "*"):
             # Half-written (.tmp) or written-but-unrecorded shards of this rank: redo their rows.
             if stray.name not in known:
                 log.info("removing unfinished shard %s", stray.name)
                 stray.unlink()
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "chiptuning_version": __version__,
-            "fingerprint": self.fingerprint,
-            "meta": self.meta,
-            "layers": self.layers,
-            "hidden_size": self.hidden_size,
-            "storage_dtype": self.storage_dtype,
-            "n_rows": int(n_rows),
-            "shards": shards,
-            "complete": bool(existing and existing.get("complete")),
-            "created": (existing or {}).get("created", _now()),
-            **extra,
-        }
-        if manifest["complete"]:
+        extra = dict(extra)
+        manifest = CacheManifest(
+            fingerprint=self.fingerprint, meta=self.meta, layers=self.layers, hidden_size=self.hidden_size,
+            storage_dtype=self.storage_dtype, n_rows=int(n_rows), shards=shards,
+            complete=bool(existing is not None and existing.complete),
+            created=existing.created if existing is not None else _now(),
+            model_stats=dict(extra.pop("model_stats", None) or {}), n_shortened=extra.pop("n_shortened", None),
+            preview=list(extra.pop("preview", None) or []), extra=extra,
+        )
+        if manifest.complete:
             return manifest
         self._write_manifest(manifest)
         return manifest
@@ -205,19 +178,19 @@ class CacheWriter:
     def _shard_prefix(self) -> str:
         return "shard-" if self.world_size == 1 else f"shard-r{self.rank:02d}-"
 
-    def _write_manifest(self, manifest: dict) -> None:
-        manifest["updated"] = _now()
-        write_json_atomic(self.path / self._manifest_name, manifest)
+    def _write_manifest(self, manifest: CacheManifest) -> None:
+        manifest.updated = _now()
+        write_json_atomic(self.path / self._manifest_name, manifest.to_dict())
 
     @property
     def complete(self) -> bool:
-        return bool(self.manifest["complete"])
+        return self.manifest.complete
 
     def done_indices(self) -> set[int]:
         """Example positions already stored in complete shards (skip them on resume)."""
         done: set[int] = set()
-        for shard in self.manifest["shards"]:
-            with h5py.File(self.path / shard["file"], "r") as f:
+        for shard in self.manifest.shards:
+            with h5py.File(self.path / shard.file, "r") as f:
                 done.update(int(i) for i in f["index"][:])
         return done
 
@@ -229,6 +202,7 @@ class CacheWriter:
         example_ids: Sequence[str],
         n_tokens: np.ndarray,
         n_choices: np.ndarray,
+        lens: np.ndarray | None = None,
     ) -> None:
         """Buffer a batch of rows; a shard is written whenever ``shard_size`` rows are buffered.
 
@@ -236,6 +210,7 @@ class CacheWriter:
             index: (B,) position of each row in the task's example list.
             features: (B, n_layers, H) float32, layers in ``self.layers`` order.
             labels, n_tokens, n_choices: (B,) integers. example_ids: B strings.
+            lens: (B, n_layers, K) float32 label-word logits per layer, when the meta records a lens.
         """
         B = len(index)
         if features.shape != (B, len(self.layers), self.hidden_size):
@@ -247,6 +222,7 @@ class CacheWriter:
             "example_ids": [str(e) for e in example_ids],
             "n_tokens": np.asarray(n_tokens, dtype=np.int32),
             "n_choices": np.asarray(n_choices, dtype=np.int32),
+            **({} if lens is None else {"lens": np.asarray(lens, dtype=np.float32)}),
         })
         self._buffered += B
         while self._buffered >= self.shard_size:
@@ -275,7 +251,7 @@ class CacheWriter:
 
     def _flush(self, n: int) -> None:
         batch = self._take(n)
-        number = sum(1 for s in self.manifest["shards"])
+        number = len(self.manifest.shards)
         name = f"{self._shard_prefix()}{number:05d}.h5"
         while (self.path / name).exists():  # never overwrite a recorded shard
             number += 1
@@ -297,15 +273,15 @@ class CacheWriter:
                              dtype=h5py.string_dtype("utf-8"))
             f.create_dataset("n_tokens", data=batch["n_tokens"])
             f.create_dataset("n_choices", data=batch["n_choices"])
+            if "lens" in batch:
+                f.create_dataset("lens", data=batch["lens"])
         checksum = sha256_file(tmp)
         os.replace(tmp, final)
-        self.manifest["shards"].append(
-            {"file": name, "rows": rows, "sha256": checksum, "rank": self.rank}
-        )
+        self.manifest.shards.append(ShardRecord(file=name, rows=rows, sha256=checksum, rank=self.rank))
         self._write_manifest(self.manifest)
         log.debug("wrote %s (%d rows)", name, rows)
 
-    def close(self, expected_rows: int | None = None) -> dict:
+    def close(self, expected_rows: int | None = None) -> CacheManifest:
         """Write the last partial shard and mark the cache complete if every row is stored.
 
         Args:
@@ -316,57 +292,52 @@ class CacheWriter:
         """
         if self._buffered:
             self._flush(self._buffered)
-        stored = sum(s["rows"] for s in self.manifest["shards"])
-        expected = self.manifest["n_rows"] if expected_rows is None else expected_rows
+        stored = self.manifest.stored_rows
+        expected = self.manifest.n_rows if expected_rows is None else expected_rows
         if stored != expected:
             raise CacheError(f"cache {self.path} holds {stored} rows, expected {expected}")
-        self.manifest["complete"] = True
+        self.manifest.complete = True
         self._write_manifest(self.manifest)
         return self.manifest
 
 
-def merge_rank_manifests(path: str | Path, world_size: int) -> dict:
+def merge_rank_manifests(path: str | Path, world_size: int) -> CacheManifest:
     """Join the per-rank manifests of a data-parallel extraction into the one ``manifest.json``."""
     path = Path(path)
-    parts = [_read_manifest(path / f"manifest.rank{r:02d}.json") for r in range(world_size)]
-    if not all(p.get("complete") for p in parts):
+    parts = [read_manifest(path / f"manifest.rank{r:02d}.json") for r in range(world_size)]
+    if not all(p.complete for p in parts):
         raise CacheError(f"not every rank finished writing {path}; re-run the same command to resume")
-    if len({p["fingerprint"] for p in parts}) != 1:
+    if len({p.fingerprint for p in parts}) != 1:
         raise CacheError(f"ranks wrote {path} with different settings")
-    merged = dict(parts[0])
-    merged["shards"] = [s for p in parts for s in p["shards"]]
-    merged["world_size"] = world_size
-    stored = sum(s["rows"] for s in merged["shards"])
-    if stored != merged["n_rows"]:
-        raise CacheError(f"cache {path} holds {stored} rows across ranks, expected {merged['n_rows']}")
-    merged["complete"] = True
-    merged["updated"] = _now()
-    write_json_atomic(path / MANIFEST, merged)
+    merged = parts[0]
+    merged.shards = [s for p in parts for s in p.shards]
+    merged.world_size = world_size
+    if merged.stored_rows != merged.n_rows:
+        raise CacheError(f"cache {path} holds {merged.stored_rows} rows across ranks, expected {merged.n_rows}")
+    merged.complete = True
+    merged.updated = _now()
+    write_json_atomic(path / MANIFEST, merged.to_dict())
     for r in range(world_size):
         (path / f"manifest.rank{r:02d}.json").unlink()
     return merged
 
 
-def _read_manifest(path: Path, missing_ok: bool = False) -> dict | None:
+def read_manifest(path: Path, missing_ok: bool = False) -> CacheManifest | None:
+    """The manifest at ``path``, validated; None when it is missing and ``missing_ok``.
+
+    Raises:
+        CacheError: missing (unless ``missing_ok``), not JSON, or not a valid cache manifest.
+    """
+    path = Path(path)
     if not path.exists():
         if missing_ok:
             return None
         raise CacheError(f"no cache at {path.parent} ({path.name} is missing); run `chiptuning extract` first")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CacheError(f"{path} is corrupt ({err}); delete the cache and extract again") from None
-    if manifest.get("format") != FORMAT:
-        raise CacheError(f"{path} is not a chip-tuning cache manifest")
-    return manifest
-
-
-def _meta_diff(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not keys:
-        return "different fingerprint"
-    parts = [f"{k}: {str(old.get(k))[:40]!r} -> {str(new.get(k))[:40]!r}" for k in keys[:3]]
-    return "; ".join(parts)
+    return CacheManifest.from_dict(data, str(path))
 
 
 # -- reader ---------------------------------------------------------------------------------------
@@ -380,27 +351,26 @@ class CacheReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        manifest = _read_manifest(self.path / MANIFEST)
-        if not manifest.get("complete"):
-            stored = sum(s["rows"] for s in manifest["shards"])
+        manifest = read_manifest(self.path / MANIFEST)
+        if not manifest.complete:
             raise CacheError(
-                f"cache {self.path} is incomplete ({stored} of {manifest['n_rows']} rows); "
+                f"cache {self.path} is incomplete ({manifest.stored_rows} of {manifest.n_rows} rows); "
                 "re-run the same extract command to resume"
             )
-        self.manifest = manifest
-        self.fingerprint: str = manifest["fingerprint"]
-        self.meta: dict = manifest["meta"]
-        self.layers: list[int] = list(manifest["layers"])
-        self.hidden_size: int = int(manifest["hidden_size"])
-        self.storage_dtype: str = manifest["storage_dtype"]
-        self.model_stats: dict = manifest.get("model_stats", {})
-        self.shards: list[dict] = manifest["shards"]
+        self.manifest: CacheManifest = manifest
+        self.fingerprint: str = manifest.fingerprint
+        self.meta: CacheMeta = manifest.meta
+        self.layers: list[int] = list(manifest.layers)
+        self.hidden_size: int = manifest.hidden_size
+        self.storage_dtype: str = manifest.storage_dtype
+        self.model_stats: dict = manifest.model_stats
+        self.shards: list[ShardRecord] = manifest.shards
         self._files: dict[str, h5py.File] = {}
         cols = {key: [] for key in ("index", "labels", "example_ids", "n_tokens", "n_choices")}
         for shard in self.shards:
             f = self._file(shard)
-            if len(f["index"]) != shard["rows"]:
-                raise CacheError(f"shard {shard['file']} holds {len(f['index'])} rows, manifest says {shard['rows']}")
+            if len(f["index"]) != shard.rows:
+                raise CacheError(f"shard {shard.file} holds {len(f['index'])} rows, manifest says {shard.rows}")
             for key in cols:
                 cols[key].append(f[key][:])
         index = np.concatenate(cols["index"])
@@ -413,7 +383,7 @@ class CacheReader:
         self.n_tokens = np.concatenate(cols["n_tokens"])[self._order]
         self.n_choices = np.concatenate(cols["n_choices"])[self._order]
         # shard boundaries in shard order, to map a shard-order position to (shard, offset).
-        self._starts = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self._starts = np.cumsum([0] + [s.rows for s in self.shards])
         # Shards written in dataset order (the usual single-process case) need no reordering.
         self._in_order = bool(np.array_equal(self._order, np.arange(len(self._order))))
 
@@ -422,15 +392,38 @@ class CacheReader:
         return len(self.labels)
 
     @property
+    def has_lens(self) -> bool:
+        """Whether the cache stores the label-word logits of every layer (decoders, ``meta.lens``)."""
+        return self.meta.lens is not None
+
+    def lens(self) -> np.ndarray:
+        """Label-word logits of every layer, (N, n_layers, K) float32 in canonical order; the K
+        tokens are ``meta.lens["token_ids"]`` flattened (see :mod:`chiptuning.zeroshot`).
+
+        Raises:
+            CacheError: the cache holds none (an encoder's, or one extracted before lenses).
+        """
+        if not self.has_lens:
+            raise CacheError(f"cache {self.path} stores no label-word logits (extract a decoder with --lens)")
+        parts = []
+        for shard in self.shards:
+            f = self._file(shard)
+            if "lens" not in f:
+                raise CacheError(f"shard {shard.file} has no lens data though the manifest records one; "
+                                 f"run `chiptuning cache verify {self.path}`")
+            parts.append(f["lens"][:])
+        return np.concatenate(parts)[self._order].astype(np.float32, copy=False)
+
+    @property
     def num_blocks(self) -> int:
         return max(self.layers) if self.layers else 0
 
     @property
     def label_names(self) -> list[str]:
-        return list(self.meta.get("label_names", []))
+        return list(self.meta.label_names)
 
-    def _file(self, shard: dict) -> h5py.File:
-        name = shard["file"]
+    def _file(self, shard: ShardRecord) -> h5py.File:
+        name = shard.file
         if name not in self._files:
             try:
                 self._files[name] = h5py.File(self.path / name, "r")

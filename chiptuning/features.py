@@ -17,8 +17,9 @@ feature the chip was trained on. ``chiptuning.extract`` and ``chiptuning.prune``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -44,21 +45,62 @@ def _is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
-class _StopForward(Exception):
-    """Raised by the deepest hook to skip the blocks nobody asked for."""
+class StopForward(Exception):
+    """Raised by a hook to skip the blocks nobody asked for; :func:`run_backbone` catches it."""
 
 
-def _hidden_from_args(args, kwargs) -> torch.Tensor:
+def hidden_from_args(args, kwargs) -> torch.Tensor:
+    """The hidden states a block was called with (first positional argument or keyword)."""
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _hidden_from_output(output) -> torch.Tensor:
+def hidden_from_output(output) -> torch.Tensor:
+    """The hidden states a block returned (first element of a tuple, or the tensor itself)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _accepts(module, name: str) -> bool:
     params = inspect.signature(module.forward).parameters
     return name in params
+
+
+@contextlib.contextmanager
+def capture_layers(model, layers: Iterable[int], keep: Callable[[int, torch.Tensor], None]):
+    """Within the block, every forward of ``model`` calls ``keep(layer, hidden)`` with the full
+    (B, T, H) residual stream of each requested layer (0: the input of block 1; l >= 1: the raw
+    output of block l), in layer order. ``keep`` may raise :class:`StopForward` to skip the
+    remaining blocks. The hooks are always removed on exit.
+    """
+    blocks = get_blocks(model)
+    handles = []
+    try:
+        for layer in sorted(set(int(x) for x in layers)):
+            if layer == 0:
+                handles.append(blocks[0].register_forward_pre_hook(
+                    lambda _m, args, kwargs: keep(0, hidden_from_args(args, kwargs)), with_kwargs=True))
+            else:
+                handles.append(blocks[layer - 1].register_forward_hook(
+                    lambda _m, _a, out, layer=layer: keep(layer, hidden_from_output(out))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture_block_call(model, block: int, record: dict):
+    """Within the block, a forward of ``model`` stores the call of ``block`` (0-based) in
+    ``record``: ``record["args"]`` (tensors detached) and ``record["kwargs"]`` (attention mask,
+    position embeddings, ... as the full forward passes them), so the block can be re-run alone."""
+    def pre(_m, args, kwargs):
+        record["args"] = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        record["kwargs"] = dict(kwargs)
+
+    handle = get_blocks(model)[block].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield record
+    finally:
+        handle.remove()
 
 
 def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
@@ -75,6 +117,16 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     if _accepts(backbone, "use_cache"):
         kwargs["use_cache"] = False
     return kwargs
+
+
+@torch.no_grad()
+def run_backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """One forward of the backbone for the hooks' sake (outputs discarded); a hook raising
+    :class:`StopForward` ends it early."""
+    try:
+        base_model(model)(**model_inputs(model, input_ids, attention_mask))
+    except StopForward:
+        pass
 
 
 @torch.no_grad()
@@ -118,25 +170,8 @@ def last_token_features(
         h = hidden[rows.to(hidden.device), last.to(hidden.device)]  # (B, T, H) -> (B, H)
         captured[layer] = (norm(h) if norm is not None else h).to(input_ids.device)
         if layer == deepest and deepest < L:
-            raise _StopForward
+            raise StopForward
 
-    handles = []
-    try:
-        if 0 in layers:
-            handles.append(blocks[0].register_forward_pre_hook(
-                lambda _m, args, kwargs: keep(0, _hidden_from_args(args, kwargs)),
-                with_kwargs=True,
-            ))
-        for layer in layers:
-            if layer >= 1:
-                handles.append(blocks[layer - 1].register_forward_hook(
-                    lambda _m, _a, out, layer=layer: keep(layer, _hidden_from_output(out))
-                ))
-        try:
-            base_model(model)(**model_inputs(model, input_ids, attention_mask))
-        except _StopForward:
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with capture_layers(model, layers, keep):
+        run_backbone(model, input_ids, attention_mask)
     return torch.stack([captured[layer] for layer in layers], dim=1)  # (B, n_layers, H)

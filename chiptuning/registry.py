@@ -70,9 +70,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 def get_spec(model_or_config) -> ArchSpec:
-    """Return the ArchSpec for a model or config; raise UnsupportedModelError naming its type."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
+    """Return the ArchSpec for a model, a config or a ``model_type`` string; raise
+    UnsupportedModelError naming the type."""
+    if isinstance(model_or_config, str):
+        model_type = model_or_config
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedModelError(

@@ -1,5 +1,5 @@
 """Extraction: one pass of the model over a task, last-token features of every layer to a cache."""
 
-from chiptuning.extract.extractor import ExtractConfig, extract, plan_batches
+from chiptuning.extract.extractor import ExtractConfig, extract
 
-__all__ = ["ExtractConfig", "extract", "plan_batches"]
+__all__ = ["ExtractConfig", "extract"]

@@ -13,18 +13,22 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from chiptuning.cache import CacheWriter, merge_rank_manifests
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
+from chiptuning.cache import CacheMeta, CacheWriter, merge_rank_manifests
+from chiptuning.encoding import pad_token_lists, plan_batches, resolve_token_budget, tokenize_prompts
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import FEATURE_MODES, last_token_features
-from chiptuning.models import load_backbone, load_tokenizer, param_stats, weights_hash
-from chiptuning.registry import get_spec, num_blocks
+from chiptuning.models import load_config, load_model, load_tokenizer, model_source, param_stats, weights_hash
+from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import TaskData
+from chiptuning.zeroshot import LabelWords, label_words, lens_logits
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ class ExtractConfig:
             16 for fixed batches, 1024 under a token budget (the budget is then what limits a batch).
         max_tokens_per_batch: token budget per batch, examples sorted by length (``--max-tokens-per-batch``);
             0 = fixed batches in dataset order; "auto" = sized from free GPU memory on CUDA
-            (:func:`auto_token_budget`), 8192 tokens on CPU.
+            (:func:`chiptuning.encoding.auto_token_budget`), 8192 tokens on CPU.
         max_length: longest prompt in tokens (``--max-length``); default the model's limit.
         padding_side: left or right (``--padding-side``); positions come from the mask either way.
         storage_dtype: float32, bfloat16 (exact bits) or float16 (checked) (``--storage-dtype``).
@@ -50,6 +54,9 @@ class ExtractConfig:
         shard_size: rows per HDF5 shard (``--shard-size``).
         device_map: "auto" to spread a model larger than one GPU (``--device-map``).
         adapter: PEFT adapter merged into the model first (``--adapter``).
+        lens: for decoders, also store the LM head's logits of the label words at every layer
+            (``--lens/--no-lens``; a few numbers per row, see :mod:`chiptuning.zeroshot`): the
+            model's own answer at each depth, and at layer L its zero-shot answer.
         progress: show a progress bar.
         model_hash: identity of the weights when ``model`` is not a path or hub id (an in-memory
             model); default computed by :func:`chiptuning.models.weights_hash`.
@@ -68,9 +75,9 @@ class ExtractConfig:
     shard_size: int = 1024
     device_map: str | None = None
     adapter: str | None = None
+    lens: bool = True
     progress: bool = False
     model_hash: str | None = None
-    extra_meta: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.max_tokens_per_batch != "auto" and (
@@ -87,78 +94,19 @@ class ExtractConfig:
             raise ChipTuningError(f"--shard-size must be >= 1, got {self.shard_size}")
 
 
-#: Activation elements alive per token while one block runs (residual, norm, q/k/v, attention
-#: output, MLP in/gate/act/out) in units of hidden and intermediate size; doubled for the
-#: allocator's slack and the last-token gathers.
-_ELEMENTS_PER_TOKEN = (8, 3)
-CPU_TOKEN_BUDGET = 8192
-
-
-def auto_token_budget(model, device: torch.device, fraction: float = 0.5) -> int:
-    """A token budget per batch that fits ``fraction`` of the free memory of ``device``.
-
-    On CUDA: free memory (after the weights are loaded) / the activation bytes of one token in
-    one block; on CPU a fixed :data:`CPU_TOKEN_BUDGET` (bigger batches do not run faster there).
-    Clamped to [512, 262144]. An out-of-memory batch is still split and retried.
-    """
-    if device.type != "cuda":
-        return CPU_TOKEN_BUDGET
-    cfg = model.config.get_text_config()
-    hidden = int(cfg.hidden_size)
-    inter = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
-    per_token = 2 * (_ELEMENTS_PER_TOKEN[0] * hidden + _ELEMENTS_PER_TOKEN[1] * inter)
-    per_token *= next(model.parameters()).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(262144, max(512, fraction * free / per_token)))
-
-
-def plan_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
-    """Group example positions into batches.
-
-    ``max_tokens == 0``: consecutive groups of ``batch_size`` in dataset order. Otherwise examples
-    sorted by length, longest first (an out-of-memory shows up on the first batch), each batch
-    as large as fits ``rows * longest <= max_tokens`` and at most ``batch_size`` rows.
-    """
-    n = len(lengths)
-    if not max_tokens:
-        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    order = sorted(range(n), key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= batch_size):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _pad(token_lists: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(t) for t in token_lists)
-    ids = torch.full((len(token_lists), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), T), dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        if side == "right":
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        else:
-            ids[row, T - len(tokens):] = torch.tensor(tokens)
-            mask[row, T - len(tokens):] = 1
-    return ids, mask  # (B, T) each
-
-
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def features_for_batch(model, token_lists, pad_id, side, device, mode) -> np.ndarray:
-    """(B, L+1, H) float32 features of one batch; splits the batch in two on out-of-memory."""
-    ids, mask = _pad(token_lists, pad_id, side)
+def features_for_batch(model, token_lists, pad_id, side, device, mode, words: LabelWords | None = None
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features of one batch, (B, L+1, H) float32, and with ``words`` the label-word logits of every
+    layer, (B, L+1, K) float32 (else None); splits the batch in two on out-of-memory."""
+    ids, mask = pad_token_lists(token_lists, pad_id, side)
     try:
-        feats = last_token_features(model, ids.to(device), mask.to(device), mode=mode)
-        return feats.float().cpu().numpy()
+        feats = last_token_features(model, ids.to(device), mask.to(device), mode=mode)  # (B, L+1, H)
+        lens = None if words is None else lens_logits(model, feats, words, normed=mode == "normed").cpu().numpy()
+        return feats.float().cpu().numpy(), lens
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not _is_oom(err) or len(token_lists) == 1:
             raise
@@ -167,10 +115,10 @@ def features_for_batch(model, token_lists, pad_id, side, device, mode) -> np.nda
         half = len(token_lists) // 2
         log.warning("out of memory on a batch of %d; retrying as %d + %d", len(token_lists), half,
                     len(token_lists) - half)
-        return np.concatenate([
-            features_for_batch(model, token_lists[:half], pad_id, side, device, mode),
-            features_for_batch(model, token_lists[half:], pad_id, side, device, mode),
-        ])
+        first = features_for_batch(model, token_lists[:half], pad_id, side, device, mode, words)
+        second = features_for_batch(model, token_lists[half:], pad_id, side, device, mode, words)
+        return (np.concatenate([first[0], second[0]]),
+                None if words is None else np.concatenate([first[1], second[1]]))
 
 
 def _prompts_hash(prompts: list[str], labels: list[int]) -> str:
@@ -200,8 +148,6 @@ def distributed_context() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -209,8 +155,6 @@ def distributed_context() -> tuple[int, int, int]:
 
 def _barrier(world_size: int) -> None:
     if world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -237,50 +181,50 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, padding_side=config.padding_side)
     if model is None:
-        model = load_backbone(config.model, dtype=config.dtype, device=config.device,
-                              device_map=config.device_map, adapter=config.adapter)
+        # Decoders come with their LM head (the lens applies it to every layer's feature).
+        causal_lm = config.lens and get_spec(load_config(config.model)).decoder
+        model = load_model(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,
+                           adapter=config.adapter, causal_lm=causal_lm)
     get_spec(model)
     device = next(model.parameters()).device
     L = num_blocks(model)
     layers = list(range(L + 1))
-    hidden = int(model.config.get_text_config().hidden_size)
+    hidden = int(text_config(model.config).hidden_size)
     max_length = config.max_length or default_max_length(tokenizer, model)
 
     prompts, n_long = task.build_prompts(tokenizer, max_length)
-    tokenizer.truncation_side = "left"  # if anything is still too long, keep the end ("Answer:")
-    token_lists = tokenizer(prompts, add_special_tokens=True, truncation=max_length is not None,
-                            max_length=max_length)["input_ids"]
+    token_lists = tokenize_prompts(tokenizer, prompts, max_length)  # left truncation keeps "Answer:"
     lengths = [len(t) for t in token_lists]
     labels = [ex.label for ex in task.examples]
-    meta = {
-        "model": config.model,
-        "model_hash": config.model_hash or weights_hash(config.model, model),
-        "model_type": model.config.model_type,
-        "adapter": config.adapter,
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "task": task.describe(),
-        "label_names": task.label_names,
-        "prompts_sha256": _prompts_hash(prompts, labels),
-        "max_length": max_length,
-        "pooling": "last_token",
-        "feature_mode": config.feature_mode,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "storage_dtype": config.storage_dtype,
-        "layers": layers,
-        "num_blocks": L,
-        "hidden_size": hidden,
-        **config.extra_meta,
-    }
+    has_head = get_spec(model).decoder and model.get_output_embeddings() is not None
+    words = label_words(tokenizer, task.label_names) if config.lens and has_head else None
+    meta = CacheMeta(
+        model=config.model,
+        model_hash=config.model_hash or weights_hash(config.model, model),
+        model_type=model.config.model_type,
+        adapter=config.adapter,
+        tokenizer=getattr(tokenizer, "name_or_path", None),
+        task=task.describe(),
+        label_names=list(task.label_names),
+        prompts_sha256=_prompts_hash(prompts, labels),
+        max_length=max_length,
+        pooling="last_token",
+        feature_mode=config.feature_mode,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        storage_dtype=config.storage_dtype,
+        layers=layers,
+        num_blocks=L,
+        hidden_size=hidden,
+        model_source=model_source(config.model),
+        lens=None if words is None else words.to_dict(),
+    )
     preview = [
         {"id": task.examples[i].id,
          "last_tokens": tokenizer.convert_ids_to_tokens(token_lists[i][-6:]),
          "chip_reads": tokenizer.convert_ids_to_tokens(token_lists[i][-1:])[0]}
         for i in range(min(3, len(prompts)))
     ]
-    budget = config.max_tokens_per_batch
-    if budget == "auto":
-        budget = auto_token_budget(model, device)
-        log.info("token budget per batch: %d (--max-tokens-per-batch auto on %s)", budget, device.type)
+    budget = resolve_token_budget(config.max_tokens_per_batch, model, device)
     batch_size = config.batch_size or (1024 if budget else 16)
     batches = plan_batches(lengths, batch_size, budget)
     batches = batches[rank::world_size]
@@ -310,20 +254,19 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
     started = time.perf_counter()
     progress = None
     if config.progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=sum(len(b) for b in todo), unit="ex", desc="extract")
+        # disable=None: a bar on a terminal only (not in logs, pipes and captured output)
+        progress = tqdm(total=sum(len(b) for b in todo), unit="ex", desc="extract", disable=None)
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         for batch in todo:
-            feats = features_for_batch(model, [token_lists[i] for i in batch], pad_id,
-                                       config.padding_side, device, config.feature_mode)
+            feats, lens = features_for_batch(model, [token_lists[i] for i in batch], pad_id,
+                                             config.padding_side, device, config.feature_mode, words)
             keep = [k for k, i in enumerate(batch) if i not in done]
             rows = [batch[k] for k in keep]
             pending.append(pool.submit(
                 writer.write, np.array(rows), feats[keep], np.array([labels[i] for i in rows]),
                 [task.examples[i].id for i in rows], np.array([lengths[i] for i in rows]),
-                np.array([task.examples[i].n_choices for i in rows]),
+                np.array([task.examples[i].n_choices for i in rows]), None if lens is None else lens[keep],
             ))
             if len(pending) > 2:  # bounded queue: at most two batches wait for the disk
                 pending.pop(0).result()
@@ -340,7 +283,3 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
     _barrier(world_size)
     log.info("extraction finished in %.1fs: %s", time.perf_counter() - started, config.out)
     return Path(config.out)
-
-
-def config_dict(config: ExtractConfig) -> dict:
-    return asdict(config)

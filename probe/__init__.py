@@ -2,16 +2,18 @@
 
 ``train_chips`` trains a chip at every layer (torch chips batched across layers, or scikit-learn
 logistic regression in parallel), ``select_layer`` picks the pruning layer, ``load_chips`` /
-``load_chip`` read what they wrote. See ``docs/CONTRACTS.md`` for the chips directory.
+``load_chip`` read what they wrote. See ``docs/ARCHITECTURE.md``.
 """
 
-from chiptuning.probe.artifacts import ChipSet, load_chip, load_chips, plot_layer_accuracy
-from chiptuning.probe.chips import CHIP_KINDS, LinearChip, LogRegChip, MLPChip, make_chip
+from chiptuning.probe.artifacts import ChipRecord, ChipSet, ChipsRecord, load_chip, load_chips, plot_layer_accuracy
+from chiptuning.probe.chips import CHIP_KINDS, LinearChip, LogRegChip, MLPChip, make_chip, optional_class_mask
 from chiptuning.probe.select import STRATEGIES, pruning_stats, select_layer
 from chiptuning.probe.train import REGIMES, TrainConfig, train_chips
 
 __all__ = [
     "CHIP_KINDS",
+    "ChipRecord",
+    "ChipsRecord",
     "REGIMES",
     "STRATEGIES",
     "ChipSet",
@@ -22,6 +24,7 @@ __all__ = [
     "load_chip",
     "load_chips",
     "make_chip",
+    "optional_class_mask",
     "plot_layer_accuracy",
     "pruning_stats",
     "select_layer",

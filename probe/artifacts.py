@@ -20,23 +20,32 @@ A single-chip directory (``ChipSet.save_layer``) holds ``chip.json`` and ``chip.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from safetensors.numpy import load_file, save_file
 
 from chiptuning import __version__
+from chiptuning.cache import CacheMeta
 from chiptuning.errors import ChipTuningError
+from chiptuning.io import write_json_atomic
+from chiptuning.probe.chips import CHIP_KINDS, make_chip
 
 log = logging.getLogger(__name__)
 
 CHIPS_FORMAT = "chiptuning-chips"
 CHIP_FORMAT = "chiptuning-chip"
 CONFIG = "chips.json"
+CHIP_CONFIG = "chip.json"
 TORCH_WEIGHTS = "chips.safetensors"
 SKLEARN_WEIGHTS = "chips.joblib"
 METRICS_CSV = "metrics.csv"
@@ -46,67 +55,267 @@ PLOT = "layer_accuracy.png"
 SELECTION = "selection.json"
 REPORT = "report.md"
 
-#: chips.json keys this version knows; others are kept but warned about on load.
-KNOWN_KEYS = {
-    "chiptuning_version", "format", "chip", "params", "train", "layers", "label_names",
-    "n_classes", "hidden_size", "train_cache", "eval_cache", "validation", "model_stats",
-    "weights", "metrics_summary", "majority_baseline",
-}
 METRIC_COLUMNS = (
     "layer", "chip", "train_accuracy", "train_loss", "val_accuracy", "val_loss",
     "eval_accuracy", "eval_loss", "best_epoch", "epochs_run", "n_train", "n_val", "n_eval",
+    "lens_accuracy", "lens_calibrated_accuracy",
 )
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Sorted, indented JSON, written to a temporary name and renamed (never half-written)."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise ChipTuningError(f"{path.parent} is not a {what} directory ({path.name} is missing)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ChipTuningError(f"{path} is corrupt ({err}); train the chips again") from None
+    if not isinstance(data, dict):
+        raise ChipTuningError(f"{path} is not a {what} record (a JSON object); train the chips again")
+    return data
 
 
-def _chip_params(config: dict) -> dict:
-    """Estimator params from a config, dropping (with a warning) any this version does not take."""
-    from chiptuning.probe.chips import make_chip
+@dataclass
+class CacheRef:
+    """A cache that chips were trained or scored on.
 
-    params = dict(config.get("params") or {})
-    accepted = make_chip(config["chip"]).get_params()
-    unknown = sorted(set(params) - set(accepted))
+    Attributes:
+        path: where it was (as given).
+        fingerprint: its fingerprint.
+        n_rows: its rows.
+        meta: its content-determining settings (recorded for the training cache).
+        model, split: a summary (recorded for the eval cache).
+    """
+
+    path: str
+    fingerprint: str
+    n_rows: int
+    meta: CacheMeta | None = None
+    model: str | None = None
+    split: str | None = None
+
+    @classmethod
+    def of(cls, cache, with_meta: bool = True) -> CacheRef:
+        """The reference to a cache reader (meta in full, or only model and split)."""
+        meta = cache.meta
+        return cls(path=str(getattr(cache, "path", "")), fingerprint=cache.fingerprint, n_rows=int(cache.n_rows),
+                   meta=meta if with_meta else None,
+                   model=None if with_meta else meta.model, split=None if with_meta else meta.split)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "fingerprint": self.fingerprint, "n_rows": self.n_rows}
+        if self.meta is not None:
+            out["meta"] = self.meta.to_dict()
+        else:
+            out.update(model=self.model, split=self.split)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str) -> CacheRef | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict) or "fingerprint" not in data:
+            raise ChipTuningError(f"{where}: a cache reference is malformed (no fingerprint); train the chips again")
+        meta = data.get("meta")
+        return cls(path=str(data.get("path", "")), fingerprint=str(data["fingerprint"]),
+                   n_rows=int(data.get("n_rows", 0)),
+                   meta=None if meta is None else CacheMeta.from_dict(meta, where),
+                   model=data.get("model"), split=data.get("split"))
+
+
+def _weights_name(value: Any, where: str, default: str) -> str:
+    """A weights file named in a record: a plain file name inside the directory, never a path."""
+    name = default if value is None else value
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ChipTuningError(f"{where}: weights {name!r} is not a file name inside the directory; "
+                              "refusing to follow it")
+    return name
+
+
+@dataclass
+class ChipsRecord:
+    """``chips.json``: what a chips directory holds and where it came from.
+
+    Attributes:
+        chip: "linear", "mlp" or "logreg".
+        layers: layers with a chip, ascending.
+        n_classes: number of classes.
+        label_names: class names, in class-index order.
+        params: the estimator's parameters (what :func:`~chiptuning.probe.chips.make_chip` takes).
+        train: the resolved training settings (``TrainConfig.to_dict()``).
+        hidden_size: feature width.
+        train_cache: the training cache (with its meta: model, task, ...).
+        eval_cache: the eval cache (summary), or None.
+        validation: the validation rows carved from the training cache ({"size", "seed", "rows",
+            "source", "n_train_rows"}).
+        model_stats: parameter counts of the model (from the cache).
+        majority_baseline: accuracy of always answering the most frequent class, per part.
+        zero_shot: the model's own answer on the eval cache (decoders with a stored lens): plain and
+            prior-calibrated accuracy at the last layer (:func:`chiptuning.probe.lens.zero_shot_report`).
+        weights: the weights file in the directory.
+        chiptuning_version: the version that wrote it.
+        extra: keys this version does not know (kept, warned about on load).
+    """
+
+    chip: str
+    layers: list[int]
+    n_classes: int
+    label_names: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    hidden_size: int | None = None
+    train_cache: CacheRef | None = None
+    eval_cache: CacheRef | None = None
+    validation: dict[str, Any] | None = None
+    model_stats: dict[str, Any] = field(default_factory=dict)
+    majority_baseline: dict[str, float] = field(default_factory=dict)
+    zero_shot: dict[str, Any] | None = None
+    weights: str | None = None
+    chiptuning_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    FORMAT = CHIPS_FORMAT
+
+    @property
+    def cache_meta(self) -> CacheMeta:
+        """The training cache's meta (model, task, feature mode, ...)."""
+        if self.train_cache is None or self.train_cache.meta is None:
+            raise ChipTuningError("the chips record no training-cache meta (model, task); they cannot be checked "
+                                  "against the model: re-train them with `chiptuning probe train`")
+        return self.train_cache.meta
+
+    @property
+    def num_blocks(self) -> int:
+        """L of the model the chips were trained on."""
+        if self.model_stats.get("blocks"):
+            return len(self.model_stats["blocks"])
+        meta = self.train_cache.meta if self.train_cache is not None else None
+        return int((meta.num_blocks if meta is not None else None) or max(self.layers))
+
+    def estimator_params(self) -> dict[str, Any]:
+        """``params`` as the estimator takes them, dropping (with a warning) any it does not know."""
+        params = dict(self.params)
+        accepted = make_chip(self.chip).get_params()
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            log.warning("ignoring unknown chip params %s (written by chiptuning %s)", unknown, self.chiptuning_version)
+        params = {k: v for k, v in params.items() if k in accepted}
+        if params.get("betas") is not None:
+            params["betas"] = tuple(params["betas"])
+        return params
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "chip": self.chip,
+            "n_classes": self.n_classes,
+            "label_names": list(self.label_names),
+            "params": self.params,
+            "train": self.train,
+            "hidden_size": self.hidden_size,
+            "train_cache": None if self.train_cache is None else self.train_cache.to_dict(),
+            "eval_cache": None if self.eval_cache is None else self.eval_cache.to_dict(),
+            "model_stats": self.model_stats,
+            "majority_baseline": self.majority_baseline,
+            "zero_shot": self.zero_shot,
+            "weights": self.weights,
+            "chiptuning_version": self.chiptuning_version,
+            "format": self.FORMAT,
+            **self.extra,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self._fields(), "layers": list(self.layers), "validation": self.validation}
+
+    @classmethod
+    def _common(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ChipTuningError(f"{where} is not a chips record")
+        for key in ("chip", "n_classes"):
+            if key not in data:
+                raise ChipTuningError(f"{where} has no {key!r}; it was not written by `chiptuning probe train`")
+        if data["chip"] not in CHIP_KINDS:
+            raise ChipTuningError(f"{where}: unknown chip type {data['chip']!r} (known: {', '.join(CHIP_KINDS)})")
+        try:
+            n_classes = int(data["n_classes"])
+        except (TypeError, ValueError):
+            raise ChipTuningError(f"{where}: n_classes must be an integer, got {data['n_classes']!r}") from None
+        return dict(
+            chip=data["chip"], n_classes=n_classes, label_names=[str(x) for x in data.get("label_names") or []],
+            params=dict(data.get("params") or {}), train=dict(data.get("train") or {}),
+            hidden_size=data.get("hidden_size"),
+            train_cache=CacheRef.from_dict(data.get("train_cache"), where),
+            eval_cache=CacheRef.from_dict(data.get("eval_cache"), where),
+            model_stats=dict(data.get("model_stats") or {}),
+            majority_baseline=dict(data.get("majority_baseline") or {}),
+            zero_shot=data.get("zero_shot"),
+            chiptuning_version=str(data.get("chiptuning_version", "")),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = CONFIG) -> ChipsRecord:
+        """Read and validate a chips record; unknown keys are kept and warned about.
+
+        Raises:
+            ChipTuningError: a missing or malformed field, or a weights path outside the directory.
+        """
+        common = cls._common(data, where)
+        if "layers" not in data:
+            raise ChipTuningError(f"{where} has no 'layers'; it was not written by `chiptuning probe train`")
+        try:
+            layers = [int(x) for x in data["layers"]]
+        except (TypeError, ValueError):
+            raise ChipTuningError(f"{where}: layers must be a list of integers") from None
+        default = SKLEARN_WEIGHTS if common["chip"] == "logreg" else TORCH_WEIGHTS
+        known = {f.name for f in dataclasses.fields(cls)} | {"format"}
+        return cls(**common, layers=layers, validation=data.get("validation"),
+                   weights=_weights_name(data.get("weights"), where, default),
+                   extra=_unknown(data, known, where))
+
+
+@dataclass
+class ChipRecord(ChipsRecord):
+    """``chip.json`` of a single-chip directory (inside a pruned checkpoint): the chips record of
+    one layer, with that layer's metrics and the selection that chose it.
+
+    Attributes:
+        layer: the chip's layer.
+        metrics: its metric row.
+        selection: the selection.json content when the chip was saved, or None.
+    """
+
+    layer: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] | None = None
+
+    FORMAT = CHIP_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self._fields(), "layer": self.layer, "metrics": self.metrics, "selection": self.selection}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = CHIP_CONFIG) -> ChipRecord:
+        common = cls._common(data, where)
+        if not isinstance(data.get("layer"), int):
+            raise ChipTuningError(f"{where}: 'layer' must be an integer, got {data.get('layer')!r}")
+        default = "chip.joblib" if common["chip"] == "logreg" else "chip.safetensors"
+        known = {f.name for f in dataclasses.fields(cls)} | {"format"}
+        return cls(**common, layers=[data["layer"]], layer=data["layer"], metrics=dict(data.get("metrics") or {}),
+                   selection=data.get("selection"), weights=_weights_name(data.get("weights"), where, default),
+                   extra=_unknown(data, known - {"layers", "validation"}, where))
+
+
+def _unknown(data: dict[str, Any], known: set[str], where: str) -> dict[str, Any]:
+    unknown = {k: v for k, v in data.items() if k not in known}
     if unknown:
-        log.warning("ignoring unknown chip params %s (written by chiptuning %s)", unknown,
-                    config.get("chiptuning_version"))
-    params = {k: v for k, v in params.items() if k in accepted}
-    if "betas" in params and params["betas"] is not None:
-        params["betas"] = tuple(params["betas"])
-    return params
+        log.warning("%s: unknown keys %s (written by chiptuning %s); keeping them", where, sorted(unknown),
+                    data.get("chiptuning_version"))
+    return unknown
 
 
 class ChipSet:
     """The chips of every layer, their metrics and provenance (a loaded chips directory).
 
     Attributes:
-        config: the chips.json content (chip type, params, caches, validation rows, ...).
+        record: the chips record (chip type, params, caches, validation rows, ...).
         layers: layers with a chip, ascending.
         label_names: class names, in class-index order.
         metrics: per-layer metric rows (dicts with the keys of ``METRIC_COLUMNS``).
@@ -114,13 +323,13 @@ class ChipSet:
         path: the directory it was loaded from / saved to, or None.
     """
 
-    def __init__(self, config: dict, *, tensors: dict[str, np.ndarray] | None = None,
+    def __init__(self, record: ChipsRecord | dict, *, tensors: dict[str, np.ndarray] | None = None,
                  sklearn_chips: dict[int, Any] | None = None, metrics: list[dict] | None = None,
                  eval_predictions: dict | None = None, selection: dict | None = None,
                  path: Path | None = None) -> None:
-        self.config = config
-        self.layers: list[int] = [int(layer) for layer in config["layers"]]
-        self.label_names: list[str] = list(config.get("label_names") or [])
+        self.record = record if isinstance(record, ChipsRecord) else ChipsRecord.from_dict(record, "chips record")
+        self.layers: list[int] = list(self.record.layers)
+        self.label_names: list[str] = list(self.record.label_names)
         self.metrics: list[dict] = metrics or []
         self.selection = selection
         self.path = path
@@ -130,12 +339,17 @@ class ChipSet:
         self._cache: dict[int, Any] = {}
 
     @property
+    def config(self) -> dict[str, Any]:
+        """The record as JSON (what chips.json holds)."""
+        return self.record.to_dict()
+
+    @property
     def kind(self) -> str:
-        return self.config["chip"]
+        return self.record.chip
 
     @property
     def n_classes(self) -> int:
-        return int(self.config["n_classes"])
+        return self.record.n_classes
 
     def metrics_at(self, layer: int) -> dict:
         """The metric row of ``layer`` ({} if none)."""
@@ -160,9 +374,7 @@ class ChipSet:
             if self._sklearn is not None:
                 self._cache[layer] = self._sklearn[self.layers[i]]
             else:
-                from chiptuning.probe.chips import make_chip
-
-                chip = make_chip(self.kind, **_chip_params(self.config))
+                chip = make_chip(self.kind, **self.record.estimator_params())
                 self._cache[layer] = chip.load_state(self.layer_state(layer), np.arange(self.n_classes))
         return self._cache[layer]
 
@@ -172,53 +384,47 @@ class ChipSet:
         """Write the whole chips directory (config, weights, metrics, predictions, plot)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        config = dict(self.config, chiptuning_version=__version__, format=CHIPS_FORMAT)
+        record = dataclasses.replace(self.record, chiptuning_version=__version__)
         if self._tensors is not None:
-            from safetensors.numpy import save_file
-
-            config["weights"] = TORCH_WEIGHTS
+            record.weights = TORCH_WEIGHTS
             save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self._tensors.items()},
                       str(out / TORCH_WEIGHTS), metadata={"format": CHIPS_FORMAT, "chip": self.kind})
         else:
-            import joblib
-
-            config["weights"] = SKLEARN_WEIGHTS
+            record.weights = SKLEARN_WEIGHTS
             joblib.dump(self._sklearn, out / SKLEARN_WEIGHTS)
         write_metrics(out, self.metrics, self.kind)
         if self.eval_predictions is not None:
             write_predictions(out / PREDICTIONS, self.eval_predictions)
-        part, baseline = pick_baseline(self.config.get("majority_baseline"))
+        part, baseline = pick_baseline(record.majority_baseline)
         plot_layer_accuracy({self.kind: self.metrics}, out / PLOT, n_classes=self.n_classes,
                             baseline=baseline, baseline_label=f"majority class ({part})")
-        write_json(out / CONFIG, config)  # last: a directory with chips.json is complete
-        self.config, self.path = config, out
+        write_json_atomic(out / CONFIG, record.to_dict())  # last: a directory with chips.json is complete
+        self.record, self.path = record, out
         log.info("wrote chips of %d layers to %s", len(self.layers), out)
         return out
 
     def save_layer(self, layer: int, out_dir: str | Path) -> Path:
         """Write the chip at ``layer`` as a single-chip directory (``chip.json`` + weights).
 
-        The config keeps the chip type, params, label names, layer and the training provenance;
+        The record keeps the chip type, params, label names, layer and the training provenance;
         :func:`load_chip` reads it back.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self._position(layer)
-        config = {k: v for k, v in self.config.items() if k not in ("layers", "validation", "weights")}
-        config.update(format=CHIP_FORMAT, chiptuning_version=__version__, layer=int(layer),
-                      metrics=self.metrics_at(layer), selection=self.selection)
+        common = {f.name: getattr(self.record, f.name) for f in dataclasses.fields(ChipsRecord)
+                  if f.name not in ("layers", "validation", "weights")}
+        record = ChipRecord(**common, layers=[int(layer)], layer=int(layer), metrics=self.metrics_at(layer),
+                            selection=self.selection)
+        record.chiptuning_version = __version__
         if self._tensors is not None:
-            from safetensors.numpy import save_file
-
-            config["weights"] = "chip.safetensors"
+            record.weights = "chip.safetensors"
             state = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.layer_state(layer).items()}
-            save_file(state, str(out / "chip.safetensors"), metadata={"format": CHIP_FORMAT})
+            save_file(state, str(out / record.weights), metadata={"format": CHIP_FORMAT})
         else:
-            import joblib
-
-            config["weights"] = "chip.joblib"
-            joblib.dump(self.chip(layer), out / "chip.joblib")
-        write_json(out / "chip.json", config)
+            record.weights = "chip.joblib"
+            joblib.dump(self.chip(layer), out / record.weights)
+        write_json_atomic(out / CHIP_CONFIG, record.to_dict())
         return out
 
     def __repr__(self) -> str:
@@ -232,7 +438,7 @@ def write_metrics(out: Path, rows: Sequence[dict], kind: str) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
-    write_json(out / METRICS_JSON, {"chip": kind, "layers": list(rows)})
+    write_json_atomic(out / METRICS_JSON, {"chip": kind, "layers": list(rows)})
 
 
 def write_predictions(path: Path, predictions: dict) -> None:
@@ -269,7 +475,8 @@ def pick_baseline(baselines: dict | None) -> tuple[str | None, float | None]:
 def plot_layer_accuracy(series: dict[str, Sequence[dict]], path: Path, n_classes: int | None = None,
                         title: str | None = None, baseline: float | None = None,
                         baseline_label: str = "majority class") -> Path:
-    """Accuracy against layer (like the paper's Figures 2 and 5), one colour per chip type.
+    """Accuracy against layer (like the paper's Figures 2 and 5), one colour per chip type, and the
+    model's own answer by layer (the logit lens, from the rows' ``lens_accuracy``) when recorded.
 
     Args:
         series: name (chip type) -> per-layer metric rows.
@@ -281,9 +488,6 @@ def plot_layer_accuracy(series: dict[str, Sequence[dict]], path: Path, n_classes
         baseline_label: its legend label.
     """
     # The object API with an Agg canvas: no global backend switch, safe in any process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7, 4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -298,6 +502,13 @@ def plot_layer_accuracy(series: dict[str, Sequence[dict]], path: Path, n_classes
             ys = [np.nan if v is None or v == "" else float(v) for v in values]
             ax.plot(layers, ys, style, color=color, marker="o" if column == "eval_accuracy" else None,
                     markersize=3, label=f"{name} {column.split('_')[0]}")
+    lens_rows = next(iter(series.values()), [])
+    for column, style, label in (("lens_accuracy", ":", "model's own answer (logit lens)"),
+                                 ("lens_calibrated_accuracy", "-.", "own answer, prior-calibrated")):
+        values = [r.get(column) for r in lens_rows]
+        if any(v is not None and v != "" for v in values):
+            ax.plot([int(r["layer"]) for r in lens_rows], [np.nan if v is None or v == "" else float(v) for v in values],
+                    style, color="C3", label=label)
     if baseline is not None:
         ax.axhline(baseline, color="black", lw=1.0, ls="--", label=f"{baseline_label}: {baseline:.3f}")
     if n_classes:
@@ -315,7 +526,7 @@ def plot_layer_accuracy(series: dict[str, Sequence[dict]], path: Path, n_classes
 def load_chips(path: str | Path) -> ChipSet:
     """Load a chips directory written by ``chiptuning probe train``.
 
-    Unknown config keys are kept and warned about; torch weights load through safetensors.
+    Unknown record keys are kept and warned about; torch weights load through safetensors.
     ``chips.joblib`` (the scikit-learn backend) is a pickle: load only directories you trust.
 
     Raises:
@@ -331,54 +542,40 @@ def load_chips(path: str | Path) -> ChipSet:
             command = "chiptuning probe train CACHE --out CHIPS_DIR with the setting in sweep.csv"
         raise ChipTuningError(f"{path} is a sweep directory (metrics, no chips); train the chosen setting's "
                               f"chips first: {command}")
-    config = _read_json(path / CONFIG, "chips")
-    for key in ("chip", "layers", "n_classes"):
-        if key not in config:
-            raise ChipTuningError(f"{path / CONFIG} has no {key!r}; it was not written by `chiptuning probe train`")
-    unknown = sorted(set(config) - KNOWN_KEYS)
-    if unknown:
-        log.warning("%s: unknown config keys %s (written by chiptuning %s); ignoring them",
-                    path / CONFIG, unknown, config.get("chiptuning_version"))
-    tensors = sklearn_chips = None
-    weights = path / config.get("weights", TORCH_WEIGHTS if config["chip"] != "logreg" else SKLEARN_WEIGHTS)
-    if not weights.exists():
+    record = ChipsRecord.from_dict(_read_json(path / CONFIG, "chips"), str(path / CONFIG))
+    weights = path / record.weights
+    if not weights.is_file():
         raise ChipTuningError(f"chip weights {weights} are missing; train the chips again")
+    tensors = sklearn_chips = None
     if weights.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
         tensors = load_file(str(weights))
     else:
-        import joblib
-
         sklearn_chips = {int(k): v for k, v in joblib.load(weights).items()}
     metrics = None
     if (path / METRICS_JSON).exists():
         metrics = json.loads((path / METRICS_JSON).read_text()).get("layers")
     selection = json.loads((path / SELECTION).read_text()) if (path / SELECTION).exists() else None
-    return ChipSet(config, tensors=tensors, sklearn_chips=sklearn_chips, metrics=metrics,
+    return ChipSet(record, tensors=tensors, sklearn_chips=sklearn_chips, metrics=metrics,
                    selection=selection, path=path)
 
 
 def load_chip(path: str | Path):
     """Load a single-chip directory written by :meth:`ChipSet.save_layer`: the fitted chip.
 
-    The chip carries ``chip_config_`` (the chip.json content: layer, label names, provenance).
+    The chip carries ``chip_record_`` (the :class:`ChipRecord`: layer, label names, provenance)
+    and ``chip_config_`` (the same as JSON).
     """
-    from chiptuning.probe.chips import make_chip
-
     path = Path(path)
-    config = _read_json(path / "chip.json", "chip")
-    weights = path / config.get("weights", "chip.safetensors")
-    if not weights.exists():
+    raw = _read_json(path / CHIP_CONFIG, "chip")
+    record = ChipRecord.from_dict(raw, str(path / CHIP_CONFIG))
+    weights = path / record.weights
+    if not weights.is_file():
         raise ChipTuningError(f"chip weights {weights} are missing")
     if weights.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        chip = make_chip(config["chip"], **_chip_params(config))
-        chip.load_state(load_file(str(weights)), np.arange(int(config["n_classes"])))
+        chip = make_chip(record.chip, **record.estimator_params())
+        chip.load_state(load_file(str(weights)), np.arange(record.n_classes))
     else:
-        import joblib
-
         chip = joblib.load(weights)
-    chip.chip_config_ = config
+    chip.chip_record_ = record
+    chip.chip_config_ = raw
     return chip

@@ -37,6 +37,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -250,7 +251,7 @@ def predict_logits(kind: str, params: dict[str, torch.Tensor], x: torch.Tensor,
 _STATS_CHUNK = 256  # rows: a float32 chunk stays in cache across the passes over it (2048: ~1.5x slower)
 
 
-def _as_tensor(x) -> torch.Tensor:
+def as_tensor(x) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     x = np.asarray(x)
@@ -340,7 +341,7 @@ def standardization(x, standardize: bool = True, center: bool = True,
     Returns:
         mean (H,), scale (H,) float32; a constant feature gets scale 1.
     """
-    t = _as_tensor(x)
+    t = as_tensor(x)
     H = t.shape[1]
     if not standardize:
         return np.zeros(H, np.float32), np.ones(H, np.float32)
@@ -374,7 +375,7 @@ def standardize_into(x, mean: np.ndarray, scale: np.ndarray, out: torch.Tensor,
         out: (len(rows), H) tensor (float32 or bfloat16).
         rows: rows of ``x`` (default all).
     """
-    t = _as_tensor(x)
+    t = as_tensor(x)
     m, s = torch.from_numpy(np.asarray(mean, np.float32)), torch.from_numpy(np.asarray(scale, np.float32))
     buf = torch.empty((min(_STATS_CHUNK, max(out.shape[0], 1)), t.shape[1]), dtype=torch.float32)
     for start, chunk in _chunks(t, rows, buf):
@@ -393,7 +394,7 @@ def gather_standardized(x, out: torch.Tensor, rows: np.ndarray | None = None, st
     Returns:
         mean (H,), scale (H,) float32.
     """
-    t = _as_tensor(x)
+    t = as_tensor(x)
     if t.dtype != out.dtype:
         raise ValueError(f"gather_standardized needs x in out's dtype {out.dtype}, got {t.dtype}")
     if rows is None:
@@ -523,7 +524,7 @@ def fit_banks(
         decays = [specs[i].weight_decay for i in members]
         uniform = len(set(decays)) == 1
         optimizer = AdamW(trained, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                          weight_decay=decays[0] if uniform else 0.0, fused=_fused(device))
+                          weight_decay=decays[0] if uniform else 0.0, fused=fused_adamw_supported(device))
         shape = (G, S)
         banks.append({
             "spec": spec, "members": members, "params": params, "trained": trained, "optimizer": optimizer,
@@ -684,8 +685,10 @@ def _step_layers(bank: dict, layers: slice, x: torch.Tensor, y: torch.Tensor,
         torch.bmm(dlogits, h.transpose(1, 2), out=grads["weight"].view(G * S, C, D))
         dh = _buffer(work, "dh", (G * S, D, B), torch.float32, dev)
         torch.bmm(w_out.transpose(1, 2), dlogits, out=dh)
-        # relu's gradient, in place (a fresh tensor of this size costs page faults every step)
-        dz = torch.ops.aten.threshold_backward.grad_input(dh, h, 0.0, grad_input=dh).view(G, S * D, B)
+        # relu's gradient, in place: h (no longer needed this step) becomes the 0 / 1 indicator of
+        # h > 0 and multiplies dh (a fresh tensor of this size costs page faults every step; a bool
+        # mask multiplies several times slower than a float one on a CPU)
+        dz = dh.mul_(h.gt_(0)).view(G, S * D, B)
     if spec.fit_intercept or not linear:
         torch.sum(dz, dim=2, out=grads["bias" if linear else "bias_hidden"].view(G, S * D))
     grad = grads["weight" if linear else "weight_hidden"].view(G, S * D, H)
@@ -699,33 +702,59 @@ def _step_layers(bank: dict, layers: slice, x: torch.Tensor, y: torch.Tensor,
         grad.copy_(g_lp)
 
 
-def _fused(device: torch.device) -> bool:
-    """Whether this torch has a fused AdamW kernel for the device (one pass over each tensor
-    per step, several times faster than the default on CPU)."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+def torch_version(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a torch version string ("2.13.0+cpu" -> (2, 13)); this torch's by default."""
+    match = re.match(r"(\d+)\.(\d+)", str(torch.__version__ if version is None else version))
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
-        devices = _get_fused_kernels_supported_devices()
-    except Exception:  # a private helper: never let it break training
-        devices = ["cuda"]
-    return device.type in devices
+
+def fused_adamw_supported(device: str | torch.device, version: str | None = None) -> bool:
+    """Whether torch (this one, or ``version``) has a fused AdamW kernel for the device (one pass
+    over each tensor per step, several times faster than the default on a CPU): CUDA in every
+    torch this package supports, the CPU since torch 2.4. Other devices take the default path."""
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and torch_version(version) >= (2, 4))
+
+
+#: torch versions (major, minor) whose functional AdamW (``torch.optim.adamw.adamw``, not a
+#: documented API) :class:`AdamW` was tested with, and runs on; other versions step with
+#: ``torch.optim.AdamW``. Add a version after ``tests/test_probe.py``'s AdamW tests pass on it.
+FUNCTIONAL_ADAMW_TESTED = ((2, 13),)
+
+
+def functional_adamw_tested(version: str | None = None) -> bool:
+    """Whether :class:`AdamW` steps with torch's functional update on this torch (or ``version``)."""
+    return torch_version(version) in FUNCTIONAL_ADAMW_TESTED
 
 
 class AdamW:
     """``torch.optim.AdamW``'s update, for tensors whose ``.grad`` each step fills.
 
-    The step is torch's own functional AdamW (``torch.optim.adamw.adamw``: the same code path
-    ``torch.optim.AdamW.step`` runs, the fused kernel where the device has one), with the state
-    kept here. ``torch.optim.Optimizer`` is not used because its first construction in a process
-    imports ``torch._dynamo``: about a second, most of the wall time of training chips on a small
-    cache. A test checks that it moves the parameters exactly as ``torch.optim.AdamW`` does.
+    On the torch versions of :data:`FUNCTIONAL_ADAMW_TESTED` the step is torch's own functional
+    AdamW (``torch.optim.adamw.adamw``: the same code path ``torch.optim.AdamW.step`` runs, the
+    fused kernel where the device has one), with the state kept here: the first construction of a
+    ``torch.optim.Optimizer`` in a process imports ``torch._dynamo`` (about a second, most of the
+    wall time of training chips on a small cache) and its step adds some overhead. On any other
+    torch, or with ``functional=False``, it is ``torch.optim.AdamW`` itself. Tests check that
+    both paths move the parameters exactly as ``torch.optim.AdamW`` does.
 
     ``param_groups`` mirrors torch's (one group; ``lr`` may be changed between steps).
     """
 
     def __init__(self, params: list[torch.Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, fused: bool = False) -> None:
+                 eps: float = 1e-8, weight_decay: float = 1e-2, fused: bool = False,
+                 functional: bool | None = None) -> None:
         self.params = list(params)
+        self.functional = functional_adamw_tested() if functional is None else bool(functional)
+        if not self.functional:
+            self._optimizer = torch.optim.AdamW(self.params, lr=lr, betas=tuple(betas), eps=eps,
+                                                weight_decay=weight_decay, fused=fused or None)
+            self.param_groups = self._optimizer.param_groups
+            return
+        # Looked up here, not at import: it exists as called on the tested versions only.
+        from torch.optim.adamw import adamw
+
+        self._adamw = adamw
         self.param_groups = [dict(params=self.params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                   amsgrad=False, maximize=False, fused=fused)]
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
@@ -735,14 +764,15 @@ class AdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        from torch.optim.adamw import adamw
-
+        if not self.functional:
+            self._optimizer.step()
+            return
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        adamw(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self.steps,
-              foreach=False if group["fused"] else None, fused=group["fused"] or None, capturable=False,
-              differentiable=False, grad_scale=None, found_inf=None, amsgrad=False, beta1=beta1, beta2=beta2,
-              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        self._adamw(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self.steps,
+                    foreach=False if group["fused"] else None, fused=group["fused"] or None, capturable=False,
+                    differentiable=False, grad_scale=None, found_inf=None, amsgrad=False, beta1=beta1, beta2=beta2,
+                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 _THREADS: dict[int, int] = {}

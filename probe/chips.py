@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
+
 from chiptuning.probe.batched import (
     ChipSpec,
     InMemoryBatches,
@@ -27,10 +32,6 @@ from chiptuning.probe.batched import (
     standardization,
     standardize_into,
 )
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
 CHIP_KINDS = ("linear", "mlp", "logreg")
 
@@ -135,6 +136,16 @@ class _TorchChip(_ChipBase):
     """A torch chip: the batched trainer with a group of one."""
 
     _kind = "linear"
+
+    def _store(self, lr, weight_decay, epochs, batch_size, betas, standardize, early_stopping, validation_fraction,
+               n_iter_no_change, min_patience_steps, tol, shuffle, classes, random_state, device, verbose,
+               precision) -> None:
+        """Store the parameters both torch chips take, unchanged (the scikit-learn contract)."""
+        self.lr, self.weight_decay, self.epochs, self.batch_size = lr, weight_decay, epochs, batch_size
+        self.betas, self.standardize, self.early_stopping = betas, standardize, early_stopping
+        self.validation_fraction, self.n_iter_no_change = validation_fraction, n_iter_no_change
+        self.min_patience_steps, self.tol, self.shuffle, self.classes = min_patience_steps, tol, shuffle, classes
+        self.random_state, self.device, self.verbose, self.precision = random_state, device, verbose, precision
 
     def _spec(self) -> ChipSpec:
         return ChipSpec(
@@ -268,24 +279,10 @@ class LinearChip(_TorchChip):
                  tol: float = 1e-4,
                  shuffle: bool = True, fit_intercept: bool = True, classes=None, random_state=None,
                  device: str = "cpu", verbose: int = 0, precision: str = "auto") -> None:
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.betas = betas
-        self.standardize = standardize
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.n_iter_no_change = n_iter_no_change
-        self.min_patience_steps = min_patience_steps
-        self.tol = tol
-        self.shuffle = shuffle
         self.fit_intercept = fit_intercept
-        self.classes = classes
-        self.random_state = random_state
-        self.device = device
-        self.verbose = verbose
-        self.precision = precision
+        self._store(lr, weight_decay, epochs, batch_size, betas, standardize, early_stopping, validation_fraction,
+                    n_iter_no_change, min_patience_steps, tol, shuffle, classes, random_state, device, verbose,
+                    precision)
 
     def _set_params(self, params):
         self.coef_ = params["weight"].copy()  # (C, H)
@@ -322,23 +319,9 @@ class MLPChip(_TorchChip):
                  shuffle: bool = True, classes=None, random_state=None, device: str = "cpu",
                  verbose: int = 0, precision: str = "auto") -> None:
         self.hidden = hidden
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.betas = betas
-        self.standardize = standardize
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.n_iter_no_change = n_iter_no_change
-        self.min_patience_steps = min_patience_steps
-        self.tol = tol
-        self.shuffle = shuffle
-        self.classes = classes
-        self.random_state = random_state
-        self.device = device
-        self.verbose = verbose
-        self.precision = precision
+        self._store(lr, weight_decay, epochs, batch_size, betas, standardize, early_stopping, validation_fraction,
+                    n_iter_no_change, min_patience_steps, tol, shuffle, classes, random_state, device, verbose,
+                    precision)
 
     def _set_params(self, params):
         # scikit-learn's MLP layout is (in, out); the batched trainer's is (out, in).

@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from chiptuning.probe.artifacts import REPORT, SELECTION, ChipSet, load_chips, write_json
-
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
+from chiptuning.io import write_json_atomic
+from chiptuning.probe.artifacts import REPORT, SELECTION, ChipSet, load_chips
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
                "the eval labels, an upper bound only, not a fair selection")
         if min(by_layer) < MIN_PRUNE_LAYER:
             why += _LAYER0_NOTE
-    num_blocks = _num_blocks(chips)
+    num_blocks = chips.record.num_blocks
     selection = {
         "chiptuning_version": __version__,
         "layer": layer,
@@ -178,12 +178,12 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
         "expected_accuracy_from": ("eval (optimistic: the oracle chose on it)" if name == "optimal"
                                    else "eval" if ev.get(layer) is not None else "validation"),
         "num_blocks": num_blocks,
-        "pruning": pruning_stats(chips.config.get("model_stats") or {}, layer, num_blocks),
+        "pruning": pruning_stats(chips.record.model_stats, layer, num_blocks),
         **extra,
     }
     chips.selection = selection
     if write and chips.path is not None:
-        write_json(Path(chips.path) / SELECTION, selection)
+        write_json_atomic(Path(chips.path) / SELECTION, selection)
         (Path(chips.path) / REPORT).write_text(render_report(chips, selection))
         log.info("selected layer %d (%s); wrote %s", layer, strategy, Path(chips.path) / SELECTION)
     return selection
@@ -193,26 +193,18 @@ def _span(scores: dict) -> str:
     return f"{min(scores)}..{max(scores)}"
 
 
-def _num_blocks(chips: ChipSet) -> int:
-    stats = chips.config.get("model_stats") or {}
-    if stats.get("blocks"):
-        return len(stats["blocks"])
-    meta = (chips.config.get("train_cache") or {}).get("meta") or {}
-    return int(meta.get("num_blocks") or max(chips.layers))
-
-
 def render_report(chips: ChipSet, selection: dict) -> str:
     """A short markdown report: what was trained, the selected layer and why, per-layer table."""
-    cache = chips.config.get("train_cache") or {}
-    meta = cache.get("meta") or {}
+    cache = chips.record.train_cache
     pr = selection["pruning"]
     lines = [
         "# Chip-tuning report",
         "",
         f"- chip: **{chips.kind}**, {len(chips.layers)} layers, {chips.n_classes} classes "
         f"({', '.join(chips.label_names)})",
-        f"- model: `{meta.get('model', '?')}`, train cache `{cache.get('fingerprint', '?')}`",
-        f"- validation: {(chips.config.get('validation') or {}).get('size', 0)} rows carved from the training cache",
+        f"- model: `{cache.meta.model if cache and cache.meta else '?'}`, train cache "
+        f"`{cache.fingerprint if cache else '?'}`",
+        f"- validation: {(chips.record.validation or {}).get('size', 0)} rows carved from the training cache",
         "",
         "## Selection",
         "",
@@ -230,7 +222,7 @@ def render_report(chips: ChipSet, selection: dict) -> str:
         "| layer | train acc | val acc | eval acc | params removed | |",
         "|---:|---:|---:|---:|---:|---|",
     ]
-    stats = chips.config.get("model_stats") or {}
+    stats = chips.record.model_stats
     for row in sorted(chips.metrics, key=lambda r: int(r["layer"])):
         layer = int(row["layer"])
         mark = "**selected**" if layer == selection["layer"] else ""

@@ -17,39 +17,31 @@ import contextlib
 import csv
 import logging
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from chiptuning.probe.artifacts import (
-    majority_baselines,
-    pick_baseline,
-    plot_layer_accuracy,
-    write_json,
-)
-from chiptuning.probe.batched import (
-    PRECISIONS,
-    ChipSpec,
-    choose_threads,
-    resolve_precision,
-    torch_threads,
-)
-from chiptuning.probe.chips import LogRegChip
-from chiptuning.probe.train import (
-    _class_mask,
-    _feature_dtype,
-    _group_size,
-    _n_classes,
+from joblib import Parallel, delayed, parallel_backend
+
+from chiptuning import __version__
+from chiptuning.errors import ChipTuningError
+from chiptuning.io import write_json_atomic
+from chiptuning.probe.artifacts import majority_baselines, pick_baseline, plot_layer_accuracy
+from chiptuning.probe.batched import PRECISIONS, ChipSpec, choose_threads, resolve_precision, torch_threads
+from chiptuning.probe.data import (
+    cache_n_classes,
+    cache_source,
     carve_rows,
     check_same_source,
-    fit_group,
+    layers_per_group,
     open_cache,
-    rows_held,
-    warn_few_steps,
+    opened,
+    read_parts,
 )
-
-from chiptuning.errors import ChipTuningError
+from chiptuning.probe.scoring import chip_metrics, score_logreg
+from chiptuning.probe.train import fit_group, fit_logreg, warn_few_steps
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +155,6 @@ def train_command(best: dict, config: SweepConfig, train_path, eval_path=None, o
     """The ``chiptuning probe train`` command that trains ``best``'s setting at every layer (the
     chips ``select`` and ``prune`` need: a sweep keeps metrics, not weights). With the sweep's
     seed, validation rows and batch size it trains the chips the sweep scored."""
-    import shlex
-
     parts = ["chiptuning", "probe", "train", shlex.quote(str(train_path))]
     if eval_path is not None:
         parts += ["--eval", shlex.quote(str(eval_path))]
@@ -198,8 +188,6 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
         "seconds": wall time, "config": the config, "best_command": the ``probe train`` command
         that trains the best setting's chips (:func:`train_command`)}.
     """
-    from joblib import Parallel, delayed
-
     config = config or SweepConfig()
     config.validate()
     train = open_cache(train_cache)
@@ -214,14 +202,11 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     if not len(val_rows):
         raise ChipTuningError("a sweep picks settings on validation rows; --val-size must be > 0")
     # Tasks reopen caches by path: open HDF5 files do not pickle, and remote workers need a path.
-    t_src = str(train.path) if _is_reader(train) else train
-    e_src = None if evals is None else (str(evals.path) if _is_reader(evals) else evals)
+    t_src, e_src = cache_source(train), cache_source(evals)
     specs = config.specs()
     tasks = []
     if specs:
-        dtype = _feature_dtype(train, specs, True)
-        G = _group_size(rows_held(train, dtype, len(train_rows)), len(val_rows), int(train.hidden_size), len(layers),
-                        config.max_memory_mb, dtype.itemsize)
+        G = layers_per_group(train, specs, True, len(train_rows), len(val_rows), len(layers), config.max_memory_mb)
         warn_few_steps(len(train_rows), config.batch_size, min(spec.epochs for spec in specs))
         # With several workers, smaller groups keep them all busy.
         G = max(1, min(G, -(-len(layers) // max(1, config.n_jobs))))
@@ -252,17 +237,16 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     log.info("sweep: %d chips in %.1f s; best %s %s at layer %d (val %.4f)", len(rows), seconds,
              best["chip"], best["setting"], best["layer"], best["val_accuracy"])
     if out is not None:
-        _write(Path(out), result, _n_classes(train))
+        _write(Path(out), result, cache_n_classes(train))
     return result
 
 
 def _backend(name: str | None, n_jobs: int, scheduler: str | None = None):
     """joblib's ``parallel_backend(name)``, or a clear error when it cannot be used here."""
-    from joblib import parallel_backend
-
     if not name:
         return contextlib.nullcontext()
     try:
+        # dask and ray are optional and heavy: imported only when their backend is asked for
         if name == "dask" and scheduler:
             from distributed import Client
 
@@ -280,12 +264,6 @@ def _backend(name: str | None, n_jobs: int, scheduler: str | None = None):
             "`pip install dask distributed` and start a `dask.distributed.Client`; for ray: "
             "`pip install ray` and call `ray.util.joblib.register_ray()`"
         ) from None
-
-
-def _is_reader(cache) -> bool:
-    from chiptuning.cache import CacheReader
-
-    return isinstance(cache, CacheReader)
 
 
 def _pick(rows: list[dict]) -> dict:
@@ -308,9 +286,7 @@ def _write(out: Path, result: dict, n_classes: int) -> None:
             writer = csv.DictWriter(f, fieldnames=list(SWEEP_COLUMNS), extrasaction="ignore")
             writer.writeheader()
             writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in SWEEP_COLUMNS} for r in rows)
-    from chiptuning import __version__
-
-    write_json(out / "sweep.json", dict(result, chiptuning_version=__version__))
+    write_json_atomic(out / "sweep.json", dict(result, chiptuning_version=__version__))
     series = {kind: [r for r in result["best_per_layer"] if r["chip"] == kind]
               for kind in sorted({r["chip"] for r in result["rows"]})}
     part, baseline = pick_baseline(result.get("majority_baseline"))
@@ -325,10 +301,8 @@ def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, s
     if not threads and n_jobs and n_jobs > 1:
         # Workers share the machine: oversubscribed threads slow every worker down.
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    train = open_cache(t_src)
-    evals = open_cache(e_src) if e_src is not None else None
-    with torch_threads(choose_threads(threads)):
-        fitted = fit_group(train, evals, layers, train_rows, val_rows, specs, n_classes=_n_classes(train),
+    with opened(t_src, e_src) as (train, evals), torch_threads(choose_threads(threads)):
+        fitted = fit_group(train, evals, layers, train_rows, val_rows, specs, n_classes=cache_n_classes(train),
                            batch_size=batch_size, seed=seed, max_memory_mb=max_memory_mb)
     rows = []
     for spec, result, scored in zip(specs, fitted["results"], fitted["scores"]):
@@ -336,46 +310,22 @@ def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, s
             row = {"chip": spec.kind, "setting": _setting(spec), "layer": layer, "lr": spec.lr,
                    "weight_decay": spec.weight_decay, "epochs": spec.epochs, "C": None,
                    "best_epoch": int(result["best_epoch"][j]), "epochs_run": int(result["chip_epochs"][j])}
-            for name in ("train", "val", "eval"):
-                acc, loss, _ = scored.get(name, (None, None, None))
-                row[f"{name}_accuracy"] = None if acc is None else float(acc[j])
-                if name != "train":
-                    row[f"{name}_loss"] = None if loss is None else float(loss[j])
+            row.update(chip_metrics(scored, j, losses=("val", "eval")))  # no train loss in a sweep row
             rows.append(row)
-    for cache in (train, evals):
-        if cache is not None and isinstance(t_src, (str, Path)) and hasattr(cache, "close"):
-            cache.close()
     return rows
 
 
 def _logreg_task(t_src, e_src, layer, train_rows, val_rows, Cs, seed) -> list[dict]:
     """Every C of logreg at one layer (the layer is read once)."""
-    train = open_cache(t_src)
-    evals = open_cache(e_src) if e_src is not None else None
-    C_classes = _n_classes(train)
-    x = train.layer(layer)
-    y = np.asarray(train.labels)
-    xe = None if evals is None else evals.layer(layer)
-    from threadpoolctl import threadpool_limits
-
+    with opened(t_src, e_src) as (train, evals):
+        n_classes = cache_n_classes(train)
+        parts = read_parts(train, evals, layer, train_rows, val_rows, n_classes)
     rows = []
     for C in Cs:
-        with threadpool_limits(limits=choose_threads(None)):
-            chip = LogRegChip(C=C, classes=list(range(C_classes)), random_state=seed).fit(x[train_rows], y[train_rows])
+        chip = fit_logreg(dict(C=C, classes=list(range(n_classes)), random_state=seed), *parts["train"][:2])
         row = {"chip": "logreg", "setting": _setting(C=C), "layer": layer, "lr": None, "weight_decay": None,
                "epochs": None, "C": C, "best_epoch": None, "epochs_run": int(chip.n_iter_)}
-        parts = {"train": (x[train_rows], y[train_rows], _class_mask(train, C_classes, train_rows)),
-                 "val": (x[val_rows], y[val_rows], _class_mask(train, C_classes, val_rows))}
-        if evals is not None:
-            parts["eval"] = (xe, np.asarray(evals.labels), _class_mask(evals, C_classes))
-        for name in ("train", "val", "eval"):
-            if name not in parts:
-                row[f"{name}_accuracy"] = row[f"{name}_loss"] = None
-                continue
-            xs, ys, m = parts[name]
-            proba = chip.predict_proba(xs, class_mask=m)
-            row[f"{name}_accuracy"] = float((proba.argmax(1) == ys).mean())
-            row[f"{name}_loss"] = float(-np.log(np.clip(proba[np.arange(len(ys)), ys], 1e-12, None)).mean())
+        row.update(score_logreg(chip, parts)[0])
         rows.append(row)
     return rows
 

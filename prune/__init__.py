@@ -1,9 +1,12 @@
-"""The prune stage: truncate a model after the chip's layer and ship it as a checkpoint.
+"""The prune stage: cut a model after the chip's layer, package it, serve it.
 
-* :func:`truncate_` - in-place model surgery (blocks, config depth, per-layer config, layer ids);
-* :func:`prune` - chips directory + model -> pruned checkpoint directory (``chiptuning prune``);
-* :class:`ChipModel` - load a pruned checkpoint and predict from raw text;
-* :func:`evaluate` - run a checkpoint end to end on a labelled file (``chiptuning eval``).
+* surgery: :func:`truncate_` (``truncate.py``) - blocks, config depth, per-layer config, layer ids;
+* packaging: :func:`prune` / :func:`save_pruned` (``checkpoint.py``), the provenance record
+  (``provenance.py``), the model card (``card.py``), export to ``*ForSequenceClassification``
+  (``export.py``) and :func:`push_to_hub` (``hub.py``);
+* serving: :class:`ChipModel` (``chip_model.py``), :func:`evaluate` (``evaluation.py``) and the
+  dense comparison (``dense.py``);
+* the depth-pruning baselines (``baselines/``).
 
 Names resolve lazily, so ``chiptuning.prune.truncate`` needs only torch and the registry (the
 benchmarks run it where the cache's h5py or the tasks' datasets are not installed).
@@ -16,8 +19,10 @@ import importlib
 _EXPORTS = {
     "PROVENANCE_FILE": "provenance",
     "ChipModel": "chip_model",
+    "CheckpointRecord": "provenance",
     "TaskChip": "checkpoint",
     "evaluate": "evaluation",
+    "load_record": "provenance",
     "load_task_chips": "checkpoint",
     "prune": "checkpoint",
     "push_to_hub": "hub",

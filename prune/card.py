@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from chiptuning import __version__
+from chiptuning.prune.provenance import CheckpointRecord
 
 
 def _millions(n: float) -> str:
@@ -19,30 +20,30 @@ def _accuracy(metrics: dict[str, Any]) -> str:
     return "not recorded"
 
 
-def render_model_card(record: dict[str, Any]) -> str:
+def render_model_card(record: CheckpointRecord) -> str:
     """Markdown model card: base model, task(s), layer, strategy, pruning ratio, accuracy, usage."""
-    base = record["base_model"]
-    params = record["params"]
+    base = record.base_model
+    params = record.params
     before, after, removed = params["before"], params["after"], params["removed"]
-    L, layer = record["num_blocks"], record["layer"]
-    tasks = record["tasks"]
+    L, layer = record.num_blocks, record.layer
+    tasks = record.tasks
     lines = [
         "---",
         "library_name: transformers",
-        f"base_model: {base['id']}",
+        f"base_model: {base.id}",
         "tags:",
         "- chip-tuning",
         "- pruned",
         "- text-classification",
         "---",
         "",
-        f"# {Path(str(base['id'])).name} pruned to {layer} of {L} blocks (chip-tuning)",
+        f"# {Path(str(base.id)).name} pruned to {layer} of {L} blocks (chip-tuning)",
         "",
-        f"This checkpoint keeps blocks 1..{layer} of `{base['id']}` and classifies with "
+        f"This checkpoint keeps blocks 1..{layer} of `{base.id}` and classifies with "
         + ("a small classifier (a *chip*)" if len(tasks) == 1 else f"{len(tasks)} small classifiers (*chips*), one per task,")
         + " that read"
         + ("s" if len(tasks) == 1 else "")
-        + f" the {'raw' if record['feature_mode'] == 'raw' else 'final-normed'} hidden state of a block at "
+        + f" the {'raw' if record.feature_mode == 'raw' else 'final-normed'} hidden state of a block at "
         f"the last prompt token. It was made with chip-tuning {__version__}.",
         "",
         "## Pruning",
@@ -55,30 +56,33 @@ def render_model_card(record: dict[str, Any]) -> str:
         f"| removed: LM head | {_millions(removed['lm_head'])} |",
         f"| **pruning ratio** | **{100 * params['pruning_ratio']:.1f}%** |",
         "",
-        f"- Base model: `{base['id']}` (weights `{base.get('hash')}`"
-        + (f", adapter `{base['adapter']}` merged" if base.get("adapter") else "") + ")",
+        f"- Base model: `{base.id}` (weights `{base.hash}`"
+        + (f", adapter `{base.adapter}` merged" if base.adapter else "") + ")",
+        *([f"- Source file: `{base.source['file']}` (GGUF, {base.source['quantization']}, architecture "
+           f"`{base.source['architecture']}`, sha256 `{base.source['sha256']}`), dequantized to float32 "
+           "before pruning"] if base.source else []),
         f"- Kept: embeddings, blocks 1..{layer}, final norm (unused by the chip, kept so the "
-        "checkpoint loads cleanly)" + (", LM head" if record.get("keep_lm_head") else ""),
-        f"- Saved as `{record['architecture']}` in {record['dtype']}; feature mode `{record['feature_mode']}`",
+        "checkpoint loads cleanly)" + (", LM head" if record.keep_lm_head else ""),
+        f"- Saved as `{record.architecture}` in {record.dtype}; feature mode `{record.feature_mode}`",
         "",
     ]
     for name, task in tasks.items():
-        source = task.get("task", {})
+        source = task.task
         lines += [
             f"## Task `{name}`",
             "",
-            f"- Layer {task['layer']} (strategy `{task['strategy']}`), feature mode `{task.get('feature_mode', record['feature_mode'])}`",
-            f"- Labels: {', '.join(f'`{n}`' for n in task['label_names'])}",
-            "- Prompt: " + (f"template `{task['template']!r}`" if task.get("template")
-                             else f"text column `{task.get('text_column')}`"),
-            f"- Trained on: {source.get('source', {}).get('file', source.get('name', '?'))} "
+            f"- Layer {task.layer} (strategy `{task.strategy}`), feature mode `{task.feature_mode}`",
+            f"- Labels: {', '.join(f'`{n}`' for n in task.label_names)}",
+            "- Prompt: " + (f"template `{task.template!r}`" if task.template
+                             else f"text column `{task.text_column}`"),
+            f"- Trained on: {(source.get('source') or {}).get('file', source.get('name', '?'))} "
             f"(split `{source.get('split', '?')}`, {source.get('n_examples', '?')} examples), "
-            f"cache `{task.get('cache_fingerprint')}`",
-            f"- Chip: `{(task.get('chips_config') or {}).get('chip', (task.get('chips_config') or {}).get('chip_type', '?'))}`, "
-            f"accuracy at layer {task['layer']}: {_accuracy(task.get('chip_metrics') or {})}",
+            f"cache `{task.cache_fingerprint}`",
+            f"- Chip: `{task.chips.chip if task.chips is not None else '?'}`, "
+            f"accuracy at layer {task.layer}: {_accuracy(task.chip_metrics)}",
             "",
         ]
-    for image in record.get("images", []):
+    for image in record.images:
         lines += [f"![accuracy against layer]({image})", ""]
     lines += [
         "## How to load",
@@ -97,7 +101,7 @@ def render_model_card(record: dict[str, Any]) -> str:
            'model = AutoModelForSequenceClassification.from_pretrained("path/to/this/checkpoint")',
            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/checkpoint")',
            'label = model.config.id2label[model(**tokenizer("some text", return_tensors="pt")).logits.argmax(-1).item()]',
-           "```", ""] if record.get("export") == "sequence-classification" else []),
+           "```", ""] if record.export == "sequence-classification" else []),
         "The backbone alone (no chip) loads without chip-tuning:",
         "",
         "```python",
@@ -114,7 +118,7 @@ def render_model_card(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(root: Path, record: dict[str, Any]) -> Path:
+def write_model_card(root: Path, record: CheckpointRecord) -> Path:
     """Write ``README.md`` into ``root``."""
     path = Path(root) / "README.md"
     path.write_text(render_model_card(record), encoding="utf-8")

@@ -20,14 +20,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from chiptuning.prune.card import write_model_card
-from chiptuning.prune.provenance import PROVENANCE_FILE, check_model_matches_cache, write_provenance
-from chiptuning.prune.truncate import check_layer, truncate_
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from chiptuning.errors import ChipTuningError, ProvenanceError
+from chiptuning.cache import CacheMeta
+from chiptuning.encoding import encode_batches
+from chiptuning.errors import ChipTuningError
 from chiptuning.features import last_token_features
-from chiptuning.models import load_tokenizer, param_stats, weights_hash
-from chiptuning.registry import base_model, get_spec, num_blocks
+from chiptuning.models import load_config, load_model, load_tokenizer, model_source, param_stats, weights_hash
+from chiptuning.probe import ChipSet, load_chips
+from chiptuning.prune.card import write_model_card
+from chiptuning.prune.export import EXPORT_FORMATS, to_sequence_classification
+from chiptuning.prune.provenance import (
+    PROVENANCE_FILE,
+    BaseModel,
+    CheckpointRecord,
+    TaskEntry,
+    check_model_matches_cache,
+    write_provenance,
+)
+from chiptuning.prune.truncate import check_layer, truncate_
+from chiptuning.registry import base_model, get_spec, num_blocks, text_config
 
 log = logging.getLogger(__name__)
 
@@ -42,44 +54,14 @@ CHECK_ATOL_FP32 = 1e-5
 
 # -- reading a chips directory --------------------------------------------------------------------
 
-def chips_cache(chips) -> tuple[str | None, dict[str, Any]]:
-    """(fingerprint, meta) of the training cache recorded in a ChipSet's config."""
-    config = chips.config or {}
-    for key in ("train_cache", "cache"):
-        entry = config.get(key)
-        if isinstance(entry, dict) and "meta" in entry:
-            return entry.get("fingerprint"), dict(entry["meta"])
-    if "cache_meta" in config:
-        return config.get("cache_fingerprint"), dict(config["cache_meta"])
-    raise ProvenanceError(
-        "the chips record no training-cache meta (model, task); they cannot be checked against "
-        "the model: re-train them with `chiptuning probe train`"
-    )
-
-
-def chip_metrics(chips, layer: int) -> dict[str, Any]:
-    """The chips' recorded metrics at ``layer`` ({} when none were recorded)."""
-    metrics = getattr(chips, "metrics", None)
-    if isinstance(metrics, dict):
-        if str(layer) in metrics or layer in metrics:
-            return dict(metrics.get(str(layer), metrics.get(layer)))
-        rows = metrics.get("layers") or metrics.get("per_layer") or []
-    else:
-        rows = metrics or []
-    for row in rows:
-        if isinstance(row, dict) and int(row.get("layer", -1)) == layer:
-            return dict(row)
-    return {}
-
-
-def resolve_layer(chips, layer: int | None) -> tuple[int, str]:
+def resolve_layer(chips: ChipSet, layer: int | None) -> tuple[int, str]:
     """The pruning layer and how it was chosen: ``--layer``, else the chips' ``selection.json``.
 
     Raises:
         ChipTuningError: no layer given and none selected, or a layer without a chip.
     """
     if layer is None:
-        selection = getattr(chips, "selection", None)
+        selection = chips.selection
         if not selection or selection.get("layer") is None:
             raise ChipTuningError(
                 "no layer to prune at: pass --layer L, or run `chiptuning select CHIPS_DIR` first"
@@ -94,18 +76,95 @@ def resolve_layer(chips, layer: int | None) -> tuple[int, str]:
     return layer, strategy
 
 
+@dataclass
+class TaskChip:
+    """One task of a checkpoint: its chips, the layer its chip reads, and where they came from.
+
+    Attributes:
+        chips: the task's chips.
+        layer: the layer of the chip this task uses.
+        strategy: how that layer was chosen (``fixed:L``, ``validate``, ...).
+        chips_dir: where the chips came from (the layer curve image is copied from there).
+        name: the task's name in the checkpoint (``predict(..., task=name)``).
+    """
+
+    chips: ChipSet
+    layer: int
+    strategy: str
+    chips_dir: Path | None = None
+    name: str = "default"
+
+    @property
+    def cache_meta(self) -> CacheMeta:
+        """The meta of the cache the chips were trained on."""
+        return self.chips.record.cache_meta
+
+    @property
+    def cache_fingerprint(self) -> str | None:
+        return self.chips.record.train_cache.fingerprint if self.chips.record.train_cache else None
+
+    @property
+    def feature_mode(self) -> str:
+        return self.cache_meta.feature_mode or "raw"
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.cache_meta.label_names or self.cache_meta.task.get("label_names")
+                    or self.chips.label_names)
+
+
+def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
+    """``NAME=DIR`` or ``DIR``."""
+    text = str(entry)
+    name, sep, path = text.partition("=")
+    if sep and name and "/" not in name and not Path(text).exists():
+        return name, Path(path)
+    return None, Path(text)
+
+
+def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None) -> list[TaskChip]:
+    """Read one or more chips directories (``DIR`` or ``NAME=DIR``) into named :class:`TaskChip`.
+
+    Task names: the given NAME, else the task's own name when it is not the generic "custom" and
+    is unique, else the chips directory's name.
+
+    Raises:
+        ChipTuningError: ``layer`` with several chips directories, or duplicate task names.
+    """
+    if not chips_dirs:
+        raise ChipTuningError("give at least one --chips directory")
+    if layer is not None and len(chips_dirs) > 1:
+        raise ChipTuningError("--layer applies to one --chips directory; with several, each uses its selection.json")
+    tasks = []
+    for entry in chips_dirs:
+        given, path = _parse_chips_arg(entry)
+        chips = load_chips(path)
+        chosen, strategy = resolve_layer(chips, layer)
+        task = TaskChip(chips, chosen, strategy, path, name=given or "")
+        task.cache_meta  # noqa: B018 -- fails early, naming the fix, when the chips record no cache meta
+        tasks.append(task)
+    own = [t.cache_meta.task_name or "default" for t in tasks]
+    for task, name in zip(tasks, own):
+        if task.name:
+            continue
+        if len(tasks) == 1 or (name != "custom" and own.count(name) == 1):
+            task.name = name
+        else:  # several generic "custom" tasks: tell them apart by their chips directory
+            task.name = Path(task.chips_dir).resolve().name
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ChipTuningError(f"task names {names} are not unique; name them with --chips NAME=DIR")
+    return tasks
+
+
 # -- the parity check -----------------------------------------------------------------------------
 
-def _encode(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = tokenizer(list(prompts), padding=True, return_tensors="pt", add_special_tokens=True)
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, T) each
-
-
 def layer_features(model, tokenizer, prompts: Sequence[str], layer: int, mode: str = "raw") -> np.ndarray:
-    """feature(layer) of each prompt, float32 (B, H), through the shared layer convention."""
+    """feature(layer) of each prompt, float32 (B, H), through the shared encoder and layer convention."""
     device = next(model.parameters()).device
-    ids, mask = _encode(tokenizer, prompts, device)
-    return last_token_features(model, ids, mask, layers=[layer], mode=mode)[:, 0].float().cpu().numpy()
+    batch = next(encode_batches(tokenizer, prompts, batch_size=len(prompts), device=device))
+    feats = last_token_features(model, batch.input_ids, batch.attention_mask, layers=[layer], mode=mode)
+    return feats[:, 0].float().cpu().numpy()
 
 
 def _check_close(reference: np.ndarray, pruned: np.ndarray, dtype: torch.dtype, what: str) -> None:
@@ -128,86 +187,6 @@ def _prepare_out(out_dir: Path) -> Path:
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _load_model(model_name_or_path: str, dtype: str, device: str, adapter: str | None,
-                causal_lm: bool):
-    """The full model (backbone, or ``*ForCausalLM``) with ``adapter`` merged, via the shared loader."""
-    from chiptuning.models import load_model
-
-    return load_model(model_name_or_path, dtype=dtype, device=device, adapter=adapter, causal_lm=causal_lm)
-
-
-@dataclass
-class TaskChip:
-    """One task of a checkpoint: its chips, the layer its chip reads, and where they came from.
-
-    Attributes:
-        chips: a ChipSet (``config``, ``layers``, ``label_names``, ``metrics``, ``chip(l)``,
-            ``save_layer(l, dir)``).
-        layer: the layer of the chip this task uses.
-        strategy: how that layer was chosen (``fixed:L``, ``validate``, ...).
-        cache_fingerprint, cache_meta: the training cache of the chips.
-        chips_dir: where the chips came from (the layer curve image is copied from there).
-        name: the task's name in the checkpoint (``predict(..., task=name)``).
-    """
-
-    chips: Any
-    layer: int
-    strategy: str
-    cache_fingerprint: str | None
-    cache_meta: dict[str, Any]
-    chips_dir: Path | None = None
-    name: str = "default"
-
-    @property
-    def feature_mode(self) -> str:
-        return self.cache_meta.get("feature_mode", "raw")
-
-
-def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
-    """``NAME=DIR`` or ``DIR``."""
-    text = str(entry)
-    name, sep, path = text.partition("=")
-    if sep and name and "/" not in name and not Path(text).exists():
-        return name, Path(path)
-    return None, Path(text)
-
-
-def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None) -> list[TaskChip]:
-    """Read one or more chips directories (``DIR`` or ``NAME=DIR``) into named :class:`TaskChip`.
-
-    Task names: the given NAME, else the task's own name when it is not the generic "custom" and
-    is unique, else the chips directory's name.
-
-    Raises:
-        ChipTuningError: ``layer`` with several chips directories, or duplicate task names.
-    """
-    from chiptuning.probe import load_chips
-
-    if not chips_dirs:
-        raise ChipTuningError("give at least one --chips directory")
-    if layer is not None and len(chips_dirs) > 1:
-        raise ChipTuningError("--layer applies to one --chips directory; with several, each uses its selection.json")
-    tasks = []
-    for entry in chips_dirs:
-        given, path = _parse_chips_arg(entry)
-        chips = load_chips(path)
-        chosen, strategy = resolve_layer(chips, layer)
-        fingerprint, meta = chips_cache(chips)
-        tasks.append(TaskChip(chips, chosen, strategy, fingerprint, meta, path, name=given or ""))
-    own = [(t.cache_meta.get("task") or {}).get("name") or "default" for t in tasks]
-    for task, name in zip(tasks, own):
-        if task.name:
-            continue
-        if len(tasks) == 1 or (name != "custom" and own.count(name) == 1):
-            task.name = name
-        else:  # several generic "custom" tasks: tell them apart by their chips directory
-            task.name = Path(task.chips_dir).resolve().name
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ChipTuningError(f"task names {names} are not unique; name them with --chips NAME=DIR")
-    return tasks
 
 
 def prune(
@@ -248,15 +227,10 @@ def prune(
         ProvenanceError: the chips were trained on a cache from another model.
         ChipTuningError: bad layer, output directory in the way, failed parity check.
     """
-    from transformers import AutoConfig
-
     dirs = [chips_dir] if isinstance(chips_dir, (str, Path)) else list(chips_dir)
     tasks = load_task_chips(dirs, layer)
-    _check_options(tasks, keep_lm_head, export)
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ChipTuningError(f"cannot load model {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
+    check_options(tasks, keep_lm_head, export)
+    config = load_config(model_name_or_path)
     # Architecture first, from the config alone: a wrong model fails before loading its weights.
     for task in tasks:
         check_model_matches_cache(model_name_or_path, "", config, task.cache_meta, adapter)
@@ -266,29 +240,29 @@ def prune(
     for task in tasks:
         check_layer(task.layer, num_blocks(config))
     meta = tasks[0].cache_meta
-    model = _load_model(model_name_or_path, meta.get("dtype", "fp32") if dtype is None else dtype,
-                        device, adapter, causal_lm=keep_lm_head)
+    model = load_model(model_name_or_path, dtype=meta.dtype or "fp32" if dtype is None else dtype,
+                       device=device, adapter=adapter, causal_lm=keep_lm_head)
     model_hash = model_hash or weights_hash(model_name_or_path, model)
     for task in tasks:
         check_model_matches_cache(model_name_or_path, model_hash, config, task.cache_meta, adapter)
-    tokenizer = load_tokenizer(model_name_or_path, padding_side=meta.get("padding_side", "right"))
-    base = {"id": str(model_name_or_path), "hash": model_hash, "adapter": adapter}
+    tokenizer = load_tokenizer(model_name_or_path)
+    base = {"id": str(model_name_or_path), "hash": model_hash, "adapter": adapter,
+            "source": model_source(model_name_or_path)}
     return save_pruned(model, tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export)
 
 
-def _check_options(tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
-    from chiptuning.prune.export import EXPORT_FORMATS
-
+def check_options(tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
+    """Refuse option combinations no checkpoint can honour (named by their flags)."""
     if export is not None and export not in EXPORT_FORMATS:
         raise ChipTuningError(f"--export must be one of {EXPORT_FORMATS}, got {export!r}")
     if export and keep_lm_head:
         raise ChipTuningError("--export sequence-classification replaces the LM head; drop --keep-lm-head")
     if export and len(tasks) > 1:
         raise ChipTuningError("--export sequence-classification holds one task; give one --chips directory")
-    settings = {(t.cache_meta.get("max_length"), t.cache_meta.get("padding_side", "right")) for t in tasks}
-    if len(settings) > 1:
+    lengths = {t.cache_meta.max_length for t in tasks}
+    if len(lengths) > 1:
         raise ChipTuningError(
-            f"the tasks' caches were extracted with different max_length / padding side {sorted(settings, key=str)}; "
+            f"the tasks' caches were extracted with different max_length {sorted(lengths, key=str)}; "
             "re-extract them with the same settings to pack them in one checkpoint"
         )
 
@@ -313,13 +287,12 @@ def save_pruned(
         tokenizer: its tokenizer.
         tasks: the task(s) and their chips (see :class:`TaskChip`); the first is the default.
         out_dir: the checkpoint directory.
-        base: ``{"id", "hash", "adapter"}`` of the base model.
+        base: ``{"id", "hash", "adapter", "source"}`` of the base model (``source``: a GGUF file's
+            record, :func:`chiptuning.models.model_source`).
         keep_lm_head, export: as :func:`prune`.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     tasks = list(tasks)
-    _check_options(tasks, keep_lm_head, export)
+    check_options(tasks, keep_lm_head, export)
     out_dir = Path(out_dir)
     L = num_blocks(model)
     for task in tasks:
@@ -331,16 +304,14 @@ def save_pruned(
     try:
         dtype = next(model.parameters()).dtype
         model_type = model.config.model_type
-        hidden_size = int(model.config.get_text_config().hidden_size)
+        hidden_size = int(text_config(model.config).hidden_size)
         stats_before = param_stats(model)
         references = {t.name: layer_features(model, tokenizer, CHECK_PROMPTS, t.layer, t.feature_mode)
                       for t in tasks}  # name -> (B, H)
         truncate_(model, depth)
         if export:
-            from chiptuning.prune.export import to_sequence_classification
-
             to_save = to_sequence_classification(model, tokenizer, tasks[0].chips.chip(tasks[0].layer),
-                                                 _label_names(tasks[0]), tasks[0].feature_mode)
+                                                 tasks[0].label_names, tasks[0].feature_mode)
             cls = AutoModelForSequenceClassification
         else:
             to_save = model if keep_lm_head else base_model(model)
@@ -362,7 +333,7 @@ def save_pruned(
         for task in tasks:
             chip_dir = CHIP_DIR if len(tasks) == 1 else f"chips/{task.name}"
             task.chips.save_layer(task.layer, tmp / chip_dir)
-            entries[task.name] = _task_entry(task, chip_dir)
+            entries[task.name] = task_entry(task, chip_dir)
             curve = Path(task.chips_dir) / "layer_accuracy.png" if task.chips_dir is not None else None
             if curve is not None and curve.is_file():
                 image = "layer_accuracy.png" if len(tasks) == 1 else f"layer_accuracy-{task.name}.png"
@@ -373,29 +344,17 @@ def save_pruned(
             "lm_head": 0 if keep_lm_head else int(stats_before["lm_head"]),
         }
         meta = tasks[0].cache_meta
-        record = {
-            "base_model": {**base, "model_type": model_type, "num_blocks": L, "hidden_size": hidden_size},
-            "layer": depth,
-            "num_blocks": L,
-            "architecture": architecture,
-            "keep_lm_head": keep_lm_head,
-            "export": export,
-            "dtype": str(dtype).replace("torch.", ""),
-            "feature_mode": tasks[0].feature_mode,
-            "tokenizer": {
-                "padding_side": meta.get("padding_side", "right"),
-                "max_length": meta.get("max_length"),
-            },
-            "default_task": tasks[0].name,
-            "tasks": entries,
-            "params": {
-                "before": stats_before,
-                "after": stats_after,
-                "removed": removed,
-                "pruning_ratio": 1 - stats_after["total"] / stats_before["total"],
-            },
-            "images": images,
-        }
+        record = CheckpointRecord(
+            base_model=BaseModel(id=str(base["id"]), hash=base.get("hash"), adapter=base.get("adapter"),
+                                 model_type=model_type, num_blocks=L, hidden_size=hidden_size,
+                                 source=base.get("source")),
+            layer=depth, num_blocks=L, architecture=architecture, keep_lm_head=keep_lm_head, export=export,
+            dtype=str(dtype).replace("torch.", ""), feature_mode=tasks[0].feature_mode,
+            padding_side="right", max_length=meta.max_length, default_task=tasks[0].name, tasks=entries,
+            params={"before": stats_before, "after": stats_after, "removed": removed,
+                    "pruning_ratio": 1 - stats_after["total"] / stats_before["total"]},
+            images=images,
+        )
         write_model_card(tmp, record)
         record = write_provenance(tmp, record)
         verify_checkpoint(tmp, tasks, references, depth, dtype, device, cls)
@@ -406,31 +365,19 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("pruned checkpoint at layer %d of %d written to %s (%.1f%% of parameters removed)",
-             depth, L, out_dir, 100 * record["params"]["pruning_ratio"])
+             depth, L, out_dir, 100 * record.params["pruning_ratio"])
     return out_dir
 
 
-def _label_names(task: TaskChip) -> list[str]:
-    meta = task.cache_meta
-    return list(meta.get("label_names") or (meta.get("task") or {}).get("label_names") or task.chips.label_names)
-
-
-def _task_entry(task: TaskChip, chip_dir: str) -> dict[str, Any]:
-    source = dict(task.cache_meta.get("task") or {})
-    return {
-        "chip_dir": chip_dir,
-        "layer": task.layer,
-        "strategy": task.strategy,
-        "feature_mode": task.feature_mode,
-        "task": source,
-        "template": source.get("template"),
-        "text_column": source.get("text_column"),
-        "label_names": _label_names(task),
-        "cache_fingerprint": task.cache_fingerprint,
-        "cache_meta": task.cache_meta,
-        "chips_config": task.chips.config,
-        "chip_metrics": chip_metrics(task.chips, task.layer),
-    }
+def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
+    """The checkpoint's record of one task (its chip, layer and prompt format)."""
+    source = dict(task.cache_meta.task)
+    return TaskEntry(
+        chip_dir=chip_dir, layer=task.layer, strategy=task.strategy, feature_mode=task.feature_mode,
+        task=source, template=source.get("template"), text_column=source.get("text_column"),
+        label_names=task.label_names, cache_fingerprint=task.cache_fingerprint, cache_meta=task.cache_meta,
+        chips=task.chips.record, chip_metrics=task.chips.metrics_at(task.layer),
+    )
 
 
 def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[str, np.ndarray], depth: int,
@@ -456,7 +403,7 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[st
         expected = chip.predict(reference)
         if dtype == torch.float32 and not np.array_equal(expected, chip.predict(pruned)):
             raise ChipTuningError("parity check failed: the chip predicts differently on the pruned model's feature")
-        if cls.__name__ == "AutoModelForSequenceClassification":
+        if cls is AutoModelForSequenceClassification:
             with torch.no_grad():  # one prompt at a time: HF pooling, no padding involved
                 logits = torch.cat([model(**tokenizer(p, return_tensors="pt").to(device)).logits
                                     for p in CHECK_PROMPTS]).float().cpu().numpy()  # (B, C)
@@ -464,3 +411,7 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[st
             probs /= probs.sum(-1, keepdims=True)
             _check_close(np.asarray(chip.predict_proba(reference)), probs, dtype,
                          "sequence-classification probabilities")
+
+
+__all__ = ["CHECK_PROMPTS", "TaskChip", "check_options", "layer_features", "load_task_chips", "prune",
+           "resolve_layer", "save_pruned", "task_entry", "verify_checkpoint"]

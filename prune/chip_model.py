@@ -4,7 +4,7 @@ Loading verifies the checkpoint first (every recorded file's sha256, the config 
 provenance record), then reads feature(l) of the pruned backbone through the one shared layer
 convention (:func:`chiptuning.features.last_token_features`) and hands it to the chip. Prompts are
 built and tokenized exactly as extraction built those of the cache: same template, same special
-tokens, same truncation side and max length, batches in input order.
+tokens, same truncation side and max length (:mod:`chiptuning.encoding`).
 """
 
 from __future__ import annotations
@@ -16,46 +16,46 @@ from typing import Any
 
 import numpy as np
 import torch
-from chiptuning.prune.provenance import read_provenance, verify_checksums
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel
+from transformers.utils import logging as hf_logging
 
+from chiptuning.encoding import encode_batches, resolve_token_budget
 from chiptuning.errors import DataError, ProvenanceError
 from chiptuning.features import last_token_features
 from chiptuning.models import load_tokenizer, resolve_device, resolve_dtype
+from chiptuning.probe import load_chip, optional_class_mask
+from chiptuning.prune.provenance import CheckpointRecord, TaskEntry, load_record
 from chiptuning.registry import get_spec, num_blocks, text_config
+from chiptuning.tasks import Example, TaskData, template_fields
 
 log = logging.getLogger(__name__)
 
 Record = str | Mapping[str, Any]
 
 
-def load_chip_dir(path: Path):
-    """Load one saved chip (the probe stage owns the format)."""
-    from chiptuning.probe import load_chip
+def check_config(path: Path, record: CheckpointRecord):
+    """The checkpoint's config, which must describe the model its provenance record describes.
 
-    return load_chip(path)
-
-
-def _check_config(path: Path, record: dict[str, Any]):
-    """The checkpoint's config must describe the model its provenance record describes."""
-    from transformers import AutoConfig
-
+    Raises:
+        ProvenanceError: model type, depth, width or a task's source weights that disagree.
+    """
     config = AutoConfig.from_pretrained(path)
-    base = record["base_model"]
+    base = record.base_model
     text = text_config(config)
     problems = []
-    if config.model_type != base.get("model_type"):
-        problems.append(f"model_type {config.model_type!r}, provenance says {base.get('model_type')!r}")
-    if num_blocks(config) != record["layer"]:
-        problems.append(f"{num_blocks(config)} blocks, provenance says layer {record['layer']}")
-    if base.get("hidden_size") is not None and int(text.hidden_size) != int(base["hidden_size"]):
-        problems.append(f"hidden size {text.hidden_size}, provenance says {base['hidden_size']}")
-    for name, task in record["tasks"].items():
-        meta = task.get("cache_meta") or {}
-        then, now = meta.get("model_hash"), base.get("hash")
+    if config.model_type != base.model_type:
+        problems.append(f"model_type {config.model_type!r}, provenance says {base.model_type!r}")
+    if num_blocks(config) != record.layer:
+        problems.append(f"{num_blocks(config)} blocks, provenance says layer {record.layer}")
+    if base.hidden_size is not None and int(text.hidden_size) != int(base.hidden_size):
+        problems.append(f"hidden size {text.hidden_size}, provenance says {base.hidden_size}")
+    for name, task in record.tasks.items():
+        then, now = task.cache_meta.model_hash, base.hash
         if then and now and then.split(":")[0] == now.split(":")[0] and then != now:
             problems.append(f"task {name!r} chip comes from weights {then}, base model is {now}")
-        if meta.get("model_type") not in (None, config.model_type):
-            problems.append(f"task {name!r} chip comes from a {meta['model_type']!r} model")
+        if task.cache_meta.model_type not in (None, config.model_type):
+            problems.append(f"task {name!r} chip comes from a {task.cache_meta.model_type!r} model")
     if problems:
         raise ProvenanceError(
             f"{path}: the base model does not match its provenance ({'; '.join(problems)}); "
@@ -64,28 +64,26 @@ def _check_config(path: Path, record: dict[str, Any]):
     return config
 
 
-def encode_batches(tokenizer, prompts: list[str], max_length: int | None, batch_size: int, device):
-    """Tokenize prompts as extraction did and yield padded batches in input order.
-
-    Special tokens added, left truncation past ``max_length`` (the end of a prompt, where the
-    chip reads, is kept), padding on the tokenizer's side. Yields (ids, mask), each (B, T).
-    """
-    tokenizer.truncation_side = "left"
-    token_lists = tokenizer(prompts, add_special_tokens=True, truncation=max_length is not None,
-                            max_length=max_length)["input_ids"]
-    for start in range(0, len(token_lists), batch_size):
-        batch = tokenizer.pad({"input_ids": token_lists[start:start + batch_size]}, return_tensors="pt")
-        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+def saved_task_data(entry: TaskEntry, name: str) -> TaskData:
+    """A :class:`~chiptuning.tasks.TaskData` (no examples) holding a task's saved prompt format."""
+    description = dict(entry.task)
+    # The saved prompt format wins over anything the cache description lacked.
+    description.update(name=name, split="predict", label_names=list(entry.label_names),
+                       template=entry.template, text_column=entry.text_column)
+    if description["template"] is None and description["text_column"] is None:
+        description["text_column"] = "text"
+    return TaskData.from_description(description)
 
 
 class ChipModel:
     """A pruned backbone plus its chip(s): a text classifier.
 
     Build it with :meth:`from_pretrained`. Attributes: ``model`` (the pruned ``AutoModel``),
-    ``tokenizer``, ``chips`` (task name -> fitted chip), ``record`` (the provenance), ``path``.
+    ``tokenizer``, ``chips`` (task name -> fitted chip), ``record`` (the
+    :class:`~chiptuning.prune.provenance.CheckpointRecord`), ``path``.
     """
 
-    def __init__(self, model, tokenizer, chips: dict[str, Any], record: dict[str, Any],
+    def __init__(self, model, tokenizer, chips: dict[str, Any], record: CheckpointRecord,
                  path: Path | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -109,16 +107,12 @@ class ChipModel:
             ProvenanceError: not a checkpoint, edited or missing files, a config or weights that
                 do not match the provenance record.
         """
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-
         path = Path(path)
-        record = read_provenance(path)
-        verify_checksums(path, record)
-        config = _check_config(path, record)
+        record = load_record(path)
+        config = check_config(path, record)
         get_spec(config)
         hf_logging.disable_progress_bar()
-        torch_dtype = resolve_dtype(dtype) if dtype else getattr(torch, record.get("dtype", "float32"))
+        torch_dtype = resolve_dtype(dtype) if dtype else getattr(torch, record.dtype)
         model, info = AutoModel.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
         if info.get("missing_keys") or info.get("mismatched_keys"):
             raise ProvenanceError(
@@ -126,10 +120,10 @@ class ChipModel:
                 f"mismatched {info.get('mismatched_keys')[:5]}); re-run `chiptuning prune`"
             )
         model = model.to(resolve_device(device)).eval()
-        tokenizer = load_tokenizer(str(path), padding_side=record["tokenizer"].get("padding_side", "right"))
-        chips = {name: load_chip_dir(path / task["chip_dir"]) for name, task in record["tasks"].items()}
-        log.info("loaded %s: %s pruned to %d blocks, tasks %s", path, record["base_model"]["id"],
-                 record["layer"], sorted(chips))
+        tokenizer = load_tokenizer(str(path), padding_side=record.padding_side)
+        chips = {name: load_chip(path / task.chip_dir) for name, task in record.tasks.items()}
+        log.info("loaded %s: %s pruned to %d blocks, tasks %s", path, record.base_model.id,
+                 record.layer, sorted(chips))
         return cls(model, tokenizer, chips, record, path)
 
     # -- facts ------------------------------------------------------------------------------------
@@ -137,37 +131,52 @@ class ChipModel:
     @property
     def tasks(self) -> list[str]:
         """Names of the tasks this checkpoint classifies."""
-        return list(self.record["tasks"])
+        return list(self.record.tasks)
 
-    def _task(self, task: str | None) -> tuple[str, dict[str, Any]]:
-        name = task or self.record["default_task"]
-        if name not in self.record["tasks"]:
+    def task(self, task: str | None = None) -> tuple[str, TaskEntry]:
+        """(name, entry) of ``task`` (the default task when None).
+
+        Raises:
+            DataError: no such task (the message lists the checkpoint's tasks).
+        """
+        name = task or self.record.default_task
+        if name not in self.record.tasks:
             raise DataError(f"unknown task {name!r}; this checkpoint has tasks {self.tasks}")
-        return name, self.record["tasks"][name]
+        return name, self.record.tasks[name]
 
     def label_names(self, task: str | None = None) -> list[str]:
         """Class names of ``task`` (default task when None), in class-index order."""
-        return list(self._task(task)[1]["label_names"])
+        return list(self.task(task)[1].label_names)
 
     @property
     def layer(self) -> int:
         """Depth of the pruned backbone (the deepest chip's layer)."""
-        return int(self.record["layer"])
+        return self.record.layer
 
     # -- prompts and features ---------------------------------------------------------------------
 
-    def task_data(self, task: str | None = None):
-        """A :class:`chiptuning.tasks.TaskData` (no examples) holding the saved prompt template."""
-        from chiptuning.tasks import TaskData
+    def task_data(self, task: str | None = None) -> TaskData:
+        """A :class:`chiptuning.tasks.TaskData` (no examples) holding the saved prompt format."""
+        name, entry = self.task(task)
+        return saved_task_data(entry, name)
 
-        name, entry = self._task(task)
-        description = dict(entry.get("task") or {})
-        # The saved prompt format wins over anything the cache description lacked.
-        description.update(name=name, split="predict", label_names=list(entry["label_names"]),
-                           template=entry.get("template"), text_column=entry.get("text_column"))
-        if description["template"] is None and description["text_column"] is None:
-            description["text_column"] = "text"
-        return TaskData.from_description(description)
+    def data_options(self, task: str | None = None, **options: Any) -> dict[str, Any]:
+        """Data options (as :func:`chiptuning.tasks.load_task` takes them) with the checkpoint's own
+        prompt format filled in: its template or text column when the user gave neither, its label
+        names when none were given, its trailing-space and chat-template settings.
+
+        The one place where "the checkpoint's prompt format wins" is decided (``chiptuning eval``
+        and :func:`~chiptuning.prune.evaluation.evaluate` both use it).
+        """
+        saved = self.task_data(task)
+        out = dict(options)
+        if out.get("template") is None and out.get("text_column") is None:
+            out["template"], out["text_column"] = saved.template, saved.text_column
+        if not out.get("labels"):
+            out["labels"] = list(saved.label_names)
+        out["strip_trailing_space"] = bool(out.get("strip_trailing_space")) or saved.strip_trailing_space
+        out["chat_template"] = bool(out.get("chat_template")) or saved.chat_template
+        return out
 
     def prompts(self, inputs: Record | Iterable[Record], task: str | None = None) -> list[str]:
         """The prompt text of each input, as extraction built it.
@@ -186,10 +195,6 @@ class ChipModel:
         return self._prepare(inputs, task)[1]
 
     def _prepare(self, inputs, task) -> tuple[list[str], np.ndarray | None]:
-        from chiptuning.probe.chips import optional_class_mask
-
-        from chiptuning.tasks import Example, template_fields
-
         data = self.task_data(task)
         records = [inputs] if isinstance(inputs, (str, Mapping)) else list(inputs)
         if not records:
@@ -211,61 +216,72 @@ class ChipModel:
                 fields = {next(iter(names)): record}
             examples.append(Example(id=str(i), fields=fields, label=0, n_choices=data.n_choices(fields)))
         data.examples = examples
-        prompts, _ = data.build_prompts(self.tokenizer, self.record["tokenizer"].get("max_length"))
+        prompts, _ = data.build_prompts(self.tokenizer, self.record.max_length)
         return prompts, optional_class_mask([ex.n_choices for ex in examples], len(data.label_names))
 
-    def features(self, inputs: Record | Iterable[Record], task: str | None = None,
-                 batch_size: int = 16) -> np.ndarray:
+    def features(self, inputs: Record | Iterable[Record], task: str | None = None, batch_size: int | None = None,
+                 max_tokens_per_batch: int | str = "auto") -> np.ndarray:
         """feature(l) of each input at ``task``'s layer: float32 (N, H), what the chip reads."""
-        return self.features_of_prompts(self.prompts(inputs, task), task, batch_size)
+        return self.features_of_prompts(self.prompts(inputs, task), task, batch_size, max_tokens_per_batch)
 
     @torch.no_grad()
-    def features_of_prompts(self, prompts: list[str], task: str | None = None,
-                            batch_size: int = 16) -> np.ndarray:
-        """feature(l) of finished prompt texts (no template applied): float32 (N, H)."""
-        _, entry = self._task(task)
-        layer = int(entry["layer"])
-        mode = entry.get("feature_mode", self.record["feature_mode"])
+    def features_of_prompts(self, prompts: list[str], task: str | None = None, batch_size: int | None = None,
+                            max_tokens_per_batch: int | str = "auto", progress: bool = False) -> np.ndarray:
+        """feature(l) of finished prompt texts (no template applied): float32 (N, H), in input order.
+
+        Batched as extraction batches: prompts sorted by length and packed up to a token budget
+        ("auto": sized from free GPU memory, 8192 tokens on CPU; 0: fixed batches of
+        ``batch_size`` in input order), so little compute goes to padding.
+        """
+        _, entry = self.task(task)
         device = next(self.model.parameters()).device
-        out = []
-        for ids, mask in encode_batches(self.tokenizer, prompts, self.record["tokenizer"].get("max_length"),
-                                        batch_size, device):
-            feats = last_token_features(self.model, ids, mask, layers=[layer], mode=mode)  # (B, 1, H)
-            out.append(feats[:, 0].float().cpu().numpy())
-        return np.concatenate(out)  # (N, H)
+        budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
+        out = np.empty((len(prompts), int(text_config(self.model.config).hidden_size)), dtype=np.float32)
+        bar = tqdm(total=len(prompts), unit="ex", desc="pruned model", disable=None if progress else True)
+        for batch in encode_batches(self.tokenizer, prompts, max_length=self.record.max_length,
+                                    batch_size=batch_size or (1024 if budget else 16), max_tokens=budget,
+                                    device=device):
+            feats = last_token_features(self.model, batch.input_ids, batch.attention_mask, layers=[entry.layer],
+                                        mode=entry.feature_mode)  # (B, 1, H)
+            out[batch.rows] = feats[:, 0].float().cpu().numpy()
+            bar.update(len(batch.rows))
+        bar.close()
+        return out  # (N, H)
 
     # -- predictions ------------------------------------------------------------------------------
 
     def predict_index(self, inputs: Record | Iterable[Record], task: str | None = None,
-                      batch_size: int = 16) -> np.ndarray:
+                      batch_size: int | None = None) -> np.ndarray:
         """Class index of each input, int64 (N,); never a class outside the input's options."""
-        name, _ = self._task(task)
+        name, _ = self.task(task)
         prompts, mask = self._prepare(inputs, task)
         features = self.features_of_prompts(prompts, task, batch_size)
         return np.asarray(self.chips[name].predict(features, class_mask=mask)).astype(np.int64)
 
     def predict(self, inputs: Record | Iterable[Record], task: str | None = None,
-                batch_size: int = 16) -> list[str]:
+                batch_size: int | None = None) -> list[str]:
         """Label name of each input (a single str or dict is a batch of one).
 
         Args:
             inputs: raw texts, or records (dicts of fields) formatted by the saved template.
             task: which task's chip to use (default: the checkpoint's default task).
-            batch_size: examples per forward pass.
+            batch_size: most examples per forward pass (default: as many as the token budget takes).
         """
         names = self.label_names(task)
         return [names[i] for i in self.predict_index(inputs, task, batch_size)]
 
     def predict_proba(self, inputs: Record | Iterable[Record], task: str | None = None,
-                      batch_size: int = 16) -> np.ndarray:
+                      batch_size: int | None = None) -> np.ndarray:
         """Class probabilities of each input, (N, C), columns in ``label_names(task)`` order
         (0 for a class that is not one of the input's options)."""
-        name, _ = self._task(task)
+        name, _ = self.task(task)
         prompts, mask = self._prepare(inputs, task)
         features = self.features_of_prompts(prompts, task, batch_size)
         return np.asarray(self.chips[name].predict_proba(features, class_mask=mask))
 
     def __repr__(self) -> str:
-        base = self.record["base_model"]["id"]
-        return f"ChipModel({base!r} pruned to {self.layer}/{self.record['num_blocks']} blocks, tasks={self.tasks})"
+        return (f"ChipModel({self.record.base_model.id!r} pruned to {self.layer}/{self.record.num_blocks} "
+                f"blocks, tasks={self.tasks})")
 
+
+__all__ = ["ChipModel", "check_config", "saved_task_data"]

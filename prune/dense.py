@@ -6,9 +6,8 @@ batches and hardware as the pruned one. One full-depth pass gives three things:
 * the time a dense model takes (every block runs), for the speedup against the pruned model;
 * feature(l) of the dense model, on which the chip must predict what it predicts on the pruned
   model (a live parity check);
-* for decoder models, the paper's dense zero-shot baseline: the LM head's scores of each label's
-  first token at the last prompt token, taken from the final-normed state of the last block (the
-  same numbers ``*ForCausalLM`` computes there, without the (B, T, vocab) logits of every token).
+* for decoder models, the paper's dense zero-shot baseline (:mod:`chiptuning.zeroshot`): the LM
+  head's scores of each label's first token at the last prompt token.
 """
 
 from __future__ import annotations
@@ -19,94 +18,76 @@ from typing import Any
 
 import numpy as np
 import torch
-from chiptuning.prune.chip_model import encode_batches
+from tqdm.auto import tqdm
 
+from chiptuning.encoding import encode_batches, resolve_token_budget
 from chiptuning.errors import ProvenanceError
 from chiptuning.features import last_token_features
-from chiptuning.models import weights_hash
-from chiptuning.registry import get_final_norm, get_spec, num_blocks
+from chiptuning.models import load_model, weights_hash
+from chiptuning.prune.provenance import CheckpointRecord
+from chiptuning.registry import get_spec, num_blocks, text_config
+from chiptuning.zeroshot import label_scores, label_words, lens_logits, predict_from_scores
 
 log = logging.getLogger(__name__)
 
 
-def load_dense(record: dict[str, Any], dense_model: str | None = None, device: str = "cpu"):
+def load_dense(record: CheckpointRecord, dense_model: str | None = None, device: str = "cpu"):
     """The base model a checkpoint was pruned from (``*ForCausalLM`` for decoders), checked.
 
     Raises:
         ProvenanceError: its weights are not the ones the checkpoint records.
     """
-    from chiptuning.prune.checkpoint import _load_model
-
-    base = record["base_model"]
-    path = dense_model or base["id"]
-    decoder = get_spec_from_type(base["model_type"]).decoder
-    model = _load_model(path, record["dtype"], device, base.get("adapter"), causal_lm=decoder)
+    base = record.base_model
+    path = dense_model or base.id
+    model = load_model(path, dtype=record.dtype, device=device, adapter=base.adapter,
+                       causal_lm=get_spec(base.model_type).decoder)
     found = weights_hash(path, model)
-    recorded = base.get("hash")
-    if recorded and found.split(":")[0] == recorded.split(":")[0] and found != recorded:
+    if base.hash and found.split(":")[0] == base.hash.split(":")[0] and found != base.hash:
         raise ProvenanceError(
-            f"dense model {path!r} has weights {found}, but the checkpoint was pruned from {recorded}; "
+            f"dense model {path!r} has weights {found}, but the checkpoint was pruned from {base.hash}; "
             "give the base model with --dense-model"
         )
-    if num_blocks(model) != record["num_blocks"]:
+    if num_blocks(model) != record.num_blocks:
         raise ProvenanceError(
-            f"dense model {path!r} has {num_blocks(model)} blocks, the checkpoint's base had {record['num_blocks']}"
+            f"dense model {path!r} has {num_blocks(model)} blocks, the checkpoint's base had {record.num_blocks}"
         )
     return model
 
 
-def get_spec_from_type(model_type: str):
-    from types import SimpleNamespace
-
-    return get_spec(SimpleNamespace(model_type=model_type))
-
-
-def choice_token_ids(tokenizer, label_names: list[str], prompt: str) -> list[int] | None:
-    """First token of each label as the continuation of ``prompt`` (None if two labels share it).
-
-    After a prompt ending in whitespace the label follows directly ("Answer: " + "A"); otherwise
-    it follows a space ("Answer:" + " A").
-    """
-    prefix = "" if prompt[-1:].isspace() else " "
-    ids = [tokenizer(prefix + name, add_special_tokens=False)["input_ids"][0] for name in label_names]
-    return ids if len(set(ids)) == len(ids) else None
-
-
 @torch.no_grad()
 def dense_pass(model, tokenizer, prompts: list[str], layer: int, mode: str, chip, label_names: list[str],
-               max_length: int | None, batch_size: int = 16, class_mask: np.ndarray | None = None) -> dict[str, Any]:
+               max_length: int | None, batch_size: int | None = None, class_mask: np.ndarray | None = None,
+               max_tokens_per_batch: int | str = "auto", progress: bool = False) -> dict[str, Any]:
     """Run the dense model over ``prompts``: chip predictions at ``layer``, zero-shot, timing.
 
-    ``class_mask`` (N, C) bool limits both predictions to each prompt's options (None: all valid).
+    Batched as the pruned model is (:meth:`~chiptuning.prune.ChipModel.features_of_prompts`), so
+    the two timings compare the models, not their batching. ``class_mask`` (N, C) bool limits both
+    predictions to each prompt's options (None: all valid).
 
     Returns:
         {"chip_predictions" (N,), "zero_shot_predictions" (N,) or None, "elapsed_s"}.
     """
     L = num_blocks(model)
     device = next(model.parameters()).device
-    head = model.get_output_embeddings() if get_spec(model).decoder else None
-    norm = get_final_norm(model)
-    choices = [choice_token_ids(tokenizer, label_names, p) for p in prompts] if head is not None else None
-    if choices is not None and any(c is None for c in choices):
-        log.warning("two labels of %s start with the same token; no zero-shot baseline", label_names)
-        choices = None
-    feats_l, zero_shot = [], []
+    words = label_words(tokenizer, label_names) if get_spec(model).decoder else None
+    H = int(text_config(model.config).hidden_size)
+    feats_l = np.empty((len(prompts), H), dtype=np.float32)
+    scores = np.empty((len(prompts), len(label_names)), dtype=np.float32)
+    budget = resolve_token_budget(max_tokens_per_batch, model, device)
+    bar = tqdm(total=len(prompts), unit="ex", desc="dense model", disable=None if progress else True)
     started = time.perf_counter()
-    for k, (ids, mask) in enumerate(encode_batches(tokenizer, prompts, max_length, batch_size, device)):
-        feats = last_token_features(model, ids, mask, layers=[layer, L], mode=mode)  # (B, 2, H), all blocks run
-        feats_l.append(feats[:, 0].float().cpu().numpy())
-        if choices is not None:
-            last = feats[:, 1] if mode == "normed" or norm is None else norm(feats[:, 1])  # (B, H)
-            logits = head(last).float()  # (B, V)
-            rows = choices[k * batch_size:(k + 1) * batch_size]
-            picked = logits.gather(1, torch.tensor(rows, device=logits.device))  # (B, C)
-            if class_mask is not None:
-                valid = torch.as_tensor(class_mask[k * batch_size:(k + 1) * batch_size], device=picked.device)
-                picked = picked.masked_fill(~valid, float("-inf"))
-            zero_shot.append(picked.argmax(-1).cpu().numpy())
+    for batch in encode_batches(tokenizer, prompts, max_length=max_length, batch_size=batch_size or (1024 if budget else 16),
+                                max_tokens=budget, device=device):
+        feats = last_token_features(model, batch.input_ids, batch.attention_mask, layers=[layer, L], mode=mode)
+        feats_l[batch.rows] = feats[:, 0].float().cpu().numpy()  # (B, H)
+        if words is not None:
+            logits = lens_logits(model, feats[:, 1], words, normed=mode == "normed")  # (B, K)
+            scores[batch.rows] = label_scores(logits.cpu().numpy(), words)
+        bar.update(len(batch.rows))
     elapsed = time.perf_counter() - started
+    bar.close()
     return {
-        "chip_predictions": np.asarray(chip.predict(np.concatenate(feats_l), class_mask=class_mask)).astype(np.int64),
-        "zero_shot_predictions": np.concatenate(zero_shot).astype(np.int64) if choices is not None else None,
+        "chip_predictions": np.asarray(chip.predict(feats_l, class_mask=class_mask)).astype(np.int64),
+        "zero_shot_predictions": predict_from_scores(scores, class_mask) if words is not None else None,
         "elapsed_s": elapsed,
     }

@@ -6,16 +6,17 @@ import csv
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from chiptuning.cache import write_json_atomic
 
 from chiptuning import __version__
 from chiptuning.errors import DataError
-
-if TYPE_CHECKING:
-    from chiptuning.tasks import TaskData
+from chiptuning.io import write_json_atomic
+from chiptuning.probe import optional_class_mask
+from chiptuning.prune.chip_model import ChipModel
+from chiptuning.prune.dense import dense_pass, load_dense
+from chiptuning.tasks import TaskData, load_task
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,19 @@ def evaluate(
     seed: int = 42,
     split: str | None = None,
     task: str | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
+    max_tokens_per_batch: int | str = "auto",
     device: str = "cpu",
-    model=None,
+    model: ChipModel | None = None,
     dense: bool | str = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of a pruned checkpoint on a labelled file, predicting from raw text.
 
     The file is read with :func:`chiptuning.tasks.load_task` and the same options as
     ``chiptuning extract``; the prompt template (or text column) and the label names default to
-    the ones saved in the checkpoint, so the label indices mean what the chip learned.
+    the ones saved in the checkpoint (:meth:`ChipModel.data_options`), so the label indices mean
+    what the chip learned.
 
     Args:
         pruned_dir: checkpoint written by ``chiptuning prune``.
@@ -50,12 +54,15 @@ def evaluate(
         out_dir: where to write ``metrics.json`` and ``predictions.csv`` (nothing written if None).
         text_column, template, label_column, labels, limit, seed, split: as ``load_task``.
         task: which of the checkpoint's tasks to evaluate (default: its default task).
-        batch_size: examples per forward pass.
+        batch_size: most examples per forward pass (default: what the token budget takes).
+        max_tokens_per_batch: token budget per batch of length-sorted prompts ("auto", or 0 for
+            fixed batches in input order), as in extraction; predictions come in input order.
         device: cpu, cuda, cuda:N or auto.
         model: an already-loaded :class:`~chiptuning.prune.ChipModel` (skips loading).
         dense: also run the dense base model (True: the one recorded in the checkpoint; a str:
             that model) on the same data and hardware: its speed, the chip on its feature, and
             for decoders the zero-shot baseline from the LM head's scores of the label tokens.
+        progress: show progress bars.
 
     Returns:
         The metrics (also written to ``metrics.json``).
@@ -63,39 +70,34 @@ def evaluate(
     Raises:
         DataError: bad data, or labels that differ from the checkpoint's.
     """
-    from chiptuning.probe.chips import optional_class_mask
-    from chiptuning.prune.chip_model import ChipModel
-
-    from chiptuning.tasks import TaskData, load_task
-
     clf = model if model is not None else ChipModel.from_pretrained(pruned_dir, device=device)
-    name, entry = clf._task(task)
-    saved_labels = list(entry["label_names"])
+    name, entry = clf.task(task)
+    saved_labels = list(entry.label_names)
     if labels is not None and [str(x) for x in labels] != saved_labels:
         raise DataError(
             f"--labels {list(labels)} differ from the checkpoint's label names {saved_labels}; "
             "the chip's classes are fixed, leave --labels out or give them in that order"
         )
-    if text_column is None and template is None:
-        template, text_column = entry.get("template"), entry.get("text_column")
     if isinstance(data, TaskData):
         data_task = data
         if data_task.label_names != saved_labels:
             raise DataError(f"the data's labels {data_task.label_names} differ from the checkpoint's "
                             f"{saved_labels}; pass --labels {','.join(saved_labels)}")
     else:
-        data_task = load_task(data, split=split, text_column=text_column, template=template,
-                              label_column=label_column, labels=saved_labels, limit=limit, seed=seed)
-    if (data_task.template, data_task.text_column) != (entry.get("template"), entry.get("text_column")):
+        options = clf.data_options(name, text_column=text_column, template=template, labels=labels)
+        data_task = load_task(data, split=split, label_column=label_column, limit=limit, seed=seed, **options)
+    if (data_task.template, data_task.text_column) != (entry.template, entry.text_column):
         log.warning("evaluating with another prompt format than the chip was trained with "
                     "(template %r, text column %r)", data_task.template, data_task.text_column)
     # The same prompt builder as extraction, so the chip sees what it saw on the cache.
-    prompts, _ = data_task.build_prompts(clf.tokenizer, clf.record["tokenizer"].get("max_length"))
+    prompts, _ = data_task.build_prompts(clf.tokenizer, clf.record.max_length)
     y_true = np.array([ex.label for ex in data_task.examples], dtype=np.int64)
 
-    clf.features_of_prompts(prompts[:batch_size], task=name, batch_size=batch_size)  # warm-up, untimed
+    batching = dict(batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
+    warm = prompts[:8]
+    clf.features_of_prompts(warm, task=name, **batching)  # warm-up, untimed
     started = time.perf_counter()
-    features = clf.features_of_prompts(prompts, task=name, batch_size=batch_size)  # (N, H)
+    features = clf.features_of_prompts(prompts, task=name, progress=progress, **batching)  # (N, H)
     mask = optional_class_mask([ex.n_choices for ex in data_task.examples], len(saved_labels))
     y_pred = np.asarray(clf.chips[name].predict(features, class_mask=mask)).astype(np.int64)
     elapsed = time.perf_counter() - started
@@ -104,11 +106,12 @@ def evaluate(
         "accuracy": float((y_pred == y_true).mean()),
         "n_examples": n,
         "task": name,
-        "layer": int(entry["layer"]),
-        "num_blocks": int(clf.record["num_blocks"]),
+        "layer": entry.layer,
+        "num_blocks": clf.record.num_blocks,
         "checkpoint": str(pruned_dir),
         "data": data_task.describe(),
         "batch_size": batch_size,
+        "max_tokens_per_batch": max_tokens_per_batch,
         "device": str(next(clf.model.parameters()).device),
         "elapsed_s": elapsed,
         "examples_per_s": n / elapsed if elapsed > 0 else None,
@@ -119,24 +122,20 @@ def evaluate(
              metrics["examples_per_s"] or 0)
     dense_pred = zero_shot = None
     if dense:
-        from chiptuning.prune.dense import dense_pass, load_dense
-
         dense_net = load_dense(clf.record, dense if isinstance(dense, str) else None, device=device)
-        run = dict(tokenizer=clf.tokenizer, layer=int(entry["layer"]),
-                   mode=entry.get("feature_mode", clf.record["feature_mode"]), chip=clf.chips[name],
-                   label_names=saved_labels, max_length=clf.record["tokenizer"].get("max_length"),
-                   batch_size=batch_size)
-        warm_mask = mask[:batch_size] if mask is not None else None
-        dense_pass(dense_net, prompts=prompts[:batch_size], class_mask=warm_mask, **run)  # warm-up, untimed
-        result = dense_pass(dense_net, prompts=prompts, class_mask=mask, **run)
+        run = dict(tokenizer=clf.tokenizer, layer=entry.layer, mode=entry.feature_mode, chip=clf.chips[name],
+                   label_names=saved_labels, max_length=clf.record.max_length, **batching)
+        warm_mask = mask[:len(warm)] if mask is not None else None
+        dense_pass(dense_net, prompts=warm, class_mask=warm_mask, **run)  # warm-up, untimed
+        result = dense_pass(dense_net, prompts=prompts, class_mask=mask, progress=progress, **run)
         del dense_net
         dense_pred, zero_shot = result["chip_predictions"], result["zero_shot_predictions"]
         if not np.array_equal(dense_pred, y_pred):
             log.warning("the chip predicts differently on %d of %d examples on the dense model's feature",
                         int((dense_pred != y_pred).sum()), n)
         metrics["dense"] = {
-            "model": clf.record["base_model"]["id"] if not isinstance(dense, str) else dense,
-            "num_blocks": int(clf.record["num_blocks"]),
+            "model": clf.record.base_model.id if not isinstance(dense, str) else dense,
+            "num_blocks": clf.record.num_blocks,
             "elapsed_s": result["elapsed_s"],
             "examples_per_s": n / result["elapsed_s"],
             "latency_ms_per_example": 1000 * result["elapsed_s"] / n,
@@ -145,7 +144,7 @@ def evaluate(
             "zero_shot_accuracy": float((zero_shot == y_true).mean()) if zero_shot is not None else None,
         }
         metrics["speedup"] = result["elapsed_s"] / elapsed
-        metrics["ideal_speedup"] = clf.record["num_blocks"] / int(entry["layer"])
+        metrics["ideal_speedup"] = clf.record.num_blocks / entry.layer
         log.info("dense: %.1f examples/s, zero-shot accuracy %s; speedup %.2fx (ideal %.2fx)",
                  metrics["dense"]["examples_per_s"], metrics["dense"]["zero_shot_accuracy"],
                  metrics["speedup"], metrics["ideal_speedup"])

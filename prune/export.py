@@ -14,6 +14,7 @@ import logging
 
 import numpy as np
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from chiptuning.errors import ChipTuningError
 from chiptuning.registry import base_model, get_spec
@@ -68,8 +69,6 @@ def to_sequence_classification(model, tokenizer, chip, label_names: list[str], f
         ChipTuningError: raw features, an encoder, a model type without that class, a chip that
             does not fold.
     """
-    from transformers import AutoModelForSequenceClassification
-
     spec = get_spec(model)
     if feature_mode != "normed":
         raise ChipTuningError(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from chiptuning.prune.provenance import read_provenance, verify_checksums
+from huggingface_hub import HfApi
+
+from chiptuning.prune.provenance import load_record
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +30,11 @@ def push_to_hub(pruned_dir: str | Path, repo_id: str, *, private: bool = False, 
     Raises:
         ProvenanceError: the directory is not an intact pruned checkpoint.
     """
-    from huggingface_hub import HfApi
-
     pruned_dir = Path(pruned_dir)
-    record = read_provenance(pruned_dir)
-    verify_checksums(pruned_dir, record)
+    record = load_record(pruned_dir)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    message = commit_message or f"Upload chip-tuning checkpoint (layer {record['layer']} of {record['num_blocks']})"
+    message = commit_message or f"Upload chip-tuning checkpoint (layer {record.layer} of {record.num_blocks})"
     info = api.upload_folder(folder_path=str(pruned_dir), repo_id=repo_id, repo_type="model",
                              revision=revision, commit_message=message)
     url = str(getattr(info, "commit_url", info))

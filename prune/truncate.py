@@ -14,18 +14,12 @@ through hooks on the blocks, so the norm never touches their feature.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from torch import nn
 
 from chiptuning.errors import ChipTuningError
-from chiptuning.registry import (
-    base_model,
-    get_blocks,
-    get_spec,
-    num_blocks,
-    set_blocks,
-    text_config,
-)
+from chiptuning.registry import base_model, get_blocks, get_spec, num_blocks, set_blocks, text_config
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +114,38 @@ def truncate_(model: nn.Module, layer: int) -> nn.Module:
     if n_blocks != layer:
         log.info("truncated %s to blocks 1..%d of %d", model.config.model_type, layer, n_blocks)
     return model
+
+
+def rebuild_blocks_(model, plan: Sequence[tuple[nn.Module, int]]) -> nn.Module:
+    """Make ``model``'s blocks exactly ``plan`` (in order), with the config made to agree.
+
+    Args:
+        plan: (block module, original 0-based index whose per-layer config entries it takes) for
+            each block of the result; modules may be original blocks, merged or new ones.
+
+    The original blocks are reordered so the result comes first, per-layer config lists are
+    permuted the same way, and :func:`truncate_` cuts the rest (depth, lists, ``layer_idx``).
+    """
+    blocks = list(get_blocks(model))
+    L = len(blocks)
+    if not 1 <= len(plan) <= L:
+        raise ChipTuningError(f"cannot rebuild a model of {L} blocks into {len(plan)} blocks")
+    used = {id(module) for module, _ in plan}
+    leftovers = [(b, i) for i, b in enumerate(blocks) if id(b) not in used]
+    order = list(plan) + leftovers[: L - len(plan)]
+    for config in model_configs(model):
+        for key in per_layer_keys(config, L):
+            value = getattr(config, key)
+            setattr(config, key, type(value)(value[src] for _, src in order))
+    set_blocks(model, nn.ModuleList([module for module, _ in order]))
+    return truncate_(model, len(plan))
+
+
+def remove_blocks_(model, remove: Sequence[int]) -> nn.Module:
+    """Delete blocks ``remove`` (1-based, any subset, not all) in place, config and layer ids updated."""
+    blocks = list(get_blocks(model))
+    bad = sorted(set(int(i) for i in remove) - set(range(1, len(blocks) + 1)))
+    if bad:
+        raise ChipTuningError(f"blocks {bad} do not exist (the model has blocks 1..{len(blocks)})")
+    gone = set(int(i) for i in remove)
+    return rebuild_blocks_(model, [(b, i) for i, b in enumerate(blocks) if i + 1 not in gone])

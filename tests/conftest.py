@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# GGUF files are converted once into this cache (not the user's ~/.cache): every test shares it.
+os.environ.setdefault("CHIPTUNING_CACHE", str(Path(tempfile.gettempdir()) / "chiptuning-test-cache"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

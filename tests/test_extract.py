@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from chiptuning.cache import CacheReader
-from chiptuning.extract import ExtractConfig, extract, plan_batches
 
+from chiptuning.cache import CacheReader
+from chiptuning.encoding import plan_batches
 from chiptuning.errors import CacheError
+from chiptuning.extract import ExtractConfig, extract
 from chiptuning.models import load_backbone, load_tokenizer
 from chiptuning.tasks import load_task
 

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from chiptuning.cache import CacheReader, verify_cache
 
+from chiptuning.cache import CacheReader, verify_cache
 from chiptuning.errors import CacheError
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
@@ -50,8 +50,8 @@ def test_two_process_extraction_equals_single_process(tiny_models, sentiment_fil
     multi = _cli(*common, "--out", str(tmp_path / "multi"), launcher=TORCHRUN)
     assert multi.returncode == 0, multi.stderr[-3000:]
     a, b = CacheReader(tmp_path / "single"), CacheReader(tmp_path / "multi")
-    assert b.manifest["world_size"] == 2
-    assert {s["rank"] for s in b.shards} == {0, 1}
+    assert b.manifest.world_size == 2
+    assert {s.rank for s in b.shards} == {0, 1}
     assert a.fingerprint == b.fingerprint
     np.testing.assert_array_equal(a.example_ids, b.example_ids)
     for layer in a.layers:

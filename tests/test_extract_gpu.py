@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from chiptuning.cache import CacheReader
-from chiptuning.extract import ExtractConfig, extract
-from chiptuning.extract.extractor import CPU_TOKEN_BUDGET, auto_token_budget
 
+from chiptuning.cache import CacheReader
+from chiptuning.encoding import CPU_TOKEN_BUDGET, auto_token_budget
+from chiptuning.extract import ExtractConfig, extract
 from chiptuning.models import load_backbone
 from chiptuning.tasks import load_task
 

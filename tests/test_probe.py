@@ -9,21 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from chiptuning.probe import (
-    ChipSet,
-    LinearChip,
-    LogRegChip,
-    MLPChip,
-    load_chip,
-    load_chips,
-    select_layer,
-    train_chips,
-)
-from chiptuning.probe.batched import ChipSpec, InMemoryBatches, fit_banks
-from chiptuning.probe.train import carve_rows
 from click.testing import CliRunner
 
+from chiptuning.cache import CacheMeta
 from chiptuning.errors import ChipTuningError, ProvenanceError
+from chiptuning.probe import ChipSet, LinearChip, LogRegChip, MLPChip, load_chip, load_chips, select_layer, train_chips
+from chiptuning.probe.batched import ChipSpec, InMemoryBatches, fit_banks
+from chiptuning.probe.data import carve_rows
 
 # -- caches ---------------------------------------------------------------------------------------
 
@@ -64,7 +56,7 @@ def write_cache(path: Path, feats: np.ndarray, labels: np.ndarray, *, label_name
 
 
 class FakeCache:
-    """In-memory object with the ``CacheReader`` API of docs/CONTRACTS.md (nothing more)."""
+    """In-memory object with the ``CacheReader`` API of docs/ARCHITECTURE.md (nothing more)."""
 
     def __init__(self, feats: np.ndarray, labels: np.ndarray, label_names: list[str],
                  n_choices: np.ndarray | None = None, meta: dict | None = None) -> None:
@@ -79,8 +71,8 @@ class FakeCache:
         self.n_choices = np.full(n, len(label_names)) if n_choices is None else np.asarray(n_choices)
         self.n_tokens = np.full(n, 7)
         self.example_ids = np.array([f"f{i}" for i in range(n)], dtype=object)
-        self.meta = {"model": "toy-model", "label_names": self.label_names, **(meta or {})}
-        self.fingerprint = "fake-" + self.meta["model"]
+        self.meta = CacheMeta.from_dict({"model": "toy-model", "label_names": self.label_names, **(meta or {})})
+        self.fingerprint = "fake-" + self.meta.model
         self.model_stats = dict(MODEL_STATS, blocks=[500] * (n_layers - 1))
         self.manifest = {"meta": self.meta}
 
@@ -328,7 +320,7 @@ def test_layers_read_in_place_train_the_chips_of_the_gather_path(tmp_path, monke
     buffer (the statistics are all rows minus the validation rows); forcing the gather path gives
     the same chips and metrics. With shards written out of row order (as several extraction
     processes write them) the in-place read reorders the rows."""
-    import chiptuning.probe.train as train_mod
+    import chiptuning.probe.data as data_mod
     from chiptuning.cache import CacheReader, CacheWriter
 
     feats, y = planted_features(700, 3, 32, 3, seed=5)
@@ -354,7 +346,7 @@ def test_layers_read_in_place_train_the_chips_of_the_gather_path(tmp_path, monke
     in_place = train_chips(reader, **settings)
     assert reads and all(reads)
     reads.clear()
-    monkeypatch.setattr(train_mod, "IN_PLACE_FRACTION", 2.0)
+    monkeypatch.setattr(data_mod, "IN_PLACE_FRACTION", 2.0)
     gathered = train_chips(reader, **settings)
     assert reads and not any(reads)
     np.testing.assert_allclose(in_place._tensors["mean"], gathered._tensors["mean"], rtol=1e-6, atol=1e-4)
@@ -379,20 +371,25 @@ def test_layer_stored_into_a_buffer(toy):
 
 # -- the paper regime -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("functional", [True, False], ids=["functional", "torch.optim"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_adamw_moves_the_parameters_as_torch_optim_adamw(fused):
-    """The trainer's AdamW (torch's functional update, no torch.optim.Optimizer) gives exactly the
-    parameters torch.optim.AdamW gives, step after step, with a changing learning rate."""
-    from chiptuning.probe.batched import AdamW, _fused
+def test_adamw_moves_the_parameters_as_torch_optim_adamw(fused, functional):
+    """The trainer's AdamW gives exactly the parameters torch.optim.AdamW gives, step after step,
+    with a changing learning rate: on both of its paths, torch's functional update (no
+    torch.optim.Optimizer; the tested torch versions) and torch.optim.AdamW (any other)."""
+    from chiptuning.probe.batched import AdamW, functional_adamw_tested, fused_adamw_supported
 
-    if fused and not _fused(torch.device("cpu")):
+    if fused and not fused_adamw_supported(torch.device("cpu")):
         pytest.skip("this torch has no fused AdamW kernel for the CPU")
+    if functional and not functional_adamw_tested():
+        pytest.skip(f"the functional AdamW is not used on torch {torch.__version__} (not tested with it)")
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(3, 4, 5, generator=gen), torch.randn(7, generator=gen)]
     theirs = [p.clone().requires_grad_(True) for p in ours]
     start = [p.clone() for p in ours]
     settings = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
-    mine = AdamW(ours, fused=fused, **settings)
+    mine = AdamW(ours, fused=fused, functional=functional, **settings)
+    assert mine.functional is functional
     ref = torch.optim.AdamW(theirs, fused=fused or None, **settings)
     for step in range(6):
         for a, b in zip(ours, theirs):
@@ -406,6 +403,28 @@ def test_adamw_moves_the_parameters_as_torch_optim_adamw(fused):
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
     assert all((a - b).abs().mean() > 1e-2 for a, b in zip(ours, start))  # every parameter moved
+
+
+def test_adamw_path_and_fused_kernel_follow_the_torch_version():
+    """The functional AdamW runs only on the torch versions it was tested with; the fused kernel
+    is asked for where torch has one (CUDA, and the CPU since torch 2.4)."""
+    from chiptuning.probe.batched import (
+        FUNCTIONAL_ADAMW_TESTED,
+        AdamW,
+        functional_adamw_tested,
+        fused_adamw_supported,
+        torch_version,
+    )
+
+    assert torch_version("2.13.0+cpu") == (2, 13) and torch_version("2.4.1") == (2, 4)
+    assert torch_version("2.14.0.dev20260101+cu128") == (2, 14)
+    major, minor = FUNCTIONAL_ADAMW_TESTED[0]
+    assert functional_adamw_tested(f"{major}.{minor}.0+cpu") and functional_adamw_tested(f"{major}.{minor}.5")
+    assert not functional_adamw_tested(f"{major}.{minor + 1}.0") and not functional_adamw_tested("1.13.1")
+    assert AdamW([torch.zeros(2)], lr=1e-3).functional is functional_adamw_tested()
+    assert fused_adamw_supported("cpu", "2.4.0") and not fused_adamw_supported("cpu", "2.3.1")
+    assert fused_adamw_supported("cuda", "2.1.0") and not fused_adamw_supported("meta", "2.13.0")
+    assert fused_adamw_supported("cpu") is (torch_version() >= (2, 4))
 
 
 def test_paper_regime_follows_the_paper(toy, monkeypatch):
@@ -562,14 +581,13 @@ def test_chips_directory_contents(linear_chips, toy):
     text = (out / "chips.json").read_text()
     config = json.loads(text)
     assert text == json.dumps(config, indent=2, sort_keys=True) + "\n"
-    from chiptuning.cache import CacheReader
-
     from chiptuning import __version__
+    from chiptuning.cache import CacheReader
 
     reader = CacheReader(toy["train"])
     assert config["chiptuning_version"] == __version__
     assert config["train_cache"]["fingerprint"] == reader.fingerprint
-    assert config["train_cache"]["meta"] == reader.meta
+    assert config["train_cache"]["meta"] == reader.meta.to_dict()
     assert config["eval_cache"]["fingerprint"] == CacheReader(toy["eval"]).fingerprint
     assert config["label_names"] == toy["names"] and config["layers"] == [0, 1, 2, 3, 4]
     assert config["model_stats"]["blocks"] == [500] * 4
@@ -843,6 +861,7 @@ def test_sweep_backend_errors_are_clear(toy, tmp_path):
 def test_sweep_on_a_local_dask_cluster(toy):
     # distributed is in the dev extra: this test runs (a missing install fails it, never skips it)
     import distributed
+
     from chiptuning.probe.sweep import SweepConfig, sweep
 
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cluster, \
@@ -856,6 +875,7 @@ def test_sweep_on_a_local_ray_cluster(toy, monkeypatch):
     # ray is in the dev extra: a missing install fails this test. A local Ray instance that cannot
     # start on this machine (an environment limit, not chiptuning) skips it, saying why.
     import ray
+
     from chiptuning.probe.sweep import SweepConfig, sweep
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from chiptuning.probe import LinearChip, LogRegChip, MLPChip
 from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from chiptuning.probe import LinearChip, LogRegChip, MLPChip
 
 ESTIMATORS = [
     LinearChip(epochs=30, lr=1e-2, random_state=0),

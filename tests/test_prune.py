@@ -13,21 +13,15 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from chiptuning.cache import CacheReader
+from chiptuning.errors import ChipTuningError, DataError, ProvenanceError
 from chiptuning.extract import ExtractConfig, extract
+from chiptuning.models import load_backbone, load_model, load_tokenizer, merge_adapter_, weights_hash
 from chiptuning.probe import ChipSet, LinearChip, load_chips, select_layer, train_chips
 from chiptuning.prune import ChipModel, evaluate, prune, read_provenance, save_pruned
 from chiptuning.prune.checkpoint import load_task_chips, resolve_layer
 from chiptuning.prune.provenance import PROVENANCE_FILE, check_model_matches_cache, write_provenance
-
-from chiptuning.errors import ChipTuningError, DataError, ProvenanceError
-from chiptuning.models import (
-    load_backbone,
-    load_model,
-    load_tokenizer,
-    merge_adapter_,
-    weights_hash,
-)
 from chiptuning.tasks import load_task
 
 REVIEWS = [
@@ -163,7 +157,7 @@ def test_cache_from_another_model_is_refused(tiny_models, caches):
         check_model_matches_cache(tiny_models["llama"], weights_hash(tiny_models["llama"]),
                                   AutoConfig.from_pretrained(tiny_models["llama"]), meta)
     # Same architecture, other weights: caught by the weights hash.
-    other = dict(caches["llama"].meta, model_hash="files:0000000000000000")
+    other = dict(caches["llama"].meta.to_dict(), model_hash="files:0000000000000000")
     with pytest.raises(ProvenanceError, match="weights hash"):
         check_model_matches_cache(tiny_models["llama"], weights_hash(tiny_models["llama"]),
                                   AutoConfig.from_pretrained(tiny_models["llama"]), other)
@@ -454,7 +448,7 @@ def test_lora_adapter_saved_from_a_causal_lm_works_end_to_end(tiny_models, cache
     prune(path, tmp_path / "chips", tmp_path / "p", adapter=adapter)
     clf = ChipModel.from_pretrained(tmp_path / "p")
     np.testing.assert_allclose(clf.features(_texts(caches)), reader.layer(2), atol=1e-5, rtol=0)
-    assert clf.record["base_model"]["adapter"] == adapter
+    assert clf.record.base_model.adapter == adapter
     metrics = evaluate(tmp_path / "p", caches["data"], dense=True)
     assert metrics["dense"]["chip_agreement_with_pruned"] == 1.0  # the dense model got the adapter too
 

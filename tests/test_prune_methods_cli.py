@@ -41,8 +41,7 @@ def test_baseline_method_user_errors_are_one_line(tiny_models, tmp_path):
 
 
 def test_cli_lists_every_library_method():
-    from chiptuning.prune.baselines import METHODS
-
     from chiptuning.cli.prune import BASELINE_METHODS
+    from chiptuning.prune.baselines import METHODS
 
     assert set(BASELINE_METHODS) == set(METHODS)

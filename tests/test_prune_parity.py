@@ -19,13 +19,13 @@ import logging
 import numpy as np
 import pytest
 import torch
+
 from chiptuning.cache import CacheReader
+from chiptuning.errors import ChipTuningError
 from chiptuning.extract import ExtractConfig, extract
+from chiptuning.features import last_token_features
 from chiptuning.probe import load_chips, train_chips
 from chiptuning.prune import ChipModel, prune, read_provenance, truncate_
-
-from chiptuning.errors import ChipTuningError
-from chiptuning.features import last_token_features
 from chiptuning.registry import get_blocks
 from chiptuning.tasks import load_task
 

@@ -11,14 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from chiptuning.errors import DataError
-from chiptuning.tasks import (
-    Example,
-    TaskData,
-    format_options,
-    format_template,
-    load_task,
-    template_fields,
-)
+from chiptuning.tasks import Example, TaskData, format_options, format_template, load_task, template_fields
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

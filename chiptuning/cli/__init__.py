@@ -39,6 +39,7 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
+    # the commands' modules; each keeps its heavy imports inside its commands
     from chiptuning.cli import cache, compare, extract, probe, prune, run, tasks
 
     for module in (tasks, extract, cache, probe, prune, run, compare):

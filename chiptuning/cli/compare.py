@@ -16,8 +16,10 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
                    "Default: carve --eval-fraction of the training examples.")
 @click.option("--eval-fraction", type=float, default=0.3, show_default=True,
               help="Without --eval-split: share of the examples held out for scoring (seeded).")
-@click.option("--ratio", type=float, default=None, help="Target pruning ratio: fraction of the blocks removed.")
-@click.option("--n-layers", type=int, default=None, help="Blocks removed by every method (instead of --ratio).")
+@click.option("--ratio", default=None,
+              help="Target pruning ratio: fraction of the blocks removed; several, comma-separated (0.25,0.5), "
+                   "share the dense caches and chips.")
+@click.option("--n-layers", default=None, help="Blocks removed by every method (instead of --ratio); comma-separated for several.")
 @click.option("--methods", default=",".join(BASELINE_METHODS), show_default=True,
               help="Comma-separated baselines to run besides chip-tuning.")
 @click.option("--calibration-split", default=None,
@@ -44,7 +46,8 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
 @click.option("--laco-interval", type=int, default=2, show_default=True, help="LaCo: step down after a merge.")
 @click.option("--angular-from-text", is_flag=True,
               help="Score `angular` on the calibration text instead of the dense train cache.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Most examples per forward pass  [default: what the token budget takes].")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -59,10 +62,11 @@ def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, cali
     the Chip-Tuning paper's Table 1) shows the pruning ratio, chip accuracy and, for decoder
     models, zero-shot accuracy. Writes compare.csv, compare.json, compare.md and compare.png.
     """
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
+    from chiptuning.compare import compare, markdown_table
     from chiptuning.errors import ChipTuningError
     from chiptuning.models import resolve_device
     from chiptuning.pipeline import carve
-    from chiptuning.prune.compare import compare, markdown_table
     from chiptuning.tasks import load_task
 
     resolve_device(device)
@@ -86,12 +90,24 @@ def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, cali
         "slm": {"threshold": slm_threshold},
         "laco": {"threshold": laco_threshold, "merge_layers": laco_merge_layers, "interval": laco_interval},
     }
-    summary = compare(model, train_task, eval_task, out, n_layers=n_layers, ratio=ratio, methods=chosen,
+    ratios = _numbers("--ratio", ratio, float)
+    targets = _numbers("--n-layers", n_layers, int)
+    summary = compare(model, train_task, eval_task, out, n_layers=targets, ratio=ratios, methods=chosen,
                       calibration_task=calibration, n_calibration=n_calibration, max_length=max_length,
                       batch_size=batch_size, chip=chip, device=device, dtype=dtype,
                       angular_from_cache=not angular_from_text, method_options=options)
     click.echo(markdown_table(summary), nl=False)
     click.echo(f"-> {out}/compare.csv, compare.json, compare.md, compare.png")
+
+
+def _numbers(flag: str, text: str | None, cast) -> list | None:
+    """``0.25,0.5`` -> [0.25, 0.5] (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"comma-separated numbers, got {text!r}", param_hint=flag) from None
 
 
 COMMANDS = [compare_cmd]

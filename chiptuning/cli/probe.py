@@ -63,6 +63,7 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
               batch_size, patience, hidden, C, layers, n_jobs, device, max_memory_mb, precision, threads,
               no_intercept):
     """Train a chip at every layer of TRAIN_CACHE; write metrics, eval predictions and a plot."""
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.probe import TrainConfig, train_chips
 
     config = TrainConfig(chip=chip, regime=regime, val_size=val_size, seed=seed, lr=lr,
@@ -79,6 +80,13 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
                    f"{best[key]:.4f} at layer {best['layer']}")
     else:
         click.echo(f"{chip} chips at {len(chips.layers)} layers -> {out}")
+    lens = [m for m in chips.metrics if m.get("lens_accuracy") is not None]
+    if lens:
+        said = max(lens, key=lambda m: (m["lens_accuracy"], -m["layer"]))
+        zero = chips.record.zero_shot or {}
+        click.echo(f"the model's own answer (logit lens): best {said['lens_accuracy']:.4f} at layer {said['layer']}; "
+                   f"zero-shot at layer {zero.get('layer')} {zero.get('accuracy', 0):.4f}, prior-calibrated "
+                   f"{zero.get('calibrated_accuracy') or 0:.4f}")
 
 
 @probe_group.command("sweep")
@@ -120,6 +128,7 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
 def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, epochs, patience, batch_size,
               layers, val_size, seed, n_jobs, backend, scheduler, max_memory_mb, precision, threads):
     """Grid over chip type, regularization, learning rate, epochs and layers on TRAIN_CACHE."""
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.probe.sweep import SweepConfig, sweep
 
     def floats(flag, text):
@@ -164,6 +173,7 @@ def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, 
                    "(shallowest layer within DELTA of the best validation accuracy, e.g. within:0.01).")
 def select(chips_dir, strategy):
     """Pick the pruning layer of CHIPS_DIR; write selection.json and report.md there."""
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.probe import select_layer
 
     s = select_layer(chips_dir, strategy)
@@ -176,4 +186,31 @@ def select(chips_dir, strategy):
     )
 
 
-COMMANDS = [probe_group, select]
+@click.command("zeroshot")
+@click.argument("eval_cache", type=click.Path(file_okay=False))
+@click.option("--prior", "prior_cache", type=click.Path(file_okay=False), default=None,
+              help="Training cache (same prompts) whose label distribution calibrates the answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the per-layer curve).")
+def zeroshot_cmd(eval_cache, prior_cache, as_json):
+    """The decoder's own answer on EVAL_CACHE: zero-shot accuracy (plain and prior-calibrated)
+    and the logit-lens curve, from the label-word logits stored at extraction (no model run)."""
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
+    import json
+
+    from chiptuning.cache import CacheReader
+    from chiptuning.probe.lens import lens_curve, zero_shot_report
+
+    evals = CacheReader(eval_cache)
+    prior = CacheReader(prior_cache) if prior_cache else None
+    report = zero_shot_report(evals, prior)
+    if as_json:
+        click.echo(json.dumps(dict(report, curve=lens_curve(evals, prior)), indent=2))
+        return
+    calibrated = report["calibrated_accuracy"]
+    click.echo(f"zero-shot ({report['prompt']} prompts, layer {report['layer']}): accuracy {report['accuracy']:.4f}"
+               + (f", prior-calibrated {calibrated:.4f}" if calibrated is not None else "")
+               + f" on {report['n_examples']} examples; answers "
+               + ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["prediction_share"].items()))
+
+
+COMMANDS = [probe_group, select, zeroshot_cmd]

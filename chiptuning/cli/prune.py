@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from chiptuning.cli.tasks import load_task_from_options, task_options
+from chiptuning.cli.tasks import batching_options, load_task_from_options, parse_labels, task_options
 
 # chiptuning.prune.baselines.METHODS, repeated here so `--help` does not import torch (a test keeps them equal).
 BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
@@ -64,11 +64,13 @@ def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapte
     is a plain HF model (with its LM head for decoders) plus pruning.json (method, blocks removed
     or merged, scores, calibration source and size).
     """
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.errors import ChipTuningError
     from chiptuning.models import resolve_device
 
     resolve_device(device)  # refuse --device cuda without a GPU before loading anything
     if method != "chip":
+        # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
         from chiptuning.prune.baselines import prune_with_method, read_record
         from chiptuning.tasks import load_task
 
@@ -100,6 +102,7 @@ def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapte
         return
     if not chips_dirs:
         raise ChipTuningError("--method chip needs --chips DIR (from `chiptuning probe train`)")
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.prune import prune, read_provenance
 
     path = prune(model, list(chips_dirs), out, layer=layer, keep_lm_head=keep_lm_head, dtype=dtype,
@@ -119,32 +122,32 @@ def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapte
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for metrics.json and predictions.csv.")
 @click.option("--chip-task", "task_name", default=None, help="Which task of a multi-task checkpoint.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@batching_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dense", "compare_dense", is_flag=True,
               help="Also run the dense base model: speedup, and its zero-shot accuracy (decoders).")
 @click.option("--dense-model", default=None, help="Where the dense base model is, if not where it was pruned from.")
-def eval_cmd(pruned_dir, out, task_name, batch_size, device, compare_dense, dense_model, **task_opts):
+def eval_cmd(pruned_dir, out, task_name, batch_size, max_tokens_per_batch, device, compare_dense, dense_model,
+             **task_opts):
     """Run the pruned checkpoint PRUNED_DIR on labelled data, from raw text.
 
     The data is given as to `chiptuning extract` (--task NAME or --data FILE); the prompt
     template (or text column) and the label names default to the checkpoint's own.
     """
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.prune import ChipModel, evaluate
 
     clf = ChipModel.from_pretrained(pruned_dir, device=device)
-    name, entry = clf._task(task_name)
-    saved = clf.task_data(name)
-    # A file read with neither --template nor --text-column gets the checkpoint's prompt format.
-    if task_opts.get("data") is not None and task_opts.get("template") is None and task_opts.get("text_column") is None:
-        task_opts["template"], task_opts["text_column"] = saved.template, saved.text_column
-    task_opts["strip_trailing_space"] = task_opts.get("strip_trailing_space") or saved.strip_trailing_space
-    task_opts["chat_template"] = task_opts.get("chat_template") or saved.chat_template
-    if task_opts.get("labels") is None:
-        task_opts["labels"] = ",".join(entry["label_names"])
-    data = load_task_from_options(**task_opts)
-    metrics = evaluate(pruned_dir, data, out_dir=out, task=name, batch_size=batch_size, device=device,
-                       model=clf, dense=dense_model or compare_dense)
+    name, _ = clf.task(task_name)
+    # The checkpoint's own prompt format and labels, where the options leave them open.
+    options = clf.data_options(name, **{k: task_opts.get(k) for k in ("template", "text_column", "strip_trailing_space",
+                                                                       "chat_template")},
+                               labels=parse_labels(task_opts.get("labels")))
+    options["labels"] = ",".join(options["labels"])
+    data = load_task_from_options(**dict(task_opts, **options))
+    metrics = evaluate(pruned_dir, data, out_dir=out, task=name, batch_size=batch_size,
+                       max_tokens_per_batch=max_tokens_per_batch, device=device, model=clf,
+                       dense=dense_model or compare_dense, progress=True)
     click.echo(
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n_examples']} examples "
         f"(layer {metrics['layer']} of {metrics['num_blocks']}, "
@@ -169,6 +172,7 @@ def eval_cmd(pruned_dir, out, task_name, batch_size, device, compare_dense, dens
 @click.option("--commit-message", default=None)
 def push_cmd(pruned_dir, repo_id, private, revision, token, commit_message):
     """Verify PRUNED_DIR and upload it, with its model card, to the Hugging Face Hub."""
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.prune.hub import push_to_hub
 
     url = push_to_hub(pruned_dir, repo_id, private=private, token=token, revision=revision,

