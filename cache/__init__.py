@@ -9,6 +9,7 @@ from chiptuning.cache.inspect import cache_info, verify_cache
 from chiptuning.cache.manifest import CacheManifest, CacheMeta, ShardRecord
 from chiptuning.cache.store import (
     MANIFEST,
+    MAX_ABS_FEATURE,
     STORAGE_DTYPES,
     CacheReader,
     CacheWriter,
@@ -18,6 +19,7 @@ from chiptuning.cache.store import (
 
 __all__ = [
     "MANIFEST",
+    "MAX_ABS_FEATURE",
     "STORAGE_DTYPES",
     "CacheManifest",
     "CacheMeta",

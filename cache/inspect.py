@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from chiptuning.cache.store import MANIFEST, decode, read_manifest
+from chiptuning.cache.store import MANIFEST, MAX_ABS_FEATURE, first_bad_row, read_manifest
 from chiptuning.io import sha256_file
 
 
@@ -39,7 +39,8 @@ def cache_info(path: str | Path) -> dict:
 
 
 def verify_cache(path: str | Path) -> list[str]:
-    """Check every shard: present, checksum, shapes, row counts, label range, finite values.
+    """Check every shard: present, checksum, shapes, row counts, label range, sane values (finite,
+    magnitude below :data:`~chiptuning.cache.store.MAX_ABS_FEATURE`).
 
     Returns:
         A list of problems, empty when the cache is sound.
@@ -74,9 +75,11 @@ def verify_cache(path: str | Path) -> list[str]:
                     if data.shape != (rows, m.hidden_size):
                         problems.append(f"{shard.file}: hidden/{layer} has shape {data.shape}")
                         continue
-                    if not np.isfinite(decode(data[:], m.storage_dtype)).all():
-                        problems.append(f"{shard.file}: hidden/{layer} has non-finite values")
-        except (OSError, KeyError) as err:
+                    bad = first_bad_row(data[:], m.storage_dtype)
+                    if bad is not None:
+                        problems.append(f"{shard.file}: hidden/{layer} has values that are not finite or of "
+                                        f"magnitude >= {MAX_ABS_FEATURE:.0f} (first in row {bad})")
+        except (OSError, KeyError, ValueError, TypeError) as err:
             problems.append(f"{shard.file}: unreadable ({err})")
     if seen and m.complete:
         index = np.concatenate(seen)

@@ -16,17 +16,25 @@ Layout of one cache directory (one per model, task and split)::
                            # K label-word tokens (meta.lens) applied to each layer's feature
 
 Rows are read back in canonical order (sorted by ``index``), whatever order extraction wrote them
-in. A shard is written to ``*.tmp`` and renamed when complete; the manifest is rewritten (also
-atomically) after every shard, so a killed run loses at most the shard in progress, and a re-run
-skips every row already stored. Only numpy and h5py are used here.
+in. A shard is built in memory, written to ``*.tmp`` with plain file I/O (a full disk is one
+``OSError``, never a half-closed HDF5 file) and renamed when complete; the manifest is rewritten
+(also atomically) after every shard, so a killed run loses at most the shard in progress, and a
+re-run skips every row already stored. One writer at a time: a lock file in the cache holds the
+writer's pid (:class:`chiptuning.outputs.DirLock`).
+
+What is read is checked: :meth:`CacheReader.verify_checksums` compares every shard with its
+sha256 in the manifest (the trainers call it before training), and every feature read must be
+finite and below :data:`MAX_ABS_FEATURE` in magnitude (:func:`first_bad_row`), the same bound the
+writer enforces. Only numpy and h5py are used here.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
-import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -35,13 +43,23 @@ import numpy as np
 
 from chiptuning.cache.manifest import CacheManifest, CacheMeta, ShardRecord
 from chiptuning.errors import CacheError
-from chiptuning.io import sha256_file, write_json_atomic
+from chiptuning.io import sha256_file, write_bytes, write_json_atomic
+from chiptuning.outputs import CACHE, DirLock, check_output, clean_stale
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 _CHUNK_ROWS = 256
+#: Largest magnitude a stored feature may have (2**20). Hidden states of real models stay far
+#: below (the "massive activations" of 7B decoders are ~1e3-1e4); a larger or non-finite value
+#: is a broken model run (refused at extraction) or a corrupt shard (refused at read).
+MAX_ABS_FEATURE = 2.0 ** 20
+#: The same bound on the stored bit patterns, sign bit cleared: |x| >= 2**20, inf and NaN all
+#: have a pattern at or above it (float16 cannot hold 2**20: only inf / NaN are refused).
+_BAD_BITS = {"float32": (np.uint32, 0x7FFFFFFF, 0x49800000), "bfloat16": (np.uint16, 0x7FFF, 0x4980),
+             "float16": (np.uint16, 0x7FFF, 0x7C00)}
+_CHECK_ROWS = 8192
 
 
 def _now() -> str:
@@ -50,10 +68,41 @@ def _now() -> str:
 
 # -- storage dtypes -------------------------------------------------------------------------------
 
+def first_bad_row(stored: np.ndarray, storage_dtype: str) -> int | None:
+    """The first row of ``stored`` (what is stored, rows first) holding a value that is not
+    finite or has a magnitude of at least :data:`MAX_ABS_FEATURE`; None when every value is sane.
+
+    Works on the bit patterns, a block of rows at a time (no float copy)."""
+    if storage_dtype not in _BAD_BITS:
+        raise CacheError(f"unknown storage dtype {storage_dtype!r}; choose one of {STORAGE_DTYPES}")
+    dtype, mask, limit = _BAD_BITS[storage_dtype]
+    bits = np.ascontiguousarray(stored).view(dtype)
+    bits = bits.reshape(len(bits), -1) if bits.ndim != 1 else bits.reshape(-1, 1)
+    for start in range(0, len(bits), _CHECK_ROWS):
+        block = np.bitwise_and(bits[start:start + _CHECK_ROWS], dtype(mask))
+        bad = (block >= dtype(limit)).any(axis=1)
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
+
+
 def encode(features: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """float32 features -> what is stored. bfloat16 is stored exactly as its 16-bit pattern."""
+    """float32 features -> what is stored. bfloat16 is stored exactly as its 16-bit pattern.
+
+    Raises:
+        CacheError: a value that is not finite or of magnitude >= :data:`MAX_ABS_FEATURE` (the
+            reader would refuse it), or beyond the float16 range.
+    """
+    features = np.asarray(features, dtype=np.float32)
+    if first_bad_row(features, "float32") is not None:
+        finite = features[np.isfinite(features)]
+        biggest = float(np.abs(finite).max()) if finite.size else float("nan")
+        raise CacheError(
+            f"the model produced features that are not finite or too large to be sane (largest finite |x| = "
+            f"{biggest:.3g}, bound {MAX_ABS_FEATURE:.0f}); extract with --dtype fp32, or check the model"
+        )
     if storage_dtype == "float32":
-        return features.astype(np.float32, copy=False)
+        return features
     if storage_dtype == "bfloat16":
         bits = np.ascontiguousarray(features, dtype=np.float32).view(np.uint32)
         # Round to nearest even, as torch does; exact for values that already are bfloat16.
@@ -136,8 +185,28 @@ class CacheWriter:
         self._manifest_name = MANIFEST if world_size == 1 else f"manifest.rank{rank:02d}.json"
         self._buffer: list[dict] = []
         self._buffered = 0
+        self._failed: str | None = None
+        if world_size == 1:  # (data-parallel ranks are checked together by extract, before any writes)
+            check_output(self.path, CACHE)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.manifest = self._open(n_rows, extra or {})
+        self.lock = DirLock(self.path, ".lock" if world_size == 1 else f".lock-r{rank:02d}").acquire()
+        try:
+            self.manifest = self._open(n_rows, extra or {})
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the cache's lock (``close`` does; so does leaving a ``with writer:`` block)."""
+        self.lock.release()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def _open(self, n_rows: int, extra: dict) -> CacheManifest:
         existing = read_manifest(self.path / MANIFEST, missing_ok=True)
@@ -155,10 +224,10 @@ class CacheWriter:
         else:
             shards = []
         known = {s.file for s in shards}
-        prefix = self._shard_prefix()
-        for stray in self.path.glob(prefix + "*"):
+        pattern = re.compile(re.escape(self._shard_prefix()) + r"\d{5}\.h5(\.tmp)?")
+        for stray in self.path.iterdir():
             # Half-written (.tmp) or written-but-unrecorded shards of this rank: redo their rows.
-            if stray.name not in known:
+            if pattern.fullmatch(stray.name) and stray.name not in known:
                 log.info("removing unfinished shard %s", stray.name)
                 stray.unlink()
         extra = dict(extra)
@@ -190,8 +259,13 @@ class CacheWriter:
         """Example positions already stored in complete shards (skip them on resume)."""
         done: set[int] = set()
         for shard in self.manifest.shards:
-            with h5py.File(self.path / shard.file, "r") as f:
-                done.update(int(i) for i in f["index"][:])
+            try:
+                with h5py.File(self.path / shard.file, "r") as f:
+                    done.update(int(i) for i in f["index"][:])
+            except (OSError, KeyError, ValueError) as err:
+                raise CacheError(f"cannot read shard {self.path / shard.file} of the cache being resumed ({err}); "
+                                 f"run `chiptuning cache verify {self.path}`, or delete the cache and extract again"
+                                 ) from None
         return done
 
     def write(
@@ -212,6 +286,8 @@ class CacheWriter:
             labels, n_tokens, n_choices: (B,) integers. example_ids: B strings.
             lens: (B, n_layers, K) float32 label-word logits per layer, when the meta records a lens.
         """
+        if self._failed is not None:  # a shard failed (a full disk): write nothing more, the run stops
+            raise CacheError(f"not writing to {self.path} after an earlier shard failed ({self._failed})")
         B = len(index)
         if features.shape != (B, len(self.layers), self.hidden_size):
             raise ValueError(f"features shape {features.shape} != {(B, len(self.layers), self.hidden_size)}")
@@ -226,7 +302,11 @@ class CacheWriter:
         })
         self._buffered += B
         while self._buffered >= self.shard_size:
-            self._flush(self.shard_size)
+            try:
+                self._flush(self.shard_size)
+            except BaseException as err:
+                self._failed = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise
 
     def _take(self, n: int) -> dict:
         """Pop the first n buffered rows as one batch."""
@@ -259,7 +339,9 @@ class CacheWriter:
         final = self.path / name
         tmp = self.path / (name + ".tmp")
         rows = len(batch["index"])
-        with h5py.File(tmp, "w") as f:
+        # Built in memory, then written with plain file I/O: a full disk fails one write() call
+        # (and the .tmp is removed), never HDF5's own flush of a half-written file.
+        with h5py.File(str(tmp), "w", driver="core", backing_store=False) as f:
             f.attrs["storage_dtype"] = self.storage_dtype
             f.attrs["fingerprint"] = self.fingerprint
             group = f.create_group("hidden")
@@ -275,8 +357,12 @@ class CacheWriter:
             f.create_dataset("n_choices", data=batch["n_choices"])
             if "lens" in batch:
                 f.create_dataset("lens", data=batch["lens"])
-        checksum = sha256_file(tmp)
-        os.replace(tmp, final)
+            f.flush()
+            image = f.id.get_file_image()
+        write_bytes(tmp, image)
+        checksum = hashlib.sha256(image).hexdigest()
+        del image
+        tmp.replace(final)
         self.manifest.shards.append(ShardRecord(file=name, rows=rows, sha256=checksum, rank=self.rank))
         self._write_manifest(self.manifest)
         log.debug("wrote %s (%d rows)", name, rows)
@@ -298,6 +384,7 @@ class CacheWriter:
             raise CacheError(f"cache {self.path} holds {stored} rows, expected {expected}")
         self.manifest.complete = True
         self._write_manifest(self.manifest)
+        self.release()
         return self.manifest
 
 
@@ -366,13 +453,17 @@ class CacheReader:
         self.model_stats: dict = manifest.model_stats
         self.shards: list[ShardRecord] = manifest.shards
         self._files: dict[str, h5py.File] = {}
+        self._verified = False
         cols = {key: [] for key in ("index", "labels", "example_ids", "n_tokens", "n_choices")}
         for shard in self.shards:
             f = self._file(shard)
-            if len(f["index"]) != shard.rows:
-                raise CacheError(f"shard {shard.file} holds {len(f['index'])} rows, manifest says {shard.rows}")
-            for key in cols:
-                cols[key].append(f[key][:])
+            try:
+                if len(f["index"]) != shard.rows:
+                    raise CacheError(f"shard {shard.file} holds {len(f['index'])} rows, manifest says {shard.rows}")
+                for key in cols:
+                    cols[key].append(f[key][:])
+            except (OSError, KeyError, ValueError, TypeError) as err:
+                raise self._unreadable(shard, err) from None
         index = np.concatenate(cols["index"])
         # order[k] = position in shard order of canonical row k.
         self._order = np.argsort(index, kind="stable")
@@ -411,7 +502,10 @@ class CacheReader:
             if "lens" not in f:
                 raise CacheError(f"shard {shard.file} has no lens data though the manifest records one; "
                                  f"run `chiptuning cache verify {self.path}`")
-            parts.append(f["lens"][:])
+            try:
+                parts.append(f["lens"][:])
+            except (OSError, KeyError, ValueError, TypeError) as err:
+                raise self._unreadable(shard, err) from None
         return np.concatenate(parts)[self._order].astype(np.float32, copy=False)
 
     @property
@@ -428,10 +522,48 @@ class CacheReader:
             try:
                 self._files[name] = h5py.File(self.path / name, "r")
             except (OSError, FileNotFoundError) as err:
-                raise CacheError(
-                    f"cannot read shard {self.path / name} ({err}); run `chiptuning cache verify {self.path}`"
-                ) from None
+                raise self._unreadable(shard, err) from None
         return self._files[name]
+
+    def _unreadable(self, shard: ShardRecord, err: BaseException) -> CacheError:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return CacheError(f"cannot read shard {self.path / shard.file} ({detail}); the cache is damaged: "
+                          f"run `chiptuning cache verify {self.path}`")
+
+    def verify_checksums(self) -> None:
+        """Compare every shard with the sha256 the manifest recorded when it was written (once per
+        reader; reads every byte of the cache, about as fast as the disk delivers it).
+
+        Raises:
+            CacheError: naming the first shard that is missing or changed.
+        """
+        if self._verified:
+            return
+        for shard in self.shards:
+            file = self.path / shard.file
+            try:
+                digest = sha256_file(file)
+            except OSError as err:
+                raise self._unreadable(shard, err) from None
+            if digest != shard.sha256:
+                raise CacheError(f"shard {file} does not match its checksum in the manifest (the file changed "
+                                 f"or is corrupt); refusing to read it: run `chiptuning cache verify {self.path}`")
+        self._verified = True
+
+    def _check_values(self, stored: np.ndarray, layer: int, start: int = 0) -> None:
+        """Refuse features that no model run writes (see :func:`first_bad_row`); ``start``: the
+        shard-order row of ``stored[0]``."""
+        bad = first_bad_row(stored, self.storage_dtype)
+        if bad is None:
+            return
+        row = start + bad
+        s = int(np.searchsorted(self._starts, row, side="right")) - 1
+        shard = self.shards[s]
+        raise CacheError(
+            f"shard {self.path / shard.file}: hidden/{layer} row {row - int(self._starts[s])} holds a value that is "
+            f"not finite or of magnitude >= {MAX_ABS_FEATURE:.0f}; the shard is corrupt: run "
+            f"`chiptuning cache verify {self.path}`"
+        )
 
     def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
@@ -462,7 +594,11 @@ class CacheReader:
         for s, shard in enumerate(self.shards):
             start, stop = int(self._starts[s]), int(self._starts[s + 1])
             if stop > start:
-                self._file(shard)["hidden"][name].read_direct(stored, dest_sel=np.s_[start:stop])
+                try:
+                    self._file(shard)["hidden"][name].read_direct(stored, dest_sel=np.s_[start:stop])
+                except (OSError, KeyError, ValueError, TypeError) as err:
+                    raise self._unreadable(shard, err) from None
+        self._check_values(stored, layer)
         if rows is not None:
             rows = np.asarray(rows)
             return stored[rows if self._in_order else self._order[rows]]
@@ -516,11 +652,15 @@ class CacheReader:
                 chunk = offsets[b:b + batch_size]
                 lo, hi = int(chunk[0]), int(chunk[-1]) + 1
                 # one contiguous slice read per layer, then pick rows (h5py fancy indexing is slow).
-                feats = np.stack(
-                    [decode(group[str(layer)][lo:hi], self.storage_dtype)[chunk - lo] for layer in layers],
-                    axis=1,
-                )  # (b, n_layers, H)
-                yield canonical[start + chunk], feats
+                parts = []
+                for layer in layers:
+                    try:
+                        raw = group[str(layer)][lo:hi]
+                    except (OSError, KeyError, ValueError, TypeError) as err:
+                        raise self._unreadable(shard, err) from None
+                    self._check_values(raw, layer, start + lo)
+                    parts.append(decode(raw, self.storage_dtype)[chunk - lo])
+                yield canonical[start + chunk], np.stack(parts, axis=1)  # (b, n_layers, H)
 
     def close(self) -> None:
         for f in self._files.values():

@@ -12,7 +12,8 @@ For a target number of removed blocks n (or a ratio of the blocks):
 
 Everything lands in one directory: ``compare.csv``, ``compare.json``, ``compare.md`` (a table
 like the Chip-Tuning paper's Table 1) and ``compare.png``, plus the caches, chips and checkpoints
-it made (``caches/``, ``chips/``, ``models/``).
+it made (``caches/``, ``chips/``, ``models/``). A re-run into the same directory resumes (the
+caches are reused); any other non-empty directory is refused (:mod:`chiptuning.outputs`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from chiptuning.errors import ChipTuningError
 from chiptuning.extract import ExtractConfig, extract
 from chiptuning.io import write_json_atomic
 from chiptuning.models import load_config, load_model, load_tokenizer, weights_hash
+from chiptuning.outputs import COMPARE, claim_output
 from chiptuning.probe import train_chips
 from chiptuning.probe.artifacts import majority_baselines
 from chiptuning.probe.lens import zero_shot_report
@@ -99,7 +101,6 @@ def compare(
         The summary written to ``compare.json`` (settings and one row per method and ratio).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ChipTuningError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -116,6 +117,9 @@ def compare(
             raise ChipTuningError(f"cannot remove {n} of {L} blocks (choose 1..{L - 1})")
     calibration_task = calibration_task or train_task
     options = method_options or {}
+    claim_output(out, COMPARE)
+    if not (out / COMPARE.record).exists():  # claims OUT for a re-run of an interrupted compare
+        write_json_atomic(out / COMPARE.record, {"format": COMPARE.formats[0], "complete": False})
     tokenizer = load_tokenizer(model_name_or_path)
     started = time.perf_counter()
 
@@ -129,7 +133,8 @@ def compare(
                            batch_size, max_length)
     eval_cache = _extract(model_name_or_path, eval_task, out / "caches" / "dense" / "eval", device, dtype,
                           batch_size, max_length)
-    dense_chips = train_chips(train_cache, eval_cache, chip=chip, out=out / "chips" / "dense", seed=seed)
+    dense_chips = train_chips(train_cache, eval_cache, chip=chip, out=out / "chips" / "dense", seed=seed,
+                              overwrite=True)
     zero_shot_dense = _zero_shot(eval_cache, train_cache)
     best_layer = max(dense_chips.layers, key=lambda layer: dense_chips.metrics_at(layer).get("val_accuracy") or 0)
     rows = [{
@@ -157,6 +162,8 @@ def compare(
                 cache=train_cache if (method == "angular" and angular_from_cache) else None))
 
     summary = {
+        "format": COMPARE.formats[0],
+        "complete": True,
         "chiptuning_version": __version__,
         "model": {"id": str(model_name_or_path), "hash": model_hash, "model_type": config.model_type,
                   "num_blocks": L, "decoder": decoder, "parameters": total_params},
@@ -197,14 +204,15 @@ def _baseline_row(method: str, n: int, model_name_or_path: str, out: Path, train
     path = prune_with_method(
         model_name_or_path, method, out / "models" / method, n_layers=n, calibration_task=calibration_task,
         n_calibration=n_calibration, max_length=max_length, batch_size=max(1, (batch_size or 16) // 2), cache=cache,
-        dtype=dtype, device=device, seed=seed, model=model, tokenizer=tokenizer, **options,
+        dtype=dtype, device=device, seed=seed, model=model, tokenizer=tokenizer, overwrite=True, **options,
     )
     del model
     record = read_record(path)
     depth = int(record["num_blocks"])
     m_train = _extract(str(path), train_task, out / "caches" / method / "train", device, dtype, batch_size, max_length)
     m_eval = _extract(str(path), eval_task, out / "caches" / method / "eval", device, dtype, batch_size, max_length)
-    chips = train_chips(m_train, m_eval, chip=chip, out=out / "chips" / method, seed=seed, layers=[depth])
+    chips = train_chips(m_train, m_eval, chip=chip, out=out / "chips" / method, seed=seed, layers=[depth],
+                        overwrite=True)
     row = {
         "method": method, "blocks_kept": depth, "blocks_removed": L - depth, "block_ratio": (L - depth) / L,
         "param_ratio": float(1 - record["params"]["after"] / total_params),

@@ -19,3 +19,13 @@ class ProvenanceError(ChipTuningError):
 
 class UnsupportedModelError(ChipTuningError):
     """A model architecture the registry does not know."""
+
+
+#: Modules whose exceptions mean the Hugging Face Hub could not be reached or refused a request
+#: (network, authentication, offline mode; the HTTP client's module may be a renamed build).
+HUB_ERROR_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3")
+
+
+def is_hub_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from the Hugging Face Hub client or the HTTP stack under it."""
+    return type(err).__module__.startswith(HUB_ERROR_MODULES)

@@ -35,8 +35,25 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(obj), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(dumps(obj), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: leave the old file, and no half-written one
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` with plain file I/O (a full disk is one ``OSError``, ENOSPC);
+    a partly written file is removed."""
+    path = Path(path)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -56,4 +73,4 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["canonical_hash", "dumps", "json_default", "sha256_file", "write_json_atomic"]
+__all__ = ["canonical_hash", "dumps", "json_default", "sha256_file", "write_bytes", "write_json_atomic"]

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from chiptuning.errors import ChipTuningError, UnsupportedModelError
 from chiptuning.io import sha256_file, write_json_atomic
+from chiptuning.outputs import clean_stale, normal_permissions, sibling_dir
 from chiptuning.registry import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,8 @@ def _convert(path: Path, target: Path, record: dict[str, Any]) -> None:
     hf_logging.disable_progress_bar()
     folder, name = str(path.parent), path.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_stale(target)  # a conversion killed part-way
+    tmp = sibling_dir(target)
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -183,6 +184,7 @@ def _convert(path: Path, target: Path, record: dict[str, Any]) -> None:
         if target.exists():  # a concurrent conversion of the same file finished first
             shutil.rmtree(tmp)
             return
+        normal_permissions(tmp)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

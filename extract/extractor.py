@@ -26,6 +26,7 @@ from chiptuning.encoding import pad_token_lists, plan_batches, resolve_token_bud
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import FEATURE_MODES, last_token_features
 from chiptuning.models import load_config, load_model, load_tokenizer, model_source, param_stats, weights_hash
+from chiptuning.outputs import CACHE, check_output
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import TaskData
 from chiptuning.zeroshot import LabelWords, label_words, lens_logits
@@ -92,6 +93,8 @@ class ExtractConfig:
             raise ChipTuningError(f"--feature-mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
         if self.shard_size < 1:
             raise ChipTuningError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ChipTuningError(f"--max-length must be >= 1 token, got {self.max_length}")
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -176,6 +179,8 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
     """
     config.validate()
     rank, world_size, local_rank = distributed_context()
+    check_output(config.out, CACHE)  # before anything is loaded: a foreign --out is refused at once
+    _barrier(world_size)  # every rank checks before any rank writes
     if world_size > 1 and config.device in ("auto", "cuda") and torch.cuda.is_available():
         config.device = f"cuda:{local_rank}"
     if tokenizer is None:
@@ -190,7 +195,11 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
     L = num_blocks(model)
     layers = list(range(L + 1))
     hidden = int(text_config(model.config).hidden_size)
-    max_length = config.max_length or default_max_length(tokenizer, model)
+    limit = default_max_length(tokenizer, model)
+    if config.max_length is not None and limit is not None and config.max_length > limit:
+        raise ChipTuningError(f"--max-length {config.max_length} is more than {config.model} can read ({limit} "
+                              "tokens); give at most that, or leave --max-length out")
+    max_length = config.max_length or limit
 
     prompts, n_long = task.build_prompts(tokenizer, max_length)
     token_lists = tokenize_prompts(tokenizer, prompts, max_length)  # left truncation keeps "Answer:"
@@ -235,48 +244,49 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
         extra={"model_stats": param_stats(model), "n_shortened": n_long, "preview": preview},
         rank=rank, world_size=world_size,
     )
-    if writer.complete:
-        log.info("cache %s is already complete (fingerprint %s)", config.out, writer.fingerprint)
-        _barrier(world_size)
-        if rank == 0 and world_size > 1 and not (Path(config.out) / "manifest.json").exists():
-            merge_rank_manifests(config.out, world_size)
-        _barrier(world_size)
-        return Path(config.out)
-    done = writer.done_indices()
-    # Whole batches are recomputed unless all their rows are stored, so a resumed run computes
-    # exactly the batches an uninterrupted one would (bit-identical features).
-    todo = [b for b in batches if not all(i in done for i in b)]
-    log.info("extracting %d examples (%d to go) from %s: %d layers x %d, %d batches on %s",
-             len(prompts), sum(len(b) for b in todo), config.model, L + 1, hidden, len(todo), device)
-    if n_long:
-        log.warning("%d prompts were longer than max_length=%d tokens", n_long, max_length)
-    pad_id = tokenizer.pad_token_id
-    started = time.perf_counter()
-    progress = None
-    if config.progress and rank == 0:
-        # disable=None: a bar on a terminal only (not in logs, pipes and captured output)
-        progress = tqdm(total=sum(len(b) for b in todo), unit="ex", desc="extract", disable=None)
-    pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for batch in todo:
-            feats, lens = features_for_batch(model, [token_lists[i] for i in batch], pad_id,
-                                             config.padding_side, device, config.feature_mode, words)
-            keep = [k for k, i in enumerate(batch) if i not in done]
-            rows = [batch[k] for k in keep]
-            pending.append(pool.submit(
-                writer.write, np.array(rows), feats[keep], np.array([labels[i] for i in rows]),
-                [task.examples[i].id for i in rows], np.array([lengths[i] for i in rows]),
-                np.array([task.examples[i].n_choices for i in rows]), None if lens is None else lens[keep],
-            ))
-            if len(pending) > 2:  # bounded queue: at most two batches wait for the disk
-                pending.pop(0).result()
-            if progress is not None:
-                progress.update(len(batch))
-        for future in pending:
-            future.result()
-    if progress is not None:
-        progress.close()
-    writer.close(expected_rows=my_rows if world_size > 1 else None)
+    with writer:  # the cache's lock, released however this ends
+        if writer.complete:
+            log.info("cache %s is already complete (fingerprint %s)", config.out, writer.fingerprint)
+            _barrier(world_size)
+            if rank == 0 and world_size > 1 and not (Path(config.out) / "manifest.json").exists():
+                merge_rank_manifests(config.out, world_size)
+            _barrier(world_size)
+            return Path(config.out)
+        done = writer.done_indices()
+        # Whole batches are recomputed unless all their rows are stored, so a resumed run computes
+        # exactly the batches an uninterrupted one would (bit-identical features).
+        todo = [b for b in batches if not all(i in done for i in b)]
+        log.info("extracting %d examples (%d to go) from %s: %d layers x %d, %d batches on %s",
+                 len(prompts), sum(len(b) for b in todo), config.model, L + 1, hidden, len(todo), device)
+        if n_long:
+            log.warning("%d prompts were longer than max_length=%d tokens", n_long, max_length)
+        pad_id = tokenizer.pad_token_id
+        started = time.perf_counter()
+        progress = None
+        if config.progress and rank == 0:
+            # disable=None: a bar on a terminal only (not in logs, pipes and captured output)
+            progress = tqdm(total=sum(len(b) for b in todo), unit="ex", desc="extract", disable=None)
+        pending: list[Future] = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for batch in todo:
+                feats, lens = features_for_batch(model, [token_lists[i] for i in batch], pad_id,
+                                                 config.padding_side, device, config.feature_mode, words)
+                keep = [k for k, i in enumerate(batch) if i not in done]
+                rows = [batch[k] for k in keep]
+                pending.append(pool.submit(
+                    writer.write, np.array(rows), feats[keep], np.array([labels[i] for i in rows]),
+                    [task.examples[i].id for i in rows], np.array([lengths[i] for i in rows]),
+                    np.array([task.examples[i].n_choices for i in rows]), None if lens is None else lens[keep],
+                ))
+                if len(pending) > 2:  # bounded queue: at most two batches wait for the disk
+                    pending.pop(0).result()
+                if progress is not None:
+                    progress.update(len(batch))
+            for future in pending:
+                future.result()
+        if progress is not None:
+            progress.close()
+        writer.close(expected_rows=my_rows if world_size > 1 else None)
     _barrier(world_size)
     if rank == 0 and world_size > 1:
         merge_rank_manifests(config.out, world_size)

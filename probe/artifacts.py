@@ -5,16 +5,22 @@ A chips directory holds::
     chips.json            # sorted, indented config: chiptuning_version, chip type and params,
                           # layers, label names, training config, cache fingerprints + meta,
                           # validation rows, model_stats
-    chips.safetensors     # torch chips: stacked tensors, leading axis = position in "layers"
-    chips.joblib          # logreg chips: {layer: LogRegChip}, a pickle (load only trusted files)
+    chips.safetensors     # every chip kind: stacked arrays, leading axis = position in "layers"
+                          # (chips.STATE_KEYS: linear / MLP weights, logreg coefficients)
+    chips.joblib          # only for another scikit-learn estimator, saved with allow_pickle=True:
+                          # a pickle, loaded only with allow_pickle=True (--allow-pickle)
     metrics.csv / .json   # per layer: train / val / eval accuracy and loss, epochs
     eval_predictions.csv  # example_id, label, layer_<l> (predicted class index) per layer
     layer_accuracy.png    # accuracy against layer
     selection.json        # after `chiptuning select`
     report.md             # after `chiptuning select`
 
-A single-chip directory (``ChipSet.save_layer``) holds ``chip.json`` and ``chip.safetensors`` or
-``chip.joblib``.
+A single-chip directory (``ChipSet.save_layer``) holds ``chip.json`` and ``chip.safetensors``
+(``chip.joblib`` only for an opted-in pickle).
+
+Nothing executable is ever loaded by default: weights are read with safetensors, a weights file
+named in a record must be a plain file name inside the directory, and a pickle is refused unless
+the caller passes ``allow_pickle=True``.
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ import joblib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from chiptuning import __version__
 from chiptuning.cache import CacheMeta
 from chiptuning.errors import ChipTuningError
 from chiptuning.io import write_json_atomic
-from chiptuning.probe.chips import CHIP_KINDS, make_chip
+from chiptuning.outputs import CHIPS, write_output
+from chiptuning.probe.chips import CHIP_KINDS, STATE_KEYS, make_chip
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +54,16 @@ CHIPS_FORMAT = "chiptuning-chips"
 CHIP_FORMAT = "chiptuning-chip"
 CONFIG = "chips.json"
 CHIP_CONFIG = "chip.json"
-TORCH_WEIGHTS = "chips.safetensors"
-SKLEARN_WEIGHTS = "chips.joblib"
+TORCH_WEIGHTS = "chips.safetensors"  # every chip kind's weights (the name predates logistic chips in it)
+SKLEARN_WEIGHTS = "chips.joblib"  # a pickle: other scikit-learn estimators, opted in
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
 PREDICTIONS = "eval_predictions.csv"
 PLOT = "layer_accuracy.png"
 SELECTION = "selection.json"
 REPORT = "report.md"
+#: Suffixes of pickled weights: loaded only with ``allow_pickle=True``.
+PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 METRIC_COLUMNS = (
     "layer", "chip", "train_accuracy", "train_loss", "val_accuracy", "val_loss",
@@ -378,57 +388,163 @@ class ChipSet:
                 self._cache[layer] = chip.load_state(self.layer_state(layer), np.arange(self.n_classes))
         return self._cache[layer]
 
+    def _stacked_state(self) -> dict[str, np.ndarray] | None:
+        """Every chip's arrays (:data:`~chiptuning.probe.chips.STATE_KEYS`) stacked on a leading
+        layer axis: what ``chips.safetensors`` holds. None when a chip is not one of chip-tuning's
+        own kind (another scikit-learn estimator, which only a pickle can hold)."""
+        if self._tensors is not None:
+            return self._tensors
+        own = type(make_chip(self.kind))
+        chips = [self._sklearn[layer] for layer in self.layers]
+        if not all(type(chip) is own for chip in chips):
+            return None
+        states = [chip.state_tensors() for chip in chips]
+        try:
+            return {key: np.stack([state[key] for state in states]) for key in STATE_KEYS[self.kind]}
+        except ValueError:  # arrays of different shapes at different layers
+            return None
+
+    def _foreign_estimators(self) -> str:
+        own = type(make_chip(self.kind))
+        kinds = sorted({type(c).__name__ for c in (self._sklearn or {}).values() if type(c) is not own})
+        return ", ".join(kinds) or f"{self.kind} chips of different shapes"
+
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, out: str | Path) -> Path:
-        """Write the whole chips directory (config, weights, metrics, predictions, plot)."""
+    def save(self, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False) -> Path:
+        """Write the whole chips directory (config, weights, metrics, predictions, plot).
+
+        Written beside ``out`` and renamed into place (:func:`chiptuning.outputs.write_output`):
+        an existing chips directory is replaced only with ``overwrite``, anything else is refused.
+
+        Args:
+            out: the chips directory.
+            overwrite: replace an existing chips directory (its selection goes with it).
+            allow_pickle: allow saving chips that are not chip-tuning's own (other scikit-learn
+                estimators) as a pickle, ``chips.joblib``, which loads only with ``allow_pickle``.
+
+        Raises:
+            ChipTuningError: ``out`` is in the way, or a chip needs a pickle and ``allow_pickle``
+                is False.
+        """
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         record = dataclasses.replace(self.record, chiptuning_version=__version__)
-        if self._tensors is not None:
-            record.weights = TORCH_WEIGHTS
-            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self._tensors.items()},
-                      str(out / TORCH_WEIGHTS), metadata={"format": CHIPS_FORMAT, "chip": self.kind})
-        else:
-            record.weights = SKLEARN_WEIGHTS
-            joblib.dump(self._sklearn, out / SKLEARN_WEIGHTS)
-        write_metrics(out, self.metrics, self.kind)
-        if self.eval_predictions is not None:
-            write_predictions(out / PREDICTIONS, self.eval_predictions)
-        part, baseline = pick_baseline(record.majority_baseline)
-        plot_layer_accuracy({self.kind: self.metrics}, out / PLOT, n_classes=self.n_classes,
-                            baseline=baseline, baseline_label=f"majority class ({part})")
-        write_json_atomic(out / CONFIG, record.to_dict())  # last: a directory with chips.json is complete
-        self.record, self.path = record, out
+        state = self._stacked_state()
+        if state is None and not allow_pickle:
+            raise ChipTuningError(f"the chips ({self._foreign_estimators()}) can only be saved as a pickle, which "
+                                  "runs code when loaded; pass allow_pickle=True (--allow-pickle) to save them so")
+        with write_output(out, CHIPS, overwrite=overwrite) as tmp:
+            if state is not None:
+                record.weights = TORCH_WEIGHTS
+                save_file(_contiguous(state, self.kind), str(tmp / TORCH_WEIGHTS),
+                          metadata={"format": CHIPS_FORMAT, "chip": self.kind})
+            else:
+                record.weights = SKLEARN_WEIGHTS
+                log.warning("saving the chips as a pickle (%s): it loads only with allow_pickle", SKLEARN_WEIGHTS)
+                joblib.dump(self._sklearn, tmp / SKLEARN_WEIGHTS)
+            write_metrics(tmp, self.metrics, self.kind)
+            if self.eval_predictions is not None:
+                write_predictions(tmp / PREDICTIONS, self.eval_predictions)
+            part, baseline = pick_baseline(record.majority_baseline)
+            plot_layer_accuracy({self.kind: self.metrics}, tmp / PLOT, n_classes=self.n_classes,
+                                baseline=baseline, baseline_label=f"majority class ({part})")
+            write_json_atomic(tmp / CONFIG, record.to_dict())  # last: a directory with chips.json is complete
+        self.record, self.path, self.selection = record, out, None
         log.info("wrote chips of %d layers to %s", len(self.layers), out)
         return out
 
-    def save_layer(self, layer: int, out_dir: str | Path) -> Path:
+    def save_layer(self, layer: int, out_dir: str | Path, *, allow_pickle: bool = False) -> Path:
         """Write the chip at ``layer`` as a single-chip directory (``chip.json`` + weights).
 
         The record keeps the chip type, params, label names, layer and the training provenance;
-        :func:`load_chip` reads it back.
+        :func:`load_chip` reads it back. The weights are safetensors; a chip that is not
+        chip-tuning's own needs ``allow_pickle`` (then ``chip.joblib``).
         """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         self._position(layer)
         common = {f.name: getattr(self.record, f.name) for f in dataclasses.fields(ChipsRecord)
                   if f.name not in ("layers", "validation", "weights")}
         record = ChipRecord(**common, layers=[int(layer)], layer=int(layer), metrics=self.metrics_at(layer),
                             selection=self.selection)
         record.chiptuning_version = __version__
-        if self._tensors is not None:
+        chip = self.chip(layer)
+        state = self.layer_state(layer) if self._tensors is not None else (
+            chip.state_tensors() if type(chip) is type(make_chip(self.kind)) else None)
+        if state is None and not allow_pickle:
+            raise ChipTuningError(f"the chip at layer {layer} ({type(chip).__name__}) can only be saved as a pickle, "
+                                  "which runs code when loaded; pass allow_pickle=True (--allow-pickle) to save it so")
+        out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
             record.weights = "chip.safetensors"
-            state = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.layer_state(layer).items()}
-            save_file(state, str(out / record.weights), metadata={"format": CHIP_FORMAT})
+            save_file(_contiguous(state, self.kind), str(out / record.weights), metadata={"format": CHIP_FORMAT})
         else:
             record.weights = "chip.joblib"
-            joblib.dump(self.chip(layer), out / record.weights)
+            joblib.dump(chip, out / record.weights)
         write_json_atomic(out / CHIP_CONFIG, record.to_dict())
         return out
 
     def __repr__(self) -> str:
         return f"ChipSet(chip={self.kind!r}, layers={self.layers[0]}..{self.layers[-1]}, classes={self.n_classes})"
+
+
+def _contiguous(state: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """Arrays as safetensors stores them: contiguous; float32 for the torch chips (as trained),
+    the logistic chip's in their own dtypes (so it predicts bit for bit as fitted)."""
+    if kind == "logreg":
+        return {k: np.ascontiguousarray(v) for k, v in state.items()}
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+
+
+def is_pickle(name: str | Path) -> bool:
+    """Whether a weights file name is a pickle (``.joblib`` / ``.pkl`` / ``.pickle``)."""
+    return Path(name).suffix.lower() in PICKLE_SUFFIXES
+
+
+def read_weights(path: Path, kind: str, *, allow_pickle: bool = False, n_layers: int | None = None):
+    """The weights a record names: safetensors arrays (checked: every array the chip kind needs,
+    with ``n_layers`` on the leading axis when given), or, only with ``allow_pickle``, the
+    unpickled object.
+
+    Raises:
+        ChipTuningError: a missing, unreadable or unexpected file; a pickle without ``allow_pickle``.
+    """
+    if not path.is_file():
+        raise ChipTuningError(f"chip weights {path} are missing; train the chips again")
+    if is_pickle(path):
+        if not allow_pickle:
+            raise ChipTuningError(
+                f"{path} is a pickle, which can run any code when loaded; chip-tuning loads one only when asked "
+                "(--allow-pickle / allow_pickle=True), so do that only for files you made yourself. Chips of "
+                "every kind are now stored without pickle: re-train them with `chiptuning probe train`")
+        log.warning("loading the pickle %s (allow_pickle=True): it can run any code", path)
+        try:
+            return joblib.load(path)
+        except Exception as err:  # unpickling raises anything
+            raise ChipTuningError(f"cannot unpickle {path} ({type(err).__name__}: {err}); train the chips again") from None
+    if path.suffix != ".safetensors":
+        raise ChipTuningError(f"chip weights {path}: unknown format {path.suffix!r} (expected .safetensors)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ChipTuningError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]}); "
+                              "it was replaced or damaged: train the chips again") from None
+    missing = [k for k in STATE_KEYS[kind] if k not in tensors]
+    bad = [k for k, v in tensors.items() if n_layers is not None and (v.ndim == 0 or v.shape[0] != n_layers)]
+    if missing or bad:
+        raise ChipTuningError(f"{path} does not hold {kind} chips of {n_layers or 1} layer(s) "
+                              f"({'missing ' + ', '.join(missing) if missing else 'wrong shape: ' + ', '.join(bad)}); "
+                              "train the chips again")
+    return tensors
+
+
+def _optional_json(path: Path) -> Any:
+    """A JSON file beside the record (metrics, selection), or None when absent."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ChipTuningError(f"{path} is corrupt ({err}); train the chips again") from None
 
 
 def write_metrics(out: Path, rows: Sequence[dict], kind: str) -> None:
@@ -523,14 +639,15 @@ def plot_layer_accuracy(series: dict[str, Sequence[dict]], path: Path, n_classes
     return Path(path)
 
 
-def load_chips(path: str | Path) -> ChipSet:
+def load_chips(path: str | Path, *, allow_pickle: bool = False) -> ChipSet:
     """Load a chips directory written by ``chiptuning probe train``.
 
-    Unknown record keys are kept and warned about; torch weights load through safetensors.
-    ``chips.joblib`` (the scikit-learn backend) is a pickle: load only directories you trust.
+    Unknown record keys are kept and warned about; weights load through safetensors. A pickled
+    ``chips.joblib`` (another scikit-learn estimator, or the logistic chips of an earlier version) runs
+    code when loaded: it is refused unless ``allow_pickle=True``.
 
     Raises:
-        ChipTuningError: not a chips directory, or a corrupt one.
+        ChipTuningError: not a chips directory, a corrupt one, or a pickle without ``allow_pickle``.
     """
     path = Path(path)
     if not path.is_dir():
@@ -543,39 +660,38 @@ def load_chips(path: str | Path) -> ChipSet:
         raise ChipTuningError(f"{path} is a sweep directory (metrics, no chips); train the chosen setting's "
                               f"chips first: {command}")
     record = ChipsRecord.from_dict(_read_json(path / CONFIG, "chips"), str(path / CONFIG))
-    weights = path / record.weights
-    if not weights.is_file():
-        raise ChipTuningError(f"chip weights {weights} are missing; train the chips again")
+    weights = read_weights(path / record.weights, record.chip, allow_pickle=allow_pickle, n_layers=len(record.layers))
     tensors = sklearn_chips = None
-    if weights.suffix == ".safetensors":
-        tensors = load_file(str(weights))
+    if isinstance(weights, dict) and all(isinstance(v, np.ndarray) for v in weights.values()):
+        tensors = weights
     else:
-        sklearn_chips = {int(k): v for k, v in joblib.load(weights).items()}
-    metrics = None
-    if (path / METRICS_JSON).exists():
-        metrics = json.loads((path / METRICS_JSON).read_text()).get("layers")
-    selection = json.loads((path / SELECTION).read_text()) if (path / SELECTION).exists() else None
+        try:
+            sklearn_chips = {int(k): v for k, v in weights.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ChipTuningError(f"{path / record.weights} does not hold chips by layer; train the chips again") from None
+    metrics = _optional_json(path / METRICS_JSON)
+    metrics = metrics.get("layers") if isinstance(metrics, dict) else None
+    selection = _optional_json(path / SELECTION)
     return ChipSet(record, tensors=tensors, sklearn_chips=sklearn_chips, metrics=metrics,
                    selection=selection, path=path)
 
 
-def load_chip(path: str | Path):
+def load_chip(path: str | Path, *, allow_pickle: bool = False):
     """Load a single-chip directory written by :meth:`ChipSet.save_layer`: the fitted chip.
 
     The chip carries ``chip_record_`` (the :class:`ChipRecord`: layer, label names, provenance)
-    and ``chip_config_`` (the same as JSON).
+    and ``chip_config_`` (the same as JSON). A pickled ``chip.joblib`` is refused unless
+    ``allow_pickle=True``.
     """
     path = Path(path)
     raw = _read_json(path / CHIP_CONFIG, "chip")
     record = ChipRecord.from_dict(raw, str(path / CHIP_CONFIG))
-    weights = path / record.weights
-    if not weights.is_file():
-        raise ChipTuningError(f"chip weights {weights} are missing")
-    if weights.suffix == ".safetensors":
-        chip = make_chip(record.chip, **record.estimator_params())
-        chip.load_state(load_file(str(weights)), np.arange(record.n_classes))
+    weights = read_weights(path / record.weights, record.chip, allow_pickle=allow_pickle)
+    if is_pickle(record.weights):
+        chip = weights
     else:
-        chip = joblib.load(weights)
+        chip = make_chip(record.chip, **record.estimator_params())
+        chip.load_state(weights, np.arange(record.n_classes))
     chip.chip_record_ = record
     chip.chip_config_ = raw
     return chip

@@ -34,6 +34,13 @@ from chiptuning.probe.batched import (
 )
 
 CHIP_KINDS = ("linear", "mlp", "logreg")
+#: The arrays each chip kind saves (:meth:`state_tensors`), all it needs to predict: stored in
+#: safetensors, never as a pickle.
+STATE_KEYS = {
+    "linear": ("weight", "bias", "mean", "scale"),
+    "mlp": ("weight_hidden", "bias_hidden", "weight", "bias", "mean", "scale"),
+    "logreg": ("coef", "intercept", "mean", "scale", "seen", "n_iter"),
+}
 
 
 def split_validation(n_rows: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -341,7 +348,9 @@ class LogRegChip(_ChipBase):
 
     Learned state: ``classes_``, ``n_features_in_``, ``mean_``, ``scale_``, ``estimator_`` (the
     fitted ``LogisticRegression``), ``coef_`` / ``intercept_`` (its arrays, on standardized
-    features; ``linear_weights()`` folds the standardization).
+    features; ``linear_weights()`` folds the standardization). It is a linear model: it saves as
+    those arrays (:meth:`state_tensors`) and :meth:`load_state` rebuilds the estimator from them,
+    predicting exactly as before (no pickle).
 
     Args:
         C: inverse regularization strength.
@@ -391,6 +400,35 @@ class LogRegChip(_ChipBase):
         weight = self.coef_ / self.scale_[None, :]
         return weight, self.intercept_ - weight @ self.mean_
 
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        """The learned arrays (:data:`STATE_KEYS` ``["logreg"]``): coefficients and intercept on
+        standardized features, ``mean`` / ``scale``, the class indices seen in training (``seen``,
+        the estimator's ``classes_``) and the solver's iterations, in their own dtypes."""
+        check_is_fitted(self)
+        return {"coef": np.asarray(self.estimator_.coef_), "intercept": np.asarray(self.estimator_.intercept_),
+                "mean": np.asarray(self.mean_), "scale": np.asarray(self.scale_),
+                "seen": np.asarray(self.estimator_.classes_, dtype=np.int64),
+                "n_iter": np.asarray([self.n_iter_], dtype=np.int64)}
+
+    def load_state(self, state: dict[str, np.ndarray], classes) -> LogRegChip:
+        """Set the learned state from :meth:`state_tensors` arrays: the ``LogisticRegression`` is
+        rebuilt with exactly those arrays, so it predicts what the fitted one did."""
+        self.classes_ = np.asarray(classes)
+        self.mean_ = np.asarray(state["mean"])
+        self.scale_ = np.asarray(state["scale"])
+        self.n_features_in_ = int(self.mean_.shape[0])
+        estimator = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol,
+                                       random_state=self.random_state, verbose=self.verbose)
+        estimator.coef_ = np.asarray(state["coef"])
+        estimator.intercept_ = np.asarray(state["intercept"])
+        estimator.classes_ = np.asarray(state["seen"], dtype=np.int64)
+        estimator.n_features_in_ = self.n_features_in_
+        estimator.n_iter_ = np.asarray(state["n_iter"], dtype=np.int64).reshape(-1)
+        self.estimator_ = estimator
+        self.coef_, self.intercept_ = estimator.coef_, estimator.intercept_
+        self.n_iter_ = int(np.max(estimator.n_iter_))
+        return self
+
 
 def make_chip(kind: str, **params) -> _ChipBase:
     """A new (unfitted) chip of ``kind`` ("linear", "mlp" or "logreg") with ``params``."""
@@ -402,6 +440,7 @@ def make_chip(kind: str, **params) -> _ChipBase:
 
 __all__ = [
     "CHIP_KINDS",
+    "STATE_KEYS",
     "LinearChip",
     "LogRegChip",
     "MLPChip",

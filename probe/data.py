@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,11 +42,23 @@ SAME_TASK_KEYS = ("template", "text_column", "label_names")
 
 # -- caches -----------------------------------------------------------------------------------------
 
-def open_cache(cache):
-    """A CacheReader for a path, or the object itself (a reader or anything with its API)."""
-    if isinstance(cache, (str, Path)):
-        return CacheReader(cache)
-    return cache
+def open_cache(cache, verify: bool = False):
+    """A CacheReader for a path, or the object itself (a reader or anything with its API).
+
+    ``verify``: compare every shard with its checksum first (what the trainers do before
+    training): one more read of the cache, sha256 at 0.2-2 GB/s depending on the CPU (0.43 s for
+    a 142 MB cache on a busy 2-vCPU VM, against 65 s of training on it).
+
+    Raises:
+        CacheError: a missing, incomplete or (with ``verify``) corrupt cache, naming the shard.
+    """
+    reader = CacheReader(cache) if isinstance(cache, (str, Path)) else cache
+    if verify and hasattr(reader, "verify_checksums"):
+        started = time.perf_counter()
+        reader.verify_checksums()
+        log.info("checksums of %s verified in %.2f s", getattr(reader, "path", "the cache"),
+                 time.perf_counter() - started)
+    return reader
 
 
 def cache_source(cache):

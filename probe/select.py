@@ -93,13 +93,15 @@ def _accuracy(row: dict, key: str) -> float | None:
     return None if value is None or value == "" else float(value)
 
 
-def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write: bool = True) -> dict:
+def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write: bool = True,
+                 allow_pickle: bool = False) -> dict:
     """Choose the pruning layer of a chips directory and (by default) write selection.json + report.md.
 
     Args:
         chips: a ChipSet or a chips directory.
         strategy: ``fixed:L``, ``validate``, ``optimal`` or ``within:DELTA``.
         write: write ``selection.json`` and ``report.md`` into the chips directory.
+        allow_pickle: load a directory of pickled chips (see :func:`~chiptuning.probe.load_chips`).
 
     Returns:
         The selection: layer, strategy, why, whether it is an oracle, expected accuracy and the
@@ -109,7 +111,7 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
         ChipTuningError: unknown strategy, a layer without a chip, or metrics the strategy needs
             (validation or eval accuracy) that were not recorded.
     """
-    chips = chips if isinstance(chips, ChipSet) else load_chips(chips)
+    chips = chips if isinstance(chips, ChipSet) else load_chips(chips, allow_pickle=allow_pickle)
     name, arg = parse_strategy(strategy)
     rows = sorted(chips.metrics, key=lambda r: int(r["layer"]))
     if not rows:

@@ -28,6 +28,7 @@ from joblib import Parallel, delayed, parallel_backend
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
 from chiptuning.io import write_json_atomic
+from chiptuning.outputs import SWEEP, check_output, write_output
 from chiptuning.probe.artifacts import majority_baselines, pick_baseline, plot_layer_accuracy
 from chiptuning.probe.batched import PRECISIONS, ChipSpec, choose_threads, resolve_precision, torch_threads
 from chiptuning.probe.data import (
@@ -173,7 +174,7 @@ def train_command(best: dict, config: SweepConfig, train_path, eval_path=None, o
 
 
 def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config: SweepConfig | None = None,
-          progress: bool = False) -> dict:
+          progress: bool = False, overwrite: bool = False) -> dict:
     """Run a sweep and (with ``out``) write sweep.csv, sweep.json, best_per_layer.csv and a plot.
 
     Args:
@@ -182,6 +183,7 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
         out: output directory.
         config: the grid and how to run it.
         progress: log each finished task.
+        overwrite: replace a sweep directory at ``out`` (anything else there is refused first).
 
     Returns:
         {"rows": one dict per (setting, layer), "best_per_layer": [...], "best": {...},
@@ -190,8 +192,11 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     """
     config = config or SweepConfig()
     config.validate()
-    train = open_cache(train_cache)
-    evals = open_cache(eval_cache) if eval_cache is not None else None
+    if out is not None:
+        check_output(out, SWEEP, overwrite=overwrite)  # refused now, not after the sweep
+    # Verified once here; the tasks reopen the caches by path without hashing them again.
+    train = open_cache(train_cache, verify=True)
+    evals = open_cache(eval_cache, verify=True) if eval_cache is not None else None
     if evals is not None:
         check_same_source(train, evals)
     layers = list(train.layers) if config.layers is None else list(config.layers)
@@ -237,7 +242,8 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     log.info("sweep: %d chips in %.1f s; best %s %s at layer %d (val %.4f)", len(rows), seconds,
              best["chip"], best["setting"], best["layer"], best["val_accuracy"])
     if out is not None:
-        _write(Path(out), result, cache_n_classes(train))
+        with write_output(out, SWEEP, overwrite=overwrite) as tmp:
+            _write(tmp, result, cache_n_classes(train))
     return result
 
 
@@ -280,13 +286,12 @@ def _best_per_layer(rows: list[dict]) -> list[dict]:
 
 
 def _write(out: Path, result: dict, n_classes: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("sweep.csv", result["rows"]), ("best_per_layer.csv", result["best_per_layer"])):
         with open(out / name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(SWEEP_COLUMNS), extrasaction="ignore")
             writer.writeheader()
             writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in SWEEP_COLUMNS} for r in rows)
-    write_json_atomic(out / "sweep.json", dict(result, chiptuning_version=__version__))
+    write_json_atomic(out / "sweep.json", dict(result, chiptuning_version=__version__, format=SWEEP.formats[0]))
     series = {kind: [r for r in result["best_per_layer"] if r["chip"] == kind]
               for kind in sorted({r["chip"] for r in result["rows"]})}
     part, baseline = pick_baseline(result.get("majority_baseline"))

@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from chiptuning.errors import CacheError, ChipTuningError
+from chiptuning.outputs import CHIPS, check_output
 from chiptuning.probe.artifacts import CacheRef, ChipSet, ChipsRecord, majority_baselines
 from chiptuning.probe.batched import (
     PRECISIONS,
@@ -209,6 +210,7 @@ def train_chips(
     config: TrainConfig | None = None,
     progress: bool = False,
     callback: Callable[[int, int, np.ndarray], None] | None = None,
+    overwrite: bool = False,
     **options,
 ) -> ChipSet:
     """Train a chip at every layer of a cache and (with ``out``) write the chips directory.
@@ -221,20 +223,25 @@ def train_chips(
         config: full settings; ``options`` override its fields.
         progress: show a progress bar over layer groups.
         callback: ``callback(epoch, step, rows)`` after every optimizer step (torch chips).
+        overwrite: replace the chips directory ``out`` when it already holds one (its selection
+            goes with it); anything else at ``out`` is refused before training.
         **options: any :class:`TrainConfig` field (lr, epochs, regime, val_size, seed, ...).
 
     Returns:
         The trained :class:`ChipSet` (saved to ``out`` when given).
 
     Raises:
-        ChipTuningError: bad settings; CacheError / ProvenanceError for mismatched caches.
+        ChipTuningError: bad settings, or ``out`` in the way; CacheError for a missing or corrupt
+            cache (every shard's checksum is verified first); ProvenanceError for mismatched caches.
     """
     unknown = set(options) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise TypeError(f"unknown train_chips options: {sorted(unknown)}")
     cfg = replace(config or TrainConfig(chip=chip), **options).resolved()
-    train = open_cache(train_cache)
-    evals = open_cache(eval_cache) if eval_cache is not None else None
+    if out is not None:
+        check_output(out, CHIPS, overwrite=overwrite)  # refused now, not after training
+    train = open_cache(train_cache, verify=True)
+    evals = open_cache(eval_cache, verify=True) if eval_cache is not None else None
     if evals is not None:
         check_same_source(train, evals)
     layers = list(train.layers) if cfg.layers is None else [int(layer) for layer in cfg.layers]
@@ -281,7 +288,7 @@ def train_chips(
     chips = ChipSet(record, tensors=tensors, sklearn_chips=sk_chips, metrics=metrics,
                     eval_predictions=eval_predictions)
     if out is not None:
-        chips.save(out)
+        chips.save(out, overwrite=overwrite)
     return chips
 
 

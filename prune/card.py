@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from chiptuning import __version__
+from chiptuning.probe import is_pickle
 from chiptuning.prune.provenance import CheckpointRecord
 
 
@@ -20,8 +21,25 @@ def _accuracy(metrics: dict[str, Any]) -> str:
     return "not recorded"
 
 
-def render_model_card(record: CheckpointRecord) -> str:
-    """Markdown model card: base model, task(s), layer, strategy, pruning ratio, accuracy, usage."""
+def _pickle_warning(pickled: list[str]) -> list[str]:
+    """The card's warning, right under its title, when the chips of the ``pickled`` tasks are pickles."""
+    if not pickled:
+        return []
+    return [
+        "## WARNING: this checkpoint holds a pickle",
+        "",
+        f"The chip of task(s) {', '.join(f'`{n}`' for n in pickled)} is stored as a Python pickle "
+        "(`chip.joblib`), saved with `--allow-pickle`. Loading a pickle runs whatever code it contains. "
+        "`ChipModel.from_pretrained` refuses it unless called with `allow_pickle=True`: do that only if you "
+        "trust whoever made this checkpoint. The checksums in `chiptuning.json` do not protect you here: "
+        "anyone who edits a file can re-hash it.",
+        "",
+    ]
+
+
+def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
+    """Markdown model card: base model, task(s), layer, strategy, pruning ratio, accuracy, usage;
+    a warning first when the chips of the ``pickled`` tasks are stored as pickles."""
     base = record.base_model
     params = record.params
     before, after, removed = params["before"], params["after"], params["removed"]
@@ -46,6 +64,7 @@ def render_model_card(record: CheckpointRecord) -> str:
         + f" the {'raw' if record.feature_mode == 'raw' else 'final-normed'} hidden state of a block at "
         f"the last prompt token. It was made with chip-tuning {__version__}.",
         "",
+        *_pickle_warning(pickled),
         "## Pruning",
         "",
         "| | parameters |",
@@ -118,8 +137,14 @@ def render_model_card(record: CheckpointRecord) -> str:
     return "\n".join(lines)
 
 
+def pickled_tasks(root: Path, record: CheckpointRecord) -> list[str]:
+    """Tasks whose chip directory in ``root`` holds a pickle (saved with ``--allow-pickle``)."""
+    return [name for name, task in record.tasks.items()
+            if (Path(root) / task.chip_dir).is_dir() and any(is_pickle(p) for p in (Path(root) / task.chip_dir).iterdir())]
+
+
 def write_model_card(root: Path, record: CheckpointRecord) -> Path:
-    """Write ``README.md`` into ``root``."""
+    """Write ``README.md`` into ``root`` (after the chips: the card warns about a pickled one)."""
     path = Path(root) / "README.md"
-    path.write_text(render_model_card(record), encoding="utf-8")
+    path.write_text(render_model_card(record, pickled_tasks(root, record)), encoding="utf-8")
     return path

@@ -4,15 +4,16 @@
 trained on a cache of *this* model, truncates the model after the chosen layer, saves a Hugging
 Face directory that reloads with plain ``AutoModel.from_pretrained``, and proves, before handing
 the directory over, that the reloaded model gives the full model's feature(l) and the same chip
-predictions. Everything is written to a temporary sibling directory and renamed at the end, so a
-failed run leaves nothing half-written and never touches an existing checkpoint.
+predictions. Everything is written to a temporary sibling directory and renamed at the end
+(:func:`chiptuning.outputs.write_output`), so a failed or interrupted run leaves nothing
+half-written; an existing checkpoint is replaced only with ``overwrite``, and never when it holds
+files prune did not write.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,11 @@ from chiptuning.encoding import encode_batches
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import last_token_features
 from chiptuning.models import load_config, load_model, load_tokenizer, model_source, param_stats, weights_hash
+from chiptuning.outputs import PRUNED, check_output, write_output
 from chiptuning.probe import ChipSet, load_chips
 from chiptuning.prune.card import write_model_card
 from chiptuning.prune.export import EXPORT_FORMATS, to_sequence_classification
 from chiptuning.prune.provenance import (
-    PROVENANCE_FILE,
     BaseModel,
     CheckpointRecord,
     TaskEntry,
@@ -122,11 +123,14 @@ def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
     return None, Path(text)
 
 
-def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None) -> list[TaskChip]:
+def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None,
+                    allow_pickle: bool = False) -> list[TaskChip]:
     """Read one or more chips directories (``DIR`` or ``NAME=DIR``) into named :class:`TaskChip`.
 
     Task names: the given NAME, else the task's own name when it is not the generic "custom" and
     is unique, else the chips directory's name.
+
+    ``allow_pickle``: load pickled chips (:func:`~chiptuning.probe.load_chips`).
 
     Raises:
         ChipTuningError: ``layer`` with several chips directories, or duplicate task names.
@@ -138,7 +142,7 @@ def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None) 
     tasks = []
     for entry in chips_dirs:
         given, path = _parse_chips_arg(entry)
-        chips = load_chips(path)
+        chips = load_chips(path, allow_pickle=allow_pickle)
         chosen, strategy = resolve_layer(chips, layer)
         task = TaskChip(chips, chosen, strategy, path, name=given or "")
         task.cache_meta  # noqa: B018 -- fails early, naming the fix, when the chips record no cache meta
@@ -180,15 +184,6 @@ def _check_close(reference: np.ndarray, pruned: np.ndarray, dtype: torch.dtype, 
 
 # -- the library function -------------------------------------------------------------------------
 
-def _prepare_out(out_dir: Path) -> Path:
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / PROVENANCE_FILE).exists():
-        raise ChipTuningError(
-            f"--out {out_dir} exists and is not a pruned checkpoint; choose an empty or new directory"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
 def prune(
     model_name_or_path: str,
     chips_dir: str | Path | Sequence[str | Path],
@@ -200,6 +195,8 @@ def prune(
     device: str = "cpu",
     model_hash: str | None = None,
     export: str | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> Path:
     """Prune ``model_name_or_path`` after the chips' selected layer and save a checkpoint.
 
@@ -219,6 +216,9 @@ def prune(
         model_hash: identity of the weights when it cannot be computed from the path.
         export: "sequence-classification" to save a plain ``*ForSequenceClassification``
             checkpoint (normed features, bias-free linear chip, one task, decoder models).
+        overwrite: replace the pruned checkpoint at ``out_dir`` (``--overwrite``).
+        allow_pickle: accept pickled chips (``--allow-pickle``); the checkpoint then holds a
+            pickle too, and its card says so.
 
     Returns:
         ``out_dir``.
@@ -227,8 +227,9 @@ def prune(
         ProvenanceError: the chips were trained on a cache from another model.
         ChipTuningError: bad layer, output directory in the way, failed parity check.
     """
+    check_output(out_dir, PRUNED, overwrite=overwrite)  # refused now, not after loading the model
     dirs = [chips_dir] if isinstance(chips_dir, (str, Path)) else list(chips_dir)
-    tasks = load_task_chips(dirs, layer)
+    tasks = load_task_chips(dirs, layer, allow_pickle)
     check_options(tasks, keep_lm_head, export)
     config = load_config(model_name_or_path)
     # Architecture first, from the config alone: a wrong model fails before loading its weights.
@@ -248,7 +249,8 @@ def prune(
     tokenizer = load_tokenizer(model_name_or_path)
     base = {"id": str(model_name_or_path), "hash": model_hash, "adapter": adapter,
             "source": model_source(model_name_or_path)}
-    return save_pruned(model, tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export)
+    return save_pruned(model, tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export,
+                       overwrite=overwrite, allow_pickle=allow_pickle)
 
 
 def check_options(tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
@@ -276,6 +278,8 @@ def save_pruned(
     base: dict[str, Any],
     keep_lm_head: bool = False,
     export: str | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> Path:
     """Truncate an already-loaded, already-checked ``model`` and write the checkpoint.
 
@@ -289,7 +293,7 @@ def save_pruned(
         out_dir: the checkpoint directory.
         base: ``{"id", "hash", "adapter", "source"}`` of the base model (``source``: a GGUF file's
             record, :func:`chiptuning.models.model_source`).
-        keep_lm_head, export: as :func:`prune`.
+        keep_lm_head, export, overwrite, allow_pickle: as :func:`prune`.
     """
     tasks = list(tasks)
     check_options(tasks, keep_lm_head, export)
@@ -300,8 +304,7 @@ def save_pruned(
     depth = max(task.layer for task in tasks)
     if keep_lm_head and model.get_output_embeddings() is None:
         raise ChipTuningError(f"keep_lm_head needs the model with its head (*ForCausalLM), got {type(model).__name__}")
-    tmp = _prepare_out(out_dir)
-    try:
+    with write_output(out_dir, PRUNED, overwrite=overwrite) as tmp:
         dtype = next(model.parameters()).dtype
         model_type = model.config.model_type
         hidden_size = int(text_config(model.config).hidden_size)
@@ -332,7 +335,7 @@ def save_pruned(
         entries, images = {}, []
         for task in tasks:
             chip_dir = CHIP_DIR if len(tasks) == 1 else f"chips/{task.name}"
-            task.chips.save_layer(task.layer, tmp / chip_dir)
+            task.chips.save_layer(task.layer, tmp / chip_dir, allow_pickle=allow_pickle)
             entries[task.name] = task_entry(task, chip_dir)
             curve = Path(task.chips_dir) / "layer_accuracy.png" if task.chips_dir is not None else None
             if curve is not None and curve.is_file():
@@ -358,12 +361,6 @@ def save_pruned(
         write_model_card(tmp, record)
         record = write_provenance(tmp, record)
         verify_checkpoint(tmp, tasks, references, depth, dtype, device, cls)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # a previous pruned checkpoint (checked in _prepare_out)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("pruned checkpoint at layer %d of %d written to %s (%.1f%% of parameters removed)",
              depth, L, out_dir, 100 * record.params["pruning_ratio"])
     return out_dir

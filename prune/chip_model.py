@@ -40,7 +40,7 @@ def check_config(path: Path, record: CheckpointRecord):
     Raises:
         ProvenanceError: model type, depth, width or a task's source weights that disagree.
     """
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     base = record.base_model
     text = text_config(config)
     problems = []
@@ -94,26 +94,36 @@ class ChipModel:
     # -- loading ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> ChipModel:
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
+                        allow_pickle: bool = False) -> ChipModel:
         """Load and verify a pruned checkpoint written by ``chiptuning prune``.
+
+        Nothing executable is loaded: weights through safetensors only, no remote code, and a
+        chip stored as a pickle is refused unless ``allow_pickle=True`` (only for checkpoints you
+        made yourself: the checksums in ``chiptuning.json`` catch accidents, not an attacker,
+        who can re-hash what they edit).
 
         Args:
             path: the checkpoint directory.
             device: cpu, cuda, cuda:N or auto.
             dtype: override the saved dtype (fp32, bf16, fp16); predictions are only guaranteed
                 to equal the chip's on the cache in the dtype the cache was extracted in.
+            allow_pickle: load a chip saved as a pickle (``chip.joblib``), which can run any code.
 
         Raises:
             ProvenanceError: not a checkpoint, edited or missing files, a config or weights that
                 do not match the provenance record.
+            ChipTuningError: a pickled chip without ``allow_pickle``.
         """
         path = Path(path)
         record = load_record(path)
         config = check_config(path, record)
         get_spec(config)
+        chips = {name: load_chip(path / task.chip_dir, allow_pickle=allow_pickle) for name, task in record.tasks.items()}
         hf_logging.disable_progress_bar()
         torch_dtype = resolve_dtype(dtype) if dtype else getattr(torch, record.dtype)
-        model, info = AutoModel.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+        model, info = AutoModel.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
+                                                use_safetensors=True, trust_remote_code=False)
         if info.get("missing_keys") or info.get("mismatched_keys"):
             raise ProvenanceError(
                 f"{path}: weights do not fit the config (missing {info.get('missing_keys')[:5]}, "
@@ -121,7 +131,6 @@ class ChipModel:
             )
         model = model.to(resolve_device(device)).eval()
         tokenizer = load_tokenizer(str(path), padding_side=record.padding_side)
-        chips = {name: load_chip(path / task.chip_dir) for name, task in record.tasks.items()}
         log.info("loaded %s: %s pruned to %d blocks, tasks %s", path, record.base_model.id,
                  record.layer, sorted(chips))
         return cls(model, tokenizer, chips, record, path)

@@ -13,6 +13,7 @@ import numpy as np
 from chiptuning import __version__
 from chiptuning.errors import DataError
 from chiptuning.io import write_json_atomic
+from chiptuning.outputs import EVAL, check_output, write_output
 from chiptuning.probe import optional_class_mask
 from chiptuning.prune.chip_model import ChipModel
 from chiptuning.prune.dense import dense_pass, load_dense
@@ -40,6 +41,8 @@ def evaluate(
     model: ChipModel | None = None,
     dense: bool | str = False,
     progress: bool = False,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of a pruned checkpoint on a labelled file, predicting from raw text.
 
@@ -63,6 +66,9 @@ def evaluate(
             that model) on the same data and hardware: its speed, the chip on its feature, and
             for decoders the zero-shot baseline from the LM head's scores of the label tokens.
         progress: show progress bars.
+        overwrite: replace the results of an earlier eval in ``out_dir`` (anything else there is
+            refused before running the model).
+        allow_pickle: load a checkpoint whose chip is a pickle (see :meth:`ChipModel.from_pretrained`).
 
     Returns:
         The metrics (also written to ``metrics.json``).
@@ -70,7 +76,10 @@ def evaluate(
     Raises:
         DataError: bad data, or labels that differ from the checkpoint's.
     """
-    clf = model if model is not None else ChipModel.from_pretrained(pruned_dir, device=device)
+    if out_dir is not None:
+        check_output(out_dir, EVAL, overwrite=overwrite)  # refused now, not after running the model
+    clf = model if model is not None else ChipModel.from_pretrained(pruned_dir, device=device,
+                                                                    allow_pickle=allow_pickle)
     name, entry = clf.task(task)
     saved_labels = list(entry.label_names)
     if labels is not None and [str(x) for x in labels] != saved_labels:
@@ -149,16 +158,15 @@ def evaluate(
                  metrics["dense"]["examples_per_s"], metrics["dense"]["zero_shot_accuracy"],
                  metrics["speedup"], metrics["ideal_speedup"])
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            header = ["example_id", "label", "prediction", "label_name", "prediction_name"]
-            extra = {"dense_prediction": dense_pred, "dense_zero_shot": zero_shot}
-            extra = {key: values for key, values in extra.items() if values is not None}
-            writer.writerow(header + list(extra))
-            for i, (ex, truth, pred) in enumerate(zip(data_task.examples, y_true, y_pred)):
-                writer.writerow([ex.id, int(truth), int(pred), saved_labels[truth], saved_labels[pred]]
-                                + [int(values[i]) for values in extra.values()])
-        write_json_atomic(out / "metrics.json", metrics)
+        with write_output(out_dir, EVAL, overwrite=overwrite) as out:
+            with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                header = ["example_id", "label", "prediction", "label_name", "prediction_name"]
+                extra = {"dense_prediction": dense_pred, "dense_zero_shot": zero_shot}
+                extra = {key: values for key, values in extra.items() if values is not None}
+                writer.writerow(header + list(extra))
+                for i, (ex, truth, pred) in enumerate(zip(data_task.examples, y_true, y_pred)):
+                    writer.writerow([ex.id, int(truth), int(pred), saved_labels[truth], saved_labels[pred]]
+                                    + [int(values[i]) for values in extra.values()])
+            write_json_atomic(out / "metrics.json", dict(metrics, format=EVAL.formats[0]))
     return metrics

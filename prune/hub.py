@@ -7,13 +7,20 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from chiptuning.errors import ChipTuningError, is_hub_error
+from chiptuning.probe import is_pickle
 from chiptuning.prune.provenance import load_record
 
 log = logging.getLogger(__name__)
 
 
+def pickled_files(record) -> list[str]:
+    """Files of a checkpoint (as its record lists them) that are pickles."""
+    return sorted(rel for rel in record.checksums if is_pickle(rel))
+
+
 def push_to_hub(pruned_dir: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None) -> str:
+                revision: str | None = None, commit_message: str | None = None, allow_pickle: bool = False) -> str:
     """Verify a pruned checkpoint and upload the whole directory to a model repository.
 
     Args:
@@ -23,20 +30,39 @@ def push_to_hub(pruned_dir: str | Path, repo_id: str, *, private: bool = False, 
         token: Hugging Face token (default: the logged-in one).
         revision: branch to push to.
         commit_message: default "Upload chip-tuning checkpoint (layer l of L)".
+        allow_pickle: publish a checkpoint whose chip is a pickle (saved with ``--allow-pickle``);
+            refused otherwise: whoever loads it with ``allow_pickle=True`` runs code from it.
 
     Returns:
         The URL of the commit.
 
     Raises:
         ProvenanceError: the directory is not an intact pruned checkpoint.
+        ChipTuningError: a pickle without ``allow_pickle``; the hub cannot be reached, or refuses
+            (offline, no or a wrong token, no rights on the repository).
     """
     pruned_dir = Path(pruned_dir)
     record = load_record(pruned_dir)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    pickles = pickled_files(record)
+    if pickles and not allow_pickle:
+        raise ChipTuningError(f"{pruned_dir} holds a pickle ({', '.join(pickles)}), which runs code on whoever loads "
+                              "it; re-train the chips and re-prune to publish it without one, or pass --allow-pickle")
+    if pickles:
+        log.warning("publishing a pickle (%s): its model card warns that loading it runs code", ", ".join(pickles))
     message = commit_message or f"Upload chip-tuning checkpoint (layer {record.layer} of {record.num_blocks})"
-    info = api.upload_folder(folder_path=str(pruned_dir), repo_id=repo_id, repo_type="model",
-                             revision=revision, commit_message=message)
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(pruned_dir), repo_id=repo_id, repo_type="model",
+                                 revision=revision, commit_message=message)
+    except Exception as err:
+        if not (isinstance(err, OSError) or is_hub_error(err)):
+            raise
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise ChipTuningError(
+            f"cannot push to the Hugging Face Hub ({type(err).__name__}{': ' + detail if detail else ''}); "
+            "check the network (HF_HUB_OFFLINE must be unset) and the token (`hf auth login`, --token or HF_TOKEN)"
+        ) from None
     url = str(getattr(info, "commit_url", info))
     log.info("pushed %s to %s", pruned_dir, url)
     return url

@@ -2,32 +2,106 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import signal
 import sys
 
 import click
 
 from chiptuning import __version__
-from chiptuning.errors import ChipTuningError
+from chiptuning.errors import ChipTuningError, is_hub_error
+
+#: Exit status of an interrupted command, by signal (the shell's 128 + signal number).
+_INTERRUPTED_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+#: A full disk (or quota), as an errno and as the text other libraries wrap it in (safetensors' Rust
+#: "os error 28", HDF5's "errno = 28").
+_DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_DISK_FULL = ("No space left on device", "os error 28", "errno = 28", "Disk quota exceeded")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def describe_error(err: BaseException) -> str | None:
+    """The one line a user sees for an error they can cause or meet, or None for a bug (which keeps
+    its traceback): chip-tuning's own errors, a full disk anywhere, other OS errors (files,
+    permissions, network), safetensors and Hugging Face Hub errors."""
+    if isinstance(err, ChipTuningError):
+        return _first_line(err)
+    text = str(err)
+    if (isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS) or any(s in text for s in _DISK_FULL):
+        where = f" (writing {err.filename})" if isinstance(err, OSError) and err.filename else ""
+        return (f"no space left on the device{where}; free some space and re-run the same command "
+                "(finished work is kept, nothing half-written stays)")
+    if is_hub_error(err):
+        return (f"the Hugging Face Hub could not be reached or refused the request ({type(err).__name__}: "
+                f"{_first_line(err)}); check the network, HF_HUB_OFFLINE and your token")
+    if type(err).__name__ == "SafetensorError":
+        return f"a safetensors file could not be read or written ({_first_line(err)})"
+    if isinstance(err, OSError):
+        if err.strerror and err.filename:
+            return f"{err.strerror}: {err.filename}"
+        return _first_line(err)
+    return None
+
+
+class _OneLine(click.ClickException):
+    """``Error: message`` and ``exit_code``, nothing else (no usage block)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt(signum)  # unwinds like Ctrl-C: temporaries are removed on the way out
 
 
 class _Group(click.Group):
-    """Turns a user error into one line and exit 1; bugs keep their traceback."""
+    """Turns a user error into one line and exit 1 (an interruption: 130 / 143); bugs keep their
+    traceback; ``--debug`` (or ``CHIPTUNING_DEBUG=1``) shows every traceback."""
 
     def invoke(self, ctx):
+        debug = bool(ctx.params.get("debug")) or os.environ.get("CHIPTUNING_DEBUG", "") not in ("", "0")
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread: signals stay as they are
+            previous = None
         try:
             return super().invoke(ctx)
-        except ChipTuningError as err:
-            raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-            raise click.ClickException(f"{err.strerror}: {err.filename}") from None
+        except click.UsageError as err:  # a bad option value or name: one line too, status 2 as click gives
+            if debug:
+                raise
+            hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+            raise _OneLine(err.format_message() + hint, exit_code=2) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt as err:
+            if debug:
+                raise
+            signum = err.args[0] if err.args and err.args[0] in _INTERRUPTED_STATUS else signal.SIGINT
+            click.echo("Error: interrupted; re-run the same command to resume (finished work is kept)", err=True)
+            ctx.exit(_INTERRUPTED_STATUS[signum])
+        except Exception as err:
+            message = describe_error(err)
+            if message is None or debug:
+                raise
+            raise click.ClickException(message) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="chiptuning")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def main(verbose: int, quiet: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of any error (also CHIPTUNING_DEBUG=1).")
+def main(verbose: int, quiet: bool, debug: bool) -> None:
     """Prune a language model for one classification task with chips (tiny per-layer classifiers).
 
     Pipeline: extract -> probe train -> select -> prune -> eval; or `chiptuning run` for all of it.

@@ -14,7 +14,8 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
 @click.option("--eval-split", default=None,
               help="Split the chips are scored on (same task, e.g. 'validation[1000:2000]'). "
                    "Default: carve --eval-fraction of the training examples.")
-@click.option("--eval-fraction", type=float, default=0.3, show_default=True,
+@click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.3,
+              show_default=True,
               help="Without --eval-split: share of the examples held out for scoring (seeded).")
 @click.option("--ratio", default=None,
               help="Target pruning ratio: fraction of the blocks removed; several, comma-separated (0.25,0.5), "
@@ -30,20 +31,23 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
               help="Text field of --calibration-data.")
 @click.option("--calibration-label-column", default="label", show_default=True,
               help="Label field of --calibration-data (any file the tool loads as a task).")
-@click.option("--n-calibration", type=int, default=128, show_default=True,
+@click.option("--n-calibration", type=click.IntRange(min=1), default=128, show_default=True,
               help="Calibration examples (seeded draw).")
-@click.option("--max-length", type=int, default=256, show_default=True, help="Longest prompt, in tokens.")
+@click.option("--max-length", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Longest prompt, in tokens.")
 @click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
 @click.option("--streamline-replacement", type=click.Choice(["layer", "mlp"]), default="layer", show_default=True,
               help="LLM-Streamline's replacement: one transformer layer, or a single MLP.")
-@click.option("--streamline-epochs", type=int, default=10, show_default=True)
-@click.option("--streamline-lr", type=float, default=5e-4, show_default=True)
-@click.option("--slm-threshold", type=float, default=0.9, show_default=True,
+@click.option("--streamline-epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--streamline-lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
+@click.option("--slm-threshold", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
               help="Sliding layer merging: output cosine a merged window must keep (lowered if the target needs it).")
-@click.option("--laco-threshold", type=float, default=0.9, show_default=True,
+@click.option("--laco-threshold", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
               help="LaCo: output cosine a collapse must keep (lowered if the target needs it).")
-@click.option("--laco-merge-layers", type=int, default=4, show_default=True, help="LaCo: layers merged per step.")
-@click.option("--laco-interval", type=int, default=2, show_default=True, help="LaCo: step down after a merge.")
+@click.option("--laco-merge-layers", type=click.IntRange(min=2), default=4, show_default=True,
+              help="LaCo: layers merged per step.")
+@click.option("--laco-interval", type=click.IntRange(min=1), default=2, show_default=True,
+              help="LaCo: step down after a merge.")
 @click.option("--angular-from-text", is_flag=True,
               help="Score `angular` on the calibration text instead of the dense train cache.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,

@@ -14,12 +14,13 @@ from chiptuning.cli.tasks import batching_options, load_task_from_options, task_
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @batching_options
-@click.option("--max-length", type=int, default=None, help="Longest prompt in tokens (default: the model's).")
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="Longest prompt in tokens, at most the model's limit (default: that limit).")
 @click.option("--padding-side", type=click.Choice(["right", "left"]), default="right", show_default=True)
 @click.option("--storage-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="bfloat16 stores bf16 features exactly; float16 is checked for overflow.")
 @click.option("--feature-mode", type=click.Choice(["raw", "normed"]), default="raw", show_default=True)
-@click.option("--shard-size", type=int, default=1024, show_default=True, help="Rows per shard.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Rows per shard.")
 @click.option("--device-map", default=None, help="'auto' to spread a large model over GPUs.")
 @click.option("--adapter", default=None, help="PEFT/LoRA adapter directory merged into the model first.")
 @click.option("--lens/--no-lens", default=True, show_default=True,
@@ -30,7 +31,8 @@ def extract_cmd(model, out, device, dtype, batch_size, max_tokens_per_batch, max
     """Run MODEL once over the data and cache every layer's last-token feature.
 
     Re-running the same command resumes an interrupted extraction; a cache made with other
-    settings is refused.
+    settings, a non-empty directory that is not a cache, and a second extraction writing the same
+    cache at the same time are refused.
     """
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.cache import cache_info

@@ -31,38 +31,47 @@ def probe_group():
 @click.option("--eval", "eval_cache", type=click.Path(file_okay=False), default=None,
               help="Cache of the eval split (same model, template and labels).")
 @click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Chips directory to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Chips directory to write (new or empty, or chips to replace with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace the chips directory at --out (and its selection).")
 @click.option("--regime", type=click.Choice(["default", "paper"]), default="default", show_default=True,
               help="paper: AdamW betas 0.9/0.99, lr 1e-5, weight decay 0.01, batch 1, 1 epoch, "
                    "raw features, at most 20,000 rows.")
-@click.option("--val-size", type=int, default=200, show_default=True,
+@click.option("--val-size", type=click.IntRange(min=0), default=200, show_default=True,
               help="Validation rows carved from the training cache (seeded, disjoint); 0 for none.")
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--lr", type=float, default=None, help="Learning rate (default: the regime's).")
-@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the regime's).")
-@click.option("--epochs", type=int, default=None, help="Most epochs (default: the regime's).")
-@click.option("--batch-size", type=int, default=None, help="Rows per step (default: the regime's).")
-@click.option("--patience", type=int, default=None,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate (default: the regime's).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help="AdamW weight decay (default: the regime's).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Most epochs (default: the regime's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Rows per step (default: the regime's).")
+@click.option("--patience", type=click.IntRange(min=1), default=None,
               help="Early-stopping patience in epochs (default regime: 2, and never fewer than 150 steps).")
-@click.option("--hidden", type=int, default=256, show_default=True, help="MLP hidden width.")
-@click.option("--C", "C", type=float, default=1.0, show_default=True, help="Inverse regularization (logreg).")
+@click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True, help="MLP hidden width.")
+@click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Inverse regularization (logreg).")
 @click.option("--layers", default=None, help="Layers to train, e.g. '10-20' or '4,8,12' (default all).")
 @click.option("--n-jobs", type=int, default=None, help="joblib workers (logreg).")
 @click.option("--device", default="cpu", show_default=True, help="Torch device of the torch chips.")
-@click.option("--max-memory-mb", type=int, default=2048, show_default=True,
+@click.option("--max-memory-mb", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Feature memory budget; larger caches are read in groups of layers or streamed.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
               help="Precision of the products with the features (default: the regime's; 'auto' is "
                    "bfloat16 on CPUs with AMX / AVX512-BF16).")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads (default: the faster of 1 and one per CPU, timed once).")
 @click.option("--no-intercept", is_flag=True, default=False,
               help="Linear chips without a bias (features scaled, not centered): what "
                    "`chiptuning prune --export sequence-classification` needs.")
-def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, weight_decay, epochs,
+def train_cmd(train_cache, eval_cache, chip, out, overwrite, regime, val_size, seed, lr, weight_decay, epochs,
               batch_size, patience, hidden, C, layers, n_jobs, device, max_memory_mb, precision, threads,
               no_intercept):
-    """Train a chip at every layer of TRAIN_CACHE; write metrics, eval predictions and a plot."""
+    """Train a chip at every layer of TRAIN_CACHE; write metrics, eval predictions and a plot.
+
+    Every shard's checksum is verified before training (one more read of the cache); a corrupt
+    shard is refused, naming it.
+    """
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.probe import TrainConfig, train_chips
 
@@ -71,7 +80,7 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
                          n_iter_no_change=patience, hidden=hidden, C=C, layers=_layers(layers),
                          n_jobs=n_jobs, device=device, max_memory_mb=max_memory_mb, precision=precision,
                          threads=threads, fit_intercept=not no_intercept)
-    chips = train_chips(train_cache, eval_cache, out=out, config=config, progress=True)
+    chips = train_chips(train_cache, eval_cache, out=out, config=config, progress=True, overwrite=overwrite)
     key = "eval_accuracy" if eval_cache else "val_accuracy"
     scored = [m for m in chips.metrics if m.get(key) is not None]
     if scored:
@@ -94,7 +103,8 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
 @click.option("--eval", "eval_cache", type=click.Path(file_okay=False), default=None,
               help="Cache of the eval split (reported, never used to pick).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Directory for sweep.csv, sweep.json, best.json and the plot.")
+              help="Directory for sweep.csv, sweep.json, best_per_layer.csv and the plot.")
+@click.option("--overwrite", is_flag=True, help="Replace the sweep directory at --out.")
 @click.option("--chips", "chip_kinds", default="linear,mlp", show_default=True,
               help="Chip types, comma-separated (linear, mlp, logreg).")
 @click.option("--weight-decay", "weight_decays", default="0,1e-4,1e-3,1e-2,1e-1", show_default=True,
@@ -109,9 +119,9 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
                    "'mlp:2' sets one chip type's.")
 @click.option("--patience", type=int, default=2, show_default=True,
               help="Early-stopping patience in epochs (and never fewer than 150 optimizer steps).")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--layers", default=None, help="Layers, e.g. '10-20' (default all).")
-@click.option("--val-size", type=int, default=200, show_default=True)
+@click.option("--val-size", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--n-jobs", type=int, default=1, show_default=True,
               help="joblib workers: one task per (layer group, batch of settings).")
@@ -121,11 +131,11 @@ def train_cmd(train_cache, eval_cache, chip, out, regime, val_size, seed, lr, we
 @click.option("--scheduler", default=None,
               help="With --backend dask: the scheduler address (tcp://host:8786); with ray: the "
                    "cluster address (default auto).")
-@click.option("--max-memory-mb", type=int, default=2048, show_default=True)
+@click.option("--max-memory-mb", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Precision of the products with the features of the torch chips.")
-@click.option("--threads", type=int, default=None, help="Torch threads per task (default: timed once).")
-def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, epochs, patience, batch_size,
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per task (default: timed once).")
+def sweep_cmd(train_cache, eval_cache, out, overwrite, chip_kinds, weight_decays, Cs, lrs, epochs, patience, batch_size,
               layers, val_size, seed, n_jobs, backend, scheduler, max_memory_mb, precision, threads):
     """Grid over chip type, regularization, learning rate, epochs and layers on TRAIN_CACHE."""
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
@@ -159,7 +169,7 @@ def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, 
         backend=backend, scheduler=scheduler, max_memory_mb=max_memory_mb, precision=precision,
         threads=threads,
     )
-    result = sweep(train_cache, eval_cache, out=out, config=config, progress=True)
+    result = sweep(train_cache, eval_cache, out=out, config=config, progress=True, overwrite=overwrite)
     best = result["best"]
     click.echo(f"{len(result['rows'])} chips trained -> {out}; best: {best['chip']} at layer {best['layer']} "
                f"({best['setting']}), val accuracy {best['val_accuracy']:.4f}")
@@ -171,12 +181,14 @@ def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, 
 @click.option("--strategy", default="validate", show_default=True,
               help="fixed:L | validate | optimal (an oracle on eval labels) | within:DELTA "
                    "(shallowest layer within DELTA of the best validation accuracy, e.g. within:0.01).")
-def select(chips_dir, strategy):
+@click.option("--allow-pickle", is_flag=True,
+              help="Load chips stored as a pickle (runs code from the file: only chips you made).")
+def select(chips_dir, strategy, allow_pickle):
     """Pick the pruning layer of CHIPS_DIR; write selection.json and report.md there."""
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.probe import select_layer
 
-    s = select_layer(chips_dir, strategy)
+    s = select_layer(chips_dir, strategy, allow_pickle=allow_pickle)
     acc = s["expected_accuracy"]
     pr = s["pruning"]
     click.echo(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from chiptuning.cli.tasks import batching_options, load_task_from_options, parse_labels, task_options
+from chiptuning.outputs import EVAL, check_output
 
 # chiptuning.prune.baselines.METHODS, repeated here so `--help` does not import torch (a test keeps them equal).
 BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
@@ -18,8 +19,14 @@ BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
 @click.option("--chips", "chips_dirs", multiple=True,
               help="Chips directory from `chiptuning probe train` (and `select`); --method chip only. Repeat it "
                    "(as DIR or NAME=DIR) to pack several tasks in one checkpoint, cut after the deepest chip.")
-@click.option("--layer", type=int, default=None, help="Layer to prune at (default: the chips' selection.json).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Pruned checkpoint directory.")
+@click.option("--layer", type=click.IntRange(min=0), default=None,
+              help="Layer to prune at (default: the chips' selection.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Pruned checkpoint directory (new or empty, or a checkpoint to replace with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace the pruned checkpoint at --out.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept chips stored as a pickle (runs code from them: only chips you made); the "
+                   "checkpoint then holds a pickle and its card says so.")
 @click.option("--keep-lm-head", is_flag=True, help="Keep the LM head so the checkpoint still generates.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Weights dtype of the saved checkpoint.")
@@ -28,8 +35,9 @@ BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
               help="Save a plain *ForSequenceClassification checkpoint (normed features, bias-free "
                    "linear chip): it serves without chip-tuning.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the parity check.")
-@click.option("--n-layers", type=int, default=None, help="Baselines: number of blocks to remove.")
-@click.option("--ratio", type=float, default=None, help="Baselines: fraction of the blocks to remove.")
+@click.option("--n-layers", type=click.IntRange(min=1), default=None, help="Baselines: number of blocks to remove.")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Baselines: fraction of the blocks to remove.")
 @click.option("--calibration-task", default=None,
               help="Baselines: calibration text from a built-in task or hub dataset (its prompts).")
 @click.option("--calibration-data", default=None, type=click.Path(dir_okay=False, exists=True),
@@ -39,20 +47,24 @@ BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
 @click.option("--calibration-split", default=None, help="Split of the calibration data (default: its train split).")
 @click.option("--calibration-text-column", default=None, help="Text field of --calibration-data.")
 @click.option("--calibration-template", default=None, help="Prompt template of --calibration-data.")
-@click.option("--n-calibration", type=int, default=128, show_default=True, help="Calibration examples (seeded draw).")
-@click.option("--calibration-max-length", type=int, default=256, show_default=True,
+@click.option("--n-calibration", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Calibration examples (seeded draw).")
+@click.option("--calibration-max-length", type=click.IntRange(min=1), default=256, show_default=True,
               help="Longest calibration prompt, in tokens.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, exists=True),
               help="shortgpt: last-token Block Influence from this cache of MODEL; angular: exact from it.")
 @click.option("--replacement", type=click.Choice(["layer", "mlp"]), default="layer", show_default=True,
               help="streamline: one transformer layer (initialised from the first removed one) or a single MLP.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="streamline: training epochs.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="streamline: AdamW learning rate.")
-@click.option("--threshold", type=float, default=0.9, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="streamline: training epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help="streamline: AdamW learning rate.")
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
               help="slm / laco: output cosine a merge must keep (lowered when the target needs it).")
-@click.option("--merge-layers", type=int, default=4, show_default=True, help="laco: layers merged per step.")
-@click.option("--interval", type=int, default=2, show_default=True, help="laco: layers skipped after a merge.")
-def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapter, export, device, n_layers, ratio,
+@click.option("--merge-layers", type=click.IntRange(min=2), default=4, show_default=True,
+              help="laco: layers merged per step.")
+@click.option("--interval", type=click.IntRange(min=1), default=2, show_default=True,
+              help="laco: layers skipped after a merge.")
+def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, keep_lm_head, dtype, adapter, export, device, n_layers, ratio,
               calibration_task, calibration_data, calibration_data_dir, calibration_split, calibration_text_column,
               calibration_template, n_calibration, calibration_max_length, cache_dir, replacement, epochs, lr,
               threshold, merge_layers, interval):
@@ -74,8 +86,9 @@ def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapte
         from chiptuning.prune.baselines import prune_with_method, read_record
         from chiptuning.tasks import load_task
 
-        if chips_dirs or layer is not None or export or adapter:
-            raise ChipTuningError(f"--chips, --layer, --export and --adapter go with --method chip, not {method}")
+        if chips_dirs or layer is not None or export or adapter or allow_pickle:
+            raise ChipTuningError(f"--chips, --layer, --export, --adapter and --allow-pickle go with --method chip, "
+                                  f"not {method}")
         if calibration_task and calibration_data:
             raise ChipTuningError("give one of --calibration-task or --calibration-data")
         source = calibration_task or calibration_data
@@ -91,7 +104,7 @@ def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapte
                    "laco": {"threshold": threshold, "merge_layers": merge_layers, "interval": interval}}.get(method, {})
         path = prune_with_method(model, method, out, n_layers=n_layers, ratio=ratio, calibration_task=calibration,
                                  n_calibration=n_calibration, max_length=calibration_max_length, cache=cache_dir,
-                                 dtype=dtype, device=device, **options)
+                                 dtype=dtype, device=device, overwrite=overwrite, **options)
         record = read_record(path)
         params = record["params"]
         click.echo(
@@ -106,7 +119,7 @@ def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapte
     from chiptuning.prune import prune, read_provenance
 
     path = prune(model, list(chips_dirs), out, layer=layer, keep_lm_head=keep_lm_head, dtype=dtype,
-                 adapter=adapter, device=device, export=export)
+                 adapter=adapter, device=device, export=export, overwrite=overwrite, allow_pickle=allow_pickle)
     record = read_provenance(path)
     params = record["params"]
     click.echo(
@@ -121,14 +134,17 @@ def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapte
 @task_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for metrics.json and predictions.csv.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier eval at --out.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load a checkpoint whose chip is a pickle (runs code from it: only checkpoints you made).")
 @click.option("--chip-task", "task_name", default=None, help="Which task of a multi-task checkpoint.")
 @batching_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dense", "compare_dense", is_flag=True,
               help="Also run the dense base model: speedup, and its zero-shot accuracy (decoders).")
 @click.option("--dense-model", default=None, help="Where the dense base model is, if not where it was pruned from.")
-def eval_cmd(pruned_dir, out, task_name, batch_size, max_tokens_per_batch, device, compare_dense, dense_model,
-             **task_opts):
+def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, max_tokens_per_batch, device,
+             compare_dense, dense_model, **task_opts):
     """Run the pruned checkpoint PRUNED_DIR on labelled data, from raw text.
 
     The data is given as to `chiptuning extract` (--task NAME or --data FILE); the prompt
@@ -137,7 +153,8 @@ def eval_cmd(pruned_dir, out, task_name, batch_size, max_tokens_per_batch, devic
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.prune import ChipModel, evaluate
 
-    clf = ChipModel.from_pretrained(pruned_dir, device=device)
+    check_output(out, EVAL, overwrite=overwrite)  # before loading the checkpoint
+    clf = ChipModel.from_pretrained(pruned_dir, device=device, allow_pickle=allow_pickle)
     name, _ = clf.task(task_name)
     # The checkpoint's own prompt format and labels, where the options leave them open.
     options = clf.data_options(name, **{k: task_opts.get(k) for k in ("template", "text_column", "strip_trailing_space",
@@ -147,7 +164,7 @@ def eval_cmd(pruned_dir, out, task_name, batch_size, max_tokens_per_batch, devic
     data = load_task_from_options(**dict(task_opts, **options))
     metrics = evaluate(pruned_dir, data, out_dir=out, task=name, batch_size=batch_size,
                        max_tokens_per_batch=max_tokens_per_batch, device=device, model=clf,
-                       dense=dense_model or compare_dense, progress=True)
+                       dense=dense_model or compare_dense, progress=True, overwrite=overwrite)
     click.echo(
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n_examples']} examples "
         f"(layer {metrics['layer']} of {metrics['num_blocks']}, "
@@ -170,13 +187,22 @@ def eval_cmd(pruned_dir, out, task_name, batch_size, max_tokens_per_batch, devic
 @click.option("--revision", default=None, help="Branch to push to.")
 @click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token (default: the logged-in one).")
 @click.option("--commit-message", default=None)
-def push_cmd(pruned_dir, repo_id, private, revision, token, commit_message):
-    """Verify PRUNED_DIR and upload it, with its model card, to the Hugging Face Hub."""
+@click.option("--allow-pickle", is_flag=True,
+              help="Publish a checkpoint whose chip is a pickle (loading it runs code; its card warns).")
+def push_cmd(pruned_dir, repo_id, private, revision, token, commit_message, allow_pickle):
+    """Verify PRUNED_DIR and upload it, with its model card, to the Hugging Face Hub.
+
+    A checkpoint holding a pickle (a chip saved with --allow-pickle) is refused unless
+    --allow-pickle is given here too.
+    """
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.prune.hub import push_to_hub
 
+    if allow_pickle:
+        click.echo("WARNING: pushing with --allow-pickle: if the checkpoint holds a pickle, whoever loads it "
+                   "with allow_pickle=True runs code from it", err=True)
     url = push_to_hub(pruned_dir, repo_id, private=private, token=token, revision=revision,
-                      commit_message=commit_message)
+                      commit_message=commit_message, allow_pickle=allow_pickle)
     click.echo(f"pushed {pruned_dir} to {url}")
 
 

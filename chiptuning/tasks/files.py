@@ -34,9 +34,10 @@ FILE_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 
 
 def _open_text(path: Path):
+    # utf-8-sig: a byte-order mark (Excel's CSV export) is dropped, not glued to the first column's name
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _data_suffix(path: Path) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
 from chiptuning.io import json_default, write_json_atomic
 from chiptuning.models import load_config, load_model, load_tokenizer, weights_hash
+from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output
 from chiptuning.prune.baselines.calibration import Calibration, calibration_from_task
 from chiptuning.prune.baselines.drop import plan_angular, plan_shortgpt, plan_tail
 from chiptuning.prune.baselines.merging import plan_laco, plan_slm
@@ -116,16 +115,15 @@ def _json_safe(obj):
     return json.loads(json.dumps(obj, default=json_default))
 
 
-def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record: dict[str, Any]) -> Path:
+def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record: dict[str, Any],
+                      overwrite: bool = False) -> Path:
     """Save ``model`` (already cut) + tokenizer + ``pruning.json``, check the reload and (decoders)
-    KV-cache generation, atomically (temporary sibling directory renamed at the end)."""
+    KV-cache generation, atomically (temporary sibling directory renamed at the end,
+    :func:`chiptuning.outputs.write_output`; an existing checkpoint is replaced only with
+    ``overwrite``)."""
     hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / RECORD_FILE).exists():
-        raise ChipTuningError(f"--out {out_dir} exists and is not a depth-pruned checkpoint; choose a new directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with write_output(out_dir, DEPTH_PRUNED, overwrite=overwrite) as tmp:
         decoder = get_spec(model).decoder
         has_head = decoder and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
         model.save_pretrained(tmp)
@@ -140,12 +138,6 @@ def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record:
         record = _json_safe(record)
         record["record_sha256"] = record_hash(record)
         write_json_atomic(tmp / RECORD_FILE, record)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -174,6 +166,7 @@ def prune_with_method(
     seed: int = 0,
     model=None,
     tokenizer=None,
+    overwrite: bool = False,
     **options,
 ) -> Path:
     """Prune ``model_name_or_path`` with a baseline ``method`` and save a standard checkpoint.
@@ -190,6 +183,8 @@ def prune_with_method(
         model, tokenizer: an already-loaded model (``*ForCausalLM`` for decoders, to keep the LM
             head) and tokenizer; loaded from ``model_name_or_path`` when None. The model is cut
             in place.
+        overwrite: replace a depth-pruned checkpoint at ``out_dir`` (anything else there is
+            refused before any work).
         **options: method options (:data:`DEFAULTS`).
 
     Returns:
@@ -200,6 +195,7 @@ def prune_with_method(
         raise ChipTuningError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
     if (n_layers is None) == (ratio is None):
         raise ChipTuningError("give exactly one of --n-layers or --ratio")
+    check_output(out_dir, DEPTH_PRUNED, overwrite=overwrite)
     if model is None:
         decoder = get_spec(load_config(model_name_or_path)).decoder
         model = load_model(model_name_or_path, dtype=dtype, device=device, causal_lm=decoder)
@@ -232,6 +228,6 @@ def prune_with_method(
         "params": {"before": params_before, "after": params_after,
                    "pruning_ratio": 1 - params_after / params_before},
     }
-    path = save_pruned_model(model, tokenizer, out_dir, plan, record)
+    path = save_pruned_model(model, tokenizer, out_dir, plan, record, overwrite=overwrite)
     log.info("%s: %d of %d blocks removed (groups %s) -> %s", method, L - len(plan.groups), L, plan.groups, path)
     return path
