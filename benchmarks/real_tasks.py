@@ -252,6 +252,45 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_section(result: dict, commands: list[dict], runs: Path) -> str:
+    """One task's results: the layer curve (every 3rd layer), the zero-shot variants, the pruned
+    checkpoints, and the exact commands that made every number (from the run's log)."""
+    name = result["task"]
+    lines = [f"## {name}", "", f"![{name}]({name}.png)", "",
+             f"{result['n_train']} training examples ({result['n_val']} of them carved out for validation), "
+             f"{result['n_eval']} evaluation examples; majority class {_pct(result['majority'])}%.", ""]
+    z = result["zero_shot"]
+    lines += ["| zero-shot answer of the dense model | raw | prior-calibrated |", "|---|---:|---:|"]
+    for kind in ("plain", "chat"):
+        if z.get(kind):
+            prompt = "plain prompt (the paper's template)" if kind == "plain" else "in the chat template"
+            lines.append(f"| {prompt} | {_pct(z[kind]['accuracy'])} | {_pct(z[kind]['calibrated_accuracy'])} |")
+    lines += ["", "| layer | linear chip | MLP chip | model's own answer (logit lens) | lens, calibrated |",
+              "|---:|---:|---:|---:|---:|"]
+    mlp = {r["layer"]: r for r in result["curves"].get("mlp", [])}
+    for r in result["curves"]["linear"]:
+        if r["layer"] % 3 == 0 or r["layer"] == result["curves"]["linear"][-1]["layer"]:
+            m = mlp.get(r["layer"], {})
+            lines.append(f"| {r['layer']} | {_pct(r['eval_accuracy'])} | {_pct(m.get('eval_accuracy'))} | "
+                         f"{_pct(r.get('lens_accuracy'))} | {_pct(r.get('lens_calibrated_accuracy'))} |")
+    lines += ["", "| selection | layer | pruned model, from raw text | parameters removed |", "|---|---:|---:|---:|"]
+    for strategy, sel in result["selections"].items():
+        lines.append(f"| `{strategy}` | {sel['layer']} of {sel['num_blocks']} | {_pct(sel['pruned_accuracy'])} "
+                     f"| {_pct(sel['params_removed'])}% |")
+    if result.get("speed"):
+        sp = result["speed"]
+        lines += ["", f"Speed ({sp['n_examples']} evaluation examples, `eval --dense`, one run): pruned "
+                  f"{sp['pruned_examples_per_s']:.2f} examples/s, dense {sp['dense_examples_per_s']:.2f}: "
+                  f"{sp['speedup']:.2f}x for a block ratio of {sp['ideal_speedup']:.2f}x."]
+    mine = [c for c in commands if f"/{name}/" in c["command"] or f"{runs.name}/{name}/" in c["command"]]
+    if mine:
+        lines += ["", "Commands (as run, in order; the seconds are wall time on the machine named above):", "",
+                  "```bash"]
+        lines += [f"{c['command']}   # {c['seconds']:.0f} s" for c in mine]
+        lines += ["```"]
+    return "\n".join(lines) + "\n"
+
+
 def report(runs: Path) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     results = []
@@ -263,6 +302,10 @@ def report(runs: Path) -> None:
         plot(result, OUT / f"{name}.png")
         results.append(result)
     (OUT / "summary.md").write_text(summary_table(results))
+    log = runs / "commands.jsonl"
+    commands = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    (OUT / "tasks.md").write_text("# SmolLM2-135M-Instruct, task by task\n\n"
+                                  + "\n".join(task_section(r, commands, runs) for r in results))
     print(summary_table(results))
 
 
