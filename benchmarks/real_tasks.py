@@ -100,7 +100,8 @@ class Runner:
             sys.exit(f"failed ({done.returncode}): {text}")
 
 
-def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Path, extract_only: bool = False) -> None:
+def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Path, extract_only: bool = False,
+             speed: bool = True) -> None:
     root = runs / name
     root.mkdir(parents=True, exist_ok=True)
     data_opts = ["--task", spec["task"], "--data-dir", data]
@@ -137,9 +138,10 @@ def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Pa
             run(root / "never", "select", root / "chips-linear", "--strategy", strategy)
             run(pruned / "chiptuning.json", "prune", "--model", model, "--chips", root / "chips-linear", "--out", pruned)
             run(evaluated / "metrics.json", "eval", pruned, *eval_opts, "--out", evaluated)
-    speed_opts = [*data_opts, spec["eval"][0], spec["eval"][1], "--limit", str(SPEED_ROWS), "--device", "cpu"]
-    run(root / "speed-validate" / "metrics.json", "eval", root / "pruned-validate", *speed_opts, "--dense",
-        "--out", root / "speed-validate")
+    if speed:  # timings: run it on an otherwise idle machine
+        speed_opts = [*data_opts, spec["eval"][0], spec["eval"][1], "--limit", str(SPEED_ROWS), "--device", "cpu"]
+        run(root / "speed-validate" / "metrics.json", "eval", root / "pruned-validate", *speed_opts, "--dense",
+            "--out", root / "speed-validate")
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -154,7 +156,8 @@ def collect(name: str, runs: Path) -> dict | None:
     record = _json(root / "chips-linear" / "chips.json")
     if record is None or chips["linear"] is None:
         return None
-    out = {"task": name, "n_train": record["validation"]["n_train_rows"], "n_val": record["validation"]["size"],
+    out = {"task": name, "n_train": record["validation"]["n_train_rows"] + record["validation"]["size"],
+           "n_val": record["validation"]["size"],
            "n_eval": (record.get("eval_cache") or {}).get("n_rows"),
            "majority": record["majority_baseline"].get("eval"),
            "curves": {kind: [{k: row.get(k) for k in ("layer", "val_accuracy", "eval_accuracy", "lens_accuracy",
@@ -257,7 +260,7 @@ def task_section(result: dict, commands: list[dict], runs: Path) -> str:
     checkpoints, and the exact commands that made every number (from the run's log)."""
     name = result["task"]
     lines = [f"## {name}", "", f"![{name}]({name}.png)", "",
-             f"{result['n_train']} training examples ({result['n_val']} of them carved out for validation), "
+             f"{result['n_train']} training examples ({result['n_val']} of them held out for validation), "
              f"{result['n_eval']} evaluation examples; majority class {_pct(result['majority'])}%.", ""]
     z = result["zero_shot"]
     lines += ["| zero-shot answer of the dense model | raw | prior-calibrated |", "|---|---:|---:|"]
@@ -318,6 +321,7 @@ def main() -> None:
     parser.add_argument("--commands", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--report-only", action="store_true", help="only write the tables and figures")
     parser.add_argument("--extract-only", action="store_true", help="only the extractions (steps 1-2), every task")
+    parser.add_argument("--no-speed", action="store_true", help="leave out step 6 (timings want an idle machine)")
     args = parser.parse_args()
     runs = Path(args.runs)
     if not args.report_only:
@@ -325,7 +329,8 @@ def main() -> None:
         run = Runner(args.commands, runs / "commands.jsonl")
         model = args.model or smollm2_path()
         for name in args.tasks.split(","):
-            run_task(name, TASKS[name], run, model, args.data, runs, extract_only=args.extract_only)
+            run_task(name, TASKS[name], run, model, args.data, runs, extract_only=args.extract_only,
+                     speed=not args.no_speed)
     if not args.commands and not args.extract_only:
         report(runs)
 
