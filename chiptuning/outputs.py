@@ -102,7 +102,7 @@ CACHE = OutputKind("feature cache", "chiptuning extract", "manifest.json", ("chi
 CHIPS = OutputKind("chips directory", "chiptuning probe train", "chips.json", ("chiptuning-chips",),
                    files=("chips.safetensors", "chips.joblib", "metrics.csv", "metrics.json",
                           "eval_predictions.csv", "layer_accuracy.png", "selection.json", "report.md",
-                          *_JSON_TMP))
+                          "cascade.json", "cascade_curve.csv", "cascade.png", *_JSON_TMP))
 SWEEP = OutputKind("sweep directory", "chiptuning probe sweep", "sweep.json", ("chiptuning-sweep",),
                    legacy_keys=("rows", "best", "best_command"),
                    files=("sweep.csv", "best_per_layer.csv", "layer_accuracy.png", *_JSON_TMP))

@@ -274,6 +274,28 @@ def test_a_pickle_in_a_downloaded_checkpoint_is_never_loaded(world, tmp_path, mo
                           "chip.safetensors", "not a readable safetensors file")
 
 
+def test_a_pickle_at_an_early_exit_is_never_loaded(world, tmp_path):
+    """An early-exit checkpoint keeps more chips (one per exit): a pickle at any of them is refused too."""
+    marker = tmp_path / "MARKER"
+    chips = copy(world["chips"], tmp_path / "chips")
+    assert cli("select", chips, "--strategy", "cascade:0.5").exit_code == 0
+    pruned = tmp_path / "pruned"
+    result = cli("prune", "--model", world["model"], "--chips", chips, "--out", pruned)
+    assert result.exit_code == 0, result.output
+    exits = sorted((pruned / "chip" / "exits").glob("layer-*")) if (pruned / "chip" / "exits").is_dir() else []
+    if not exits:
+        pytest.skip("the tiny model's validation set chose no early exit")
+    record = json.loads((exits[0] / "chip.json").read_text())
+    (exits[0] / "chip.safetensors").unlink()
+    plant_pickle(exits[0] / "chip.joblib", marker)
+    (exits[0] / "chip.json").write_text(json.dumps(dict(record, weights="chip.joblib")))
+    rehash_checkpoint(pruned)
+    with pytest.raises(ChipTuningError, match="pickle"):
+        ChipModel.from_pretrained(pruned)
+    assert_one_line_error(cli("eval", pruned, "--data", world["data"], "--out", tmp_path / "e"), "pickle")
+    assert not marker.exists()
+
+
 def test_logistic_chips_carry_no_pickle_and_load_without_opt_in(world, tmp_path):
     chips, pruned = tmp_path / "chips", tmp_path / "pruned"
     assert cli("probe", "train", world["cache"], "--chip", "logreg", "--out", chips, "--val-size", "4",
@@ -365,6 +387,13 @@ def test_values_out_of_range_are_caught_at_read(world, tmp_path, value):
 def test_retraining_replaces_the_chips_and_their_selection(world, tmp_path):
     chips = copy(world["chips"], tmp_path / "chips")
     assert json.loads((chips / "selection.json").read_text())["layer"] == 3
+    cascade = copy(world["chips"], tmp_path / "cascade")  # an early-exit selection goes the same way
+    result = cli("select", cascade, "--strategy", "cascade:0.5")
+    assert result.exit_code == 0 and (cascade / "cascade.json").exists(), result.output
+    result = cli("probe", "train", world["cache"], "--val-size", "4", "--epochs", "2", "--out", cascade, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not [p for p in ("selection.json", "cascade.json", "cascade_curve.csv", "cascade.png")
+                if (cascade / p).exists()]
     before = tree_digest(chips)
     train = ("probe", "train", world["cache"], "--chip", "mlp", "--hidden", "8", "--epochs", "2", "--val-size", "4",
              "--out", chips)

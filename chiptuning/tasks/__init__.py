@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from chiptuning.errors import DataError
+from chiptuning.io import sha256_file
 from chiptuning.tasks.base import (
     LETTERS,
     Example,
@@ -38,7 +39,6 @@ from chiptuning.tasks.builtin import BUILTIN_TASKS, BuiltinTask, get_builtin, lo
 from chiptuning.tasks.files import (
     FILE_TYPES,
     build_user_task,
-    file_sha256,
     hub_records,
     infer_label_names,
     load_hub_dataset,
@@ -275,7 +275,7 @@ def _load_file_or_hub(data: str | Path, *, split, subset, **user) -> TaskData:
             raise DataError("--subset is for hub datasets, not local files")
         records, features = read_table(path)
         return build_user_task(records, where=str(path), name="custom", split=split or _stem(path),
-                               source={"file": path.name, "sha256": file_sha256(path)}, features=features,
+                               source={"file": path.name, "sha256": sha256_file(path)}, features=features,
                                **user)
     name = str(data)
     if any(name.lower().endswith(s) or name.lower().endswith(s + ".gz") for s in FILE_TYPES) or name.startswith((".", "~")):
