@@ -27,6 +27,7 @@ def render_model_card(record: CheckpointRecord) -> str:
     before, after, removed = params["before"], params["after"], params["removed"]
     L, layer = record.num_blocks, record.layer
     tasks = record.tasks
+    images = any(task.task.get("image_column") for task in tasks.values())
     lines = [
         "---",
         "library_name: transformers",
@@ -34,7 +35,7 @@ def render_model_card(record: CheckpointRecord) -> str:
         "tags:",
         "- chip-tuning",
         "- pruned",
-        "- text-classification",
+        "- image-classification" if images else "- text-classification",
         "---",
         "",
         f"# {Path(str(base.id)).name} pruned to {layer} of {L} blocks (chip-tuning)",
@@ -62,7 +63,8 @@ def render_model_card(record: CheckpointRecord) -> str:
            f"`{base.source['architecture']}`, sha256 `{base.source['sha256']}`), dequantized to float32 "
            "before pruning"] if base.source else []),
         f"- Kept: embeddings, blocks 1..{layer}, final norm (unused by the chip, kept so the "
-        "checkpoint loads cleanly)" + (", LM head" if record.keep_lm_head else ""),
+        "checkpoint loads cleanly)" + (", LM head" if record.keep_lm_head else "")
+        + ("; the vision tower and projector whole, and the processor" if images else ""),
         f"- Saved as `{record.architecture}` in {record.dtype}; feature mode `{record.feature_mode}`",
         "",
     ]
@@ -74,7 +76,8 @@ def render_model_card(record: CheckpointRecord) -> str:
             f"- Layer {task.layer} (strategy `{task.strategy}`), feature mode `{task.feature_mode}`",
             f"- Labels: {', '.join(f'`{n}`' for n in task.label_names)}",
             "- Prompt: " + (f"template `{task.template!r}`" if task.template
-                             else f"text column `{task.text_column}`"),
+                             else f"text column `{task.text_column}`")
+            + (" asked about each image, in the processor's chat template" if task.task.get("image_column") else ""),
             f"- Trained on: {(source.get('source') or {}).get('file', source.get('name', '?'))} "
             f"(split `{source.get('split', '?')}`, {source.get('n_examples', '?')} examples), "
             f"cache `{task.cache_fingerprint}`",
@@ -91,7 +94,7 @@ def render_model_card(record: CheckpointRecord) -> str:
         "from chiptuning import ChipModel",
         "",
         'clf = ChipModel.from_pretrained("path/to/this/checkpoint")',
-        'clf.predict(["some text to classify"])',
+        'clf.predict(["photo.jpg"])  # paths, PIL images or arrays' if images else 'clf.predict(["some text to classify"])',
         "```",
         "",
         *([f"With several tasks: `clf.predict(texts, task=...)` (tasks: {', '.join(f'`{n}`' for n in tasks)}).", ""]
