@@ -100,7 +100,8 @@ class Runner:
             sys.exit(f"failed ({done.returncode}): {text}")
 
 
-def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Path, extract_only: bool = False) -> None:
+def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Path, extract_only: bool = False,
+             speed: bool = True) -> None:
     root = runs / name
     root.mkdir(parents=True, exist_ok=True)
     data_opts = ["--task", spec["task"], "--data-dir", data]
@@ -137,9 +138,10 @@ def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Pa
             run(root / "never", "select", root / "chips-linear", "--strategy", strategy)
             run(pruned / "chiptuning.json", "prune", "--model", model, "--chips", root / "chips-linear", "--out", pruned)
             run(evaluated / "metrics.json", "eval", pruned, *eval_opts, "--out", evaluated)
-    speed_opts = [*data_opts, spec["eval"][0], spec["eval"][1], "--limit", str(SPEED_ROWS), "--device", "cpu"]
-    run(root / "speed-validate" / "metrics.json", "eval", root / "pruned-validate", *speed_opts, "--dense",
-        "--out", root / "speed-validate")
+    if speed:  # timings: run it on an otherwise idle machine
+        speed_opts = [*data_opts, spec["eval"][0], spec["eval"][1], "--limit", str(SPEED_ROWS), "--device", "cpu"]
+        run(root / "speed-validate" / "metrics.json", "eval", root / "pruned-validate", *speed_opts, "--dense",
+            "--out", root / "speed-validate")
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -154,7 +156,8 @@ def collect(name: str, runs: Path) -> dict | None:
     record = _json(root / "chips-linear" / "chips.json")
     if record is None or chips["linear"] is None:
         return None
-    out = {"task": name, "n_train": record["validation"]["n_train_rows"], "n_val": record["validation"]["size"],
+    out = {"task": name, "n_train": record["validation"]["n_train_rows"] + record["validation"]["size"],
+           "n_val": record["validation"]["size"],
            "n_eval": (record.get("eval_cache") or {}).get("n_rows"),
            "majority": record["majority_baseline"].get("eval"),
            "curves": {kind: [{k: row.get(k) for k in ("layer", "val_accuracy", "eval_accuracy", "lens_accuracy",
@@ -252,6 +255,45 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_section(result: dict, commands: list[dict], runs: Path) -> str:
+    """One task's results: the layer curve (every 3rd layer), the zero-shot variants, the pruned
+    checkpoints, and the exact commands that made every number (from the run's log)."""
+    name = result["task"]
+    lines = [f"## {name}", "", f"![{name}]({name}.png)", "",
+             f"{result['n_train']} training examples ({result['n_val']} of them held out for validation), "
+             f"{result['n_eval']} evaluation examples; majority class {_pct(result['majority'])}%.", ""]
+    z = result["zero_shot"]
+    lines += ["| zero-shot answer of the dense model | raw | prior-calibrated |", "|---|---:|---:|"]
+    for kind in ("plain", "chat"):
+        if z.get(kind):
+            prompt = "plain prompt (the paper's template)" if kind == "plain" else "in the chat template"
+            lines.append(f"| {prompt} | {_pct(z[kind]['accuracy'])} | {_pct(z[kind]['calibrated_accuracy'])} |")
+    lines += ["", "| layer | linear chip | MLP chip | model's own answer (logit lens) | lens, calibrated |",
+              "|---:|---:|---:|---:|---:|"]
+    mlp = {r["layer"]: r for r in result["curves"].get("mlp", [])}
+    for r in result["curves"]["linear"]:
+        if r["layer"] % 3 == 0 or r["layer"] == result["curves"]["linear"][-1]["layer"]:
+            m = mlp.get(r["layer"], {})
+            lines.append(f"| {r['layer']} | {_pct(r['eval_accuracy'])} | {_pct(m.get('eval_accuracy'))} | "
+                         f"{_pct(r.get('lens_accuracy'))} | {_pct(r.get('lens_calibrated_accuracy'))} |")
+    lines += ["", "| selection | layer | pruned model, from raw text | parameters removed |", "|---|---:|---:|---:|"]
+    for strategy, sel in result["selections"].items():
+        lines.append(f"| `{strategy}` | {sel['layer']} of {sel['num_blocks']} | {_pct(sel['pruned_accuracy'])} "
+                     f"| {_pct(sel['params_removed'])}% |")
+    if result.get("speed"):
+        sp = result["speed"]
+        lines += ["", f"Speed ({sp['n_examples']} evaluation examples, `eval --dense`, one run): pruned "
+                  f"{sp['pruned_examples_per_s']:.2f} examples/s, dense {sp['dense_examples_per_s']:.2f}: "
+                  f"{sp['speedup']:.2f}x for a block ratio of {sp['ideal_speedup']:.2f}x."]
+    mine = [c for c in commands if f"/{name}/" in c["command"] or f"{runs.name}/{name}/" in c["command"]]
+    if mine:
+        lines += ["", "Commands (as run, in order; the seconds are wall time on the machine named above):", "",
+                  "```bash"]
+        lines += [f"{c['command']}   # {c['seconds']:.0f} s" for c in mine]
+        lines += ["```"]
+    return "\n".join(lines) + "\n"
+
+
 def report(runs: Path) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     results = []
@@ -263,6 +305,10 @@ def report(runs: Path) -> None:
         plot(result, OUT / f"{name}.png")
         results.append(result)
     (OUT / "summary.md").write_text(summary_table(results))
+    log = runs / "commands.jsonl"
+    commands = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    (OUT / "tasks.md").write_text("# SmolLM2-135M-Instruct, task by task\n\n"
+                                  + "\n".join(task_section(r, commands, runs) for r in results))
     print(summary_table(results))
 
 
@@ -275,6 +321,7 @@ def main() -> None:
     parser.add_argument("--commands", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--report-only", action="store_true", help="only write the tables and figures")
     parser.add_argument("--extract-only", action="store_true", help="only the extractions (steps 1-2), every task")
+    parser.add_argument("--no-speed", action="store_true", help="leave out step 6 (timings want an idle machine)")
     args = parser.parse_args()
     runs = Path(args.runs)
     if not args.report_only:
@@ -282,7 +329,8 @@ def main() -> None:
         run = Runner(args.commands, runs / "commands.jsonl")
         model = args.model or smollm2_path()
         for name in args.tasks.split(","):
-            run_task(name, TASKS[name], run, model, args.data, runs, extract_only=args.extract_only)
+            run_task(name, TASKS[name], run, model, args.data, runs, extract_only=args.extract_only,
+                     speed=not args.no_speed)
     if not args.commands and not args.extract_only:
         report(runs)
 

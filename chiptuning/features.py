@@ -64,23 +64,49 @@ def _accepts(module, name: str) -> bool:
     return name in params
 
 
+def _with_hidden(output, hidden: torch.Tensor):
+    """A block's output with its hidden states replaced (a tuple stays a tuple)."""
+    return type(output)((hidden, *output[1:])) if isinstance(output, (tuple, list)) else hidden
+
+
 @contextlib.contextmanager
-def capture_layers(model, layers: Iterable[int], keep: Callable[[int, torch.Tensor], None]):
+def capture_layers(model, layers: Iterable[int], keep: Callable[[int, torch.Tensor], torch.Tensor | None]):
     """Within the block, every forward of ``model`` calls ``keep(layer, hidden)`` with the full
     (B, T, H) residual stream of each requested layer (0: the input of block 1; l >= 1: the raw
     output of block l), in layer order. ``keep`` may raise :class:`StopForward` to skip the
-    remaining blocks. The hooks are always removed on exit.
+    remaining blocks, and for l >= 1 may return a tensor that replaces the block's output (fewer
+    rows, for early exit). The hooks are always removed on exit.
     """
     blocks = get_blocks(model)
     handles = []
+
+    def after(layer: int):
+        def hook(_module, _args, output):
+            replacement = keep(layer, hidden_from_output(output))
+            return None if replacement is None else _with_hidden(output, replacement)
+        return hook
+
     try:
         for layer in sorted(set(int(x) for x in layers)):
             if layer == 0:
                 handles.append(blocks[0].register_forward_pre_hook(
                     lambda _m, args, kwargs: keep(0, hidden_from_args(args, kwargs)), with_kwargs=True))
             else:
-                handles.append(blocks[layer - 1].register_forward_hook(
-                    lambda _m, _a, out, layer=layer: keep(layer, hidden_from_output(out))))
+                handles.append(blocks[layer - 1].register_forward_hook(after(layer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def rewrite_block_calls(model, blocks: range, rewrite: Callable[[tuple, dict], tuple[tuple, dict] | None]):
+    """Within the block, each of ``blocks`` (0-based) is called with what ``rewrite(args, kwargs)``
+    returns instead of what the forward passes it (None: unchanged). The hooks are always removed."""
+    modules = get_blocks(model)
+    handles = [modules[i].register_forward_pre_hook(lambda _m, args, kwargs: rewrite(args, kwargs), with_kwargs=True)
+               for i in blocks]
+    try:
         yield
     finally:
         for handle in handles:

@@ -76,7 +76,7 @@ def is_gguf(model_name_or_path: str | Path) -> bool:
     return str(model_name_or_path).lower().endswith(GGUF_SUFFIX)
 
 
-def _file_sha256(path: Path) -> str:
+def _remembered_sha256(path: Path) -> str:
     """sha256 of a (large) file, remembered by path, size and modification time so a later command
     on the same file does not read it again."""
     stat = path.stat()
@@ -131,7 +131,7 @@ def resolve_gguf(path: str | Path) -> GGUFSource:
     path = Path(path)
     if not path.is_file():
         raise ChipTuningError(f"--model {path}: no such GGUF file")
-    digest = _file_sha256(path)
+    digest = _remembered_sha256(path)
     target = cache_dir() / "gguf" / digest[:16]
     record_path = target / SOURCE_FILE
     if record_path.is_file():

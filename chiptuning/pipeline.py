@@ -34,7 +34,7 @@ from chiptuning.io import write_json_atomic
 from chiptuning.models import resolve_device
 from chiptuning.probe import TrainConfig, select_layer, train_chips
 from chiptuning.probe.lens import zero_shot_report
-from chiptuning.prune import evaluate, prune, read_provenance
+from chiptuning.prune import evaluate, load_record, prune
 from chiptuning.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
             "dense_examples_per_s": metrics["dense"]["examples_per_s"],
             "speedup": metrics["speedup"], "ideal_speedup": metrics["ideal_speedup"]},
         "majority_baseline": chips.record.majority_baseline["eval"],
-        "params": read_provenance(pruned_dir)["params"],
+        "params": load_record(pruned_dir).params,
         "paths": {"train_cache": str(caches["train"]), "eval_cache": str(caches["eval"]),
                   "chips": str(chips_dir), "pruned": str(pruned_dir), "eval": str(eval_dir)},
         "device": device,

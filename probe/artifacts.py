@@ -441,6 +441,16 @@ def write_metrics(out: Path, rows: Sequence[dict], kind: str) -> None:
     write_json_atomic(out / METRICS_JSON, {"chip": kind, "layers": list(rows)})
 
 
+def write_rows(path: Path, rows: Sequence[dict]) -> Path:
+    """A CSV of dict rows, the columns in first-seen order (blank for a missing value)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if row.get(k) is None else row.get(k)) for k in columns} for row in rows)
+    return Path(path)
+
+
 def write_predictions(path: Path, predictions: dict) -> None:
     """eval_predictions.csv: example_id, label, layer_<l> per layer (predicted class index)."""
     layers = predictions["layers"]

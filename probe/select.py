@@ -9,6 +9,10 @@ Strategies (the paper's three, plus one for "most pruning at a marginal loss"):
   bound only, never a fair model selection.
 * ``within:DELTA`` -- the shallowest layer whose validation accuracy is within DELTA (a fraction:
   0.01 = one point) of the best; never a layer more than DELTA below the best.
+* ``cascade:DELTA`` -- early exit: the chips of several layers in turn, each example stopping at
+  the first one confident enough, with validation accuracy within DELTA of the best fixed chip and
+  the fewest expected blocks (:mod:`chiptuning.probe.cascade`); the pruned model keeps blocks up
+  to the last exit layer. Writes ``cascade.json``, ``cascade_curve.csv`` and ``cascade.png``.
 
 Layer 0 (the embedding output) is never a candidate of ``validate``, ``optimal`` or ``within``
 and ``fixed:0`` is refused: a pruned model keeps blocks 1..l and needs at least one.
@@ -26,11 +30,15 @@ from pathlib import Path
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
 from chiptuning.io import write_json_atomic
-from chiptuning.probe.artifacts import REPORT, SELECTION, ChipSet, load_chips
+from chiptuning.probe.artifacts import REPORT, SELECTION, ChipSet, load_chips, write_rows
+from chiptuning.probe.cascade import calibrate_cascade, cascade_curve, plot_cascade_curve
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("fixed:L", "validate", "optimal", "within:DELTA")
+STRATEGIES = ("fixed:L", "validate", "optimal", "within:DELTA", "cascade:DELTA")
+CASCADE_FILE = "cascade.json"
+CASCADE_CURVE = "cascade_curve.csv"
+CASCADE_PLOT = "cascade.png"
 
 #: The shallowest layer a pruned model can end at: layer 0 is the embedding output, and a pruned
 #: model keeps blocks 1..layer, so it needs layer >= 1.
@@ -46,13 +54,13 @@ def parse_strategy(strategy: str) -> tuple[str, float | int | None]:
             return name, int(arg)
         except ValueError:
             raise ChipTuningError(f"--strategy fixed:L needs an integer layer, got {strategy!r}") from None
-    if name == "within":
+    if name in ("within", "cascade"):
         try:
             delta = float(arg[:-1]) / 100 if arg.endswith("%") else float(arg)
         except ValueError:
-            raise ChipTuningError(f"--strategy within:DELTA needs a number (0.01 = one point), got {strategy!r}") from None
+            raise ChipTuningError(f"--strategy {name}:DELTA needs a number (0.01 = one point), got {strategy!r}") from None
         if not 0 <= delta < 1:
-            raise ChipTuningError(f"--strategy within:DELTA takes an accuracy fraction in [0, 1) "
+            raise ChipTuningError(f"--strategy {name}:DELTA takes an accuracy fraction in [0, 1) "
                                   f"(0.01 = one point, or 1%), got {arg!r}")
         return name, delta
     if name in ("validate", "optimal") and not arg:
@@ -154,6 +162,20 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
                    f"{delta:g} of the best ({best:.4f} at layer {best_layer}) over layers {_span(val)}")
         if min(by_layer) < MIN_PRUNE_LAYER:
             why += _LAYER0_NOTE
+    elif name == "cascade":
+        cascade, material = calibrate_cascade(chips, float(arg))
+        layer, sim = cascade.reference_layer, cascade.simulated
+        extra["cascade"] = cascade.to_dict()
+        extra["cascade_curve"] = cascade_curve(cascade, material, chips)
+        if cascade.fallback:
+            why = (f"no early exit kept validation accuracy within {arg:g} of the best fixed chip, so the cascade is "
+                   f"that chip alone (layer {layer}, validation accuracy {sim['reference_val_accuracy']:.4f})")
+        else:
+            exits = [f"{lay}@{t:.3g}" for lay, t in cascade.exits]
+            depth = sim.get("eval_mean_depth", sim["val_mean_depth"])
+            why = (f"early-exit cascade (layer@confidence: {', '.join(exits)}): validation accuracy "
+                   f"{sim['val_accuracy']:.4f} against {sim['reference_val_accuracy']:.4f} for the best fixed chip "
+                   f"(layer {layer}); mean depth {depth:.2f} blocks, {layer / depth:.2f}x fewer")
     else:  # optimal
         if not has_eval:
             raise ChipTuningError("--strategy optimal needs eval accuracy; train with --eval EVAL_CACHE")
@@ -181,7 +203,17 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
         "pruning": pruning_stats(chips.record.model_stats, layer, num_blocks),
         **extra,
     }
+    if "cascade" in selection:  # what the cascade itself scores, not its last chip alone
+        sim = selection["cascade"]["simulated"]
+        selection["expected_accuracy"] = sim.get("eval_accuracy", sim["val_accuracy"])
+        selection["expected_accuracy_from"] = "eval (simulated cascade)" if "eval_accuracy" in sim else \
+            "validation (simulated cascade)"
+    curve = selection.pop("cascade_curve", None)
     chips.selection = selection
+    if write and chips.path is not None and curve is not None:
+        write_json_atomic(Path(chips.path) / CASCADE_FILE, selection["cascade"])
+        write_rows(Path(chips.path) / CASCADE_CURVE, curve)
+        plot_cascade_curve(curve, Path(chips.path) / CASCADE_PLOT)
     if write and chips.path is not None:
         write_json_atomic(Path(chips.path) / SELECTION, selection)
         (Path(chips.path) / REPORT).write_text(render_report(chips, selection))

@@ -83,10 +83,12 @@ def render_model_card(record: CheckpointRecord) -> str:
             f"cache `{task.cache_fingerprint}`",
             f"- Chip: `{task.chips.chip if task.chips is not None else '?'}`, "
             f"accuracy at layer {task.layer}: {_accuracy(task.chip_metrics)}",
+            *_cascade_lines(task.cascade),
             "",
         ]
     for image in record.images:
-        lines += [f"![accuracy against layer]({image})", ""]
+        what = "accuracy against mean depth (early exit)" if image.startswith("cascade") else "accuracy against layer"
+        lines += [f"![{what}]({image})", ""]
     lines += [
         "## How to load",
         "",
@@ -119,6 +121,26 @@ def render_model_card(record: CheckpointRecord) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _cascade_lines(cascade: dict[str, Any] | None) -> list[str]:
+    """The early-exit cascade of a task, for the card (nothing for a single chip)."""
+    if not cascade:
+        return []
+    exits = ", ".join(f"layer {e['layer']}" + (f" if its chip is >= {e['threshold']:.3g} sure" if i < len(cascade["exits"]) - 1
+                                              else " for the rest")
+                      for i, e in enumerate(cascade["exits"]))
+    sim = cascade.get("simulated") or {}
+    part = "eval" if "eval_accuracy" in sim else "val"
+    lines = [f"- Early exit: each input stops at the first confident chip: {exits}."]
+    if sim:
+        depth = sim[f"{part}_mean_depth"]
+        lines.append(f"- Operating point (chosen on validation, delta {cascade.get('delta')}): {part} accuracy "
+                     f"{100 * sim[f'{part}_accuracy']:.2f}% against {100 * sim[f'reference_{part}_accuracy']:.2f}% "
+                     f"for the chip at layer {cascade['reference_layer']} alone, {depth:.2f} blocks on average "
+                     f"({cascade['reference_layer'] / depth:.2f}x fewer); `ChipModel.predict_with_exits` reports each "
+                     "input's exit layer.")
+    return lines
 
 
 def write_model_card(root: Path, record: CheckpointRecord) -> Path:

@@ -121,6 +121,8 @@ class TaskChip:
         strategy: how that layer was chosen (``fixed:L``, ``validate``, ...).
         chips_dir: where the chips came from (the layer curve image is copied from there).
         name: the task's name in the checkpoint (``predict(..., task=name)``).
+        cascade: an early-exit cascade chosen by ``select --strategy cascade:DELTA``
+            (:class:`chiptuning.probe.cascade.Cascade` as a dict), or None.
     """
 
     chips: ChipSet
@@ -128,6 +130,16 @@ class TaskChip:
     strategy: str
     chips_dir: Path | None = None
     name: str = "default"
+    cascade: dict | None = None
+
+    @property
+    def exit_layers(self) -> list[tuple[int, float]]:
+        """(layer, threshold) of the cascade's exits, the last one (this task's layer) included;
+        [(layer, 0)] for a single chip."""
+        if self.cascade is None:
+            return [(self.layer, 0.0)]
+        return [(int(lay), float(t)) for lay, t in zip(self.cascade["layers"], self.cascade["thresholds"])
+                if t is not None]
 
     @property
     def cache_meta(self) -> CacheMeta:
@@ -175,7 +187,8 @@ def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None) 
         given, path = _parse_chips_arg(entry)
         chips = load_chips(path)
         chosen, strategy = resolve_layer(chips, layer)
-        task = TaskChip(chips, chosen, strategy, path, name=given or "")
+        cascade = (chips.selection or {}).get("cascade") if layer is None else None
+        task = TaskChip(chips, chosen, strategy, path, name=given or "", cascade=cascade)
         task.cache_meta  # noqa: B018 -- fails early, naming the fix, when the chips record no cache meta
         tasks.append(task)
     own = [t.cache_meta.task_name or "default" for t in tasks]
@@ -193,11 +206,6 @@ def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None) 
 
 
 # -- the parity check -----------------------------------------------------------------------------
-
-def layer_features(model, tokenizer, prompts: Sequence[str], layer: int, mode: str = "raw") -> np.ndarray:
-    """feature(layer) of each prompt, float32 (B, H), through the shared encoder and layer convention."""
-    return inputs_features(model, TextInputs(tokenizer, prompts), layer, mode)
-
 
 def inputs_features(model, inputs: EncodedInputs, layer: int, mode: str = "raw") -> np.ndarray:
     """feature(layer) of encoded inputs (text or images) as one batch, float32 (B, H)."""
@@ -298,6 +306,9 @@ def check_options(tasks: list[TaskChip], keep_lm_head: bool, export: str | None)
         raise ChipTuningError("--export sequence-classification replaces the LM head; drop --keep-lm-head")
     if export and len(tasks) > 1:
         raise ChipTuningError("--export sequence-classification holds one task; give one --chips directory")
+    if export and any(t.cascade for t in tasks):
+        raise ChipTuningError("--export sequence-classification holds one chip; an early-exit cascade needs "
+                              "chiptuning's ChipModel (select another strategy to export)")
     lengths = {t.cache_meta.max_length for t in tasks}
     if len(lengths) > 1:
         raise ChipTuningError(
@@ -349,7 +360,8 @@ def save_pruned(
         hidden_size = int(text_config(model.config).hidden_size)
         stats_before = param_stats(model)
         probe = parity_inputs(model, tokenizer)
-        references = {t.name: inputs_features(model, probe, t.layer, t.feature_mode) for t in tasks}  # name -> (B, H)
+        references = {(t.name, lay): inputs_features(model, probe, lay, t.feature_mode)
+                      for t in tasks for lay, _ in t.exit_layers}  # (task, layer) -> (B, H)
         truncate_(model, depth)
         if export:
             to_save = to_sequence_classification(model, tokenizer, tasks[0].chips.chip(tasks[0].layer),
@@ -375,12 +387,15 @@ def save_pruned(
         for task in tasks:
             chip_dir = CHIP_DIR if len(tasks) == 1 else f"chips/{task.name}"
             task.chips.save_layer(task.layer, tmp / chip_dir)
+            for lay, _ in task.exit_layers[:-1]:  # a cascade's earlier exits
+                task.chips.save_layer(lay, tmp / chip_dir / "exits" / f"layer-{lay}")
             entries[task.name] = task_entry(task, chip_dir)
-            curve = Path(task.chips_dir) / "layer_accuracy.png" if task.chips_dir is not None else None
-            if curve is not None and curve.is_file():
-                image = "layer_accuracy.png" if len(tasks) == 1 else f"layer_accuracy-{task.name}.png"
-                shutil.copy2(curve, tmp / image)
-                images.append(image)
+            for picture in ("layer_accuracy.png", "cascade.png"):
+                source = Path(task.chips_dir) / picture if task.chips_dir is not None else None
+                if source is not None and source.is_file() and (picture != "cascade.png" or task.cascade):
+                    image = picture if len(tasks) == 1 else f"{Path(picture).stem}-{task.name}.png"
+                    shutil.copy2(source, tmp / image)
+                    images.append(image)
         removed = {
             "blocks": int(sum(stats_before["blocks"][depth:])),
             "lm_head": 0 if keep_lm_head else int(stats_before["lm_head"]),
@@ -414,11 +429,18 @@ def save_pruned(
 def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
     """The checkpoint's record of one task (its chip, layer and prompt format)."""
     source = dict(task.cache_meta.task)
+    cascade = None
+    if task.cascade is not None:
+        exits = [{"layer": lay, "threshold": t,
+                  "chip_dir": chip_dir if lay == task.layer else f"{chip_dir}/exits/layer-{lay}"}
+                 for lay, t in task.exit_layers]
+        cascade = {"exits": exits, "delta": task.cascade.get("delta"), "fallback": task.cascade.get("fallback"),
+                   "reference_layer": task.cascade.get("reference_layer"), "simulated": task.cascade.get("simulated")}
     return TaskEntry(
         chip_dir=chip_dir, layer=task.layer, strategy=task.strategy, feature_mode=task.feature_mode,
         task=source, template=source.get("template"), text_column=source.get("text_column"),
         label_names=task.label_names, cache_fingerprint=task.cache_fingerprint, cache_meta=task.cache_meta,
-        chips=task.chips.record, chip_metrics=task.chips.metrics_at(task.layer),
+        chips=task.chips.record, chip_metrics=task.chips.metrics_at(task.layer), cascade=cascade,
     )
 
 
@@ -439,13 +461,15 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[st
         raise ChipTuningError(f"the reloaded checkpoint has {num_blocks(model)} blocks, expected {depth}")
     probe = parity_inputs(model, tokenizer)
     for task in tasks:
-        reference = references[task.name]
-        pruned = inputs_features(model, probe, task.layer, task.feature_mode)
-        _check_close(reference, pruned, dtype, f"feature({task.layer})")
+        for lay, _ in task.exit_layers:
+            reference = references[(task.name, lay)]
+            pruned = inputs_features(model, probe, lay, task.feature_mode)
+            _check_close(reference, pruned, dtype, f"feature({lay})")
+            chip = task.chips.chip(lay)
+            if dtype == torch.float32 and not np.array_equal(chip.predict(reference), chip.predict(pruned)):
+                raise ChipTuningError("parity check failed: the chip predicts differently on the pruned model's feature")
+        reference = references[(task.name, task.layer)]
         chip = task.chips.chip(task.layer)
-        expected = chip.predict(reference)
-        if dtype == torch.float32 and not np.array_equal(expected, chip.predict(pruned)):
-            raise ChipTuningError("parity check failed: the chip predicts differently on the pruned model's feature")
         if cls is AutoModelForSequenceClassification:
             with torch.no_grad():  # one prompt at a time: HF pooling, no padding involved
                 logits = torch.cat([model(**tokenizer(p, return_tensors="pt").to(device)).logits
@@ -457,5 +481,5 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[st
 
 
 __all__ = ["CHECK_IMAGE_SIZES", "CHECK_PROMPTS", "TaskChip", "parity_images", "parity_inputs", "check_options",
-           "inputs_features", "layer_features", "load_task_chips", "prune",
+           "inputs_features", "load_task_chips", "prune",
            "resolve_layer", "save_pruned", "task_entry", "verify_checkpoint"]

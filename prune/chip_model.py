@@ -27,6 +27,7 @@ from chiptuning.errors import DataError, ProvenanceError
 from chiptuning.features import batch_features
 from chiptuning.models import load_processor, load_tokenizer, resolve_device, resolve_dtype
 from chiptuning.probe import load_chip, optional_class_mask
+from chiptuning.prune.cascade import Exit, run_cascade
 from chiptuning.prune.provenance import CheckpointRecord, TaskEntry, load_record
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import Example, TaskData, template_fields
@@ -84,17 +85,19 @@ class ChipModel:
 
     Build it with :meth:`from_pretrained`. Attributes: ``model`` (the pruned ``AutoModel``),
     ``tokenizer``, ``processor`` (a vision-language checkpoint's processor, else None), ``chips``
-    (task name -> fitted chip), ``record`` (the
+    (task name -> fitted chip), ``cascades`` (task name -> the exits of its early-exit cascade, for
+    tasks that have one), ``record`` (the
     :class:`~chiptuning.prune.provenance.CheckpointRecord`), ``path``.
     """
 
     def __init__(self, model, tokenizer, chips: dict[str, Any], record: CheckpointRecord,
-                 path: Path | None = None, processor=None) -> None:
+                 path: Path | None = None, cascades: dict[str, list[Exit]] | None = None, processor=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.chips = chips
         self.record = record
         self.path = path
+        self.cascades = cascades or {}
         self.processor = processor
 
     # -- loading ----------------------------------------------------------------------------------
@@ -130,9 +133,13 @@ class ChipModel:
         tokenizer = processor.tokenizer if processor is not None else load_tokenizer(
             str(path), padding_side=record.padding_side)
         chips = {name: load_chip(path / task.chip_dir) for name, task in record.tasks.items()}
+        cascades = {name: [Exit(int(e["layer"]), chips[name] if e["chip_dir"] == task.chip_dir
+                                else load_chip(path / e["chip_dir"]), float(e["threshold"]))
+                           for e in task.cascade["exits"]]
+                    for name, task in record.tasks.items() if task.cascade}
         log.info("loaded %s: %s pruned to %d blocks, tasks %s", path, record.base_model.id,
                  record.layer, sorted(chips))
-        return cls(model, tokenizer, chips, record, path, processor=processor)
+        return cls(model, tokenizer, chips, record, path, cascades, processor=processor)
 
     # -- facts ------------------------------------------------------------------------------------
 
@@ -322,15 +329,67 @@ class ChipModel:
         bar.close()
         return out  # (N, H)
 
+    @torch.no_grad()
+    def cascade_of_prompts(self, prompts: list[str], task: str | None = None, class_mask: np.ndarray | None = None,
+                           batch_size: int | None = None, max_tokens_per_batch: int | str = "auto",
+                           progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Early exit through ``task``'s cascade on finished prompts (:mod:`chiptuning.prune.cascade`),
+        batched as :meth:`features_of_prompts`; exited rows leave their batch.
+
+        Returns:
+            (class index (N,), exit layer (N,), probabilities (N, C)), in input order.
+        """
+        return self.cascade_of_inputs(TextInputs(self.tokenizer, prompts, self.record.max_length), task, class_mask,
+                                      batch_size, max_tokens_per_batch, progress)
+
+    @torch.no_grad()
+    def cascade_of_inputs(self, inputs: EncodedInputs, task: str | None = None, class_mask: np.ndarray | None = None,
+                          batch_size: int | None = None, max_tokens_per_batch: int | str = "auto",
+                          progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`cascade_of_prompts` on encoded inputs (:meth:`encode`, :meth:`encode_task`: text,
+        or images for a vision-language checkpoint)."""
+        name, entry = self.task(task)
+        exits = self.cascades[name]
+        device = next(self.model.parameters()).device
+        budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
+        n, C = len(inputs), len(entry.label_names)
+        prediction, exit_layer = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        proba = np.empty((n, C), dtype=np.float64)
+        bar = tqdm(total=n, unit="ex", desc="cascade", disable=None if progress else True)
+        for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
+            mask = None if class_mask is None else class_mask[batch.rows]
+            pred, layers, p = run_cascade(self.model, batch.input_ids, batch.attention_mask, exits,
+                                          entry.feature_mode, mask, **batch.extra)
+            prediction[batch.rows], exit_layer[batch.rows], proba[batch.rows] = pred, layers, p
+            bar.update(len(batch.rows))
+        bar.close()
+        return prediction, exit_layer, proba
+
     # -- predictions ------------------------------------------------------------------------------
 
     def predict_index(self, inputs: Record | Iterable[Record], task: str | None = None,
                       batch_size: int | None = None) -> np.ndarray:
-        """Class index of each input, int64 (N,); never a class outside the input's options."""
-        name, _ = self.task(task)
+        """Class index of each input, int64 (N,); never a class outside the input's options.
+        A task with a cascade answers by early exit (see :meth:`predict_with_exits`)."""
+        return self._answers(inputs, task, batch_size)[0]
+
+    def predict_with_exits(self, inputs: Record | Iterable[Record], task: str | None = None,
+                           batch_size: int | None = None) -> tuple[list[str], np.ndarray]:
+        """(label of each input, the layer it was answered at): a cascade's exit layer, or the
+        chip's layer for a single chip."""
+        index, layers, _ = self._answers(inputs, task, batch_size)
+        names = self.label_names(task)
+        return [names[i] for i in index], layers
+
+    def _answers(self, inputs, task, batch_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        name, entry = self.task(task)
         encoded, mask = self.encode(inputs, task)
+        if name in self.cascades:
+            return self.cascade_of_inputs(encoded, name, mask, batch_size)
         features = self.features_of_inputs(encoded, task, batch_size)
-        return np.asarray(self.chips[name].predict(features, class_mask=mask)).astype(np.int64)
+        proba = np.asarray(self.chips[name].predict_proba(features, class_mask=mask))
+        index = np.asarray(self.chips[name].predict(features, class_mask=mask)).astype(np.int64)
+        return index, np.full(len(index), entry.layer, dtype=np.int64), proba
 
     def predict(self, inputs: Record | Iterable[Record], task: str | None = None,
                 batch_size: int | None = None) -> list[str]:
@@ -350,10 +409,7 @@ class ChipModel:
                       batch_size: int | None = None) -> np.ndarray:
         """Class probabilities of each input, (N, C), columns in ``label_names(task)`` order
         (0 for a class that is not one of the input's options)."""
-        name, _ = self.task(task)
-        encoded, mask = self.encode(inputs, task)
-        features = self.features_of_inputs(encoded, task, batch_size)
-        return np.asarray(self.chips[name].predict_proba(features, class_mask=mask))
+        return self._answers(inputs, task, batch_size)[2]
 
     def __repr__(self) -> str:
         return (f"ChipModel({self.record.base_model.id!r} pruned to {self.layer}/{self.record.num_blocks} "

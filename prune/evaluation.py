@@ -97,11 +97,18 @@ def evaluate(
 
     batching = dict(batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
     warm = inputs.subset(range(min(8, len(inputs))))
-    clf.features_of_inputs(warm, task=name, **batching)  # warm-up, untimed
-    started = time.perf_counter()
-    features = clf.features_of_inputs(inputs, task=name, progress=progress, **batching)  # (N, H)
     mask = optional_class_mask([ex.n_choices for ex in data_task.examples], len(saved_labels))
-    y_pred = np.asarray(clf.chips[name].predict(features, class_mask=mask)).astype(np.int64)
+    cascade = name in clf.cascades
+    if cascade:  # early exit: each example stops at its cascade's first confident chip
+        clf.cascade_of_inputs(warm, name, None if mask is None else mask[:len(warm)], **batching)  # warm-up
+        started = time.perf_counter()
+        y_pred, exit_layer, _ = clf.cascade_of_inputs(inputs, name, mask, progress=progress, **batching)
+    else:
+        clf.features_of_inputs(warm, task=name, **batching)  # warm-up, untimed
+        started = time.perf_counter()
+        features = clf.features_of_inputs(inputs, task=name, progress=progress, **batching)  # (N, H)
+        y_pred = np.asarray(clf.chips[name].predict(features, class_mask=mask)).astype(np.int64)
+        exit_layer = None
     elapsed = time.perf_counter() - started
     n = len(y_true)
     metrics = {
@@ -120,6 +127,11 @@ def evaluate(
         "latency_ms_per_example": 1000 * elapsed / n,
         "chiptuning_version": __version__,
     }
+    if cascade:
+        layers, counts = np.unique(exit_layer, return_counts=True)
+        metrics["cascade"] = {"mean_exit_layer": float(exit_layer.mean()),
+                              "exits": {int(lay): int(c) for lay, c in zip(layers, counts)},
+                              "block_ratio": entry.layer / float(exit_layer.mean())}
     log.info("accuracy %.4f on %d examples (%.1f examples/s)", metrics["accuracy"], n,
              metrics["examples_per_s"] or 0)
     dense_pred = zero_shot = None
@@ -132,7 +144,7 @@ def evaluate(
         result = dense_pass(dense_net, prompts=None, inputs=inputs, class_mask=mask, progress=progress, **run)
         del dense_net
         dense_pred, zero_shot = result["chip_predictions"], result["zero_shot_predictions"]
-        if not np.array_equal(dense_pred, y_pred):
+        if not cascade and not np.array_equal(dense_pred, y_pred):
             log.warning("the chip predicts differently on %d of %d examples on the dense model's feature",
                         int((dense_pred != y_pred).sum()), n)
         metrics["dense"] = {
@@ -146,7 +158,7 @@ def evaluate(
             "zero_shot_accuracy": float((zero_shot == y_true).mean()) if zero_shot is not None else None,
         }
         metrics["speedup"] = result["elapsed_s"] / elapsed
-        metrics["ideal_speedup"] = clf.record.num_blocks / entry.layer
+        metrics["ideal_speedup"] = clf.record.num_blocks / (float(exit_layer.mean()) if cascade else entry.layer)
         log.info("dense: %.1f examples/s, zero-shot accuracy %s; speedup %.2fx (ideal %.2fx)",
                  metrics["dense"]["examples_per_s"], metrics["dense"]["zero_shot_accuracy"],
                  metrics["speedup"], metrics["ideal_speedup"])
@@ -156,7 +168,7 @@ def evaluate(
         with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             header = ["example_id", "label", "prediction", "label_name", "prediction_name"]
-            extra = {"dense_prediction": dense_pred, "dense_zero_shot": zero_shot}
+            extra = {"exit_layer": exit_layer, "dense_prediction": dense_pred, "dense_zero_shot": zero_shot}
             extra = {key: values for key, values in extra.items() if values is not None}
             writer.writerow(header + list(extra))
             for i, (ex, truth, pred) in enumerate(zip(data_task.examples, y_true, y_pred)):

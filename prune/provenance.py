@@ -81,6 +81,9 @@ class TaskEntry:
         cache_fingerprint, cache_meta: the training cache.
         chips: the chips record the chip was taken from.
         chip_metrics: the chip's metric row.
+        cascade: an early-exit cascade (``select --strategy cascade:DELTA``): its exits
+            ({"layer", "threshold", "chip_dir"}, ascending; the last is this entry's own chip), the
+            delta and the simulated scores; None for a single chip.
     """
 
     chip_dir: str
@@ -95,8 +98,20 @@ class TaskEntry:
     cache_meta: CacheMeta = field(default_factory=CacheMeta)
     chips: ChipsRecord | None = None
     chip_metrics: dict[str, Any] = field(default_factory=dict)
+    cascade: dict[str, Any] | None = None
+
+    def chip_dirs(self) -> list[str]:
+        """Every chip directory of the entry: its own, and the cascade's exits."""
+        exits = [e["chip_dir"] for e in (self.cascade or {}).get("exits", [])]
+        return list(dict.fromkeys([self.chip_dir, *exits]))
 
     def to_dict(self) -> dict[str, Any]:
+        out = self._fields()
+        if self.cascade is not None:
+            out["cascade"] = self.cascade
+        return out
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "chip_dir": self.chip_dir, "layer": self.layer, "strategy": self.strategy,
             "feature_mode": self.feature_mode, "task": self.task, "template": self.template,
@@ -109,9 +124,10 @@ class TaskEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> TaskEntry:
         _require(data, ("chip_dir", "layer", "label_names"), where)
-        chip_dir = str(data["chip_dir"])
-        if Path(chip_dir).is_absolute() or ".." in Path(chip_dir).parts:
-            raise ProvenanceError(f"{where}: chip directory {chip_dir!r} points outside the checkpoint")
+        chip_dir = _inside(str(data["chip_dir"]), where)
+        cascade = data.get("cascade")
+        for exit_ in (cascade or {}).get("exits", []):
+            _inside(str(exit_["chip_dir"]), where)
         chips = data.get("chips_config")
         return cls(chip_dir=chip_dir, layer=int(data["layer"]), strategy=str(data.get("strategy", "")),
                    feature_mode=str(data.get("feature_mode") or "raw"),
@@ -120,7 +136,14 @@ class TaskEntry:
                    cache_fingerprint=data.get("cache_fingerprint"),
                    cache_meta=CacheMeta.from_dict(data.get("cache_meta") or {}, where),
                    chips=None if chips is None else ChipsRecord.from_dict(chips, f"{where}: chips_config"),
-                   chip_metrics=dict(data.get("chip_metrics") or {}))
+                   chip_metrics=dict(data.get("chip_metrics") or {}), cascade=cascade)
+
+
+def _inside(rel: str, where: str) -> str:
+    """A path a record names inside the checkpoint; ProvenanceError if it points outside."""
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ProvenanceError(f"{where}: chip directory {rel!r} points outside the checkpoint")
+    return rel
 
 
 @dataclass

@@ -33,11 +33,13 @@ from chiptuning.model_files import resolve_gguf
 from chiptuning.models import load_config, load_model, load_processor
 from chiptuning.pipeline import default_model
 from chiptuning.probe import load_chips, train_chips
+from chiptuning.probe.cascade import exit_probabilities, simulate
 from chiptuning.prune import ChipModel, prune, read_provenance
 from chiptuning.registry import VISION_LANGUAGE, get_blocks, get_spec, num_blocks
 from chiptuning.tasks import DEFAULT_IMAGE_PROMPT, ImageRef, image_chat_prompt, load_task
 from chiptuning.vision import ImageInputs
 from tests.conftest import write_jsonl
+from tests.test_cascade import _force_exits
 from tests.test_cli_end_to_end import assert_one_line_error, cli, tree_digest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -376,6 +378,26 @@ def test_pruned_vlm_predicts_from_raw_images_what_its_chip_predicted(family, vlm
         assert clf.predict(paths[0]) == [evals.label_names[expected[0]]]  # one image: a batch of one
         predicted |= set(expected.tolist())
     assert len(predicted) >= 3, "chips that predict one class would prove little"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_early_exit_from_raw_images_equals_the_cascade_on_the_cache(family, vlms, caches, tmp_path):
+    """A cascade over the language model's layers: rows leave the batch after the images were merged
+    into the sequence, and every answer and exit layer equals the cascade simulated on the cache."""
+    train, _ = caches[family]["train"]
+    evals, eval_task = caches[family]["eval"]
+    train_chips(train, evals, chip="linear", out=tmp_path / "chips", val_size=20, seed=0)
+    cascade = _force_exits(tmp_path / "chips", {"eval": evals})
+    prune(vlms[family], tmp_path / "chips", tmp_path / "pruned")
+    clf = ChipModel.from_pretrained(tmp_path / "pruned")
+    assert [e.layer for e in clf.cascades["custom"]] == cascade.layers
+    expected, expected_exit = simulate(exit_probabilities(load_chips(tmp_path / "chips"), evals, cascade.layers),
+                                       cascade.layers, cascade.thresholds)
+    paths = [str(ex.fields["image"].path) for ex in eval_task.examples]
+    labels, exits = clf.predict_with_exits(paths, batch_size=8)
+    np.testing.assert_array_equal(exits, expected_exit)
+    assert labels == [evals.label_names[i] for i in expected]
+    assert len(set(exits.tolist())) >= 3  # rows really left at several layers
 
 
 def test_keep_lm_head_reloads_as_image_text_to_text(vlms, caches, tmp_path):

@@ -170,7 +170,9 @@ def sweep_cmd(train_cache, eval_cache, out, chip_kinds, weight_decays, Cs, lrs, 
 @click.argument("chips_dir", type=click.Path(file_okay=False))
 @click.option("--strategy", default="validate", show_default=True,
               help="fixed:L | validate | optimal (an oracle on eval labels) | within:DELTA "
-                   "(shallowest layer within DELTA of the best validation accuracy, e.g. within:0.01).")
+                   "(shallowest layer within DELTA of the best validation accuracy, e.g. within:0.01) | "
+                   "cascade:DELTA (early exit: chips of several layers, each example stopping at the first "
+                   "confident one, within DELTA of the best fixed chip's validation accuracy).")
 def select(chips_dir, strategy):
     """Pick the pruning layer of CHIPS_DIR; write selection.json and report.md there."""
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
@@ -184,6 +186,14 @@ def select(chips_dir, strategy):
         f"{'-' if acc is None else f'{acc:.4f}'} ({s['expected_accuracy_from']}), "
         f"{100 * pr['ratio']:.1f}% of parameters removed ({pr['blocks_removed']} of {s['num_blocks']} blocks)"
     )
+    if "cascade" in s:
+        sim = s["cascade"]["simulated"]
+        part = "eval" if "eval_accuracy" in sim else "val"
+        click.echo(f"cascade: {s['why']}")
+        click.echo(f"simulated {part}: accuracy {sim[f'{part}_accuracy']:.4f} (best fixed chip "
+                   f"{sim[f'reference_{part}_accuracy']:.4f}), mean depth {sim[f'{part}_mean_depth']:.2f} blocks "
+                   f"against {s['layer']}: {s['layer'] / sim[f'{part}_mean_depth']:.2f}x fewer -> "
+                   f"{chips_dir}/cascade.json, cascade_curve.csv, cascade.png")
 
 
 @click.command("zeroshot")

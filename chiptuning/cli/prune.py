@@ -103,14 +103,14 @@ def prune_cmd(model, method, chips_dirs, layer, out, keep_lm_head, dtype, adapte
     if not chips_dirs:
         raise ChipTuningError("--method chip needs --chips DIR (from `chiptuning probe train`)")
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.prune import prune, read_provenance
+    from chiptuning.prune import load_record, prune
 
     path = prune(model, list(chips_dirs), out, layer=layer, keep_lm_head=keep_lm_head, dtype=dtype,
                  adapter=adapter, device=device, export=export)
-    record = read_provenance(path)
-    params = record["params"]
+    record = load_record(path)
+    params = record.params
     click.echo(
-        f"pruned {model} at layer {record['layer']} of {record['num_blocks']}: "
+        f"pruned {model} at layer {record.layer} of {record.num_blocks}: "
         f"{params['before']['total']:,} -> {params['after']['total']:,} parameters "
         f"({100 * params['pruning_ratio']:.1f}% removed) -> {path}"
     )

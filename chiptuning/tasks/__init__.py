@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from chiptuning.errors import DataError
+from chiptuning.io import sha256_file
 from chiptuning.tasks.base import (
     LETTERS,
     Example,
@@ -40,7 +41,6 @@ from chiptuning.tasks.builtin import BUILTIN_TASKS, BuiltinTask, get_builtin, lo
 from chiptuning.tasks.files import (
     FILE_TYPES,
     build_user_task,
-    file_sha256,
     hub_records,
     infer_label_names,
     load_hub_dataset,
@@ -233,7 +233,7 @@ def _load_images(data, *, split, subset, folder: bool, dataset: bool, image_colu
         records, features = read_table(path)
         column = image_column or "image"
         return build_image_task(records, where=str(path), name="custom", split=split or _stem(path),
-                                source={"file": path.name, "sha256": file_sha256(path)}, image_column=column,
+                                source={"file": path.name, "sha256": sha256_file(path)}, image_column=column,
                                 base_dir=path.parent.resolve(), features=features, **common)
     if dataset:
         if not hasattr(data, "to_list"):  # a DatasetDict: pick the split
@@ -329,7 +329,7 @@ def _load_file_or_hub(data: str | Path, *, split, subset, **user) -> TaskData:
             raise DataError("--subset is for hub datasets, not local files")
         records, features = read_table(path)
         return build_user_task(records, where=str(path), name="custom", split=split or _stem(path),
-                               source={"file": path.name, "sha256": file_sha256(path)}, features=features,
+                               source={"file": path.name, "sha256": sha256_file(path)}, features=features,
                                **user)
     name = str(data)
     if _looks_like_file(name):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -364,12 +363,3 @@ def build_user_task(
         if not task.format(ex.fields).strip():
             raise DataError(f"{where}: example {ex.id!r} has empty text")
     return task
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (recorded in the task source)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
