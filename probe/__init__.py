@@ -6,6 +6,7 @@ logistic regression in parallel), ``select_layer`` picks the pruning layer, ``lo
 """
 
 from chiptuning.probe.artifacts import ChipRecord, ChipSet, ChipsRecord, load_chip, load_chips, plot_layer_accuracy
+from chiptuning.probe.cascade import describe_exits
 from chiptuning.probe.chips import CHIP_KINDS, LinearChip, LogRegChip, MLPChip, make_chip, optional_class_mask
 from chiptuning.probe.select import STRATEGIES, pruning_stats, select_layer
 from chiptuning.probe.train import REGIMES, TrainConfig, train_chips
@@ -21,6 +22,7 @@ __all__ = [
     "LogRegChip",
     "MLPChip",
     "TrainConfig",
+    "describe_exits",
     "load_chip",
     "load_chips",
     "make_chip",

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from chiptuning import __version__
+from chiptuning.probe import describe_exits
 from chiptuning.prune.provenance import CheckpointRecord
 
 
@@ -127,9 +128,7 @@ def _cascade_lines(cascade: dict[str, Any] | None) -> list[str]:
     """The early-exit cascade of a task, for the card (nothing for a single chip)."""
     if not cascade:
         return []
-    exits = ", ".join(f"layer {e['layer']}" + (f" if its chip is >= {e['threshold']:.3g} sure" if i < len(cascade["exits"]) - 1
-                                              else " for the rest")
-                      for i, e in enumerate(cascade["exits"]))
+    exits = describe_exits([(e["layer"], e["threshold"]) for e in cascade["exits"]])
     sim = cascade.get("simulated") or {}
     part = "eval" if "eval_accuracy" in sim else "val"
     lines = [f"- Early exit: each input stops at the first confident chip: {exits}."]
