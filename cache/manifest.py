@@ -28,7 +28,7 @@ _CORE = ("model", "model_hash", "model_type", "adapter", "tokenizer", "task", "l
          "hidden_size")
 #: Fields written only when set (added after the first caches were written: leaving them out when
 #: unset keeps the fingerprints of those caches).
-_OPTIONAL = ("model_source", "lens")
+_OPTIONAL = ("model_source", "lens", "processor", "images_sha256")
 
 
 @dataclass
@@ -57,6 +57,9 @@ class CacheMeta:
             its name, sha256, architecture and quantization).
         lens: the label words whose logits are stored per layer (the model's own answer, see
             :mod:`chiptuning.zeroshot`): {"token_ids": [[ids of label c]...], "variants": [...]}.
+        processor: a vision-language model's processor (:func:`chiptuning.vision.processor_identity`:
+            its class, its image processor's class, a hash of its settings).
+        images_sha256: image data: a hash over every image's bytes, in dataset order.
         extra: any other content-determining field (kept and fingerprinted as given).
     """
 
@@ -78,6 +81,8 @@ class CacheMeta:
     hidden_size: int | None = None
     model_source: dict[str, Any] | None = None
     lens: dict[str, Any] | None = None
+    processor: dict[str, Any] | None = None
+    images_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -107,6 +107,9 @@ def compare(
     if (n_layers is None) == (ratio is None):
         raise ChipTuningError("give exactly one of --n-layers or --ratio")
     config = load_config(model_name_or_path)
+    if get_spec(config).images or train_task.image_column is not None:
+        raise ChipTuningError("compare measures depth-pruning baselines on text models and text data; for a "
+                              "vision-language model use `chiptuning run` (or extract, probe, prune)")
     decoder = get_spec(config).decoder
     L = num_blocks(config)
     ratios = None if ratio is None else ([ratio] if isinstance(ratio, (int, float)) else list(ratio))

@@ -2,7 +2,10 @@
 
 Extraction, ``ChipModel``, the checkpoint's parity check, the baselines' calibration text and the
 zero-shot baseline all turn prompts into token ids here, so a prompt means the same tokens
-everywhere:
+everywhere. Inputs are encoded once (:class:`EncodedInputs`: their lengths, and any subset of them
+as one padded :class:`Batch` of model inputs); :class:`TextInputs` is the text encoder, and
+:class:`chiptuning.vision.ImageInputs` the one of vision-language models (the processor expands
+each image into its tokens, and the batch carries the pixels too):
 
 * special tokens are added as the tokenizer adds them;
 * a prompt longer than ``max_length`` tokens loses its *beginning* (left truncation): the end,
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -84,19 +87,30 @@ _ELEMENTS_PER_TOKEN = (8, 3)
 CPU_TOKEN_BUDGET = 8192
 
 
+def _activation_elements(cfg) -> int:
+    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "embed_dim", None))
+    inter = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+                or (getattr(cfg, "mlp_ratio", None) or 4) * hidden)
+    return 2 * (_ELEMENTS_PER_TOKEN[0] * hidden + _ELEMENTS_PER_TOKEN[1] * inter)
+
+
 def auto_token_budget(model, device: torch.device, fraction: float = 0.5) -> int:
     """A token budget per batch that fits ``fraction`` of the free memory of ``device``.
 
     On CUDA: free memory (after the weights are loaded) / the activation bytes of one token in
     one block; on CPU a fixed :data:`CPU_TOKEN_BUDGET` (bigger batches do not run faster there).
-    Clamped to [512, 262144]. An out-of-memory batch is still split and retried.
+    A vision-language model's image tokens (most of its sequence) also pass through the vision
+    tower, each from up to ``scale_factor**2`` patches: their cost there is added, so a batch of
+    images stays within memory. Clamped to [512, 262144]. An out-of-memory batch is still split
+    and retried.
     """
     if device.type != "cuda":
         return CPU_TOKEN_BUDGET
-    cfg = text_config(model.config)
-    hidden = int(cfg.hidden_size)
-    inter = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
-    per_token = 2 * (_ELEMENTS_PER_TOKEN[0] * hidden + _ELEMENTS_PER_TOKEN[1] * inter)
+    per_token = _activation_elements(text_config(model.config))
+    vision = getattr(model.config, "vision_config", None)
+    if vision is not None:
+        patches = int(getattr(model.config, "scale_factor", None) or getattr(vision, "spatial_merge_size", None) or 1) ** 2
+        per_token += patches * _activation_elements(vision)
     per_token *= next(model.parameters()).element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return int(min(262144, max(512, fraction * free / per_token)))
@@ -113,11 +127,88 @@ def resolve_token_budget(max_tokens: int | str, model, device: torch.device) -> 
 
 @dataclass
 class Batch:
-    """One padded batch: ``rows`` are the positions of its inputs in the prompt list."""
+    """One padded batch: ``rows`` are the positions of its inputs in the prompt list; ``extra``
+    holds the model's other inputs (a vision-language model's ``pixel_values`` and friends)."""
 
     rows: list[int]
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _to(tensor: torch.Tensor, device) -> torch.Tensor:
+    return tensor.to(device) if device is not None else tensor
+
+
+class EncodedInputs:
+    """Inputs encoded once: their lengths in tokens, and any subset of them as one padded batch.
+
+    Subclasses set :attr:`lengths` and implement :meth:`batch` and :meth:`token_ids`; planning
+    (input order or length-sorted under a token budget, :func:`plan_batches`) is shared.
+    """
+
+    lengths: list[int]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: Sequence[int], device=None) -> Batch:
+        """The inputs at ``rows`` (positions in the input list) as one padded batch."""
+        raise NotImplementedError
+
+    def token_ids(self, i: int) -> list[int]:
+        """The token ids of input ``i`` as the model reads them (what the preview shows)."""
+        raise NotImplementedError
+
+    def batches(self, batch_size: int = 16, max_tokens: int = 0, device=None) -> Iterator[Batch]:
+        """Padded batches of all inputs (see :func:`plan_batches` for the grouping)."""
+        for rows in plan_batches(self.lengths, batch_size, max_tokens):
+            yield self.batch(rows, device)
+
+    def subset(self, rows: Sequence[int]) -> EncodedInputs:
+        """The inputs at ``rows``, as inputs of their own (positions 0..len(rows)-1)."""
+        return SubsetInputs(self, rows)
+
+
+class SubsetInputs(EncodedInputs):
+    """A view of some of another :class:`EncodedInputs` (e.g. the few a warm-up runs)."""
+
+    def __init__(self, parent: EncodedInputs, rows: Sequence[int]) -> None:
+        self.parent = parent
+        self.rows = list(rows)
+        self.lengths = [parent.lengths[i] for i in self.rows]
+
+    def batch(self, rows: Sequence[int], device=None) -> Batch:
+        batch = self.parent.batch([self.rows[r] for r in rows], device)
+        batch.rows = list(rows)
+        return batch
+
+    def token_ids(self, i: int) -> list[int]:
+        return self.parent.token_ids(self.rows[i])
+
+
+class TextInputs(EncodedInputs):
+    """Prompt texts tokenized once (:func:`tokenize_prompts`), padded per batch.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a pad token.
+        prompts: finished prompt texts.
+        max_length: longest prompt in tokens (left truncation), or None.
+        side: padding side (default the tokenizer's).
+    """
+
+    def __init__(self, tokenizer, prompts: Sequence[str], max_length: int | None = None, side: str | None = None):
+        self.token_lists = tokenize_prompts(tokenizer, prompts, max_length)
+        self.lengths = [len(t) for t in self.token_lists]
+        self.pad_id = tokenizer.pad_token_id
+        self.side = side or tokenizer.padding_side
+
+    def batch(self, rows: Sequence[int], device=None) -> Batch:
+        ids, mask = pad_token_lists([self.token_lists[i] for i in rows], self.pad_id, self.side)
+        return Batch(list(rows), _to(ids, device), _to(mask, device))
+
+    def token_ids(self, i: int) -> list[int]:
+        return list(self.token_lists[i])
 
 
 def batches_of_tokens(token_lists: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 16,
@@ -142,10 +233,8 @@ def encode_batches(tokenizer, prompts: Sequence[str], *, max_length: int | None 
         side: padding side (default the tokenizer's).
         device: where the tensors go.
     """
-    token_lists = tokenize_prompts(tokenizer, prompts, max_length)
-    yield from batches_of_tokens(token_lists, tokenizer.pad_token_id, batch_size=batch_size,
-                                 max_tokens=max_tokens, side=side or tokenizer.padding_side, device=device)
+    yield from TextInputs(tokenizer, prompts, max_length, side).batches(batch_size, max_tokens, device)
 
 
-__all__ = ["CPU_TOKEN_BUDGET", "Batch", "auto_token_budget", "batches_of_tokens", "encode_batches", "pad_token_lists",
-           "plan_batches", "resolve_token_budget", "tokenize_prompts"]
+__all__ = ["CPU_TOKEN_BUDGET", "Batch", "EncodedInputs", "SubsetInputs", "TextInputs", "auto_token_budget", "batches_of_tokens",
+           "encode_batches", "pad_token_lists", "plan_batches", "resolve_token_budget", "tokenize_prompts"]

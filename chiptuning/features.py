@@ -129,11 +129,20 @@ def capture_block_call(model, block: int, record: dict):
         handle.remove()
 
 
-def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-    """Keyword arguments for the backbone's forward: mask-derived positions where needed, no KV cache."""
+def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> dict:
+    """Keyword arguments for the backbone's forward: mask-derived positions where needed, no KV cache.
+
+    ``extra`` are the model's other inputs (a vision-language model's ``pixel_values``,
+    ``pixel_attention_mask``, ``image_sizes``...): those the backbone's forward names are passed on,
+    floating-point ones in the model's dtype.
+    """
     backbone = base_model(model)
     spec = get_spec(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    dtype = next(backbone.parameters()).dtype
+    for name, value in extra.items():
+        if _accepts(backbone, name):
+            kwargs[name] = value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
     if spec.decoder and bool(attention_mask[:, 0].all()) and _is_right_padded(attention_mask):
         # Causal attention never lets a real token see the pads that follow it, so a right-padded
         # batch needs no mask: SDPA then takes its fused causal (flash) path.
@@ -146,11 +155,11 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
 
 @torch.no_grad()
-def run_backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+def run_backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> None:
     """One forward of the backbone for the hooks' sake (outputs discarded); a hook raising
-    :class:`StopForward` ends it early."""
+    :class:`StopForward` ends it early. ``extra``: the model's other inputs (see :func:`model_inputs`)."""
     try:
-        base_model(model)(**model_inputs(model, input_ids, attention_mask))
+        base_model(model)(**model_inputs(model, input_ids, attention_mask, **extra))
     except StopForward:
         pass
 
@@ -162,8 +171,13 @@ def last_token_features(
     attention_mask: torch.Tensor,
     layers: Sequence[int] | None = None,
     mode: str = "raw",
+    **extra: torch.Tensor,
 ) -> torch.Tensor:
     """Feature(l) at the last real token for each requested layer.
+
+    For a vision-language model the blocks are its *language model's* (the registry says where),
+    the sequence is the processor's expanded one (image tokens included) and the last real token
+    is the end of the prompt, after the image.
 
     Args:
         model: a Hugging Face model of a registered architecture (base or with a head).
@@ -171,6 +185,7 @@ def last_token_features(
         attention_mask: (B, T), 1 for real tokens.
         layers: layer indices in 0..L (default: all of them, 0..L).
         mode: "raw" (the layer convention) or "normed" (final norm applied to each feature).
+        **extra: the model's other inputs (``pixel_values``...; see :func:`model_inputs`).
 
     Returns:
         (B, len(layers), H) tensor in the model's dtype, on the model's device. Only these rows
@@ -199,5 +214,10 @@ def last_token_features(
             raise StopForward
 
     with capture_layers(model, layers, keep):
-        run_backbone(model, input_ids, attention_mask)
+        run_backbone(model, input_ids, attention_mask, **extra)
     return torch.stack([captured[layer] for layer in layers], dim=1)  # (B, n_layers, H)
+
+
+def batch_features(model, batch, layers: Sequence[int] | None = None, mode: str = "raw") -> torch.Tensor:
+    """:func:`last_token_features` of one :class:`chiptuning.encoding.Batch` (text or images)."""
+    return last_token_features(model, batch.input_ids, batch.attention_mask, layers=layers, mode=mode, **batch.extra)

@@ -1,7 +1,10 @@
-"""Loading models and tokenizers, and the facts about them that provenance records.
+"""Loading models, tokenizers and processors, and the facts about them that provenance records.
 
 Shared by ``chiptuning.extract`` and ``chiptuning.prune`` so both identify a model the same way:
-:func:`weights_hash` is what a cache records and what pruning checks.
+:func:`weights_hash` is what a cache records and what pruning checks. A vision-language model
+loads with its own Auto classes (``AutoModel`` for the backbone with its vision tower,
+``AutoModelForImageTextToText`` with the LM head) and comes with its processor
+(:func:`load_processor`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,20 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 from transformers.utils import logging as hf_logging
 
 from chiptuning.errors import ChipTuningError
 from chiptuning.model_files import is_gguf, resolve_gguf, resolve_model_path
-from chiptuning.registry import base_model, get_blocks, get_embedding, get_final_norm, get_spec
+from chiptuning.registry import base_model, get_blocks, get_embedding, get_final_norm, get_spec, text_config
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +110,13 @@ def param_stats(model) -> dict:
     backbone_total = sum(p.numel() for p in model.parameters())
     lm_head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = model.config
-    tied = bool(getattr(config, "tie_word_embeddings", True))
+    text = text_config(config)  # a vision-language model's vocabulary and width are its text model's
+    tied = bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", True)))
     if lm_head_module is not None:
         lm_head = 0 if tied else _count(lm_head_module)
         backbone_total -= _count(lm_head_module) if not tied else 0
     elif get_spec(model).decoder and not tied:
-        lm_head = int(config.vocab_size) * int(config.hidden_size)
+        lm_head = int(text.vocab_size) * int(text.hidden_size)
     else:
         lm_head = 0
     other = backbone_total - embedding - sum(blocks) - norm
@@ -130,12 +142,57 @@ def load_tokenizer(model_name_or_path: str, padding_side: str = "right"):
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ChipTuningError(f"cannot load a tokenizer from {model_name_or_path!r}: {str(err).splitlines()[0]}") from None
+    return _padded(tokenizer, model_name_or_path, padding_side)
+
+
+def _padded(tokenizer, model_name_or_path: str, padding_side: str):
+    """``tokenizer`` with a pad token (eos or unk when it has none), padding on ``padding_side``."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
         raise ChipTuningError(f"tokenizer of {model_name_or_path!r} has no pad, eos or unk token")
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def load_processor(model_name_or_path: str, padding_side: str = "right"):
+    """A vision-language model's processor (image processor + tokenizer + chat template), with a
+    pad token, padding on ``padding_side``.
+
+    The image processor is always the PIL/numpy one (``backend="pil"``), whether torchvision is
+    installed or not, so that a cache and the checkpoint serving its chip see the same pixels on
+    every machine.
+
+    Raises:
+        ChipTuningError: no processor there, or a tokenizer without a pad, eos or unk token.
+    """
+    path = resolve_model_path(model_name_or_path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        if not type(processor.image_processor).__name__.endswith("Pil"):
+            processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise ChipTuningError(f"cannot load the processor of {model_name_or_path!r} (a vision-language model "
+                              f"needs one): {str(err).splitlines()[0]}") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not hasattr(processor, "image_processor"):
+        raise ChipTuningError(f"the processor of {model_name_or_path!r} ({type(processor).__name__}) has no "
+                              "tokenizer or no image processor")
+    _padded(tokenizer, model_name_or_path, padding_side)
+    return processor
+
+
+def load_preprocessor(model_name_or_path: str, padding_side: str = "right"):
+    """What turns inputs into the model's inputs: the tokenizer (:func:`load_tokenizer`), or for a
+    vision-language model its processor (:func:`load_processor`)."""
+    loader = load_processor if get_spec(load_config(model_name_or_path)).images else load_tokenizer
+    return loader(model_name_or_path, padding_side=padding_side)
+
+
+def head_model_class(model_or_config):
+    """The Auto class of a registered model *with* its LM head: ``AutoModelForImageTextToText``
+    for a vision-language model, ``AutoModelForCausalLM`` otherwise."""
+    return AutoModelForImageTextToText if get_spec(model_or_config).images else AutoModelForCausalLM
 
 
 # -- PEFT adapters ---------------------------------------------------------------------------------
@@ -213,7 +270,8 @@ def load_config(model_name_or_path: str):
 def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None = "cpu",
                device_map: str | None = None, adapter: str | None = None, causal_lm: bool = False):
     """A registered model in eval mode: the backbone (``AutoModel``) or, with ``causal_lm``, the
-    ``*ForCausalLM`` (backbone + LM head).
+    ``*ForCausalLM`` (backbone + LM head; for a vision-language model its
+    ``AutoModelForImageTextToText`` class, and the backbone keeps its vision tower and projector).
 
     The one loading path of extract, prune and eval, so an adapter lands the same way in each.
 
@@ -231,16 +289,23 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
         ChipTuningError: no such model, an unregistered architecture, an adapter that does not fit.
     """
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    load_config(model_name_or_path)  # fail early, naming the model type, before loading weights
+    config = load_config(model_name_or_path)  # fail early, naming the model type, before loading weights
     path = resolve_model_path(model_name_or_path)
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": False}  # never code shipped with a model
     if device_map:
         kwargs["device_map"] = device_map
-    model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(path, **kwargs)
+    head_class = head_model_class(config)
+    saved_with_head = any(name.endswith("ForConditionalGeneration") for name in config.architectures or [])
+    if get_spec(config).images and saved_with_head and not causal_lm and not adapter:
+        # A vision-language checkpoint saved with its LM head: AutoModel loads its backbone but reports
+        # the head's weights as unexpected; load the model it was saved as and keep its backbone.
+        model = base_model(head_class.from_pretrained(path, **kwargs))
+    else:
+        model = (head_class if causal_lm else AutoModel).from_pretrained(path, **kwargs)
     if adapter:
         if saved_from_head_model(adapter, getattr(model, "base_model_prefix", "model")):
             if not causal_lm:  # the adapter names the head model's paths: merge there, keep the backbone
-                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+                model = head_class.from_pretrained(path, **kwargs)
             model = merge_adapter_(model, adapter)
         else:  # saved from the backbone: merge into it in place (a head model holds it)
             merge_adapter_(base_model(model), adapter)

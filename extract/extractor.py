@@ -4,6 +4,11 @@ The hot loop: tokenize everything once, plan batches (dataset order or sorted by
 token budget), run the backbone with hooks that keep only the last-token row of each layer, move
 those (B, L+1, H) rows to the CPU, and hand them to a background writer thread so the device
 never waits for the disk. An out-of-memory batch is split in two and retried.
+
+Image data goes to a vision-language model the same way: its processor encodes each batch (the
+images are decoded one batch at a time), the hooks sit on the language model's blocks, and every
+image is read and decoded once up front (:func:`chiptuning.vision.check_images`), so a bad file
+stops the run in one line before anything is computed and the fingerprint covers the image bytes.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from chiptuning.cache import CacheMeta, CacheWriter, merge_rank_manifests
-from chiptuning.encoding import pad_token_lists, plan_batches, resolve_token_budget, tokenize_prompts
+from chiptuning.encoding import EncodedInputs, TextInputs, plan_batches, resolve_token_budget
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import FEATURE_MODES, last_token_features
-from chiptuning.models import load_config, load_model, load_tokenizer, model_source, param_stats, weights_hash
+from chiptuning.models import load_config, load_model, load_preprocessor, model_source, param_stats, weights_hash
 from chiptuning.outputs import CACHE, check_output
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import TaskData
+from chiptuning.vision import ImageInputs, check_images, check_modality, processor_identity
 from chiptuning.zeroshot import LabelWords, label_words, lens_logits
 
 log = logging.getLogger(__name__)
@@ -48,7 +54,8 @@ class ExtractConfig:
         max_tokens_per_batch: token budget per batch, examples sorted by length (``--max-tokens-per-batch``);
             0 = fixed batches in dataset order; "auto" = sized from free GPU memory on CUDA
             (:func:`chiptuning.encoding.auto_token_budget`), 8192 tokens on CPU.
-        max_length: longest prompt in tokens (``--max-length``); default the model's limit.
+        max_length: longest prompt in tokens (``--max-length``); default the model's limit. Image
+            prompts are never cut.
         padding_side: left or right (``--padding-side``); positions come from the mask either way.
         storage_dtype: float32, bfloat16 (exact bits) or float16 (checked) (``--storage-dtype``).
         feature_mode: raw (layer convention) or normed (final norm applied) (``--feature-mode``).
@@ -101,25 +108,25 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def features_for_batch(model, token_lists, pad_id, side, device, mode, words: LabelWords | None = None
+def features_for_batch(model, inputs: EncodedInputs, rows: list[int], device, mode, words: LabelWords | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Features of one batch, (B, L+1, H) float32, and with ``words`` the label-word logits of every
-    layer, (B, L+1, K) float32 (else None); splits the batch in two on out-of-memory."""
-    ids, mask = pad_token_lists(token_lists, pad_id, side)
+    """Features of the inputs at ``rows`` as one batch, (B, L+1, H) float32, and with ``words`` the
+    label-word logits of every layer, (B, L+1, K) float32 (else None); splits the batch in two on
+    out-of-memory."""
     try:
-        feats = last_token_features(model, ids.to(device), mask.to(device), mode=mode)  # (B, L+1, H)
+        batch = inputs.batch(rows, device)
+        feats = last_token_features(model, batch.input_ids, batch.attention_mask, mode=mode, **batch.extra)  # (B, L+1, H)
         lens = None if words is None else lens_logits(model, feats, words, normed=mode == "normed").cpu().numpy()
         return feats.float().cpu().numpy(), lens
     except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not _is_oom(err) or len(token_lists) == 1:
+        if not _is_oom(err) or len(rows) == 1:
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        half = len(token_lists) // 2
-        log.warning("out of memory on a batch of %d; retrying as %d + %d", len(token_lists), half,
-                    len(token_lists) - half)
-        first = features_for_batch(model, token_lists[:half], pad_id, side, device, mode, words)
-        second = features_for_batch(model, token_lists[half:], pad_id, side, device, mode, words)
+        half = len(rows) // 2
+        log.warning("out of memory on a batch of %d; retrying as %d + %d", len(rows), half, len(rows) - half)
+        first = features_for_batch(model, inputs, rows[:half], device, mode, words)
+        second = features_for_batch(model, inputs, rows[half:], device, mode, words)
         return (np.concatenate([first[0], second[0]]),
                 None if words is None else np.concatenate([first[1], second[1]]))
 
@@ -166,9 +173,9 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
 
     Args:
         config: the settings (see :class:`ExtractConfig`).
-        task: the examples and their prompt template.
+        task: the examples and their prompt template (text, or images for a vision-language model).
         model, tokenizer: already-loaded objects (tests, notebooks); loaded from ``config.model``
-            when None.
+            when None. For a vision-language model ``tokenizer`` is its processor.
 
     Under ``torchrun`` / ``accelerate launch`` each rank takes every world_size-th batch, writes its
     own shards and manifest part, and rank 0 joins the parts into one manifest at the end.
@@ -183,11 +190,16 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
     _barrier(world_size)  # every rank checks before any rank writes
     if world_size > 1 and config.device in ("auto", "cuda") and torch.cuda.is_available():
         config.device = f"cuda:{local_rank}"
+    model_config = model.config if model is not None else load_config(config.model)
+    check_modality(model_config, task, config.model)  # before loading weights or reading images
+    images = get_spec(model_config).images
     if tokenizer is None:
-        tokenizer = load_tokenizer(config.model, padding_side=config.padding_side)
+        tokenizer = load_preprocessor(config.model, padding_side=config.padding_side)
+    if images:  # every image read and decoded once, before the weights load: a bad one fails here
+        images_sha256, sizes = check_images(task.images())
     if model is None:
         # Decoders come with their LM head (the lens applies it to every layer's feature).
-        causal_lm = config.lens and get_spec(load_config(config.model)).decoder
+        causal_lm = config.lens and get_spec(model_config).decoder
         model = load_model(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,
                            adapter=config.adapter, causal_lm=causal_lm)
     get_spec(model)
@@ -195,24 +207,34 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
     L = num_blocks(model)
     layers = list(range(L + 1))
     hidden = int(text_config(model.config).hidden_size)
-    limit = default_max_length(tokenizer, model)
-    if config.max_length is not None and limit is not None and config.max_length > limit:
-        raise ChipTuningError(f"--max-length {config.max_length} is more than {config.model} can read ({limit} "
-                              "tokens); give at most that, or leave --max-length out")
-    max_length = config.max_length or limit
+    text_tokenizer = tokenizer.tokenizer if images else tokenizer
 
-    prompts, n_long = task.build_prompts(tokenizer, max_length)
-    token_lists = tokenize_prompts(tokenizer, prompts, max_length)  # left truncation keeps "Answer:"
-    lengths = [len(t) for t in token_lists]
+    if images:
+        if config.max_length:
+            log.warning("--max-length %d is ignored: image prompts are never cut (the image tokens must stay whole)",
+                        config.max_length)
+        max_length = None  # image prompts are never cut (the image tokens must stay whole)
+        prompts, n_long = task.build_prompts(tokenizer)
+        inputs: EncodedInputs = ImageInputs(tokenizer, prompts, task.images(), sizes)
+    else:
+        images_sha256 = None
+        limit = default_max_length(tokenizer, model)
+        if config.max_length is not None and limit is not None and config.max_length > limit:
+            raise ChipTuningError(f"--max-length {config.max_length} is more than {config.model} can read ({limit} "
+                                  "tokens); give at most that, or leave --max-length out")
+        max_length = config.max_length or limit
+        prompts, n_long = task.build_prompts(tokenizer, max_length)
+        inputs = TextInputs(tokenizer, prompts, max_length, config.padding_side)  # left truncation keeps "Answer:"
+    lengths = inputs.lengths
     labels = [ex.label for ex in task.examples]
     has_head = get_spec(model).decoder and model.get_output_embeddings() is not None
-    words = label_words(tokenizer, task.label_names) if config.lens and has_head else None
+    words = label_words(text_tokenizer, task.label_names) if config.lens and has_head else None
     meta = CacheMeta(
         model=config.model,
         model_hash=config.model_hash or weights_hash(config.model, model),
         model_type=model.config.model_type,
         adapter=config.adapter,
-        tokenizer=getattr(tokenizer, "name_or_path", None),
+        tokenizer=getattr(text_tokenizer, "name_or_path", None),
         task=task.describe(),
         label_names=list(task.label_names),
         prompts_sha256=_prompts_hash(prompts, labels),
@@ -226,13 +248,14 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
         hidden_size=hidden,
         model_source=model_source(config.model),
         lens=None if words is None else words.to_dict(),
+        processor=processor_identity(tokenizer) if images else None,
+        images_sha256=images_sha256,
     )
-    preview = [
-        {"id": task.examples[i].id,
-         "last_tokens": tokenizer.convert_ids_to_tokens(token_lists[i][-6:]),
-         "chip_reads": tokenizer.convert_ids_to_tokens(token_lists[i][-1:])[0]}
-        for i in range(min(3, len(prompts)))
-    ]
+    preview = []
+    for i in range(min(3, len(prompts))):
+        ids = inputs.token_ids(i)
+        preview.append({"id": task.examples[i].id, "last_tokens": text_tokenizer.convert_ids_to_tokens(ids[-6:]),
+                        "chip_reads": text_tokenizer.convert_ids_to_tokens(ids[-1:])[0]})
     budget = resolve_token_budget(config.max_tokens_per_batch, model, device)
     batch_size = config.batch_size or (1024 if budget else 16)
     batches = plan_batches(lengths, batch_size, budget)
@@ -260,7 +283,6 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
                  len(prompts), sum(len(b) for b in todo), config.model, L + 1, hidden, len(todo), device)
         if n_long:
             log.warning("%d prompts were longer than max_length=%d tokens", n_long, max_length)
-        pad_id = tokenizer.pad_token_id
         started = time.perf_counter()
         progress = None
         if config.progress and rank == 0:
@@ -269,8 +291,7 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
         pending: list[Future] = []
         with ThreadPoolExecutor(max_workers=1) as pool:
             for batch in todo:
-                feats, lens = features_for_batch(model, [token_lists[i] for i in batch], pad_id,
-                                                 config.padding_side, device, config.feature_mode, words)
+                feats, lens = features_for_batch(model, inputs, batch, device, config.feature_mode, words)
                 keep = [k for k, i in enumerate(batch) if i not in done]
                 rows = [batch[k] for k in keep]
                 pending.append(pool.submit(

@@ -14,6 +14,7 @@ from chiptuning.probe.artifacts import (
     load_chips,
     plot_layer_accuracy,
 )
+from chiptuning.probe.cascade import describe_exits
 from chiptuning.probe.chips import CHIP_KINDS, LinearChip, LogRegChip, MLPChip, make_chip, optional_class_mask
 from chiptuning.probe.select import STRATEGIES, pruning_stats, select_layer
 from chiptuning.probe.train import REGIMES, TrainConfig, train_chips
@@ -29,6 +30,7 @@ __all__ = [
     "LogRegChip",
     "MLPChip",
     "TrainConfig",
+    "describe_exits",
     "is_pickle",
     "load_chip",
     "load_chips",

@@ -98,6 +98,19 @@ class Cascade:
                                   "again") from None
 
 
+def describe_exits(exits: list[tuple[int, float]]) -> str:
+    """The exits in words: "layers 1-11 when the chip's top probability is >= 0.97, else layer 12"
+    (one shared threshold), or layer by layer when thresholds differ."""
+    *early, (last, _) = exits
+    if not early:
+        return f"layer {last} for every input"
+    levels = {t for _, t in early}
+    if len(levels) == 1:
+        span = f"layer {early[0][0]}" if len(early) == 1 else f"layers {early[0][0]}-{early[-1][0]}"
+        return f"{span} when the chip's top probability is >= {levels.pop():.3g}, else layer {last}"
+    return ", ".join(f"layer {layer} if its chip is >= {t:.3g} sure" for layer, t in early) + f", else layer {last}"
+
+
 def exit_probabilities(chips: ChipSet, cache, layers: list[int], rows: np.ndarray | None = None) -> np.ndarray:
     """(n_layers, N, C) class probabilities of the chips at ``layers`` on a cache's rows (the
     cache's class masks applied, as the chips apply them in use)."""
@@ -280,5 +293,5 @@ def plot_cascade_curve(rows: list[dict[str, Any]], path: Path, title: str = "ear
     return Path(path)
 
 
-__all__ = ["GRID", "NEVER", "Cascade", "calibrate_cascade", "cascade_curve", "exit_probabilities", "plot_cascade_curve",
+__all__ = ["GRID", "NEVER", "Cascade", "calibrate_cascade", "cascade_curve", "describe_exits", "exit_probabilities", "plot_cascade_curve",
            "simulate"]

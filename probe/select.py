@@ -31,7 +31,7 @@ from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
 from chiptuning.io import write_json_atomic
 from chiptuning.probe.artifacts import REPORT, SELECTION, ChipSet, load_chips, write_rows
-from chiptuning.probe.cascade import calibrate_cascade, cascade_curve, plot_cascade_curve
+from chiptuning.probe.cascade import calibrate_cascade, cascade_curve, describe_exits, plot_cascade_curve
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,8 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
             why = (f"no early exit kept validation accuracy within {arg:g} of the best fixed chip, so the cascade is "
                    f"that chip alone (layer {layer}, validation accuracy {sim['reference_val_accuracy']:.4f})")
         else:
-            exits = [f"{lay}@{t:.3g}" for lay, t in cascade.exits]
             depth = sim.get("eval_mean_depth", sim["val_mean_depth"])
-            why = (f"early-exit cascade (layer@confidence: {', '.join(exits)}): validation accuracy "
+            why = (f"early-exit cascade ({describe_exits(cascade.exits)}): validation accuracy "
                    f"{sim['val_accuracy']:.4f} against {sim['reference_val_accuracy']:.4f} for the best fixed chip "
                    f"(layer {layer}); mean depth {depth:.2f} blocks, {layer / depth:.2f}x fewer")
     else:  # optimal

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from chiptuning import __version__
-from chiptuning.probe import is_pickle
+from chiptuning.probe import describe_exits, is_pickle
 from chiptuning.prune.provenance import CheckpointRecord
 
 
@@ -45,6 +45,7 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
     before, after, removed = params["before"], params["after"], params["removed"]
     L, layer = record.num_blocks, record.layer
     tasks = record.tasks
+    images = any(task.task.get("image_column") for task in tasks.values())
     lines = [
         "---",
         "library_name: transformers",
@@ -52,7 +53,7 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
         "tags:",
         "- chip-tuning",
         "- pruned",
-        "- text-classification",
+        "- image-classification" if images else "- text-classification",
         "---",
         "",
         f"# {Path(str(base.id)).name} pruned to {layer} of {L} blocks (chip-tuning)",
@@ -81,7 +82,8 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
            f"`{base.source['architecture']}`, sha256 `{base.source['sha256']}`), dequantized to float32 "
            "before pruning"] if base.source else []),
         f"- Kept: embeddings, blocks 1..{layer}, final norm (unused by the chip, kept so the "
-        "checkpoint loads cleanly)" + (", LM head" if record.keep_lm_head else ""),
+        "checkpoint loads cleanly)" + (", LM head" if record.keep_lm_head else "")
+        + ("; the vision tower and projector whole, and the processor" if images else ""),
         f"- Saved as `{record.architecture}` in {record.dtype}; feature mode `{record.feature_mode}`",
         "",
     ]
@@ -93,7 +95,8 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
             f"- Layer {task.layer} (strategy `{task.strategy}`), feature mode `{task.feature_mode}`",
             f"- Labels: {', '.join(f'`{n}`' for n in task.label_names)}",
             "- Prompt: " + (f"template `{task.template!r}`" if task.template
-                             else f"text column `{task.text_column}`"),
+                             else f"text column `{task.text_column}`")
+            + (" asked about each image, in the processor's chat template" if task.task.get("image_column") else ""),
             f"- Trained on: {(source.get('source') or {}).get('file', source.get('name', '?'))} "
             f"(split `{source.get('split', '?')}`, {source.get('n_examples', '?')} examples), "
             f"cache `{task.cache_fingerprint}`",
@@ -112,7 +115,7 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
         "from chiptuning import ChipModel",
         "",
         'clf = ChipModel.from_pretrained("path/to/this/checkpoint")',
-        'clf.predict(["some text to classify"])',
+        'clf.predict(["photo.jpg"])  # paths, PIL images or arrays' if images else 'clf.predict(["some text to classify"])',
         "```",
         "",
         *([f"With several tasks: `clf.predict(texts, task=...)` (tasks: {', '.join(f'`{n}`' for n in tasks)}).", ""]
@@ -143,9 +146,7 @@ def _cascade_lines(cascade: dict[str, Any] | None) -> list[str]:
     """The early-exit cascade of a task, for the card (nothing for a single chip)."""
     if not cascade:
         return []
-    exits = ", ".join(f"layer {e['layer']}" + (f" if its chip is >= {e['threshold']:.3g} sure" if i < len(cascade["exits"]) - 1
-                                              else " for the rest")
-                      for i, e in enumerate(cascade["exits"]))
+    exits = describe_exits([(e["layer"], e["threshold"]) for e in cascade["exits"]])
     sim = cascade.get("simulated") or {}
     part = "eval" if "eval_accuracy" in sim else "val"
     lines = [f"- Early exit: each input stops at the first confident chip: {exits}."]

@@ -59,7 +59,8 @@ def _cut(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 @torch.no_grad()
 def run_cascade(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, exits: Sequence[Exit],
-                mode: str = "raw", class_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                mode: str = "raw", class_mask: np.ndarray | None = None, **extra: torch.Tensor
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Classify a batch with early exit.
 
     Args:
@@ -68,6 +69,8 @@ def run_cascade(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ex
         exits: the cascade, ascending layers; the last exit answers every example left.
         mode: "raw" or "normed" features (as the chips were trained).
         class_mask: (B, C) bool, the classes each row may take (None: all).
+        **extra: the model's other inputs (a vision-language model's ``pixel_values``...): they
+            are merged into the hidden states before the first block, so no block sees them.
 
     Returns:
         (predicted class (B,), exit layer (B,), probabilities (B, C) of the answering chip).
@@ -109,7 +112,7 @@ def run_cascade(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ex
     # Blocks after the first exit get their batch-shaped inputs cut to the rows still running.
     with capture_layers(model, by_layer, at_exit), rewrite_block_calls(model, range(exits[0].layer, last_exit),
                                                                         before_block):
-        run_backbone(model, input_ids, attention_mask)
+        run_backbone(model, input_ids, attention_mask, **extra)
     if (prediction < 0).any():
         raise RuntimeError("the cascade left an example without an answer; this is a bug, please report it")
     return prediction, exit_layer, np.stack(probabilities)

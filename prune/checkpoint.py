@@ -8,6 +8,11 @@ predictions. Everything is written to a temporary sibling directory and renamed 
 (:func:`chiptuning.outputs.write_output`), so a failed or interrupted run leaves nothing
 half-written; an existing checkpoint is replaced only with ``overwrite``, and never when it holds
 files prune did not write.
+
+A vision-language model is cut inside its language model (the vision tower and projector stay),
+saved with its processor instead of a tokenizer, reloads with ``AutoModel`` (its own base class,
+e.g. ``LlavaModel``; ``AutoModelForImageTextToText`` with ``keep_lm_head``), and its parity check
+runs two synthetic images through the processor (:func:`parity_inputs`).
 """
 
 from __future__ import annotations
@@ -21,13 +26,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from PIL import Image
+from transformers import AutoModel, AutoModelForSequenceClassification
 
 from chiptuning.cache import CacheMeta
-from chiptuning.encoding import encode_batches
+from chiptuning.encoding import EncodedInputs, TextInputs
 from chiptuning.errors import ChipTuningError
-from chiptuning.features import last_token_features
-from chiptuning.models import load_config, load_model, load_tokenizer, model_source, param_stats, weights_hash
+from chiptuning.features import batch_features
+from chiptuning.models import (
+    head_model_class,
+    load_config,
+    load_model,
+    load_preprocessor,
+    model_source,
+    param_stats,
+    weights_hash,
+)
 from chiptuning.outputs import PRUNED, check_output, write_output
 from chiptuning.probe import ChipSet, load_chips
 from chiptuning.prune.card import write_model_card
@@ -41,6 +55,8 @@ from chiptuning.prune.provenance import (
 )
 from chiptuning.prune.truncate import check_layer, truncate_
 from chiptuning.registry import base_model, get_spec, num_blocks, text_config
+from chiptuning.tasks import DEFAULT_IMAGE_PROMPT, image_chat_prompt
+from chiptuning.vision import ImageInputs
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +66,26 @@ CHECK_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
     "Chip-tuning keeps the blocks up to the chip's layer and removes the rest. Answer:",
 )
+#: Sizes (width, height) of the parity check's synthetic images (vision-language models): two
+#: sizes, so resizing, tiling and padding all take part.
+CHECK_IMAGE_SIZES = ((40, 48), (56, 32))
 CHECK_ATOL_FP32 = 1e-5
+
+
+def parity_images() -> list[Image.Image]:
+    """The parity check's images: seeded noise, one per :data:`CHECK_IMAGE_SIZES`."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in CHECK_IMAGE_SIZES]
+
+
+def parity_inputs(model, tokenizer) -> EncodedInputs:
+    """What the post-save parity check feeds the model: :data:`CHECK_PROMPTS`, or for a
+    vision-language model (``tokenizer`` is its processor) the synthetic :func:`parity_images` with
+    the paper's question in the chat template."""
+    if get_spec(model).images:
+        prompt = image_chat_prompt(tokenizer, DEFAULT_IMAGE_PROMPT)
+        return ImageInputs(tokenizer, [prompt] * len(CHECK_IMAGE_SIZES), parity_images())
+    return TextInputs(tokenizer, CHECK_PROMPTS)
 
 
 # -- reading a chips directory --------------------------------------------------------------------
@@ -176,11 +211,10 @@ def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None,
 
 # -- the parity check -----------------------------------------------------------------------------
 
-def layer_features(model, tokenizer, prompts: Sequence[str], layer: int, mode: str = "raw") -> np.ndarray:
-    """feature(layer) of each prompt, float32 (B, H), through the shared encoder and layer convention."""
+def inputs_features(model, inputs: EncodedInputs, layer: int, mode: str = "raw") -> np.ndarray:
+    """feature(layer) of encoded inputs (text or images) as one batch, float32 (B, H)."""
     device = next(model.parameters()).device
-    batch = next(encode_batches(tokenizer, prompts, batch_size=len(prompts), device=device))
-    feats = last_token_features(model, batch.input_ids, batch.attention_mask, layers=[layer], mode=mode)
+    feats = batch_features(model, inputs.batch(range(len(inputs)), device), layers=[layer], mode=mode)
     return feats[:, 0].float().cpu().numpy()
 
 
@@ -259,7 +293,7 @@ def prune(
     model_hash = model_hash or weights_hash(model_name_or_path, model)
     for task in tasks:
         check_model_matches_cache(model_name_or_path, model_hash, config, task.cache_meta, adapter)
-    tokenizer = load_tokenizer(model_name_or_path)
+    tokenizer = load_preprocessor(model_name_or_path)
     base = {"id": str(model_name_or_path), "hash": model_hash, "adapter": adapter,
             "source": model_source(model_name_or_path)}
     return save_pruned(model, tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export,
@@ -304,7 +338,7 @@ def save_pruned(
 
     Args:
         model: the full model (``AutoModel``, or ``*ForCausalLM`` with ``keep_lm_head``).
-        tokenizer: its tokenizer.
+        tokenizer: its tokenizer (a vision-language model: its processor).
         tasks: the task(s) and their chips (see :class:`TaskChip`); the first is the default.
         out_dir: the checkpoint directory.
         base: ``{"id", "hash", "adapter", "source"}`` of the base model (``source``: a GGUF file's
@@ -320,12 +354,16 @@ def save_pruned(
     depth = max(task.layer for task in tasks)
     if keep_lm_head and model.get_output_embeddings() is None:
         raise ChipTuningError(f"keep_lm_head needs the model with its head (*ForCausalLM), got {type(model).__name__}")
+    if export and get_spec(model).images:
+        raise ChipTuningError(f"--export sequence-classification is for text models; {model.config.model_type} "
+                              "reads images: leave --export out (ChipModel serves the checkpoint)")
     with write_output(out_dir, PRUNED, overwrite=overwrite) as tmp:
         dtype = next(model.parameters()).dtype
         model_type = model.config.model_type
         hidden_size = int(text_config(model.config).hidden_size)
         stats_before = param_stats(model)
-        references = {(t.name, lay): layer_features(model, tokenizer, CHECK_PROMPTS, lay, t.feature_mode)
+        probe = parity_inputs(model, tokenizer)
+        references = {(t.name, lay): inputs_features(model, probe, lay, t.feature_mode)
                       for t in tasks for lay, _ in t.exit_layers}  # (task, layer) -> (B, H)
         truncate_(model, depth)
         if export:
@@ -334,7 +372,7 @@ def save_pruned(
             cls = AutoModelForSequenceClassification
         else:
             to_save = model if keep_lm_head else base_model(model)
-            cls = AutoModelForCausalLM if keep_lm_head else AutoModel
+            cls = head_model_class(model) if keep_lm_head else AutoModel
         to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         stats_after = param_stats(to_save)
@@ -415,13 +453,14 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[st
     if bad:
         raise ChipTuningError(f"the pruned checkpoint does not reload cleanly: {bad}; this is a bug, please report it")
     model = model.to(device).eval()
-    tokenizer = load_tokenizer(str(path))
+    tokenizer = load_preprocessor(str(path))
     if num_blocks(model) != depth:
         raise ChipTuningError(f"the reloaded checkpoint has {num_blocks(model)} blocks, expected {depth}")
+    probe = parity_inputs(model, tokenizer)
     for task in tasks:
         for lay, _ in task.exit_layers:
             reference = references[(task.name, lay)]
-            pruned = layer_features(model, tokenizer, CHECK_PROMPTS, lay, task.feature_mode)
+            pruned = inputs_features(model, probe, lay, task.feature_mode)
             _check_close(reference, pruned, dtype, f"feature({lay})")
             chip = task.chips.chip(lay)
             if dtype == torch.float32 and not np.array_equal(chip.predict(reference), chip.predict(pruned)):
@@ -438,5 +477,6 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[st
                          "sequence-classification probabilities")
 
 
-__all__ = ["CHECK_PROMPTS", "TaskChip", "check_options", "layer_features", "load_task_chips", "prune",
+__all__ = ["CHECK_IMAGE_SIZES", "CHECK_PROMPTS", "TaskChip", "parity_images", "parity_inputs", "check_options",
+           "inputs_features", "load_task_chips", "prune",
            "resolve_layer", "save_pruned", "task_entry", "verify_checkpoint"]

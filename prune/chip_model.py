@@ -1,10 +1,12 @@
-"""``ChipModel``: a pruned checkpoint as a classifier that predicts from raw text.
+"""``ChipModel``: a pruned checkpoint as a classifier that predicts from raw text (or raw images).
 
 Loading verifies the checkpoint first (every recorded file's sha256, the config against the
 provenance record), then reads feature(l) of the pruned backbone through the one shared layer
 convention (:func:`chiptuning.features.last_token_features`) and hands it to the chip. Prompts are
 built and tokenized exactly as extraction built those of the cache: same template, same special
-tokens, same truncation side and max length (:mod:`chiptuning.encoding`).
+tokens, same truncation side and max length (:mod:`chiptuning.encoding`). A vision-language
+checkpoint classifies images (paths, PIL images or arrays) through its saved processor, with the
+prompt it was trained with (:class:`chiptuning.vision.ImageInputs`).
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as hf_logging
 
-from chiptuning.encoding import encode_batches, resolve_token_budget
+from chiptuning.encoding import EncodedInputs, TextInputs, resolve_token_budget
 from chiptuning.errors import DataError, ProvenanceError
-from chiptuning.features import last_token_features
-from chiptuning.models import load_tokenizer, resolve_device, resolve_dtype
+from chiptuning.features import batch_features
+from chiptuning.models import load_processor, load_tokenizer, resolve_device, resolve_dtype
 from chiptuning.probe import load_chip, optional_class_mask
 from chiptuning.prune.cascade import Exit, run_cascade
 from chiptuning.prune.provenance import CheckpointRecord, TaskEntry, load_record
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import Example, TaskData, template_fields
+from chiptuning.tasks.images import as_image_input
+from chiptuning.vision import ImageInputs, check_modality
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +81,24 @@ def saved_task_data(entry: TaskEntry, name: str) -> TaskData:
 
 
 class ChipModel:
-    """A pruned backbone plus its chip(s): a text classifier.
+    """A pruned backbone plus its chip(s): a text (or image) classifier.
 
     Build it with :meth:`from_pretrained`. Attributes: ``model`` (the pruned ``AutoModel``),
-    ``tokenizer``, ``chips`` (task name -> fitted chip), ``cascades`` (task name -> the exits of
-    its early-exit cascade, for tasks that have one), ``record`` (the
+    ``tokenizer``, ``processor`` (a vision-language checkpoint's processor, else None), ``chips``
+    (task name -> fitted chip), ``cascades`` (task name -> the exits of its early-exit cascade, for
+    tasks that have one), ``record`` (the
     :class:`~chiptuning.prune.provenance.CheckpointRecord`), ``path``.
     """
 
     def __init__(self, model, tokenizer, chips: dict[str, Any], record: CheckpointRecord,
-                 path: Path | None = None, cascades: dict[str, list[Exit]] | None = None) -> None:
+                 path: Path | None = None, cascades: dict[str, list[Exit]] | None = None, processor=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.chips = chips
         self.record = record
         self.path = path
         self.cascades = cascades or {}
+        self.processor = processor
 
     # -- loading ----------------------------------------------------------------------------------
 
@@ -138,10 +144,12 @@ class ChipModel:
                 f"mismatched {info.get('mismatched_keys')[:5]}); re-run `chiptuning prune`"
             )
         model = model.to(resolve_device(device)).eval()
-        tokenizer = load_tokenizer(str(path), padding_side=record.padding_side)
+        processor = load_processor(str(path), padding_side=record.padding_side) if get_spec(config).images else None
+        tokenizer = processor.tokenizer if processor is not None else load_tokenizer(
+            str(path), padding_side=record.padding_side)
         log.info("loaded %s: %s pruned to %d blocks, tasks %s", path, record.base_model.id,
                  record.layer, sorted(chips))
-        return cls(model, tokenizer, chips, record, path, cascades)
+        return cls(model, tokenizer, chips, record, path, cascades, processor=processor)
 
     # -- facts ------------------------------------------------------------------------------------
 
@@ -193,13 +201,21 @@ class ChipModel:
             out["labels"] = list(saved.label_names)
         out["strip_trailing_space"] = bool(out.get("strip_trailing_space")) or saved.strip_trailing_space
         out["chat_template"] = bool(out.get("chat_template")) or saved.chat_template
+        if saved.image_column is not None and out.get("image_column") is None and out.get("text_column") is None:
+            out["image_column"] = saved.image_column  # image data: the images are where training found them
         return out
+
+    @property
+    def images(self) -> bool:
+        """True for a vision-language checkpoint (it classifies images)."""
+        return self.processor is not None
 
     def prompts(self, inputs: Record | Iterable[Record], task: str | None = None) -> list[str]:
         """The prompt text of each input, as extraction built it.
 
         A ``str`` is the text itself (text-column tasks) or the value of a one-field template; a
-        mapping is a record whose fields the saved template formats.
+        mapping is a record whose fields the saved template formats. For images: the chat-templated
+        prompt, with the image placeholder the processor expands.
         """
         return self._prepare(inputs, task)[0]
 
@@ -212,6 +228,8 @@ class ChipModel:
         return self._prepare(inputs, task)[1]
 
     def _prepare(self, inputs, task) -> tuple[list[str], np.ndarray | None]:
+        if self.images:
+            return self._prepare_images(inputs, task)[0], None  # every class is an option for an image
         data = self.task_data(task)
         records = [inputs] if isinstance(inputs, (str, Mapping)) else list(inputs)
         if not records:
@@ -236,10 +254,61 @@ class ChipModel:
         prompts, _ = data.build_prompts(self.tokenizer, self.record.max_length)
         return prompts, optional_class_mask([ex.n_choices for ex in examples], len(data.label_names))
 
+    def _prepare_images(self, inputs, task) -> tuple[list[str], list[Any]]:
+        """(prompts, images) of image inputs: one image (a path, a PIL image, a 2-D or 3-D array, or
+        a record holding one in the task's image column), or a list of them (or a 4-D array)."""
+        data = self.task_data(task)
+        if data.image_column is None:
+            raise DataError(f"task {data.name!r} of this vision-language checkpoint has no image column")
+        if isinstance(inputs, np.ndarray):
+            items = list(inputs) if inputs.ndim == 4 else [inputs]
+        elif isinstance(inputs, (str, Path, Mapping)) or not isinstance(inputs, Iterable):
+            items = [inputs]
+        else:
+            items = list(inputs)
+        if not items:
+            raise DataError("no images to classify")
+        examples, images = [], []
+        for i, item in enumerate(items):
+            if isinstance(item, Mapping):
+                if data.image_column not in item:
+                    raise DataError(f"input {i} has no image in {data.image_column!r} (keys: {sorted(item)})")
+                fields = dict(item)
+                fields[data.image_column] = as_image_input(item[data.image_column], i)
+            else:
+                fields = {data.image_column: as_image_input(item, i)}
+            images.append(fields[data.image_column])
+            examples.append(Example(id=str(i), fields=fields, label=0, n_choices=len(data.label_names)))
+        data.examples = examples
+        prompts, _ = data.build_prompts(self.processor)
+        return prompts, images
+
+    def encode(self, inputs: Record | Iterable[Record], task: str | None = None) -> tuple[EncodedInputs, np.ndarray | None]:
+        """Raw inputs (texts, records, or images for a vision-language checkpoint) as the model's
+        encoded inputs, and their class mask."""
+        if self.images:
+            prompts, images = self._prepare_images(inputs, task)
+            return ImageInputs(self.processor, prompts, images), None
+        prompts, mask = self._prepare(inputs, task)
+        return TextInputs(self.tokenizer, prompts, self.record.max_length), mask
+
+    def encode_task(self, data: TaskData) -> EncodedInputs:
+        """A task's examples as the model's encoded inputs, built as extraction built them.
+
+        Raises:
+            DataError: image data for a text checkpoint, or text data for a vision-language one.
+        """
+        check_modality(self.model, data, str(self.path or self.record.base_model.id))
+        if self.images:
+            prompts, _ = data.build_prompts(self.processor)
+            return ImageInputs(self.processor, prompts, data.images())
+        prompts, _ = data.build_prompts(self.tokenizer, self.record.max_length)
+        return TextInputs(self.tokenizer, prompts, self.record.max_length)
+
     def features(self, inputs: Record | Iterable[Record], task: str | None = None, batch_size: int | None = None,
                  max_tokens_per_batch: int | str = "auto") -> np.ndarray:
         """feature(l) of each input at ``task``'s layer: float32 (N, H), what the chip reads."""
-        return self.features_of_prompts(self.prompts(inputs, task), task, batch_size, max_tokens_per_batch)
+        return self.features_of_inputs(self.encode(inputs, task)[0], task, batch_size, max_tokens_per_batch)
 
     @torch.no_grad()
     def features_of_prompts(self, prompts: list[str], task: str | None = None, batch_size: int | None = None,
@@ -250,16 +319,21 @@ class ChipModel:
         ("auto": sized from free GPU memory, 8192 tokens on CPU; 0: fixed batches of
         ``batch_size`` in input order), so little compute goes to padding.
         """
+        return self.features_of_inputs(TextInputs(self.tokenizer, prompts, self.record.max_length), task,
+                                       batch_size, max_tokens_per_batch, progress)
+
+    @torch.no_grad()
+    def features_of_inputs(self, inputs: EncodedInputs, task: str | None = None, batch_size: int | None = None,
+                           max_tokens_per_batch: int | str = "auto", progress: bool = False) -> np.ndarray:
+        """feature(l) of encoded inputs (:meth:`encode`, :meth:`encode_task`): float32 (N, H), in
+        input order, batched as :meth:`features_of_prompts` batches."""
         _, entry = self.task(task)
         device = next(self.model.parameters()).device
         budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
-        out = np.empty((len(prompts), int(text_config(self.model.config).hidden_size)), dtype=np.float32)
-        bar = tqdm(total=len(prompts), unit="ex", desc="pruned model", disable=None if progress else True)
-        for batch in encode_batches(self.tokenizer, prompts, max_length=self.record.max_length,
-                                    batch_size=batch_size or (1024 if budget else 16), max_tokens=budget,
-                                    device=device):
-            feats = last_token_features(self.model, batch.input_ids, batch.attention_mask, layers=[entry.layer],
-                                        mode=entry.feature_mode)  # (B, 1, H)
+        out = np.empty((len(inputs), int(text_config(self.model.config).hidden_size)), dtype=np.float32)
+        bar = tqdm(total=len(inputs), unit="ex", desc="pruned model", disable=None if progress else True)
+        for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
+            feats = batch_features(self.model, batch, layers=[entry.layer], mode=entry.feature_mode)  # (B, 1, H)
             out[batch.rows] = feats[:, 0].float().cpu().numpy()
             bar.update(len(batch.rows))
         bar.close()
@@ -275,20 +349,27 @@ class ChipModel:
         Returns:
             (class index (N,), exit layer (N,), probabilities (N, C)), in input order.
         """
+        return self.cascade_of_inputs(TextInputs(self.tokenizer, prompts, self.record.max_length), task, class_mask,
+                                      batch_size, max_tokens_per_batch, progress)
+
+    @torch.no_grad()
+    def cascade_of_inputs(self, inputs: EncodedInputs, task: str | None = None, class_mask: np.ndarray | None = None,
+                          batch_size: int | None = None, max_tokens_per_batch: int | str = "auto",
+                          progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`cascade_of_prompts` on encoded inputs (:meth:`encode`, :meth:`encode_task`: text,
+        or images for a vision-language checkpoint)."""
         name, entry = self.task(task)
         exits = self.cascades[name]
         device = next(self.model.parameters()).device
         budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
-        n, C = len(prompts), len(entry.label_names)
+        n, C = len(inputs), len(entry.label_names)
         prediction, exit_layer = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         proba = np.empty((n, C), dtype=np.float64)
         bar = tqdm(total=n, unit="ex", desc="cascade", disable=None if progress else True)
-        for batch in encode_batches(self.tokenizer, prompts, max_length=self.record.max_length,
-                                    batch_size=batch_size or (1024 if budget else 16), max_tokens=budget,
-                                    device=device):
+        for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
             mask = None if class_mask is None else class_mask[batch.rows]
             pred, layers, p = run_cascade(self.model, batch.input_ids, batch.attention_mask, exits,
-                                          entry.feature_mode, mask)
+                                          entry.feature_mode, mask, **batch.extra)
             prediction[batch.rows], exit_layer[batch.rows], proba[batch.rows] = pred, layers, p
             bar.update(len(batch.rows))
         bar.close()
@@ -312,10 +393,10 @@ class ChipModel:
 
     def _answers(self, inputs, task, batch_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         name, entry = self.task(task)
-        prompts, mask = self._prepare(inputs, task)
+        encoded, mask = self.encode(inputs, task)
         if name in self.cascades:
-            return self.cascade_of_prompts(prompts, name, mask, batch_size)
-        features = self.features_of_prompts(prompts, task, batch_size)
+            return self.cascade_of_inputs(encoded, name, mask, batch_size)
+        features = self.features_of_inputs(encoded, task, batch_size)
         proba = np.asarray(self.chips[name].predict_proba(features, class_mask=mask))
         index = np.asarray(self.chips[name].predict(features, class_mask=mask)).astype(np.int64)
         return index, np.full(len(index), entry.layer, dtype=np.int64), proba
@@ -325,7 +406,9 @@ class ChipModel:
         """Label name of each input (a single str or dict is a batch of one).
 
         Args:
-            inputs: raw texts, or records (dicts of fields) formatted by the saved template.
+            inputs: raw texts, or records (dicts of fields) formatted by the saved template; for a
+                vision-language checkpoint images (paths, PIL images, (H, W[, C]) arrays, a 4-D
+                array of several, or records holding one in the task's image column).
             task: which task's chip to use (default: the checkpoint's default task).
             batch_size: most examples per forward pass (default: as many as the token budget takes).
         """

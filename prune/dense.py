@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chiptuning.encoding import encode_batches, resolve_token_budget
+from chiptuning.encoding import EncodedInputs, TextInputs, resolve_token_budget
 from chiptuning.errors import ProvenanceError
-from chiptuning.features import last_token_features
+from chiptuning.features import batch_features
 from chiptuning.models import load_model, weights_hash
 from chiptuning.prune.provenance import CheckpointRecord
 from chiptuning.registry import get_spec, num_blocks, text_config
@@ -55,14 +55,17 @@ def load_dense(record: CheckpointRecord, dense_model: str | None = None, device:
 
 
 @torch.no_grad()
-def dense_pass(model, tokenizer, prompts: list[str], layer: int, mode: str, chip, label_names: list[str],
+def dense_pass(model, tokenizer, prompts: list[str] | None, layer: int, mode: str, chip, label_names: list[str],
                max_length: int | None, batch_size: int | None = None, class_mask: np.ndarray | None = None,
-               max_tokens_per_batch: int | str = "auto", progress: bool = False) -> dict[str, Any]:
+               max_tokens_per_batch: int | str = "auto", progress: bool = False,
+               inputs: EncodedInputs | None = None) -> dict[str, Any]:
     """Run the dense model over ``prompts``: chip predictions at ``layer``, zero-shot, timing.
 
     Batched as the pruned model is (:meth:`~chiptuning.prune.ChipModel.features_of_prompts`), so
     the two timings compare the models, not their batching. ``class_mask`` (N, C) bool limits both
-    predictions to each prompt's options (None: all valid).
+    predictions to each prompt's options (None: all valid). ``inputs``: already encoded inputs
+    instead of ``prompts`` (images for a vision-language model; ``tokenizer`` then is its text
+    tokenizer, for the label words).
 
     Returns:
         {"chip_predictions" (N,), "zero_shot_predictions" (N,) or None, "elapsed_s"}.
@@ -71,14 +74,14 @@ def dense_pass(model, tokenizer, prompts: list[str], layer: int, mode: str, chip
     device = next(model.parameters()).device
     words = label_words(tokenizer, label_names) if get_spec(model).decoder else None
     H = int(text_config(model.config).hidden_size)
-    feats_l = np.empty((len(prompts), H), dtype=np.float32)
-    scores = np.empty((len(prompts), len(label_names)), dtype=np.float32)
+    inputs = inputs if inputs is not None else TextInputs(tokenizer, prompts, max_length)
+    feats_l = np.empty((len(inputs), H), dtype=np.float32)
+    scores = np.empty((len(inputs), len(label_names)), dtype=np.float32)
     budget = resolve_token_budget(max_tokens_per_batch, model, device)
-    bar = tqdm(total=len(prompts), unit="ex", desc="dense model", disable=None if progress else True)
+    bar = tqdm(total=len(inputs), unit="ex", desc="dense model", disable=None if progress else True)
     started = time.perf_counter()
-    for batch in encode_batches(tokenizer, prompts, max_length=max_length, batch_size=batch_size or (1024 if budget else 16),
-                                max_tokens=budget, device=device):
-        feats = last_token_features(model, batch.input_ids, batch.attention_mask, layers=[layer, L], mode=mode)
+    for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
+        feats = batch_features(model, batch, layers=[layer, L], mode=mode)
         feats_l[batch.rows] = feats[:, 0].float().cpu().numpy()  # (B, H)
         if words is not None:
             logits = lens_logits(model, feats[:, 1], words, normed=mode == "normed")  # (B, K)

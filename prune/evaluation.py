@@ -44,7 +44,8 @@ def evaluate(
     overwrite: bool = False,
     allow_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy of a pruned checkpoint on a labelled file, predicting from raw text.
+    """Accuracy of a pruned checkpoint on a labelled file, predicting from raw text (or raw images,
+    for a vision-language checkpoint).
 
     The file is read with :func:`chiptuning.tasks.load_task` and the same options as
     ``chiptuning extract``; the prompt template (or text column) and the label names default to
@@ -98,22 +99,23 @@ def evaluate(
     if (data_task.template, data_task.text_column) != (entry.template, entry.text_column):
         log.warning("evaluating with another prompt format than the chip was trained with "
                     "(template %r, text column %r)", data_task.template, data_task.text_column)
-    # The same prompt builder as extraction, so the chip sees what it saw on the cache.
-    prompts, _ = data_task.build_prompts(clf.tokenizer, clf.record.max_length)
+    # The same prompt builder as extraction (text, or images through the processor), so the chip
+    # sees what it saw on the cache.
+    inputs = clf.encode_task(data_task)
     y_true = np.array([ex.label for ex in data_task.examples], dtype=np.int64)
 
     batching = dict(batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
-    warm = prompts[:8]
+    warm = inputs.subset(range(min(8, len(inputs))))
     mask = optional_class_mask([ex.n_choices for ex in data_task.examples], len(saved_labels))
     cascade = name in clf.cascades
     if cascade:  # early exit: each example stops at its cascade's first confident chip
-        clf.cascade_of_prompts(warm, name, None if mask is None else mask[:len(warm)], **batching)  # warm-up
+        clf.cascade_of_inputs(warm, name, None if mask is None else mask[:len(warm)], **batching)  # warm-up
         started = time.perf_counter()
-        y_pred, exit_layer, _ = clf.cascade_of_prompts(prompts, name, mask, progress=progress, **batching)
+        y_pred, exit_layer, _ = clf.cascade_of_inputs(inputs, name, mask, progress=progress, **batching)
     else:
-        clf.features_of_prompts(warm, task=name, **batching)  # warm-up, untimed
+        clf.features_of_inputs(warm, task=name, **batching)  # warm-up, untimed
         started = time.perf_counter()
-        features = clf.features_of_prompts(prompts, task=name, progress=progress, **batching)  # (N, H)
+        features = clf.features_of_inputs(inputs, task=name, progress=progress, **batching)  # (N, H)
         y_pred = np.asarray(clf.chips[name].predict(features, class_mask=mask)).astype(np.int64)
         exit_layer = None
     elapsed = time.perf_counter() - started
@@ -147,8 +149,8 @@ def evaluate(
         run = dict(tokenizer=clf.tokenizer, layer=entry.layer, mode=entry.feature_mode, chip=clf.chips[name],
                    label_names=saved_labels, max_length=clf.record.max_length, **batching)
         warm_mask = mask[:len(warm)] if mask is not None else None
-        dense_pass(dense_net, prompts=warm, class_mask=warm_mask, **run)  # warm-up, untimed
-        result = dense_pass(dense_net, prompts=prompts, class_mask=mask, progress=progress, **run)
+        dense_pass(dense_net, prompts=None, inputs=warm, class_mask=warm_mask, **run)  # warm-up, untimed
+        result = dense_pass(dense_net, prompts=None, inputs=inputs, class_mask=mask, progress=progress, **run)
         del dense_net
         dense_pred, zero_shot = result["chip_predictions"], result["zero_shot_predictions"]
         if not cascade and not np.array_equal(dense_pred, y_pred):

@@ -19,7 +19,15 @@ from collections.abc import Sequence
 from torch import nn
 
 from chiptuning.errors import ChipTuningError
-from chiptuning.registry import base_model, get_blocks, get_spec, num_blocks, set_blocks, text_config
+from chiptuning.registry import (
+    base_model,
+    get_blocks,
+    get_language_model,
+    get_spec,
+    num_blocks,
+    set_blocks,
+    text_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +69,11 @@ def per_layer_keys(config, n_blocks: int) -> list[str]:
 
 
 def model_configs(model) -> list:
-    """Every distinct config object of a model (the model's, its backbone's, its text config):
-    depth and per-layer fields must agree in all of them."""
-    found = {id(c): c for c in (model.config, base_model(model).config, text_config(model.config))}
+    """Every distinct config object of a model (the model's, its backbone's, its text config, and a
+    vision-language model's language model's own copy of it): depth and per-layer fields must
+    agree in all of them."""
+    configs = (model.config, base_model(model).config, text_config(model.config), get_language_model(model).config)
+    found = {id(c): c for c in configs}
     return list(found.values())
 
 

@@ -17,7 +17,15 @@ import torch
 from chiptuning.cache import CacheReader
 from chiptuning.extract import ExtractConfig, extract
 from chiptuning.probe import load_chips, select_layer, train_chips
-from chiptuning.probe.cascade import NEVER, Cascade, calibrate_cascade, exit_probabilities, simulate
+from chiptuning.probe.cascade import (
+    GRID,
+    NEVER,
+    Cascade,
+    calibrate_cascade,
+    describe_exits,
+    exit_probabilities,
+    simulate,
+)
 from chiptuning.prune import ChipModel, prune
 from chiptuning.registry import get_blocks
 from chiptuning.tasks import load_task
@@ -113,6 +121,12 @@ def test_a_confident_example_runs_no_block_after_its_exit(reviews, minilm_path, 
     assert exits.tolist() == [1] and calls == [0]  # block 1 ran, blocks 2..4 did not
 
 
+def simulate_score(probabilities, layers, threshold, labels):
+    """(accuracy, mean depth) of the cascade with one shared threshold."""
+    pred, depth = simulate(probabilities, layers, [threshold] * (len(layers) - 1) + [0.0])
+    return float((pred == labels).mean()), float(depth.mean())
+
+
 def test_calibration_keeps_accuracy_within_delta_and_falls_back_when_none_can(tmp_path):
     from tests.test_probe import write_cache
 
@@ -127,10 +141,21 @@ def test_calibration_keeps_accuracy_within_delta_and_falls_back_when_none_can(tm
     train = write_cache(tmp_path / "train", feats[:300], y[:300], label_names=["a", "b"])
     evals = write_cache(tmp_path / "eval", feats[300:], y[300:], label_names=["a", "b"])
     chips = train_chips(train, evals, chip="linear", out=tmp_path / "chips", val_size=100, seed=0)
-    cascade, _ = calibrate_cascade(chips, delta=0.02)
+    cascade, material = calibrate_cascade(chips, delta=0.02)
     sim = cascade.simulated
     assert sim["val_accuracy"] >= sim["reference_val_accuracy"] - 0.02 - 1e-9
     assert not cascade.fallback and sim["val_mean_depth"] < cascade.reference_layer  # blocks saved
+    # One shared threshold: the grid's threshold with the fewest validation blocks among those within delta.
+    shared = {t for _, t in cascade.exits[:-1]}
+    assert len(shared) == 1
+    val_p, y_val = material["val"]
+    layers = material["layers"]
+    allowed = [(simulate_score(val_p, layers, t, y_val), t) for t in GRID]
+    allowed = [(d, t) for (acc, d), t in allowed if acc >= sim["reference_val_accuracy"] - 0.02 - 1e-9]
+    assert sim["val_mean_depth"] == pytest.approx(min(d for d, _ in allowed))
+    assert describe_exits(cascade.exits) == f"layer 1 when the chip's top probability is >= {shared.pop():.3g}, else layer 2"
+    assert describe_exits([(1, 0.9), (2, 0.9), (3, 0.0)]) == "layers 1-2 when the chip's top probability is >= 0.9, else layer 3"
+    assert describe_exits([(1, 0.9), (2, 0.8), (3, 0.0)]) == "layer 1 if its chip is >= 0.9 sure, layer 2 if its chip is >= 0.8 sure, else layer 3"
 
     # Constant early layers: any exit before the last answers with the prior, so none meets delta 0.
     flat = feats.copy()

@@ -158,7 +158,7 @@ def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, ma
     name, _ = clf.task(task_name)
     # The checkpoint's own prompt format and labels, where the options leave them open.
     options = clf.data_options(name, **{k: task_opts.get(k) for k in ("template", "text_column", "strip_trailing_space",
-                                                                       "chat_template")},
+                                                                       "chat_template", "image_column")},
                                labels=parse_labels(task_opts.get("labels")))
     options["labels"] = ",".join(options["labels"])
     data = load_task_from_options(**dict(task_opts, **options))

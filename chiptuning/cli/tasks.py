@@ -11,7 +11,7 @@ import click
 # The click parameter names task_options adds; load_task_from_options reads only these.
 TASK_PARAMS = (
     "task", "data", "data_dir", "subset", "split", "text_column", "template", "label_column", "labels",
-    "truncate_field", "strip_trailing_space", "chat_template", "limit", "seed",
+    "truncate_field", "strip_trailing_space", "chat_template", "limit", "seed", "image_column",
 )
 
 
@@ -25,8 +25,9 @@ def task_options(func):
         click.option("--task", "task", default=None, metavar="NAME",
                      help="Built-in task (boolq, race-high, race-middle, c3, mmlu; see `chiptuning tasks`) "
                           "or a Hugging Face dataset name."),
-        click.option("--data", "data", default=None, type=click.Path(dir_okay=False),
-                     help="Labelled JSONL / JSON / CSV / TSV / Parquet file (instead of --task)."),
+        click.option("--data", "data", default=None, type=click.Path(),
+                     help="Labelled JSONL / JSON / CSV / TSV / Parquet file, or an image folder (one subfolder "
+                          "per class, for vision-language models) (instead of --task)."),
         click.option("--data-dir", default=None, type=click.Path(file_okay=False),
                      help="Built-in task: directory of its original release files (offline, no hub)."),
         click.option("--subset", default=None, help="Hub dataset: configuration name (e.g. sst2 of glue)."),
@@ -36,7 +37,12 @@ def task_options(func):
         click.option("--text-column", default=None, help="Field holding the prompt text."),
         click.option("--template", default=None,
                      help="Prompt template over the record's fields, e.g. '{question}\\n{options}\\nAnswer:' "
-                          "(a list field renders as 'A. ...' lines; \\n and \\t are unescaped)."),
+                          "(a list field renders as 'A. ...' lines; \\n and \\t are unescaped). Image data: the "
+                          "question asked about each image [default: 'What type of object is in this photo?']."),
+        click.option("--image-column", default=None,
+                     help="Image data: the column holding each record's image (a path relative to the data file, "
+                          "or image bytes). Not needed for an image folder, or a dataset whose 'image' column "
+                          "is an Image feature."),
         click.option("--label-column", default=None, help="Field holding the label  [default: label]."),
         click.option("--labels", default=None, help="Label names in class order, comma-separated."),
         click.option("--truncate-field", default=None,
@@ -111,8 +117,9 @@ def load_task_from_options(**options: Any):
         raise DataError("give exactly one of --task NAME (built-in or hub dataset) or --data FILE")
     if opts["data"] is not None and opts["data_dir"] is not None:
         raise DataError("--data-dir goes with a built-in --task NAME, not with --data FILE")
-    if opts["data"] is not None and not Path(opts["data"]).is_file():
-        raise DataError(f"--data {opts['data']} is not a file; give a local data file, or a hub dataset with --task NAME")
+    if opts["data"] is not None and not (Path(opts["data"]).is_file() or Path(opts["data"]).is_dir()):
+        raise DataError(f"--data {opts['data']} does not exist; give a local data file or image folder, or a hub "
+                        "dataset with --task NAME")
     template = _unescape(opts["template"]) if opts["template"] is not None else None
     labels = parse_labels(opts["labels"])
     return load_task(
@@ -121,7 +128,7 @@ def load_task_from_options(**options: Any):
         label_column=opts["label_column"], labels=labels, limit=opts["limit"],
         seed=42 if opts["seed"] is None else opts["seed"], data_dir=opts["data_dir"], subset=opts["subset"],
         truncate_field=opts["truncate_field"], strip_trailing_space=bool(opts["strip_trailing_space"]),
-        chat_template=bool(opts["chat_template"]),
+        chat_template=bool(opts["chat_template"]), image_column=opts["image_column"],
     )
 
 

@@ -150,6 +150,10 @@ class TaskData:
             generation prompt) in :meth:`build_prompts`.
         strip_trailing_space: drop trailing spaces of the prompt (``Answer: `` -> ``Answer:``), so
             the chip does not read a lone whitespace token.
+        image_column: image data: the field holding each example's image (a
+            :class:`~chiptuning.tasks.images.ImageRef`); the template is then the prompt asked about
+            the image, and :meth:`build_prompts` wraps it, with the image placeholder, in the
+            processor's chat template. None for text data.
     """
 
     name: str
@@ -162,6 +166,7 @@ class TaskData:
     truncate_field: str | None = None
     chat_template: bool = False
     strip_trailing_space: bool = False
+    image_column: str | None = None
 
     @classmethod
     def from_description(cls, description: dict[str, Any], examples: list[Example] | None = None) -> TaskData:
@@ -177,6 +182,7 @@ class TaskData:
             truncate_field=description.get("truncate_field"),
             chat_template=bool(description.get("chat_template", False)),
             strip_trailing_space=bool(description.get("strip_trailing_space", False)),
+            image_column=description.get("image_column"),
         )
 
     def n_choices(self, record: dict[str, Any] | str) -> int:
@@ -201,7 +207,10 @@ class TaskData:
         """The prompt of one record (a dict of fields, or a raw text when a text column is used).
 
         The chat template is not applied here (it needs the tokenizer): see :meth:`build_prompts`.
+        For image data the record may also be the image alone (a template without fields).
         """
+        if self.image_column is not None and not isinstance(record, dict):
+            record = {}  # the image itself: the prompt is the template's fixed text
         if isinstance(record, str):
             if self.template is None:
                 return record.rstrip(" ") if self.strip_trailing_space else record
@@ -235,9 +244,19 @@ class TaskData:
             (prompts, n_shortened): one prompt per example, and how many were longer than
             ``max_length`` (shortened, or left too long).
 
+        Image data (:attr:`image_column`): pass the model's *processor* as ``tokenizer``; each
+        prompt is its chat template around the image placeholder and the prompt text (the processor
+        expands the placeholder into image tokens later), never shortened.
+
         Raises:
             DataError: a chat template asked for without a tokenizer that has one.
         """
+        if self.image_column is not None:
+            texts = [self.format(ex.fields) for ex in self.examples]
+            if tokenizer is None:
+                return texts, 0
+            rendered = {text: image_chat_prompt(tokenizer, text) for text in dict.fromkeys(texts)}  # often one prompt
+            return [rendered[text] for text in texts], 0
         if self.chat_template:
             _check_chat_template(tokenizer)
         render = self._renderer(tokenizer)
@@ -262,9 +281,19 @@ class TaskData:
                         self.truncate_field)
         return prompts, len(too_long)
 
+    def images(self) -> list[Any]:
+        """The image of every example (image data only), in example order."""
+        if self.image_column is None:
+            raise DataError(f"task {self.name!r} holds text, not images")
+        return [ex.fields[self.image_column] for ex in self.examples]
+
     def describe(self) -> dict:
-        """JSON-able description (part of the cache fingerprint); :meth:`from_description` inverts it."""
-        return {
+        """JSON-able description (part of the cache fingerprint); :meth:`from_description` inverts it.
+
+        ``image_column`` is written only for image data, so text tasks keep the description (and the
+        cache fingerprints) they had before images were supported.
+        """
+        out = {
             "name": self.name,
             "split": self.split,
             "template": self.template,
@@ -276,6 +305,9 @@ class TaskData:
             "chat_template": self.chat_template,
             "strip_trailing_space": self.strip_trailing_space,
         }
+        if self.image_column is not None:
+            out["image_column"] = self.image_column
+        return out
 
     # -- prompt building --------------------------------------------------------------------------
 
@@ -393,3 +425,23 @@ def _check_chat_template(tokenizer) -> None:
             f"tokenizer {name!r} has no chat template; leave out --chat-template or use an "
             "instruction-tuned model's tokenizer"
         )
+
+
+def image_chat_prompt(processor, text: str) -> str:
+    """The text a vision-language model reads for one image: the processor's chat template around
+    a user turn holding the image placeholder and ``text``, with the generation prompt.
+
+    The placeholder is expanded into the image's tokens by the processor when it sees the image,
+    so the last token of the expanded sequence is the end of this text (no hard-coded offsets).
+
+    Raises:
+        DataError: a processor without a chat template.
+    """
+    if not getattr(processor, "chat_template", None):
+        name = getattr(getattr(processor, "tokenizer", None), "name_or_path", None) or type(processor).__name__
+        raise DataError(
+            f"the processor of {name!r} has no chat template, so there is no place to put the image in the "
+            "prompt; use an instruction-tuned vision-language model (or add a chat template to its processor)"
+        )
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -235,6 +235,47 @@ def longest_field(template: str, records: list[dict[str, Any]]) -> str | None:
     return max(names, key=lambda name: (totals[name], name))
 
 
+def record_labels(records: list[dict[str, Any]], *, where: str, needed: set[str], label_column: str,
+                  labels: list[str] | None, features: Any, options: str) -> tuple[list[str], list[int]]:
+    """Check that every record has the ``needed`` columns and a label, and map the labels to
+    classes (see the module docstring).
+
+    Args:
+        options: the command-line options that name the columns (for the message).
+
+    Returns:
+        (label names in class order, the class index of each record).
+
+    Raises:
+        DataError: a missing column, one label only, a label outside the label set.
+    """
+    for n, record in enumerate(records):
+        missing = needed - set(record)
+        try:
+            get_value(record, label_column)
+        except KeyError:
+            missing.add(label_column)
+        if missing:
+            raise DataError(
+                f"{where}: record {n} has no column {sorted(missing)[0]!r} (columns: {', '.join(sorted(record))}); "
+                f"check {options}"
+            )
+    values = [get_value(r, label_column) for r in records]
+    label_names, index = label_mapping(values, labels, class_label_names(features, label_column))
+    if len(label_names) < 2:
+        raise DataError(f"{where}: only one label {label_names} in column {label_column!r}; a classifier needs two or more")
+    classes = []
+    for n, value in enumerate(values):
+        label = index(value)
+        if label is None:
+            raise DataError(
+                f"{where}: record {n} has label {value!r}, not in the label set {label_names}; "
+                "fix the data or pass --labels"
+            )
+        classes.append(label)
+    return label_names, classes
+
+
 def build_user_task(
     records: list[dict[str, Any]],
     *,
@@ -273,29 +314,12 @@ def build_user_task(
     if template is not None and strip_trailing_space:
         template = template.rstrip(" ")
     needed = {text_column} if text_column else template_fields(template)
-    for n, record in enumerate(records):
-        missing = needed - set(record)
-        try:
-            get_value(record, label_column)
-        except KeyError:
-            missing.add(label_column)
-        if missing:
-            raise DataError(
-                f"{where}: record {n} has no column {sorted(missing)[0]!r} (columns: {', '.join(sorted(record))}); "
-                "check --text-column / --template / --label-column"
-            )
-    values = [get_value(r, label_column) for r in records]
-    label_names, index = label_mapping(values, labels, class_label_names(features, label_column))
-    if len(label_names) < 2:
-        raise DataError(f"{where}: only one label {label_names} in column {label_column!r}; a classifier needs two or more")
+    label_names, label_of = record_labels(records, where=where, needed=needed, label_column=label_column,
+                                          labels=labels, features=features,
+                                          options="--text-column / --template / --label-column")
     examples = []
-    for n, (record, value) in enumerate(zip(records, values)):
-        label = index(value)
-        if label is None:
-            raise DataError(
-                f"{where}: record {n} has label {value!r}, not in the label set {label_names}; "
-                "fix the data or pass --labels"
-            )
+    for n, (record, label) in enumerate(zip(records, label_of)):
+        value = get_value(record, label_column)
         if text_column is not None and (record[text_column] is None or not str(record[text_column]).strip()):
             raise DataError(f"{where}: record {n} has empty text in column {text_column!r}; drop it or fill it in")
         for field_name in needed:
