@@ -113,11 +113,18 @@ def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
                           env=env(), timeout=timeout, cwd=REPO)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A test suite started in the background (``cmd &``) passes SIGINT on as *ignored*, and Python
+    then installs no KeyboardInterrupt handler: give the child the default, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_patched(script: str, *args) -> subprocess.Popen:
     """A fresh interpreter that patches chip-tuning (``script``), then runs the CLI on ``args``."""
     code = textwrap.dedent(script) + "\nimport sys\nfrom chiptuning.cli import main\nmain(sys.argv[1:])\n"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
+                            preexec_fn=_sigint_as_in_a_terminal)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
