@@ -118,36 +118,57 @@ def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Pa
               "eval-chat": root / "cache-eval-chat", "train-chat": root / "cache-train-chat"}
     run(caches["train"] / "manifest.json", "extract", *common, *spec["train"], "--out", caches["train"])
     run(caches["eval"] / "manifest.json", "extract", *common, *spec["eval"], "--out", caches["eval"])
+    if extract_only:
+        chat_caches(run, common, spec, caches)
+        return
+    for chip in ("linear", "mlp"):
+        run(root / f"chips-{chip}" / "chips.json", "probe", "train", caches["train"], "--eval", caches["eval"],
+            "--chip", chip, "--out", root / f"chips-{chip}")
+    zeroshot(run, root, caches, "plain", "eval", "train")
+    eval_opts = [*data_opts, *spec["eval"], "--device", "cpu"]
+    layers = {}
+    for strategy in STRATEGIES:
+        tag = strategy.split(":")[0]
+        pruned, evaluated = root / f"pruned-{tag}", root / f"eval-{tag}"
+        if (evaluated / "metrics.json").exists() and not run.dry:
+            layers[tag] = _json(evaluated / "metrics.json")["layer"]
+            continue
+        run(root / "never", "select", root / "chips-linear", "--strategy", strategy)
+        if not run.dry:
+            layers[tag] = _json(root / "chips-linear" / "selection.json")["layer"]
+            same = [other for other, layer in layers.items() if other != tag and layer == layers[tag]]
+            if same:  # the same layer as an earlier strategy: the same checkpoint, evaluated once
+                (root / f"{tag}.same-as").write_text(same[0])
+                continue
+        run(pruned / "chiptuning.json", "prune", "--model", model, "--chips", root / "chips-linear", "--out", pruned)
+        run(evaluated / "metrics.json", "eval", pruned, *eval_opts, "--out", evaluated)
+    # the chat-template caches last: they only serve the chat zero-shot baseline
+    chat_caches(run, common, spec, caches)
+    zeroshot(run, root, caches, "chat", "eval-chat", "train-chat")
+    if speed:  # timings: run it on an otherwise idle machine
+        speed_opts = [*data_opts, spec["eval"][0], spec["eval"][1], "--limit", str(SPEED_ROWS), "--device", "cpu"]
+        run(root / "speed-validate" / "metrics.json", "eval", root / "pruned-validate", *speed_opts, "--dense",
+            "--out", root / "speed-validate")
+
+
+def chat_caches(run: Runner, common: list, spec: dict, caches: dict) -> None:
+    """The evaluation part and 200 training examples in the instruct model's chat template."""
     run(caches["eval-chat"] / "manifest.json", "extract", *common, *spec["eval"], "--chat-template",
         "--out", caches["eval-chat"])
     train_split = spec["train"][:2]  # the chat prior: a seeded 200 of the same training part
     run(caches["train-chat"] / "manifest.json", "extract", *common, *train_split, "--limit", str(CHAT_PRIOR_ROWS),
         "--chat-template", "--out", caches["train-chat"])
-    if extract_only:
-        return
-    for chip in ("linear", "mlp"):
-        run(root / f"chips-{chip}" / "chips.json", "probe", "train", caches["train"], "--eval", caches["eval"],
-            "--chip", chip, "--out", root / f"chips-{chip}")
-    for kind, (evals, prior) in {"plain": ("eval", "train"), "chat": ("eval-chat", "train-chat")}.items():
-        target = root / f"zeroshot-{kind}.json"
-        if run.dry:
-            run(target, "zeroshot", caches[evals], "--prior", caches[prior], "--json")
-        elif not target.exists():
-            done = subprocess.run(["chiptuning", "zeroshot", str(caches[evals]), "--prior", str(caches[prior]), "--json"],
-                                  capture_output=True, text=True, check=True)
-            target.write_text(done.stdout)
-    eval_opts = [*data_opts, *spec["eval"], "--device", "cpu"]
-    for strategy in STRATEGIES:
-        tag = strategy.split(":")[0]
-        pruned, evaluated = root / f"pruned-{tag}", root / f"eval-{tag}"
-        if not (evaluated / "metrics.json").exists() or run.dry:
-            run(root / "never", "select", root / "chips-linear", "--strategy", strategy)
-            run(pruned / "chiptuning.json", "prune", "--model", model, "--chips", root / "chips-linear", "--out", pruned)
-            run(evaluated / "metrics.json", "eval", pruned, *eval_opts, "--out", evaluated)
-    if speed:  # timings: run it on an otherwise idle machine
-        speed_opts = [*data_opts, spec["eval"][0], spec["eval"][1], "--limit", str(SPEED_ROWS), "--device", "cpu"]
-        run(root / "speed-validate" / "metrics.json", "eval", root / "pruned-validate", *speed_opts, "--dense",
-            "--out", root / "speed-validate")
+
+
+def zeroshot(run: Runner, root: Path, caches: dict, kind: str, evals: str, prior: str) -> None:
+    """The dense model's own answer from the final layer of a cache, raw and prior-calibrated."""
+    target = root / f"zeroshot-{kind}.json"
+    if run.dry:
+        run(target, "zeroshot", caches[evals], "--prior", caches[prior], "--json")
+    elif not target.exists():
+        done = subprocess.run(["chiptuning", "zeroshot", str(caches[evals]), "--prior", str(caches[prior]), "--json"],
+                              capture_output=True, text=True, check=True)
+        target.write_text(done.stdout)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -177,12 +198,17 @@ def collect(name: str, runs: Path) -> dict | None:
         out["best_lens"] = {"layer": best["layer"], "accuracy": best["lens_accuracy"]}
     for strategy in STRATEGIES:
         tag = strategy.split(":")[0]
+        same = root / f"{tag}.same-as"
+        same_as = same.read_text().strip() if same.exists() else None
+        if same_as:  # selected the same layer as an earlier strategy: that checkpoint's numbers
+            tag = same_as
         metrics, provenance = _json(root / f"eval-{tag}" / "metrics.json"), _json(root / f"pruned-{tag}" / "chiptuning.json")
         if metrics and provenance:
             out["selections"][strategy] = {"layer": metrics["layer"], "num_blocks": metrics["num_blocks"],
                                            "pruned_accuracy": metrics["accuracy"],
                                            "params_removed": provenance["params"]["pruning_ratio"],
-                                           "examples_per_s": metrics["examples_per_s"]}
+                                           "examples_per_s": metrics["examples_per_s"],
+                                           "same_checkpoint_as": same_as}
     speed = _json(root / "speed-validate" / "metrics.json")
     if speed and "dense" in speed:
         out["speed"] = {"layer": speed["layer"], "num_blocks": speed["num_blocks"], "n_examples": speed["n_examples"],
@@ -294,7 +320,8 @@ def task_section(result: dict, commands: list[dict], runs: Path) -> str:
                          f"{_pct(r.get('lens_accuracy'))} | {_pct(r.get('lens_calibrated_accuracy'))} |")
     lines += ["", "| selection | layer | pruned model, from raw text | parameters removed |", "|---|---:|---:|---:|"]
     for strategy, sel in result["selections"].items():
-        lines.append(f"| `{strategy}` | {sel['layer']} of {sel['num_blocks']} | {_pct(sel['pruned_accuracy'])} "
+        same = f" (same layer as `{sel['same_checkpoint_as']}`: that checkpoint)" if sel.get("same_checkpoint_as") else ""
+        lines.append(f"| `{strategy}`{same} | {sel['layer']} of {sel['num_blocks']} | {_pct(sel['pruned_accuracy'])} "
                      f"| {_pct(sel['params_removed'])}% |")
     if result.get("speed"):
         sp = result["speed"]

@@ -234,6 +234,16 @@ def test_slm_lowers_its_threshold_to_reach_the_target(tokenizer):
     assert len(thresholds) > 1 and thresholds == sorted(thresholds, reverse=True)
 
 
+
+def test_the_next_threshold_lets_about_as_many_merges_in_as_are_missing():
+    from chiptuning.prune.baselines.merging import next_threshold
+
+    rejected = [0.5, 0.9, 0.7, 0.8]
+    assert next_threshold(rejected, 1) == 0.9  # one block missing: the most similar rejected window
+    assert next_threshold(rejected, 3) == 0.7
+    assert next_threshold(rejected, 10) == 0.5  # fewer rejected windows than missing blocks
+    assert next_threshold([], 2) == float("-inf")  # nothing rejected: no lower threshold helps
+
 # -- library entry point and CLI ------------------------------------------------------------------
 
 def _task_of(texts):

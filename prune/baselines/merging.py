@@ -1,5 +1,13 @@
 """Methods that merge consecutive blocks by parameter arithmetic: ``slm`` (sliding layer merging)
-and ``laco`` (layer collapse)."""
+and ``laco`` (layer collapse).
+
+Both accept a merge when the model's output stays at least ``threshold`` similar to the original
+(:class:`~chiptuning.prune.baselines.calibration.OutputSimilarity`). Given a target number of
+blocks to lose, a sweep that falls short is followed by another at a lower threshold: the k-th
+highest similarity the sweep rejected, k being the number of blocks still to lose, so the next
+sweep can accept about as many merges as are missing (never more than the target: merging stops
+there). Every threshold used is recorded in the plan's details.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +63,15 @@ def merge_plan(method: str, current: list[tuple[nn.Module, list[int]]], L: int, 
     return Plan(method, groups, removed, details, blocks=[m for m, _ in current])
 
 
+def next_threshold(rejected: Sequence[float], missing: int) -> float:
+    """The next sweep's threshold: the ``missing``-th highest similarity the last sweep rejected
+    (the lowest one when it rejected fewer); -inf when it rejected nothing."""
+    if not rejected:
+        return -math.inf
+    ranked = sorted(rejected, reverse=True)
+    return ranked[min(max(missing, 1), len(ranked)) - 1]
+
+
 def merge_window(current, low, high) -> tuple[nn.Module, list[int]]:
     members = current[low:high + 1]
     return merge_blocks([m for m, _ in members]), [i for _, g in members for i in g]
@@ -71,7 +88,7 @@ def plan_slm(model, n: int | None, tokenizer, calibration: Calibration, threshol
     L, similarity, current, target = merge_start(model, n, tokenizer, calibration, "slm")
     sweeps, t = [], float(threshold)
     while len(current) > target and len(sweeps) < max_sweeps:
-        best_rejected, merges = -math.inf, []
+        rejected, merges = [], []
         high = len(current) - 1
         while high > 0 and len(current) > target:
             accepted, low = None, high - 1
@@ -81,7 +98,7 @@ def plan_slm(model, n: int | None, tokenizer, calibration: Calibration, threshol
                 if sim >= t:
                     accepted, low = (low, candidate, sim), low - 1
                 else:
-                    best_rejected = max(best_rejected, sim)
+                    rejected.append(sim)
                     break
             if accepted is not None:
                 a_low, (module, group), sim = accepted
@@ -93,9 +110,9 @@ def plan_slm(model, n: int | None, tokenizer, calibration: Calibration, threshol
         sweeps.append({"threshold": t, "merges": merges})
         if n is None or len(current) <= target:
             break
-        if not math.isfinite(best_rejected):
+        t = next_threshold(rejected, len(current) - target)
+        if not math.isfinite(t):
             break
-        t = best_rejected  # the next sweep accepts at least the most similar rejected window
         log.info("slm: %d blocks after a sweep, target %d; threshold lowered to %.6f", len(current), target, t)
     details = {"threshold": threshold, "sweeps": sweeps, "similarity_evaluations": similarity.evaluations,
                "similarity": "mean cosine of the last block's output over real calibration tokens"}
@@ -112,7 +129,7 @@ def plan_laco(model, n: int | None, tokenizer, calibration: Calibration, thresho
     L, similarity, current, target = merge_start(model, n, tokenizer, calibration, "laco")
     sweeps, t = [], float(threshold)
     while len(current) > target and len(sweeps) < max_sweeps:
-        best_rejected, merges = -math.inf, []
+        rejected, merges = [], []
         size = min(merge_layers, len(current) - target + 1)
         low = len(current) - size
         while low >= 0 and len(current) > target:
@@ -127,12 +144,14 @@ def plan_laco(model, n: int | None, tokenizer, calibration: Calibration, thresho
                 merges.append({"blocks": candidate[1], "similarity": sim})
                 low -= interval
             else:
-                best_rejected = max(best_rejected, sim)
+                rejected.append(sim)
                 low -= 1
         sweeps.append({"threshold": t, "merges": merges})
-        if n is None or len(current) <= target or not math.isfinite(best_rejected):
+        if n is None or len(current) <= target:
             break
-        t = best_rejected
+        t = next_threshold(rejected, len(current) - target)
+        if not math.isfinite(t):
+            break
         log.info("laco: %d blocks after a sweep, target %d; threshold lowered to %.6f", len(current), target, t)
     details = {"threshold": threshold, "merge_layers": merge_layers, "interval": interval, "sweeps": sweeps,
                "similarity_evaluations": similarity.evaluations,
