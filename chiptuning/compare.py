@@ -313,14 +313,15 @@ def plot_comparison(summary: dict[str, Any], path: Path) -> Path:
         ax.axhline(summary["eval_majority_accuracy"], color="k", linestyle="--", linewidth=1, label="majority class")
     for i, r in enumerate(rows):
         ax.annotate(f"{100 * r['block_ratio']:.0f}%", (i, 0.02), ha="center", fontsize=8, color="white")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.2)  # room above the bars for the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("eval accuracy")
     task = summary["eval_task"].get("name", "")
     name = Path(summary["model"]["id"]).name
     name = summary["model"]["model_type"] if name in ("model", "") else name
     removed = ", ".join(str(t["n_layers"]) for t in summary.get("targets", [summary["target"]]))
     ax.set_title(f"{name} on {task}: {removed} of {summary['model']['num_blocks']} blocks removed")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
