@@ -329,7 +329,7 @@ def task_section(result: dict, commands: list[dict], runs: Path) -> str:
                   f"{sp['pruned_examples_per_s']:.2f} examples/s, dense {sp['dense_examples_per_s']:.2f}: "
                   f"{sp['speedup']:.2f}x for a block ratio of {sp['ideal_speedup']:.2f}x."]
     mine = [c for c in commands if f"/{name}/" in c["command"] or f"{runs.name}/{name}/" in c["command"]]
-    root = f"runs/{runs.name}/{name}"
+    root = runs / name  # the path the script ran them with
     mine += [{"command": f"chiptuning zeroshot {root}/{evals} --prior {root}/{prior} --json > {root}/zeroshot-{kind}.json",
               "seconds": None} for kind, evals, prior in (("plain", "cache-eval", "cache-train"),
                                                             ("chat", "cache-eval-chat", "cache-train-chat"))
