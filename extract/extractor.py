@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from chiptuning.cache import CacheMeta, CacheWriter, merge_rank_manifests
 from chiptuning.encoding import EncodedInputs, TextInputs, plan_batches, resolve_token_budget
@@ -32,6 +31,7 @@ from chiptuning.errors import ChipTuningError
 from chiptuning.features import FEATURE_MODES, last_token_features
 from chiptuning.models import load_config, load_model, load_preprocessor, model_source, param_stats, weights_hash
 from chiptuning.outputs import CACHE, check_output
+from chiptuning.progress import progress_bar
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import TaskData
 from chiptuning.vision import ImageInputs, check_images, check_modality, processor_identity
@@ -286,8 +286,7 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
         started = time.perf_counter()
         progress = None
         if config.progress and rank == 0:
-            # disable=None: a bar on a terminal only (not in logs, pipes and captured output)
-            progress = tqdm(total=sum(len(b) for b in todo), unit="ex", desc="extract", disable=None)
+            progress = progress_bar(sum(len(b) for b in todo), "extract")
         pending: list[Future] = []
         with ThreadPoolExecutor(max_workers=1) as pool:
             for batch in todo:

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from chiptuning.errors import CacheError, ChipTuningError
 from chiptuning.outputs import CHIPS, check_output
@@ -58,6 +57,7 @@ from chiptuning.probe.data import (
 )
 from chiptuning.probe.lens import lens_curve, zero_shot_report
 from chiptuning.probe.scoring import chip_metrics, score_eval, score_logreg, score_specs
+from chiptuning.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,8 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
     metrics, preds = [], []
     groups = [layers[i:i + G] for i in range(0, len(layers), G)]
     workspace: dict = {}  # one feature buffer for every group
-    for i, group in enumerate(tqdm(groups, desc="chip groups", unit="group", disable=None if progress else True)):
+    bar = progress_bar(len(groups), "chip groups", unit="group", enabled=progress)
+    for i, group in enumerate(groups):
         fitted = fit_group(train, evals, group, train_rows, val_rows, [spec], n_classes=C,
                            batch_size=cfg.batch_size, seed=cfg.seed, standardize=cfg.standardize,
                            center=cfg.fit_intercept,
@@ -405,6 +406,8 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
                 preds.append(scored["eval"][2][j])
         log.info("layers %s: eval accuracy %s", group,
                  [round(m["eval_accuracy"], 4) if m["eval_accuracy"] is not None else None for m in metrics[-len(group):]])
+        bar.update(1)
+    bar.close()
     stacked = {name: np.concatenate(parts) for name, parts in tensors.items()}
     return stacked, metrics, (np.stack(preds) if preds else None)
 

@@ -237,7 +237,7 @@ def prune(
     out_dir: str | Path,
     layer: int | None = None,
     keep_lm_head: bool = False,
-    dtype: str | None = "fp32",
+    dtype: str | None = None,
     adapter: str | None = None,
     device: str = "cpu",
     model_hash: str | None = None,
@@ -257,7 +257,8 @@ def prune(
         layer: the layer to prune at (``--layer``); default the chips' ``selection.json``.
         keep_lm_head: keep the ``*ForCausalLM`` head (decoder models) so the checkpoint still
             generates; by default only the backbone (``AutoModel``) is saved.
-        dtype: weights dtype of the saved checkpoint: fp32, bf16 or fp16 (None: the cache's).
+        dtype: weights dtype of the saved checkpoint: fp32, bf16 or fp16 (default: the dtype the
+            cache was extracted in, so the checkpoint reproduces its chips).
         adapter: PEFT adapter merged into the model before pruning (must match the cache's).
         device: where to run the parity check.
         model_hash: identity of the weights when it cannot be computed from the path.

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as hf_logging
 
@@ -27,6 +26,7 @@ from chiptuning.errors import DataError, ProvenanceError
 from chiptuning.features import batch_features
 from chiptuning.models import load_processor, load_tokenizer, resolve_device, resolve_dtype
 from chiptuning.probe import load_chip, optional_class_mask
+from chiptuning.progress import progress_bar
 from chiptuning.prune.cascade import Exit, run_cascade
 from chiptuning.prune.provenance import CheckpointRecord, TaskEntry, load_record
 from chiptuning.registry import get_spec, num_blocks, text_config
@@ -331,7 +331,7 @@ class ChipModel:
         device = next(self.model.parameters()).device
         budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
         out = np.empty((len(inputs), int(text_config(self.model.config).hidden_size)), dtype=np.float32)
-        bar = tqdm(total=len(inputs), unit="ex", desc="pruned model", disable=None if progress else True)
+        bar = progress_bar(len(inputs), "pruned model", enabled=progress)
         for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
             feats = batch_features(self.model, batch, layers=[entry.layer], mode=entry.feature_mode)  # (B, 1, H)
             out[batch.rows] = feats[:, 0].float().cpu().numpy()
@@ -365,7 +365,7 @@ class ChipModel:
         n, C = len(inputs), len(entry.label_names)
         prediction, exit_layer = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         proba = np.empty((n, C), dtype=np.float64)
-        bar = tqdm(total=n, unit="ex", desc="cascade", disable=None if progress else True)
+        bar = progress_bar(n, "cascade", enabled=progress)
         for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
             mask = None if class_mask is None else class_mask[batch.rows]
             pred, layers, p = run_cascade(self.model, batch.input_ids, batch.attention_mask, exits,

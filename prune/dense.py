@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from chiptuning.encoding import EncodedInputs, TextInputs, resolve_token_budget
 from chiptuning.errors import ProvenanceError
 from chiptuning.features import batch_features
 from chiptuning.models import load_model, weights_hash
+from chiptuning.progress import progress_bar
 from chiptuning.prune.provenance import CheckpointRecord
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.zeroshot import label_scores, label_words, lens_logits, predict_from_scores
@@ -78,7 +78,7 @@ def dense_pass(model, tokenizer, prompts: list[str] | None, layer: int, mode: st
     feats_l = np.empty((len(inputs), H), dtype=np.float32)
     scores = np.empty((len(inputs), len(label_names)), dtype=np.float32)
     budget = resolve_token_budget(max_tokens_per_batch, model, device)
-    bar = tqdm(total=len(inputs), unit="ex", desc="dense model", disable=None if progress else True)
+    bar = progress_bar(len(inputs), "dense model", enabled=progress)
     started = time.perf_counter()
     for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
         feats = batch_features(model, batch, layers=[layer, L], mode=mode)

@@ -169,3 +169,17 @@ def test_float16_overflow_fails_loudly():
 
     with pytest.raises(CacheError, match="float16 range"):
         encode(np.array([[7e4]], dtype=np.float32), "float16")
+
+
+def test_progress_is_logged_when_not_on_a_terminal(tiny_models, sentiment_file, tmp_path, monkeypatch, caplog):
+    """A background extraction (stderr redirected to a log) reports done/total, rate and time left
+    between its first line and its last, instead of a bar nobody sees."""
+    import chiptuning.progress
+
+    monkeypatch.setattr(chiptuning.progress, "LOG_EVERY_S", 0.0)
+    task = load_task(sentiment_file, text_column="text", limit=6)
+    with caplog.at_level("INFO", logger="chiptuning.progress"):
+        _extract(tiny_models["llama"], task, tmp_path / "c", batch_size=2, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "chiptuning.progress"]
+    assert [line.split()[:2] for line in lines] == [["extract:", "2/6"], ["extract:", "4/6"]], lines
+    assert all(" ex/s, about " in line and line.endswith(" left") for line in lines), lines

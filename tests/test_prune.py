@@ -272,6 +272,31 @@ def test_cli_probe_train_select_prune_eval_push(tiny_models, caches, tmp_path, m
     assert "layer 2 of 4" in calls["upload"]["commit_message"]
 
 
+def test_cli_prune_keeps_the_dtype_of_a_bf16_cache(tiny_models, caches, tmp_path):
+    """Without --dtype a chip checkpoint is saved in the dtype its cache was extracted in, so the
+    served predictions equal the chip's on the cached bf16 features (an fp32 checkpoint would not
+    be the model the chip was trained on). Exact because eval batches by the same token budget as
+    extraction: in bf16 another batching (other padding) moves features by a rounding step."""
+    task = load_task(caches["data"], text_column="text")
+    reader = CacheReader(extract(ExtractConfig(out=str(tmp_path / "cache"), model=tiny_models["llama"],
+                                               device="cpu", dtype="bf16", batch_size=None), task))
+    assert reader.meta.dtype == "bfloat16"
+    chips_dir = tmp_path / "chips"
+    train(reader, chips_dir, [2])
+    result = _cli("prune", "--model", tiny_models["llama"], "--chips", chips_dir, "--layer", "2", "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    assert read_provenance(tmp_path / "p")["dtype"] == "bfloat16"
+    result = _cli("eval", tmp_path / "p", "--data", caches["data"], "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
+        served = [int(r["prediction"]) for r in csv.DictReader(f)]
+    assert served == list(load_chips(chips_dir).chip(2).predict(reader.layer(2)))
+    result = _cli("prune", "--model", tiny_models["llama"], "--chips", chips_dir, "--layer", "2", "--dtype", "fp32",
+                  "--out", tmp_path / "p32")
+    assert result.exit_code == 0, result.output
+    assert read_provenance(tmp_path / "p32")["dtype"] == "float32"
+
+
 def test_cli_user_errors_are_one_line(tiny_models, caches, tmp_path):
     chips_dir = tmp_path / "chips"
     train(caches["gpt2"], chips_dir, [1, 2, 3], strategy="fixed:2")

@@ -28,8 +28,9 @@ BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
               help="Accept chips stored as a pickle (runs code from them: only chips you made); the "
                    "checkpoint then holds a pickle and its card says so.")
 @click.option("--keep-lm-head", is_flag=True, help="Keep the LM head so the checkpoint still generates.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Weights dtype of the saved checkpoint.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Weights dtype of the saved checkpoint [default: a chip checkpoint keeps the dtype its "
+                   "cache was extracted in, so it reproduces its chips; a baseline fp32].")
 @click.option("--adapter", default=None, help="PEFT/LoRA adapter merged first (as given to extract).")
 @click.option("--export", type=click.Choice(["sequence-classification"]), default=None,
               help="Save a plain *ForSequenceClassification checkpoint (normed features, bias-free "
@@ -104,7 +105,7 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
                    "laco": {"threshold": threshold, "merge_layers": merge_layers, "interval": interval}}.get(method, {})
         path = prune_with_method(model, method, out, n_layers=n_layers, ratio=ratio, calibration_task=calibration,
                                  n_calibration=n_calibration, max_length=calibration_max_length, cache=cache_dir,
-                                 dtype=dtype, device=device, overwrite=overwrite, **options)
+                                 dtype=dtype or "fp32", device=device, overwrite=overwrite, **options)
         record = read_record(path)
         params = record["params"]
         click.echo(
