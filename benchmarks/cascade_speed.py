@@ -86,7 +86,7 @@ def main() -> None:
     prompts, _ = data.build_prompts(fixed.tokenizer, fixed.record.max_length)
     labels = np.array([ex.label for ex in data.examples])
     mask = optional_class_mask([ex.n_choices for ex in data.examples], len(entry.label_names))
-    dense_model = load_model(model, causal_lm=True)
+    dense_model = load_model(model, dtype=fixed.record.dtype, causal_lm=True)  # as the pruned ones
     fixed_name, fixed_entry = fixed.task()
     fixed_chip = fixed.chips[fixed_name]
 

@@ -446,6 +446,33 @@ def test_eval_against_the_dense_model(tiny_models, caches, tmp_path):
     assert [int(r["dense_prediction"]) for r in rows] == list(chips.chip(2).predict(caches["gpt2"].layer(2)))
 
 
+def test_eval_dense_times_both_models_after_a_full_warm_up(tiny_models, caches, tmp_path, monkeypatch):
+    """With --dense each model first runs every input once, untimed: kernels built per batch shape
+    (oneDNN's bf16 matmuls) would otherwise be paid by whichever model is timed first."""
+    import chiptuning.prune.evaluation as evaluation
+
+    _prune(tiny_models, caches, "gpt2", 2, tmp_path / "p")
+    calls = []
+    features_of_inputs, dense_pass = ChipModel.features_of_inputs, evaluation.dense_pass
+    monkeypatch.setattr(ChipModel, "features_of_inputs",
+                        lambda self, inputs, *a, **kw: calls.append(("pruned", len(inputs))) or
+                        features_of_inputs(self, inputs, *a, **kw))
+    monkeypatch.setattr(evaluation, "dense_pass",
+                        lambda model, **kw: calls.append(("dense", len(kw["inputs"]))) or dense_pass(model, **kw))
+    n = len(REVIEWS)
+    evaluate(tmp_path / "p", caches["data"], dense=True, batch_size=5)
+    assert calls == [("pruned", n), ("pruned", n), ("dense", n), ("dense", n)]
+    calls.clear()  # --repeats 3: three timed passes of each model, the fastest reported
+    metrics = evaluate(tmp_path / "p", caches["data"], dense=True, batch_size=5, repeats=3)
+    assert calls == [("pruned", n)] * 4 + [("dense", n)] * 4
+    for timed in (metrics, metrics["dense"]):
+        assert len(timed["timed_passes_s"]) == 3 and timed["elapsed_s"] == min(timed["timed_passes_s"])
+    assert metrics["speedup"] == metrics["dense"]["elapsed_s"] / metrics["elapsed_s"]
+    calls.clear()
+    evaluate(tmp_path / "p", caches["data"], batch_size=5)  # without --dense: a short warm-up
+    assert calls == [("pruned", 8), ("pruned", n)]
+
+
 def _lora(path, out, saved_from: str):
     """A random (non-identity) LoRA adapter of the tiny Llama, saved from the backbone or the CausalLM."""
     peft = pytest.importorskip("peft")

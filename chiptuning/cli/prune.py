@@ -144,8 +144,10 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
 @click.option("--dense", "compare_dense", is_flag=True,
               help="Also run the dense base model: speedup, and its zero-shot accuracy (decoders).")
 @click.option("--dense-model", default=None, help="Where the dense base model is, if not where it was pruned from.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Timed passes per model; the fastest is reported (speed on a shared machine).")
 def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, max_tokens_per_batch, device,
-             compare_dense, dense_model, **task_opts):
+             compare_dense, dense_model, repeats, **task_opts):
     """Run the pruned checkpoint PRUNED_DIR on labelled data, from raw text.
 
     The data is given as to `chiptuning extract` (--task NAME or --data FILE); the prompt
@@ -165,7 +167,7 @@ def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, ma
     data = load_task_from_options(**dict(task_opts, **options))
     metrics = evaluate(pruned_dir, data, out_dir=out, task=name, batch_size=batch_size,
                        max_tokens_per_batch=max_tokens_per_batch, device=device, model=clf,
-                       dense=dense_model or compare_dense, progress=True, overwrite=overwrite)
+                       dense=dense_model or compare_dense, repeats=repeats, progress=True, overwrite=overwrite)
     click.echo(
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n_examples']} examples "
         f"(layer {metrics['layer']} of {metrics['num_blocks']}, "
