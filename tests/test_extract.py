@@ -66,8 +66,8 @@ def test_device_map_loading_path_equals_the_plain_path(tiny_models, sentiment_fi
     """The ``--device-map auto`` loading path gives the cache of the plain path. On a machine with
     only a CPU, transformers puts every weight there without dispatch hooks, so this checks the
     path, not a split: blocks on several GPUs (the feature hooks then index each block's output on
-    its own device and gather the rows on the inputs' device) have not run in this project's
-    sessions, which had no GPU."""
+    its own device and gather the rows on the inputs' device) have not been run on several GPUs
+    (no GPU was available when this was written)."""
     pytest.importorskip("accelerate")
     task = load_task(sentiment_file, text_column="text", limit=8)
     plain = _extract(tiny_models["llama"], task, tmp_path / "plain", batch_size=4)
