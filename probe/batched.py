@@ -807,7 +807,7 @@ def choose_threads(requested: int | None = None) -> int:
         finally:
             torch.set_num_threads(before)
         _THREADS[n_cpu] = min(timings, key=timings.get)
-        log.info("torch threads: %d (timed %s)", _THREADS[n_cpu],
+        log.debug("torch threads: %d (timed %s)", _THREADS[n_cpu],
                  {n: f"{1e3 * t:.1f} ms" for n, t in timings.items()})
     return _THREADS[n_cpu]
 

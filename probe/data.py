@@ -56,7 +56,7 @@ def open_cache(cache, verify: bool = False):
     if verify and hasattr(reader, "verify_checksums"):
         started = time.perf_counter()
         reader.verify_checksums()
-        log.info("checksums of %s verified in %.2f s", getattr(reader, "path", "the cache"),
+        log.debug("checksums of %s verified in %.2f s", getattr(reader, "path", "the cache"),
                  time.perf_counter() - started)
     return reader
 

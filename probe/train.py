@@ -404,7 +404,7 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
             metrics.append(row)
             if "eval" in scored:
                 preds.append(scored["eval"][2][j])
-        log.info("layers %s: eval accuracy %s", group,
+        log.debug("layers %s: eval accuracy %s", group,
                  [round(m["eval_accuracy"], 4) if m["eval_accuracy"] is not None else None for m in metrics[-len(group):]])
         bar.update(1)
     bar.close()

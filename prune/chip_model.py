@@ -147,7 +147,7 @@ class ChipModel:
         processor = load_processor(str(path), padding_side=record.padding_side) if get_spec(config).images else None
         tokenizer = processor.tokenizer if processor is not None else load_tokenizer(
             str(path), padding_side=record.padding_side)
-        log.info("loaded %s: %s pruned to %d blocks, tasks %s", path, record.base_model.id,
+        log.debug("loaded %s: %s pruned to %d blocks, tasks %s", path, record.base_model.id,
                  record.layer, sorted(chips))
         return cls(model, tokenizer, chips, record, path, cascades, processor=processor)
 

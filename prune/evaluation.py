@@ -140,6 +140,7 @@ def evaluate(
         "layer": entry.layer,
         "num_blocks": clf.record.num_blocks,
         "checkpoint": str(pruned_dir),
+        "checkpoint_sha256": clf.record.record_sha256,
         "data": data_task.describe(),
         "batch_size": batch_size,
         "max_tokens_per_batch": max_tokens_per_batch,
@@ -155,7 +156,7 @@ def evaluate(
         metrics["cascade"] = {"mean_exit_layer": float(exit_layer.mean()),
                               "exits": {int(lay): int(c) for lay, c in zip(layers, counts)},
                               "block_ratio": entry.layer / float(exit_layer.mean())}
-    log.info("accuracy %.4f on %d examples (%.1f examples/s)", metrics["accuracy"], n,
+    log.info("pruned model: accuracy %.1f%% on %d examples, %.1f examples/s", 100 * metrics["accuracy"], n,
              metrics["examples_per_s"] or 0)
     dense_pred = zero_shot = None
     if dense:
@@ -185,9 +186,10 @@ def evaluate(
         }
         metrics["speedup"] = result["elapsed_s"] / elapsed
         metrics["ideal_speedup"] = clf.record.num_blocks / (float(exit_layer.mean()) if cascade else entry.layer)
-        log.info("dense: %.1f examples/s, zero-shot accuracy %s; speedup %.2fx (ideal %.2fx)",
-                 metrics["dense"]["examples_per_s"], metrics["dense"]["zero_shot_accuracy"],
-                 metrics["speedup"], metrics["ideal_speedup"])
+        zero_shot_text = ("" if metrics["dense"]["zero_shot_accuracy"] is None
+                          else f", its own zero-shot answer {100 * metrics['dense']['zero_shot_accuracy']:.1f}%")
+        log.info("dense model: %.1f examples/s%s; the pruned one is %.2fx faster (block ratio %.2fx)",
+                 metrics["dense"]["examples_per_s"], zero_shot_text, metrics["speedup"], metrics["ideal_speedup"])
     if out_dir is not None:
         with write_output(out_dir, EVAL, overwrite=overwrite) as out:
             with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:

@@ -122,7 +122,7 @@ def truncate_(model: nn.Module, layer: int) -> nn.Module:
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = index
     if n_blocks != layer:
-        log.info("truncated %s to blocks 1..%d of %d", model.config.model_type, layer, n_blocks)
+        log.debug("truncated %s to blocks 1..%d of %d", model.config.model_type, layer, n_blocks)
     return model
 
 

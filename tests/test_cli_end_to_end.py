@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
+import re
 from pathlib import Path
 
 import h5py
@@ -87,10 +89,22 @@ def test_run_with_no_arguments_completes_offline(tmp_path, monkeypatch):
     truth = [by_id[i]["label"] for i in evaluation.example_ids]
     assert np.mean(np.asarray(predicted) == np.asarray(truth)) == pytest.approx(summary["pruned_eval_accuracy"])
 
-    caches_before = tree_digest(out / "cache")
+    # A re-run reuses what its inputs and settings did not change, and says so: without the dense
+    # comparison only the eval is made again; the same command again makes nothing.
+    before = tree_digest(out / "cache") | tree_digest(out / "pruned")
+    pruned_inode = (out / "pruned").stat().st_ino
     result = cli("run", "--device", "cpu", "--no-dense")
     assert result.exit_code == 0, result.output
-    assert tree_digest(out / "cache") == caches_before
+    again = json.loads((out / "run.json").read_text())
+    assert again["reused"] == ["train cache", "eval cache", "chips", "pruned checkpoint"] and again["made"] == ["eval"]
+    assert "reused from the earlier run in this directory: train cache, eval cache, chips, pruned checkpoint; " \
+           "made again: eval" in result.output
+    assert tree_digest(out / "cache") | tree_digest(out / "pruned") == before
+    assert (out / "pruned").stat().st_ino == pruned_inode  # not rewritten
+    result = cli("run", "--device", "cpu", "--no-dense")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["made"] == []
+    assert "made again: nothing" in result.output
 
 
 def _demo_rows() -> list[dict]:
@@ -108,6 +122,38 @@ def test_run_on_an_encoder(tmp_path, minilm_path):
     assert [row["layer"] for row in summary["layer_curve"]] == list(range(7))
     assert summary["pruned_eval_accuracy"] > summary["majority_baseline"] + 0.4
     assert summary["zero_shot"] is None
+
+
+def test_run_honours_every_seed(tmp_path, tiny_models, sentiment_file, caplog, monkeypatch):
+    """--seed 0 is a seed like any other: the eval part, the validation rows and the chips follow it.
+    Each setting is logged once, numbers are formatted, internals stay at DEBUG."""
+    import chiptuning.encoding
+
+    monkeypatch.setattr(chiptuning.encoding, "_BUDGETS_SAID", set())  # as in a fresh process
+    caplog.set_level(logging.DEBUG, logger="chiptuning")
+    parts = {}
+    for seed in ("0", "42"):
+        out = tmp_path / f"seed{seed}"
+        result = cli("run", "--model", tiny_models["gpt2"], "--data", sentiment_file, "--text-column", "text",
+                     "--val-size", "4", "--device", "cpu", "--out", out, "--strategy", "fixed:2", "--no-dense",
+                     "--seed", seed)
+        assert result.exit_code == 0, result.output
+        chips = json.loads((out / "chips" / "chips.json").read_text())
+        assert chips["train"]["seed"] == int(seed) and chips["validation"]["seed"] == int(seed)
+        parts[seed] = list(CacheReader(out / "cache" / "eval").example_ids)
+        if seed == "0":
+            info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+            assert sum("token budget per batch" in m for m in info) == 1, info
+            assert not any("torch threads" in m or "checksums of" in m for m in info), info
+            accuracy = [m for m in info if m.startswith("pruned model: accuracy")]
+            assert len(accuracy) == 1 and re.search(r"accuracy \d+\.\d%", accuracy[0]), accuracy
+    assert parts["0"] != parts["42"]
+    # A re-run with another seed into the same directory is refused by the caches' fingerprints,
+    # it never mixes parts of two splits.
+    result = cli("run", "--model", tiny_models["gpt2"], "--data", sentiment_file, "--text-column", "text",
+                 "--val-size", "4", "--device", "cpu", "--out", tmp_path / "seed0", "--strategy", "fixed:2",
+                 "--no-dense", "--seed", "42")
+    assert_one_line_error(result)
 
 
 def test_run_on_user_data_with_an_eval_split(tmp_path, tiny_models, sentiment_file):
@@ -227,3 +273,46 @@ def test_probe_eval_cache_from_another_task(tmp_path, tiny_models, sentiment_fil
     result = cli("probe", "train", good_cache, "--eval", tmp_path / "other", "--out", tmp_path / "chips",
                  "--val-size", "4")
     assert_one_line_error(result)
+
+
+# -- help and first contact -----------------------------------------------------------------------
+
+
+def _commands(group, path=("chiptuning",)):
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_help_is_complete_and_uncut():
+    import click
+
+    result = cli("--help")
+    assert result.exit_code == 0
+    summaries = result.output.split("Commands:")[1]
+    assert "..." not in summaries and "extract" in summaries, result.output
+    for path, command in _commands(main):
+        undocumented = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help]
+        assert not undocumented, f"{' '.join(path)}: options without help {undocumented}"
+    for name in ("cache", "probe"):
+        result = cli(name, "--help")
+        assert result.exit_code == 0 and "..." not in result.output.split("Commands:")[1], result.output
+
+
+def test_version():
+    from chiptuning import __version__
+
+    result = cli("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+@pytest.mark.parametrize("path", ["/no/such/dir", "./no-such-model", "~/no/such/model", "a/b/c"])
+def test_a_missing_local_model_is_named_as_missing(tmp_path, sentiment_file, path):
+    result = cli("extract", "--model", path, "--data", sentiment_file, "--text-column", "text",
+                 "--out", tmp_path / "cache")
+    assert_one_line_error(result, f"--model {path}: no such directory")
+    assert not (tmp_path / "cache").exists()

@@ -34,7 +34,7 @@ from chiptuning.errors import ChipTuningError
 from chiptuning.probe import ChipSet, load_chips
 from chiptuning.prune import ChipModel, read_provenance
 from chiptuning.prune.provenance import PROVENANCE_FILE, file_checksums, record_hash
-from tests.conftest import REPO, SENTENCES, write_jsonl
+from tests.conftest import SENTENCES, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,13 +104,14 @@ def copy(src: Path, dst: Path) -> Path:
 
 
 def env() -> dict[str, str]:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
+    # no PYTHONPATH and a cwd outside the repository: the child imports the installed chiptuning
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
     """``python -m chiptuning ARGS`` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "chiptuning", *map(str, args)], capture_output=True, text=True,
-                          env=env(), timeout=timeout, cwd=REPO)
+                          env=env(), timeout=timeout, cwd="/")
 
 
 def _sigint_as_in_a_terminal() -> None:
@@ -123,7 +124,7 @@ def start_patched(script: str, *args) -> subprocess.Popen:
     """A fresh interpreter that patches chip-tuning (``script``), then runs the CLI on ``args``."""
     code = textwrap.dedent(script) + "\nimport sys\nfrom chiptuning.cli import main\nmain(sys.argv[1:])\n"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd="/",
                             preexec_fn=_sigint_as_in_a_terminal)
 
 
@@ -543,7 +544,7 @@ def test_a_stale_lock_is_taken_over(world, tmp_path):
     out = copy(world["cache"], tmp_path / "cache")
     holder = subprocess.Popen([sys.executable, "-c", f"from chiptuning.outputs import DirLock; import time; "
                                f"DirLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+                              stdout=subprocess.PIPE, text=True, env=env(), cwd="/")
     assert holder.stdout.readline().strip() == "held"
     assert_one_line_error(cli(*world["extract"], "--out", out), f"pid {holder.pid}")
     holder.kill()  # the lock stays, its process is gone: stale

@@ -16,6 +16,7 @@ from chiptuning.errors import ChipTuningError, ProvenanceError
 from chiptuning.probe import ChipSet, LinearChip, LogRegChip, MLPChip, load_chip, load_chips, select_layer, train_chips
 from chiptuning.probe.batched import ChipSpec, InMemoryBatches, fit_banks
 from chiptuning.probe.data import carve_rows
+from tests.conftest import require_extra
 
 # -- caches ---------------------------------------------------------------------------------------
 
@@ -860,8 +861,7 @@ def test_sweep_backend_errors_are_clear(toy, tmp_path):
 
 
 def test_sweep_on_a_local_dask_cluster(toy):
-    # distributed is in the dev extra: this test runs (a missing install fails it, never skips it)
-    import distributed
+    distributed = require_extra("distributed", "distributed")
 
     from chiptuning.probe.sweep import SweepConfig, sweep
 
@@ -873,9 +873,9 @@ def test_sweep_on_a_local_dask_cluster(toy):
 
 
 def test_sweep_on_a_local_ray_cluster(toy, monkeypatch):
-    # ray is in the dev extra: a missing install fails this test. A local Ray instance that cannot
-    # start on this machine (an environment limit, not chiptuning) skips it, saying why.
-    import ray
+    # A local Ray instance that cannot start on this machine (an environment limit, not chiptuning)
+    # skips it, saying why.
+    ray = require_extra("ray", "distributed")
 
     from chiptuning.probe.sweep import SweepConfig, sweep
 

@@ -9,12 +9,12 @@ import click
 from chiptuning.errors import CacheError
 
 
-@click.group("cache")
+@click.group("cache", short_help="Inspect and check activation caches.")
 def cache_group():
     """Inspect and check activation caches."""
 
 
-@cache_group.command("info")
+@cache_group.command("info", short_help="Summarise a cache from its manifest.")
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_cmd(cache_dir, as_json):
@@ -36,7 +36,7 @@ def info_cmd(cache_dir, as_json):
             click.echo(f"{key:<{width}}  {value}")
 
 
-@cache_group.command("verify")
+@cache_group.command("verify", short_help="Check every shard of a cache.")
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 def verify_cmd(cache_dir):
     """Check every shard of CACHE_DIR: checksums, shapes, counts, finite values."""

@@ -8,7 +8,7 @@ from chiptuning.cli.prune import BASELINE_METHODS
 from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_options
 
 
-@click.command("compare")
+@click.command("compare", short_help="Chip-tuning against every depth-pruning baseline.")
 @click.option("--model", required=True, help="The dense model (hub id or directory).")
 @task_options
 @click.option("--eval-split", default=None,
@@ -35,11 +35,14 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
               help="Calibration examples (seeded draw).")
 @click.option("--max-length", type=click.IntRange(min=1), default=256, show_default=True,
               help="Longest prompt, in tokens.")
-@click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
+@click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True,
+              help="The chip: a linear layer, a 2-layer MLP (hidden 256), or scikit-learn's logistic regression.")
 @click.option("--streamline-replacement", type=click.Choice(["layer", "mlp"]), default="layer", show_default=True,
               help="LLM-Streamline's replacement: one transformer layer, or a single MLP.")
-@click.option("--streamline-epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--streamline-lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
+@click.option("--streamline-epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="LLM-Streamline: epochs of training its replacement block.")
+@click.option("--streamline-lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help="LLM-Streamline: learning rate of its replacement block.")
 @click.option("--slm-threshold", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
               help="Sliding layer merging: output cosine a merged window must keep (lowered if the target needs it).")
 @click.option("--laco-threshold", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
@@ -52,8 +55,9 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
               help="Score `angular` on the calibration text instead of the dense train cache.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Most examples per forward pass  [default: what the token budget takes].")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Compute dtype of the model; bf16 halves memory (fast on GPUs and on CPUs with AMX / AVX512-BF16).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for compare.csv / .json / .md / .png (and the caches, chips, checkpoints).")
 def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, calibration_split, calibration_data,
@@ -82,7 +86,7 @@ def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, cali
     if eval_split is not None:
         train_task, eval_task = task, load_other_split(eval_split, task_opts)
     else:
-        train_task, eval_task = carve(task, eval_fraction, task_opts.get("seed") or 42)
+        train_task, eval_task = carve(task, eval_fraction, task_opts["seed"])
     calibration = None
     if calibration_data is not None:
         calibration = load_task(calibration_data, text_column=calibration_text_column,

