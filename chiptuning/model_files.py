@@ -7,36 +7,41 @@ user's cache, keyed by the file's sha256; every later command on the same file l
 directory in seconds. The conversion is written beside its final name and renamed into place, so
 an interrupted one leaves nothing half-made.
 
+Which GGUF files can be read, and as which model type, is asked of transformers: the config it builds
+from the file's metadata (``gemma3`` becomes ``gemma3_text``, ``qwen3moe`` ``qwen3_moe``), whose
+model type must be in the registry. No table of llama.cpp names is kept here.
+
 ``CHIPTUNING_CACHE`` sets the cache directory (default ``$XDG_CACHE_HOME/chiptuning`` or
 ``~/.cache/chiptuning``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 from transformers.utils import logging as hf_logging
 
 from chiptuning.errors import ChipTuningError, UnsupportedModelError
 from chiptuning.io import sha256_file, write_json_atomic
 from chiptuning.outputs import clean_stale, normal_permissions, sibling_dir
-from chiptuning.registry import ARCHITECTURES
+from chiptuning.registry import get_spec
 
 log = logging.getLogger(__name__)
 
 GGUF_SUFFIX = ".gguf"
 SOURCE_FILE = "chiptuning-source.json"
-#: llama.cpp architecture names whose transformers model type is spelled differently.
-_GGUF_MODEL_TYPES = {"deci": "llama", "lfm2": "lfm2"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,35 @@ def _read_gguf_metadata(path: Path) -> tuple[str, str]:
     return architecture, f"{name} (tensors: {', '.join(kinds)})"
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _model_type(path: Path, architecture: str) -> str:
+    """The transformers model type a GGUF file becomes, as transformers itself reads it: the config
+    it builds from the file's metadata (no tensor is read), checked against the registry.
+
+    Raises:
+        UnsupportedModelError: transformers cannot read this architecture (or this file's metadata),
+            or the registry lacks the model type it becomes; both name the llama.cpp architecture.
+    """
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # KeyError: an architecture transformers knows, from a file lacking a metadata key it needs.
+        detail = f"its metadata lacks {err}" if isinstance(err, KeyError) else _first_line(err)
+        raise UnsupportedModelError(f"{path.name}: transformers {transformers.__version__} cannot read GGUF "
+                                    f"architecture {architecture!r} ({detail})") from None
+    try:
+        get_spec(config)
+    except UnsupportedModelError:
+        raise UnsupportedModelError(
+            f"{path.name}: GGUF architecture {architecture!r} (transformers model type {config.model_type!r}) "
+            "is not in the chip-tuning architecture registry; add an ArchSpec to chiptuning/registry.py"
+        ) from None
+    return config.model_type
+
+
 def resolve_gguf(path: str | Path) -> GGUFSource:
     """The converted directory of a GGUF file, converting it on first use.
 
@@ -139,19 +173,9 @@ def resolve_gguf(path: str | Path) -> GGUFSource:
         return GGUFSource(file=path.name, sha256=digest, architecture=record["architecture"],
                           quantization=record["quantization"], path=target)
     architecture, quantization = _read_gguf_metadata(path)
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{path.name}: GGUF architecture {architecture!r} cannot be loaded by this transformers "
-            f"(it reads {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))})"
-        )
-    model_type = _GGUF_MODEL_TYPES.get(architecture, architecture)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{path.name}: GGUF architecture {architecture!r} is not in the chip-tuning architecture registry; "
-            "add an ArchSpec to chiptuning/registry.py"
-        )
-    log.info("converting %s (%s, %s) to a Hugging Face directory in %s (once per file)", path.name,
-             architecture, quantization, target)
+    model_type = _model_type(path, architecture)
+    log.info("converting %s (%s, model type %s, %s) to a Hugging Face directory in %s (once per file)",
+             path.name, architecture, model_type, quantization, target)
     _convert(path, target, {"file": path.name, "sha256": digest, "architecture": architecture,
                             "quantization": quantization})
     return GGUFSource(file=path.name, sha256=digest, architecture=architecture, quantization=quantization,
@@ -168,10 +192,17 @@ def _convert(path: Path, target: Path, record: dict[str, Any]) -> None:
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            # A transformers with GgufConfig may keep quantized blocks packed (GgufLinear) for the
+            # architectures its newer GGUF loader handles; the saved directory needs plain tensors.
+            unpacked = ({"quantization_config": transformers.GgufConfig(dequantize=True)}
+                        if hasattr(transformers, "GgufConfig") else {})
+            # transformers draws its own tqdm bar while dequantizing: kept on a terminal, kept out of a log
+            with contextlib.redirect_stderr(sys.stderr if sys.stderr.isatty() else io.StringIO()):
+                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                             **unpacked)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise UnsupportedModelError(f"{name}: transformers cannot load this GGUF file "
-                                        f"({str(err).splitlines()[0]})") from None
+                                        f"({_first_line(err)})") from None
         # The weights are plain dequantized tensors; the GGUF quantizer only blocks save_pretrained.
         model.hf_quantizer = None
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
@@ -200,12 +231,27 @@ def gguf_source_of(path: str | Path) -> dict[str, Any] | None:
     return {"format": "gguf", **{k: data[k] for k in ("file", "sha256", "architecture", "quantization")}}
 
 
+def looks_local(model_name_or_path: str | Path) -> bool:
+    """Whether ``--model`` can only mean a local path: absolute, ``./``, ``../`` or ``~``, or more
+    than one ``/`` (a hub id is ``name`` or ``owner/name``)."""
+    text = str(model_name_or_path)
+    return isinstance(model_name_or_path, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1 \
+        or "\\" in text
+
+
 def resolve_model_path(model_name_or_path: str | Path) -> str:
     """What transformers should load for ``--model``: a GGUF file's converted directory, else the
-    name or path as given."""
+    name or path as given.
+
+    Raises:
+        ChipTuningError: a local path (see :func:`looks_local`) that does not exist, named as such.
+    """
     if is_gguf(model_name_or_path):
         return str(resolve_gguf(model_name_or_path).path)
-    return str(model_name_or_path)
+    if looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
+        raise ChipTuningError(f"--model {model_name_or_path}: no such directory")
+    return str(Path(model_name_or_path).expanduser()) if str(model_name_or_path).startswith("~") \
+        else str(model_name_or_path)
 
 
-__all__ = ["GGUFSource", "cache_dir", "gguf_source_of", "is_gguf", "resolve_gguf", "resolve_model_path"]
+__all__ = ["GGUFSource", "cache_dir", "gguf_source_of", "is_gguf", "looks_local", "resolve_gguf", "resolve_model_path"]
