@@ -6,7 +6,14 @@ the ``cache info`` / ``cache verify`` commands' checks.
 """
 
 from chiptuning.cache.inspect import cache_info, verify_cache
-from chiptuning.cache.manifest import CacheManifest, CacheMeta, ShardRecord
+from chiptuning.cache.manifest import (
+    CacheManifest,
+    CacheMeta,
+    ShardRecord,
+    check_label_names,
+    check_layers,
+    check_model_stats,
+)
 from chiptuning.cache.store import (
     MANIFEST,
     MAX_ABS_FEATURE,
@@ -27,6 +34,9 @@ __all__ = [
     "CacheWriter",
     "ShardRecord",
     "cache_info",
+    "check_label_names",
+    "check_layers",
+    "check_model_stats",
     "merge_rank_manifests",
     "read_manifest",
     "verify_cache",

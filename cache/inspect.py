@@ -7,7 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from chiptuning.cache.store import MANIFEST, MAX_ABS_FEATURE, first_bad_row, read_manifest
+from chiptuning.cache.store import MANIFEST, MAX_ABS_FEATURE, check_self_contained, first_bad_row, read_manifest
+from chiptuning.errors import CacheError
 from chiptuning.io import sha256_file
 
 
@@ -62,6 +63,7 @@ def verify_cache(path: str | Path) -> list[str]:
             continue
         try:
             with h5py.File(file, "r") as f:
+                check_self_contained(f)
                 rows = shard.rows
                 for key in ("index", "labels", "example_ids", "n_tokens", "n_choices"):
                     if f[key].shape != (rows,):
@@ -79,6 +81,8 @@ def verify_cache(path: str | Path) -> list[str]:
                     if bad is not None:
                         problems.append(f"{shard.file}: hidden/{layer} has values that are not finite or of "
                                         f"magnitude >= {MAX_ABS_FEATURE:.0f} (first in row {bad})")
+        except CacheError as err:
+            problems.append(f"{shard.file}: {err}")
         except (OSError, KeyError, ValueError, TypeError) as err:
             problems.append(f"{shard.file}: unreadable ({err})")
     if seen and m.complete:

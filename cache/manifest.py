@@ -1,38 +1,73 @@
 """The cache's records: ``manifest.json`` and the content-determining ``meta`` it fingerprints.
 
-Typed, with ``to_dict`` / ``from_dict``; read through attributes. :meth:`CacheManifest.from_dict`
-validates what it reads and raises :class:`~chiptuning.errors.CacheError` naming the field, so a
-damaged or foreign manifest fails with one line instead of a ``KeyError`` later.
+Records of :mod:`chiptuning.records` (field types and rules drive reading and writing; a bad
+manifest is one :class:`~chiptuning.errors.CacheError` naming the file and the field). The meta's
+fingerprint is recomputed whenever a manifest is read: a meta edited after extraction (its label
+names, its model) no longer matches and the cache is refused.
 
-Compatibility: :meth:`CacheMeta.to_dict` writes the core fields always and the optional ones
-only when set, so ``CacheMeta.from_dict(d).to_dict() == d`` for every meta this version writes
-and the fingerprint of a cache never changes when it is read back.
+Compatibility: the optional meta fields are written only when set, so ``CacheMeta.from_dict(d)
+.to_dict() == d`` for every meta this version writes and the fingerprint of a cache never changes
+when it is read back.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from chiptuning import __version__
 from chiptuning.errors import CacheError
 from chiptuning.io import canonical_hash
+from chiptuning.records import Invalid, Record, name_clash, rule
 
 FORMAT = "chiptuning-cache"
 FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+#: A shard's file name: ``shard-00000.h5``, or ``shard-r01-00000.h5`` for rank 1 of a data-parallel run.
+SHARD_NAME = re.compile(r"shard-(r\d{2}-)?\d{5}\.h5")
+_HEX = re.compile(r"[0-9a-f]+")
 
-#: Fields of the meta written whether set or not (what every cache of this format records).
-_CORE = ("model", "model_hash", "model_type", "adapter", "tokenizer", "task", "label_names", "prompts_sha256",
-         "max_length", "pooling", "feature_mode", "dtype", "storage_dtype", "layers", "num_blocks",
-         "hidden_size")
-#: Fields written only when set (added after the first caches were written: leaving them out when
-#: unset keeps the fingerprints of those caches).
-_OPTIONAL = ("model_source", "lens", "processor", "images_sha256")
+
+def check_layers(layers: list[int], depth: int | None, where: str, *, first: int = 0) -> None:
+    """Layers must be unique, ascending and within ``first``..``depth`` (when known).
+
+    Raises:
+        Invalid: naming ``where``.
+    """
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise Invalid(where, f"must be unique and ascending, got {layers[:8]}{'...' if len(layers) > 8 else ''}")
+    if layers and (layers[0] < first or (depth is not None and layers[-1] > depth)):
+        span = f"{first}..{depth}" if depth is not None else f">= {first}"
+        raise Invalid(where, f"must lie in {span}, got {layers[0]}..{layers[-1]}")
+
+
+def check_model_stats(stats: dict[str, Any], num_blocks: int | None, where: str) -> None:
+    """Parameter counts (:func:`chiptuning.models.param_stats`): non-negative integers, one per block."""
+    if not stats:
+        return
+    blocks = stats.get("blocks")
+    counts = [stats.get(k) for k in ("embedding", "final_norm", "lm_head", "total") if k in stats]
+    if not isinstance(blocks, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                               for n in [*blocks, *counts]):
+        raise Invalid(where, "must hold non-negative integer parameter counts, with 'blocks' a list")
+    if num_blocks is not None and len(blocks) != num_blocks:
+        raise Invalid(f"{where}.blocks", f"counts {len(blocks)} blocks; the model has {num_blocks}")
+    if not isinstance(stats.get("total"), int) or stats["total"] < sum(blocks):
+        raise Invalid(f"{where}.total", f"must be at least the blocks' {sum(blocks)} parameters")
+
+
+def check_label_names(names: list[str], where: str) -> None:
+    """Class names must be non-empty, distinct, and distinct once stripped and lower-cased."""
+    if any(not name.strip() for name in names):
+        raise Invalid(where, "holds an empty label name")
+    clash = name_clash(names)
+    if clash is not None:
+        raise Invalid(where, f"{clash[0]!r} and {clash[1]!r} are the same label up to case or surrounding space")
 
 
 @dataclass
-class CacheMeta:
+class CacheMeta(Record):
     """Everything that determines a cache's content; its hash is the cache's fingerprint.
 
     Attributes:
@@ -56,12 +91,14 @@ class CacheMeta:
         model_source: where the weights came from when that is more than a name (a GGUF file:
             its name, sha256, architecture and quantization).
         lens: the label words whose logits are stored per layer (the model's own answer, see
-            :mod:`chiptuning.zeroshot`): {"token_ids": [[ids of label c]...], "variants": [...]}.
+            :class:`chiptuning.zeroshot.LabelWords`): {"token_ids": [[ids of label c]...], "tokens": ...}.
         processor: a vision-language model's processor (:func:`chiptuning.vision.processor_identity`:
             its class, its image processor's class, a hash of its settings).
         images_sha256: image data: a hash over every image's bytes, in dataset order.
         extra: any other content-determining field (kept and fingerprinted as given).
     """
+
+    ERROR = CacheError
 
     model: str | None = None
     model_hash: str | None = None
@@ -71,51 +108,30 @@ class CacheMeta:
     task: dict[str, Any] = field(default_factory=dict)
     label_names: list[str] = field(default_factory=list)
     prompts_sha256: str | None = None
-    max_length: int | None = None
-    pooling: str | None = None
-    feature_mode: str | None = None
-    dtype: str | None = None
-    storage_dtype: str | None = None
+    max_length: int | None = rule(None, ge=1)
+    pooling: Literal["last_token"] | None = None
+    feature_mode: Literal["raw", "normed"] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    storage_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     layers: list[int] = field(default_factory=list)
-    num_blocks: int | None = None
-    hidden_size: int | None = None
-    model_source: dict[str, Any] | None = None
-    lens: dict[str, Any] | None = None
-    processor: dict[str, Any] | None = None
-    images_sha256: str | None = None
+    num_blocks: int | None = rule(None, ge=1)
+    hidden_size: int | None = rule(None, ge=1)
+    model_source: dict[str, Any] | None = rule(None, omit_none=True)
+    lens: dict[str, Any] | None = rule(None, omit_none=True)
+    processor: dict[str, Any] | None = rule(None, omit_none=True)
+    images_sha256: str | None = rule(None, omit_none=True)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form (what is fingerprinted): core fields, the optional ones that are set, then
-        ``extra`` at the top level."""
-        out = {name: getattr(self, name) for name in _CORE}
-        out.update({name: getattr(self, name) for name in _OPTIONAL if getattr(self, name) is not None})
-        out.update(self.extra)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "cache meta") -> CacheMeta:
-        """Read a meta dict; fields this version does not know go to ``extra``.
-
-        Raises:
-            CacheError: ``data`` is not a mapping, or a known field has the wrong type.
-        """
-        if isinstance(data, CacheMeta):
-            return data
-        if not isinstance(data, dict):
-            raise CacheError(f"{where}: meta is a {type(data).__name__}, not an object")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        values = {k: v for k, v in data.items() if k in known}
-        for name, kind in (("task", dict), ("label_names", list), ("layers", list)):
-            if values.get(name) is not None and not isinstance(values[name], kind):
-                raise CacheError(f"{where}: meta field {name!r} is a {type(values[name]).__name__}, not a {kind.__name__}")
-        for name in ("max_length", "num_blocks", "hidden_size"):
-            if values.get(name) is not None and not isinstance(values[name], int):
-                raise CacheError(f"{where}: meta field {name!r} must be an integer, got {values[name]!r}")
-        for name in ("task", "label_names", "layers"):
-            if values.get(name) is None:
-                values.pop(name, None)
-        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+    def check(self) -> None:
+        check_layers(self.layers, self.num_blocks, "layers")
+        check_label_names(self.label_names, "label_names")
+        if self.lens is not None:
+            ids = self.lens.get("token_ids")
+            if not (isinstance(ids, list) and len(ids) == len(self.label_names) and all(
+                    isinstance(group, list) and group and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              and t >= 0 for t in group) for group in ids)):
+                raise Invalid("lens.token_ids", f"must hold a non-empty list of token ids for each of the "
+                                                f"{len(self.label_names)} labels")
 
     def fingerprint(self) -> str:
         """Stable hash of the content-determining settings (sorted JSON, sha256, 16 hex chars)."""
@@ -139,35 +155,30 @@ class CacheMeta:
 
 
 @dataclass
-class ShardRecord:
+class ShardRecord(Record):
     """One complete shard: file name, rows, sha256 of its bytes, the rank that wrote it."""
 
+    ERROR = CacheError
+
     file: str
-    rows: int
-    sha256: str
-    rank: int = 0
+    rows: int = rule(ge=0)
+    sha256: str = ""
+    rank: int = rule(0, ge=0)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str) -> ShardRecord:
-        try:
-            shard = cls(file=str(data["file"]), rows=int(data["rows"]), sha256=str(data["sha256"]),
-                        rank=int(data.get("rank", 0)))
-        except (KeyError, TypeError, ValueError) as err:
-            raise CacheError(f"{where}: a shard entry is malformed ({err!r}); run `chiptuning cache verify`") from None
-        if "/" in shard.file or "\\" in shard.file or shard.file in ("", ".", ".."):
-            raise CacheError(f"{where}: shard name {shard.file!r} points outside the cache directory")
-        return shard
+    def check(self) -> None:
+        if not SHARD_NAME.fullmatch(self.file):
+            raise Invalid("file", f"{self.file!r} is not a shard name of this cache (shard-NNNNN.h5); "
+                                  "refusing to read files it does not name")
+        if len(self.sha256) != 64 or not _HEX.fullmatch(self.sha256):
+            raise Invalid("sha256", f"expected 64 hex digits, got {self.sha256[:70]!r}")
 
 
 @dataclass
-class CacheManifest:
+class CacheManifest(Record):
     """``manifest.json``: what the cache holds and how far extraction got.
 
     Attributes:
-        fingerprint: hash of ``meta``.
+        fingerprint: hash of ``meta`` (recomputed and compared on every read).
         meta: the content-determining settings.
         layers, hidden_size, storage_dtype: the stored arrays.
         n_rows: rows of the finished cache.
@@ -179,24 +190,31 @@ class CacheManifest:
         n_shortened: prompts shortened to fit ``max_length``.
         preview: the last tokens of the first prompts and the token each chip reads.
         world_size: ranks that wrote a data-parallel cache (None for one process).
+        part: in a data-parallel extraction, the rank whose part of the cache this manifest
+            describes (joined into the one manifest at the end); None for a whole cache.
         chiptuning_version: the version that wrote it.
         extra: other fields (kept as they are).
     """
 
+    FORMAT = FORMAT
+    VERSION = FORMAT_VERSION
+    ERROR = CacheError
+
     fingerprint: str
     meta: CacheMeta
     layers: list[int]
-    hidden_size: int
-    storage_dtype: str
-    n_rows: int
+    hidden_size: int = rule(ge=1)
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    n_rows: int = rule(0, ge=0)
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
     created: str | None = None
     updated: str | None = None
     model_stats: dict[str, Any] = field(default_factory=dict)
-    n_shortened: int | None = None
+    n_shortened: int | None = rule(None, ge=0)
     preview: list[dict[str, Any]] = field(default_factory=list)
-    world_size: int | None = None
+    world_size: int | None = rule(None, ge=1, omit_none=True)
+    part: int | None = rule(None, ge=0, omit_none=True)
     chiptuning_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -204,72 +222,27 @@ class CacheManifest:
     def stored_rows(self) -> int:
         return sum(s.rows for s in self.shards)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "chiptuning_version": self.chiptuning_version,
-            "fingerprint": self.fingerprint,
-            "meta": self.meta.to_dict(),
-            "layers": list(self.layers),
-            "hidden_size": int(self.hidden_size),
-            "storage_dtype": self.storage_dtype,
-            "n_rows": int(self.n_rows),
-            "shards": [s.to_dict() for s in self.shards],
-            "complete": bool(self.complete),
-            "created": self.created,
-            "updated": self.updated,
-            "model_stats": self.model_stats,
-            "n_shortened": self.n_shortened,
-            "preview": self.preview,
-            **self.extra,
-        }
-        if self.world_size is not None:
-            out["world_size"] = self.world_size
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "manifest.json") -> CacheManifest:
-        """Read and validate a manifest.
-
-        Raises:
-            CacheError: not a chip-tuning cache manifest, a newer format, or a missing or
-                malformed field (named).
-        """
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise CacheError(f"{where} is not a chip-tuning cache manifest")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise CacheError(f"{where} was written by a newer chip-tuning (cache format "
-                             f"{data['format_version']}); upgrade chip-tuning")
-        for name in ("fingerprint", "meta", "layers", "hidden_size", "storage_dtype", "n_rows", "shards"):
-            if name not in data:
-                raise CacheError(f"{where} has no {name!r}; delete the cache and extract again")
-        try:
-            layers = [int(x) for x in data["layers"]]
-            hidden, n_rows = int(data["hidden_size"]), int(data["n_rows"])
-        except (TypeError, ValueError) as err:
-            raise CacheError(f"{where}: malformed layers / hidden_size / n_rows ({err})") from None
-        if not isinstance(data["shards"], list):
-            raise CacheError(f"{where}: 'shards' is not a list")
-        known = {f.name for f in dataclasses.fields(cls)} | {"format", "format_version"}
-        return cls(
-            fingerprint=str(data["fingerprint"]),
-            meta=CacheMeta.from_dict(data["meta"], where),
-            layers=layers,
-            hidden_size=hidden,
-            storage_dtype=str(data["storage_dtype"]),
-            n_rows=n_rows,
-            shards=[ShardRecord.from_dict(s, where) for s in data["shards"]],
-            complete=bool(data.get("complete")),
-            created=data.get("created"),
-            updated=data.get("updated"),
-            model_stats=dict(data.get("model_stats") or {}),
-            n_shortened=data.get("n_shortened"),
-            preview=list(data.get("preview") or []),
-            world_size=data.get("world_size"),
-            chiptuning_version=str(data.get("chiptuning_version", "")),
-            extra={k: v for k, v in data.items() if k not in known},
-        )
+    def check(self) -> None:
+        if self.fingerprint != self.meta.fingerprint():
+            raise Invalid("meta", f"was edited after extraction: it fingerprints to {self.meta.fingerprint()}, the "
+                                  f"manifest records {self.fingerprint}; refusing a cache whose settings changed "
+                                  "(extract again)")
+        if not self.layers:
+            raise Invalid("layers", "is empty; a cache stores at least one layer")
+        check_layers(self.layers, self.meta.num_blocks, "layers")
+        if self.meta.layers and self.layers != self.meta.layers:
+            raise Invalid("layers", f"{self.layers[:4]}... differ from the meta's {self.meta.layers[:4]}...")
+        if self.meta.hidden_size is not None and self.hidden_size != self.meta.hidden_size:
+            raise Invalid("hidden_size", f"{self.hidden_size} differs from the meta's {self.meta.hidden_size}")
+        check_model_stats(self.model_stats, self.meta.num_blocks, "model_stats")
+        files = [s.file for s in self.shards]
+        if len(set(files)) != len(files):
+            raise Invalid("shards", "name a shard twice")
+        whole = self.part is None  # a rank's part of a data-parallel cache holds only that rank's rows
+        if self.stored_rows > self.n_rows or (self.complete and whole and self.stored_rows != self.n_rows):
+            raise Invalid("shards", f"hold {self.stored_rows} rows; the cache has {self.n_rows}"
+                                    f"{' and is marked complete' if self.complete else ''}")
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CacheManifest", "CacheMeta", "ShardRecord"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "SHARD_NAME", "STORAGE_DTYPES", "CacheManifest", "CacheMeta", "ShardRecord",
+           "check_label_names", "check_layers", "check_model_stats"]

@@ -16,40 +16,46 @@ Layout of one cache directory (one per model, task and split)::
                            # K label-word tokens (meta.lens) applied to each layer's feature
 
 Rows are read back in canonical order (sorted by ``index``), whatever order extraction wrote them
-in. A shard is built in memory, written to ``*.tmp`` with plain file I/O (a full disk is one
-``OSError``, never a half-closed HDF5 file) and renamed when complete; the manifest is rewritten
-(also atomically) after every shard, so a killed run loses at most the shard in progress, and a
-re-run skips every row already stored. One writer at a time: a lock file in the cache holds the
-writer's pid (:class:`chiptuning.outputs.DirLock`).
+in. A shard is built in memory and written with plain file I/O (a full disk is one ``OSError``,
+never a half-closed HDF5 file) into the writer's own marked temporary folder in the cache; the
+manifest then records it (atomically) and it is renamed into place, so a killed run loses at most
+the shard in progress, a re-run skips every row already stored, and no file the writer did not
+make is ever removed (a ``shard-*.h5`` the manifest does not list is never read, never deleted).
+One writer at a time: a lock file in the cache holds the writer's pid
+(:class:`chiptuning.outputs.DirLock`).
 
-What is read is checked: :meth:`CacheReader.verify_checksums` compares every shard with its
-sha256 in the manifest (the trainers call it before training), and every feature read must be
-finite and below :data:`MAX_ABS_FEATURE` in magnitude (:func:`first_bad_row`), the same bound the
-writer enforces. Only numpy and h5py are used here.
+What is read is checked: the manifest through its record (:class:`CacheManifest`: types, ranges,
+and the meta's fingerprint recomputed, so an edited meta is refused); every shard opened must keep
+its data inside its own file (:func:`check_self_contained`: no external storage, virtual datasets,
+soft or external links); :meth:`CacheReader.verify_checksums` compares every shard with its sha256
+in the manifest (the trainers call it before training), and every feature read must be finite and
+below :data:`MAX_ABS_FEATURE` in magnitude (:func:`first_bad_row`), the same bound the writer
+enforces. Only numpy and h5py are used here.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import logging
-import re
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from chiptuning.cache.manifest import CacheManifest, CacheMeta, ShardRecord
+from chiptuning.cache.manifest import STORAGE_DTYPES, CacheManifest, CacheMeta, ShardRecord
 from chiptuning.errors import CacheError
-from chiptuning.io import sha256_file, write_bytes, write_json_atomic
-from chiptuning.outputs import CACHE, DirLock, check_output, clean_stale
+from chiptuning.io import sha256_file, write_bytes
+from chiptuning.outputs import CACHE, DirLock, check_output, clean_stale, sibling_dir
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+#: The writer's temporary folder inside the cache (``.shards.tmp-<host>-<pid>-<random>``, marked).
+SCRATCH = "shards"
 _CHUNK_ROWS = 256
 #: Largest magnitude a stored feature may have (2**20). Hidden states of real models stay far
 #: below (the "massive activations" of 7B decoders are ~1e3-1e4); a larger or non-finite value
@@ -67,6 +73,30 @@ def _now() -> str:
 
 
 # -- storage dtypes -------------------------------------------------------------------------------
+
+def check_self_contained(f: h5py.File) -> None:
+    """Refuse a shard that would read bytes from outside its own file: external storage, virtual
+    datasets, soft, external or user-defined links (h5py would follow them silently).
+
+    Raises:
+        CacheError: naming the object.
+    """
+    def visit(group: h5py.Group, prefix: str) -> None:
+        for name in group:
+            link = group.get(name, getlink=True)
+            where = f"{prefix}{name}"
+            if not isinstance(link, h5py.HardLink):
+                raise CacheError(f"{f.filename}: {where} is a {type(link).__name__}, which reads from elsewhere; "
+                                 "a shard holds its own data only: refusing it")
+            obj = group[name]
+            if isinstance(obj, h5py.Group):
+                visit(obj, f"{where}/")
+            elif isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.id.get_create_plist().get_external_count()):
+                raise CacheError(f"{f.filename}: dataset {where} reads its data from other files "
+                                 f"({'virtual' if obj.is_virtual else 'external storage'}); refusing it")
+
+    visit(f, "")
+
 
 def first_bad_row(stored: np.ndarray, storage_dtype: str) -> int | None:
     """The first row of ``stored`` (what is stored, rows first) holding a value that is not
@@ -175,7 +205,7 @@ class CacheWriter:
         if storage_dtype not in STORAGE_DTYPES:
             raise CacheError(f"unknown storage dtype {storage_dtype!r}; choose one of {STORAGE_DTYPES}")
         self.path = Path(path)
-        self.meta = CacheMeta.from_dict(meta)
+        self.meta = meta if isinstance(meta, CacheMeta) else CacheMeta.from_dict(meta, "cache meta")
         self.fingerprint = self.meta.fingerprint()
         self.layers = [int(layer) for layer in layers]
         self.hidden_size = int(hidden_size)
@@ -192,14 +222,20 @@ class CacheWriter:
             clean_stale(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock = DirLock(self.path, ".lock" if world_size == 1 else f".lock-r{rank:02d}").acquire()
+        self._scratch: Path | None = None
         try:
+            clean_stale(self.path / SCRATCH)  # the temporaries of a writer that was killed
             self.manifest = self._open(n_rows, extra or {})
         except BaseException:
             self.release()
             raise
 
     def release(self) -> None:
-        """Give up the cache's lock (``close`` does; so does leaving a ``with writer:`` block)."""
+        """Give up the cache's lock and remove the writer's temporary folder (``close`` does; so
+        does leaving a ``with writer:`` block)."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
         self.lock.release()
 
     def __enter__(self) -> CacheWriter:
@@ -217,19 +253,15 @@ class CacheWriter:
                 f"{self.path} holds a cache made with other settings ({existing.meta.differences(self.meta)}); "
                 "write to another --out directory or delete this one"
             )
+        # A shard the manifest lists but whose file is missing was cut off before its rename: its
+        # rows are redone. A shard-*.h5 the manifest does not list is not the writer's: never read,
+        # never removed.
         if existing is not None and self.world_size == 1:
             shards = [s for s in existing.shards if (self.path / s.file).exists()]
         elif existing is not None:
             shards = [s for s in existing.shards if s.rank == self.rank and (self.path / s.file).exists()]
         else:
             shards = []
-        known = {s.file for s in shards}
-        pattern = re.compile(re.escape(self._shard_prefix()) + r"\d{5}\.h5(\.tmp)?")
-        for stray in self.path.iterdir():
-            # Half-written (.tmp) or written-but-unrecorded shards of this rank: redo their rows.
-            if pattern.fullmatch(stray.name) and stray.name not in known:
-                log.info("removing unfinished shard %s", stray.name)
-                stray.unlink()
         extra = dict(extra)
         manifest = CacheManifest(
             fingerprint=self.fingerprint, meta=self.meta, layers=self.layers, hidden_size=self.hidden_size,
@@ -238,6 +270,7 @@ class CacheWriter:
             created=existing.created if existing is not None else _now(),
             model_stats=dict(extra.pop("model_stats", None) or {}), n_shortened=extra.pop("n_shortened", None),
             preview=list(extra.pop("preview", None) or []), extra=extra,
+            part=self.rank if self.world_size > 1 else None,
         )
         if manifest.complete:
             return manifest
@@ -249,7 +282,7 @@ class CacheWriter:
 
     def _write_manifest(self, manifest: CacheManifest) -> None:
         manifest.updated = _now()
-        write_json_atomic(self.path / self._manifest_name, manifest.to_dict())
+        manifest.write(self.path / self._manifest_name)
 
     @property
     def complete(self) -> bool:
@@ -261,6 +294,7 @@ class CacheWriter:
         for shard in self.manifest.shards:
             try:
                 with h5py.File(self.path / shard.file, "r") as f:
+                    check_self_contained(f)
                     done.update(int(i) for i in f["index"][:])
             except (OSError, KeyError, ValueError) as err:
                 raise CacheError(f"cannot read shard {self.path / shard.file} of the cache being resumed ({err}); "
@@ -332,12 +366,15 @@ class CacheWriter:
     def _flush(self, n: int) -> None:
         batch = self._take(n)
         number = len(self.manifest.shards)
+        listed = {s.file for s in self.manifest.shards}
         name = f"{self._shard_prefix()}{number:05d}.h5"
-        while (self.path / name).exists():  # never overwrite a recorded shard
+        while name in listed or os.path.lexists(self.path / name):  # never overwrite any file
             number += 1
             name = f"{self._shard_prefix()}{number:05d}.h5"
         final = self.path / name
-        tmp = self.path / (name + ".tmp")
+        if self._scratch is None:
+            self._scratch = sibling_dir(self.path / SCRATCH)
+        tmp = self._scratch / name
         rows = len(batch["index"])
         # Built in memory, then written with plain file I/O: a full disk fails one write() call
         # (and the .tmp is removed), never HDF5's own flush of a half-written file.
@@ -362,9 +399,12 @@ class CacheWriter:
         write_bytes(tmp, image)
         checksum = hashlib.sha256(image).hexdigest()
         del image
-        tmp.replace(final)
+        # Recorded first, then renamed: cut off in between, the next run finds the shard listed but
+        # missing and redoes its rows (and the writer's marked temporary folder is removed).
         self.manifest.shards.append(ShardRecord(file=name, rows=rows, sha256=checksum, rank=self.rank))
         self._write_manifest(self.manifest)
+        os.link(tmp, final)  # fails rather than replace a file that appeared meanwhile
+        tmp.unlink()
         log.debug("wrote %s (%d rows)", name, rows)
 
     def close(self, expected_rows: int | None = None) -> CacheManifest:
@@ -398,12 +438,12 @@ def merge_rank_manifests(path: str | Path, world_size: int) -> CacheManifest:
         raise CacheError(f"ranks wrote {path} with different settings")
     merged = parts[0]
     merged.shards = [s for p in parts for s in p.shards]
-    merged.world_size = world_size
+    merged.world_size, merged.part = world_size, None
     if merged.stored_rows != merged.n_rows:
         raise CacheError(f"cache {path} holds {merged.stored_rows} rows across ranks, expected {merged.n_rows}")
     merged.complete = True
     merged.updated = _now()
-    write_json_atomic(path / MANIFEST, merged.to_dict())
+    merged.write(path / MANIFEST)
     for r in range(world_size):
         (path / f"manifest.rank{r:02d}.json").unlink()
     return merged
@@ -420,11 +460,7 @@ def read_manifest(path: Path, missing_ok: bool = False) -> CacheManifest | None:
         if missing_ok:
             return None
         raise CacheError(f"no cache at {path.parent} ({path.name} is missing); run `chiptuning extract` first")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path} is corrupt ({err}); delete the cache and extract again") from None
-    return CacheManifest.from_dict(data, str(path))
+    return CacheManifest.read(path)
 
 
 # -- reader ---------------------------------------------------------------------------------------
@@ -465,6 +501,7 @@ class CacheReader:
             except (OSError, KeyError, ValueError, TypeError) as err:
                 raise self._unreadable(shard, err) from None
         index = np.concatenate(cols["index"])
+        self._check_columns(index, np.concatenate(cols["labels"]), np.concatenate(cols["n_choices"]))
         # order[k] = position in shard order of canonical row k.
         self._order = np.argsort(index, kind="stable")
         self.index = index[self._order]
@@ -477,6 +514,21 @@ class CacheReader:
         self._starts = np.cumsum([0] + [s.rows for s in self.shards])
         # Shards written in dataset order (the usual single-process case) need no reordering.
         self._in_order = bool(np.array_equal(self._order, np.arange(len(self._order))))
+
+    def _check_columns(self, index: np.ndarray, labels: np.ndarray, n_choices: np.ndarray) -> None:
+        """Refuse rows no extraction writes: an index that is not a permutation of the examples,
+        labels outside the label names, or a number of valid classes outside 1..C."""
+        n, C = self.manifest.n_rows, len(self.meta.label_names)
+        problem = None
+        if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
+            problem = f"its row index is not a permutation of the {n} examples"
+        elif C and ((labels < 0) | (labels >= C)).any():
+            problem = f"it holds labels outside 0..{C - 1}"
+        elif C and ((n_choices < 1) | (n_choices > C)).any():
+            problem = f"it holds numbers of valid classes outside 1..{C}"
+        if problem is not None:
+            raise CacheError(f"cache {self.path}: {problem}; the cache is damaged: run "
+                             f"`chiptuning cache verify {self.path}`")
 
     @property
     def n_rows(self) -> int:
@@ -520,9 +572,18 @@ class CacheReader:
         name = shard.file
         if name not in self._files:
             try:
-                self._files[name] = h5py.File(self.path / name, "r")
+                f = h5py.File(self.path / name, "r")
             except (OSError, FileNotFoundError) as err:
                 raise self._unreadable(shard, err) from None
+            try:
+                check_self_contained(f)
+            except (OSError, KeyError, ValueError, TypeError) as err:
+                f.close()
+                raise self._unreadable(shard, err) from None
+            except BaseException:
+                f.close()
+                raise
+            self._files[name] = f
         return self._files[name]
 
     def _unreadable(self, shard: ShardRecord, err: BaseException) -> CacheError:

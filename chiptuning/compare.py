@@ -37,9 +37,9 @@ from chiptuning.io import write_json_atomic
 from chiptuning.models import load_config, load_model, load_tokenizer, weights_hash
 from chiptuning.outputs import COMPARE, claim_output
 from chiptuning.probe import train_chips
-from chiptuning.probe.artifacts import majority_baselines
+from chiptuning.probe.chipset import majority_baselines
 from chiptuning.probe.lens import zero_shot_report
-from chiptuning.prune.baselines import METHODS, n_from_ratio, prune_with_method, read_record
+from chiptuning.prune.baselines import METHODS, DepthPruningRecord, n_from_ratio, prune_with_method, read_record
 from chiptuning.registry import get_blocks, get_spec, num_blocks
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _zero_shot(eval_cache, train_cache) -> dict[str, float | None]:
     if not (evals.has_lens and train.has_lens):
         return {"zero_shot_accuracy": None, "zero_shot_calibrated_accuracy": None}
     report = zero_shot_report(evals, train)
-    return {"zero_shot_accuracy": report["accuracy"], "zero_shot_calibrated_accuracy": report["calibrated_accuracy"]}
+    return {"zero_shot_accuracy": report.accuracy, "zero_shot_calibrated_accuracy": report.calibrated_accuracy}
 
 
 def _baseline_row(method: str, n: int, model_name_or_path: str, out: Path, train_task, eval_task, train_cache,
@@ -211,15 +211,15 @@ def _baseline_row(method: str, n: int, model_name_or_path: str, out: Path, train
     )
     del model
     record = read_record(path)
-    depth = int(record["num_blocks"])
+    depth = record.num_blocks
     m_train = _extract(str(path), train_task, out / "caches" / method / "train", device, dtype, batch_size, max_length)
     m_eval = _extract(str(path), eval_task, out / "caches" / method / "eval", device, dtype, batch_size, max_length)
     chips = train_chips(m_train, m_eval, chip=chip, out=out / "chips" / method, seed=seed, layers=[depth],
                         overwrite=True)
     row = {
         "method": method, "blocks_kept": depth, "blocks_removed": L - depth, "block_ratio": (L - depth) / L,
-        "param_ratio": float(1 - record["params"]["after"] / total_params),
-        "changed_blocks": _describe_groups(record["groups"], L), "chip_layer": depth,
+        "param_ratio": float(1 - record.params.after / total_params),
+        "changed_blocks": _describe_groups(record.groups, L), "chip_layer": depth,
         "chip_accuracy": _chip_accuracy(chips, depth), **_zero_shot(m_eval, m_train),
         "notes": _notes(record), "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -244,16 +244,15 @@ def _describe_groups(groups: list[list[int]], n_blocks: int) -> str:
     return " ".join(deleted + ["+".join(str(i) for i in g) for g in groups if len(g) > 1])
 
 
-def _notes(record: dict[str, Any]) -> str:
-    details = record.get("details") or {}
-    method = record["method"]
+def _notes(record: DepthPruningRecord) -> str:
+    details, method = record.details, record.method
     parts = []
     if method == "streamline":
         tr = details["training"]
         parts.append(f"{details['replacement']} replaces blocks {details['replaced_blocks']}; held-out MSE "
                      f"{tr['held_out_mse_replacement']:.4g} vs {tr['held_out_mse_drop']:.4g} if dropped")
     elif method in ("slm", "laco"):
-        merged = [g for g in record["groups"] if len(g) > 1]
+        merged = [g for g in record.groups if len(g) > 1]
         thresholds = [s["threshold"] for s in details.get("sweeps", [])]
         parts.append(f"merged {merged}; thresholds used {[round(t, 4) for t in thresholds]}")
     elif method in ("shortgpt", "angular"):

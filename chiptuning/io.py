@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,26 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n"
 
 
+def temporary_name(path: Path) -> Path:
+    """A fresh name beside ``path`` for writing it: ``.STEM.tmp-<pid>-<random>.SUFFIX`` (the suffix
+    kept: writers such as matplotlib choose the format from it)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as sorted, indented JSON to a temporary name and rename it into place, so a
-    reader never sees half a file."""
+    """Write ``obj`` as sorted, indented JSON to a fresh temporary name (created exclusively, so
+    never a file someone else has) and rename it into place, so a reader never sees half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    text = dumps(obj)
+    tmp, created = temporary_name(path), False
     try:
-        tmp.write_text(dumps(obj), encoding="utf-8")
+        with open(tmp, "x", encoding="utf-8") as f:
+            created = True
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:  # a full disk or an interrupt: leave the old file, and no half-written one
-        tmp.unlink(missing_ok=True)
+        if created:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -73,4 +84,14 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["canonical_hash", "dumps", "json_default", "sha256_file", "write_bytes", "write_json_atomic"]
+def file_checksums(root: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative POSIX path -> hex digest), sorted; ``exclude``:
+    relative paths left out (the record that will list the others)."""
+    root = Path(root)
+    return {path.relative_to(root).as_posix(): sha256_file(path)
+            for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+            if path.relative_to(root).as_posix() not in exclude}
+
+
+__all__ = ["canonical_hash", "dumps", "file_checksums", "json_default", "sha256_file", "temporary_name", "write_bytes",
+           "write_json_atomic"]

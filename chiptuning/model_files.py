@@ -18,15 +18,16 @@ model type must be in the registry. No table of llama.cpp names is kept here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
-import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 import transformers
@@ -35,7 +36,8 @@ from transformers.utils import logging as hf_logging
 
 from chiptuning.errors import ChipTuningError, UnsupportedModelError
 from chiptuning.io import sha256_file, write_json_atomic
-from chiptuning.outputs import clean_stale, normal_permissions, sibling_dir
+from chiptuning.outputs import clean_stale, finish_dir, normal_permissions, sibling_dir
+from chiptuning.records import Invalid, Record, read_json
 from chiptuning.registry import get_spec
 
 log = logging.getLogger(__name__)
@@ -44,28 +46,33 @@ GGUF_SUFFIX = ".gguf"
 SOURCE_FILE = "chiptuning-source.json"
 
 
-@dataclass(frozen=True)
-class GGUFSource:
-    """A GGUF file and its converted directory.
+@dataclass
+class GGUFSource(Record):
+    """A GGUF file: what provenance records of it (no local path), and ``chiptuning-source.json`` of
+    its converted directory.
 
     Attributes:
         file: the GGUF file's name.
         sha256: its sha256 (hex).
         architecture: ``general.architecture`` of its metadata (llama.cpp's name).
         quantization: its file type (e.g. ``MOSTLY_Q4_1``) and the tensor types it holds.
-        path: the converted Hugging Face directory.
+        format: "gguf".
     """
 
     file: str
     sha256: str
     architecture: str
     quantization: str
-    path: Path
+    format: Literal["gguf"] = "gguf"
 
-    def to_dict(self) -> dict[str, Any]:
-        """What provenance records of the source (no local paths)."""
-        return {"format": "gguf", "file": self.file, "sha256": self.sha256, "architecture": self.architecture,
-                "quantization": self.quantization}
+    def check(self) -> None:
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise Invalid("sha256", "is not a sha256 (64 hex digits)")
+
+    @property
+    def path(self) -> Path:
+        """The converted Hugging Face directory (in the user's cache, named by the file's hash)."""
+        return cache_dir() / "gguf" / self.sha256[:16]
 
 
 def cache_dir() -> Path:
@@ -88,10 +95,12 @@ def _remembered_sha256(path: Path) -> str:
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     index_path = cache_dir() / "gguf" / "hashes.json"
     try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
+        index = read_json(index_path) if index_path.is_file() else {}
+    except ChipTuningError:
         index = {}
-    if key not in index:
+    if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
+        index = {}  # a damaged index is only a cache of hashes: start it again
+    if not re.fullmatch(r"[0-9a-f]{64}", str(index.get(key, ""))):
         index[key] = sha256_file(path)
         index_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(index_path, index)
@@ -169,20 +178,21 @@ def resolve_gguf(path: str | Path) -> GGUFSource:
     target = cache_dir() / "gguf" / digest[:16]
     record_path = target / SOURCE_FILE
     if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        return GGUFSource(file=path.name, sha256=digest, architecture=record["architecture"],
-                          quantization=record["quantization"], path=target)
+        record = GGUFSource.read(record_path)
+        if record.sha256 != digest:
+            raise ChipTuningError(f"{record_path} records another file (sha256 {record.sha256[:16]}...); the "
+                                  f"conversion cache is damaged: remove {target} and run again")
+        return dataclasses.replace(record, file=path.name)
     architecture, quantization = _read_gguf_metadata(path)
     model_type = _model_type(path, architecture)
     log.info("converting %s (%s, model type %s, %s) to a Hugging Face directory in %s (once per file)",
              path.name, architecture, model_type, quantization, target)
-    _convert(path, target, {"file": path.name, "sha256": digest, "architecture": architecture,
-                            "quantization": quantization})
-    return GGUFSource(file=path.name, sha256=digest, architecture=architecture, quantization=quantization,
-                      path=target)
+    source = GGUFSource(file=path.name, sha256=digest, architecture=architecture, quantization=quantization)
+    _convert(path, target, source)
+    return source
 
 
-def _convert(path: Path, target: Path, record: dict[str, Any]) -> None:
+def _convert(path: Path, target: Path, record: GGUFSource) -> None:
     """Dequantize ``path`` to float32 and save it as a Hugging Face directory at ``target``."""
     hf_logging.disable_progress_bar()
     folder, name = str(path.parent), path.name
@@ -211,24 +221,15 @@ def _convert(path: Path, target: Path, record: dict[str, Any]) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         AutoConfig.from_pretrained(tmp)  # it must load as a plain directory
-        write_json_atomic(tmp / SOURCE_FILE, record)
+        record.write(tmp / SOURCE_FILE)
         if target.exists():  # a concurrent conversion of the same file finished first
             shutil.rmtree(tmp)
             return
         normal_permissions(tmp)
-        tmp.rename(target)
+        finish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def gguf_source_of(path: str | Path) -> dict[str, Any] | None:
-    """The GGUF source record of a converted directory (None for any other directory)."""
-    record = Path(path) / SOURCE_FILE
-    if not record.is_file():
-        return None
-    data = json.loads(record.read_text())
-    return {"format": "gguf", **{k: data[k] for k in ("file", "sha256", "architecture", "quantization")}}
 
 
 def looks_local(model_name_or_path: str | Path) -> bool:
@@ -249,9 +250,10 @@ def resolve_model_path(model_name_or_path: str | Path) -> str:
     if is_gguf(model_name_or_path):
         return str(resolve_gguf(model_name_or_path).path)
     if looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
-        raise ChipTuningError(f"--model {model_name_or_path}: no such directory")
+        raise ChipTuningError(f"model {model_name_or_path}: no such directory (a local path; a hub id is NAME or "
+                              "OWNER/NAME)")
     return str(Path(model_name_or_path).expanduser()) if str(model_name_or_path).startswith("~") \
         else str(model_name_or_path)
 
 
-__all__ = ["GGUFSource", "cache_dir", "gguf_source_of", "is_gguf", "looks_local", "resolve_gguf", "resolve_model_path"]
+__all__ = ["GGUFSource", "cache_dir", "is_gguf", "looks_local", "resolve_gguf", "resolve_model_path"]

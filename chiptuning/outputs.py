@@ -6,19 +6,24 @@ eval, compare, run) goes through this module, so one set of rules holds everywhe
 * a directory is the command's own when it holds the command's record (``chips.json``,
   ``chiptuning.json``, ...; the table :data:`KINDS`), else a non-empty directory is foreign and
   refused before any work is done;
-* a result is written into a temporary sibling (``.OUT.tmp-<host>-<pid>-<random>``) and renamed
-  into place; an own finished result is replaced only with ``overwrite`` (``--overwrite``): the
-  old directory is renamed aside, the new one renamed in, the old one removed;
-* files in an own directory that the command did not write (a ``NOTES.txt``, a subfolder) are
-  never deleted: the command refuses and names them;
-* temporary siblings left by a killed process (its pid is gone) are removed by the next run of
-  any command writing there; an interrupted run (SIGINT, or SIGTERM through the CLI) removes its
-  own on the way out;
+* a file in an own directory is the command's only when a record there lists it with its sha256
+  and the file still has that content (the proof it wrote it); anything else (a ``NOTES.txt``, a
+  subfolder, a listed file the user edited) is never deleted or replaced: the command refuses and
+  names it;
+* a result is written into a temporary sibling (``.OUT.tmp-<host>-<pid>-<random>``, holding a
+  marker file that names it) and renamed into place; an own finished result is replaced only with
+  ``overwrite`` (``--overwrite``): the old directory is marked, renamed aside, the new one renamed
+  in, the old one removed;
+* temporaries left by a killed process (its pid is gone) are removed by the next run of any
+  command writing there, and only those whose marker proves them a temporary: a folder whose name
+  merely looks like one is left alone; an interrupted run (SIGINT, or SIGTERM through the CLI)
+  removes its own on the way out;
 * what is written gets the permissions the umask gives (no 0700 / 0600 from ``mkdtemp``).
 
 Resumable outputs (a feature cache, ``compare``, ``run``) are written in place and recognised by
-the same records; :class:`DirLock` keeps a second writer out of a cache (a lock file with the
-owner's pid and host; a lock whose process is gone is stale and taken over).
+the same records; they never delete a file they did not write. :class:`DirLock` keeps a second
+writer out of a cache (a lock file with the owner's pid and host; a lock whose process is gone is
+stale and taken over).
 
 Standard library only: the cache stage, which needs only numpy and h5py, uses it too.
 """
@@ -26,7 +31,7 @@ Standard library only: the cache stage, which needs only numpy and h5py, uses it
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -42,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from chiptuning.errors import ChipTuningError
+from chiptuning.io import file_checksums, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +64,16 @@ class OutputKind:
         formats: accepted values of the record's "format" key.
         legacy_keys: a record without "format" that has all these keys is accepted too (written
             before the record had a format); empty: "format" is required.
-        files: fnmatch patterns of the paths (relative, POSIX) the command writes besides the
-            record.
-        listed: a key of the record whose keys name more files it wrote (a checkpoint's
-            "checksums").
+        listed: the key of the record that lists every other file the command wrote, with its
+            sha256 (``{"chips.safetensors": "<hex>", ...}``): what proves a file is the command's.
+        companions: other records a later command writes into the directory, as (file, format,
+            listed key): ``select`` writes ``selection.json`` (listing ``report.md``, ...) into a
+            chips directory. Their files are the directory's own too.
         also: glob patterns of other files that mark the directory as this kind's (the per-rank
             manifests of a data-parallel extraction).
         resumable: written in place and resumed by a re-run (a cache, compare, run) instead of
             written beside and renamed; a re-run never needs ``--overwrite``, and files the user
-            added are left alone (only the command's own temporaries are ever deleted there).
+            added are left alone.
     """
 
     what: str
@@ -74,8 +81,8 @@ class OutputKind:
     record: str
     formats: tuple[str, ...]
     legacy_keys: tuple[str, ...] = ()
-    files: tuple[str, ...] = ()
     listed: str | None = None
+    companions: tuple[tuple[str, str, str], ...] = ()
     resumable: bool = False
     also: tuple[str, ...] = ()
 
@@ -87,31 +94,81 @@ class OutputKind:
             return record["format"] in self.formats
         return bool(self.legacy_keys) and all(key in record for key in self.legacy_keys)
 
-    def owns(self, rel: str, record: dict) -> bool:
-        """Whether the command wrote the file at ``rel`` (relative POSIX path)."""
-        if rel == self.record or any(fnmatch.fnmatchcase(rel, pattern) for pattern in self.files):
-            return True
-        listed = record.get(self.listed) if self.listed else None
-        return isinstance(listed, dict) and rel in listed
+    def own_files(self, root: Path, record: dict) -> set[str]:
+        """The files under ``root`` (relative POSIX paths) the command can prove it wrote: its
+        record, and every file a record there lists whose content still has the listed sha256."""
+        owned = {self.record}
+        marker = _SIBLING.match(read_text(root / MARKER))
+        if marker and marker["name"] == root.name:  # left by a rename cut short: names our temporary
+            owned.add(MARKER)
+        sources = [(record, self.listed)]
+        for name, fmt, key in self.companions:
+            companion = read_record_json(root / name)
+            if isinstance(companion, dict) and companion.get("format") == fmt:
+                owned.add(name)
+                sources.append((companion, key))
+        for data, key in sources:
+            listed = data.get(key) if key else None
+            if isinstance(listed, dict):
+                owned.update(rel for rel, digest in listed.items()
+                             if isinstance(rel, str) and is_unchanged(root, rel, digest))
+        return owned
 
 
-#: The temporaries of an atomic write (``.tmp``) or a replacement (``.old``).
-_JSON_TMP = ("*.json.tmp",)
+def read_text(path: Path, limit: int = 4096) -> str:
+    """The start of a small text file, stripped ("" when it is missing, a link or unreadable)."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return ""
+        with open(path, encoding="utf-8") as f:
+            return f.read(limit).strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def read_record_json(path: Path) -> Any:
+    """A small JSON file's content, or None when it is missing, unreadable, huge or not JSON (only
+    to recognise whose a directory is; records are read through :mod:`chiptuning.records`)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 64 * 2**20:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def is_unchanged(root: Path, rel: str, digest: Any) -> bool:
+    """Whether ``root / rel`` is a plain file inside ``root`` whose sha256 is ``digest``."""
+    if not isinstance(digest, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return False
+    path = root / rel
+    if path.is_symlink() or not path.is_file():
+        return False
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns) == digest
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    # keyed by size and modification time too: a file changed since is hashed again
+    return sha256_file(path)
+
+
+#: A sibling temporary holds this file, naming the temporary: the proof that it is one.
+MARKER = ".chiptuning-temporary"
 CACHE = OutputKind("feature cache", "chiptuning extract", "manifest.json", ("chiptuning-cache",), resumable=True,
                    also=("manifest.rank*.json",))
+SELECTION_RECORD = ("selection.json", "chiptuning-selection", "files")
 CHIPS = OutputKind("chips directory", "chiptuning probe train", "chips.json", ("chiptuning-chips",),
-                   files=("chips.safetensors", "chips.joblib", "metrics.csv", "metrics.json",
-                          "eval_predictions.csv", "layer_accuracy.png", "selection.json", "report.md",
-                          "cascade.json", "cascade_curve.csv", "cascade.png", *_JSON_TMP))
+                   listed="files", companions=(SELECTION_RECORD,))
 SWEEP = OutputKind("sweep directory", "chiptuning probe sweep", "sweep.json", ("chiptuning-sweep",),
-                   legacy_keys=("rows", "best", "best_command"),
-                   files=("sweep.csv", "best_per_layer.csv", "layer_accuracy.png", *_JSON_TMP))
+                   legacy_keys=("rows", "best", "best_command"), listed="files")
 PRUNED = OutputKind("pruned checkpoint", "chiptuning prune", "chiptuning.json", ("chiptuning-pruned",),
-                    files=_JSON_TMP, listed="checksums")
+                    listed="checksums")
 DEPTH_PRUNED = OutputKind("depth-pruned checkpoint", "chiptuning prune --method", "pruning.json",
-                          ("chiptuning-depth-pruned",), files=_JSON_TMP, listed="checksums")
+                          ("chiptuning-depth-pruned",), listed="checksums")
 EVAL = OutputKind("eval directory", "chiptuning eval", "metrics.json", ("chiptuning-eval",),
-                  legacy_keys=("accuracy", "checkpoint", "n_examples"), files=("predictions.csv", *_JSON_TMP))
+                  legacy_keys=("accuracy", "checkpoint", "n_examples"), listed="files")
 COMPARE = OutputKind("compare directory", "chiptuning compare", "compare.json", ("chiptuning-compare",),
                      legacy_keys=("rows", "targets", "model"), resumable=True)
 RUN = OutputKind("run directory", "chiptuning run", "run.json", ("chiptuning-run",),
@@ -140,37 +197,51 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-z]+$")
-#: What ``tempfile.mkdtemp(prefix=".NAME.tmp-")`` made before this module existed (no owner recorded).
-_LEGACY = re.compile(r"^\.(?P<name>.+)\.tmp-[a-z0-9_]{8}$")
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _sibling_name(target: Path, tag: str) -> str:
+    return f".{target.name}.{tag}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def mark(directory: Path, name: str) -> None:
+    """Write the marker that proves ``directory`` a temporary named ``name`` of this module."""
+    with open(directory / MARKER, "x", encoding="utf-8") as f:
+        f.write(name + "\n")
+
+
+def is_marked(directory: Path) -> bool:
+    """Whether ``directory`` (not a link) holds a marker naming it: a temporary this module made."""
+    return not directory.is_symlink() and directory.is_dir() and read_text(directory / MARKER) == directory.name
 
 
 def sibling_dir(target: Path, tag: str = "tmp") -> Path:
-    """Create ``.NAME.<tag>-<host>-<pid>-<random>`` beside ``target`` (umask permissions) and return it."""
+    """Create ``.NAME.<tag>-<host>-<pid>-<random>`` beside ``target`` (umask permissions), marked as
+    a temporary (:data:`MARKER`), and return it."""
     target = Path(target)
-    path = target.parent / f".{target.name}.{tag}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    path = target.parent / _sibling_name(target, tag)
     path.mkdir()
+    mark(path, path.name)
     return path
 
 
 def clean_stale(target: Path) -> None:
     """Remove the temporaries beside ``target`` whose process is gone (killed part-way): written
-    results of an interrupted replacement are put back first, never lost."""
+    results of an interrupted replacement are put back first, never lost. Only a folder whose
+    marker names it is a temporary: one whose name merely looks like one is not touched."""
     target = Path(target)
     if not target.parent.is_dir():
         return
     for entry in target.parent.iterdir():
-        if not entry.name.startswith(f".{target.name}."):
-            continue
         match = _SIBLING.match(entry.name)
-        if match and match["name"] == target.name:
-            if match["host"] != _host() or pid_alive(int(match["pid"])):
-                continue  # another live writer's (or another machine's)
-            if match["tag"] == "old" and not target.exists():
-                log.warning("restoring %s from %s (a replacement was interrupted)", target, entry.name)
-                os.rename(entry, target)
-                continue
-        elif not ((legacy := _LEGACY.match(entry.name)) and legacy["name"] == target.name):
+        if not match or match["name"] != target.name or not is_marked(entry):
+            continue
+        if match["host"] != _host() or pid_alive(int(match["pid"])):
+            continue  # another live writer's (or another machine's)
+        if match["tag"] == "old" and not target.exists():
+            log.warning("restoring %s from %s (a replacement was interrupted)", target, entry.name)
+            (entry / MARKER).unlink()
+            os.rename(entry, target)
             continue
         log.info("removing %s, left by an interrupted run", entry)
         shutil.rmtree(entry, ignore_errors=True)
@@ -197,19 +268,12 @@ def normal_permissions(root: Path) -> None:
 
 # -- is this directory ours? ----------------------------------------------------------------------
 
-def _read_record(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def own_record(path: Path, kind: OutputKind) -> dict | None:
     """The record that makes ``path`` a ``kind`` output, or None."""
     names = [kind.record, *sorted(p.name for pattern in kind.also for p in path.glob(pattern))]
     for name in names:
         if (path / name).is_file():
-            record = _read_record(path / name)
+            record = read_record_json(path / name)
             if kind.recognises(record):
                 return record
     return None
@@ -229,7 +293,9 @@ def describe(path: Path) -> str:
 
 
 def foreign_entries(path: Path, kind: OutputKind, record: dict) -> list[str]:
-    """Top-level names under ``path`` holding files the command did not write (sorted)."""
+    """Top-level names under ``path`` holding anything the command cannot prove it wrote (sorted):
+    files no record there lists, listed files whose content changed, links, empty folders."""
+    owned = kind.own_files(path, record)
     found: set[str] = set()
     for folder, dirs, files in os.walk(path):
         rel_dir = Path(folder).relative_to(path)
@@ -238,9 +304,9 @@ def foreign_entries(path: Path, kind: OutputKind, record: dict) -> list[str]:
             names = [""]  # an empty folder the command did not make
         for name in names:
             rel = (rel_dir / name).as_posix() if name else rel_dir.as_posix()
-            if not kind.owns(rel, record):
+            if rel not in owned:
                 top = Path(rel).parts[0]
-                found.add(top + ("/" if (path / top).is_dir() else ""))
+                found.add(top + ("/" if (path / top).is_dir() and not (path / top).is_symlink() else ""))
     return sorted(found)
 
 
@@ -318,18 +384,36 @@ def replace_dir(tmp: Path, target: Path, recheck=None) -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         if recheck is not None:
             recheck()
-        old = target.parent / f".{target.name}.old-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(target, old)
+        old = target.parent / _sibling_name(target, "old")
+        mark(target, old.name)  # what proves the folder aside ours, should this process die now
         try:
-            os.rename(tmp, target)
+            os.rename(target, old)
+        except BaseException:
+            (target / MARKER).unlink(missing_ok=True)
+            raise
+        try:
+            finish_dir(tmp, target)
         except BaseException:
             os.rename(old, target)
+            (target / MARKER).unlink(missing_ok=True)
             raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         if target.is_dir():
             target.rmdir()  # empty
-        os.rename(tmp, target)
+        finish_dir(tmp, target)
+
+
+def written_files(tmp: Path, record: str) -> dict[str, str]:
+    """What a command wrote into its temporary ``tmp`` so far, as its ``record`` will list it:
+    every file but the record itself and the temporary's marker, with its sha256."""
+    return file_checksums(tmp, exclude=(record, MARKER))
+
+
+def finish_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished temporary ``tmp`` to ``target`` (which must not exist) and drop its marker."""
+    os.rename(tmp, target)
+    (target / MARKER).unlink(missing_ok=True)
 
 
 # -- one writer at a time -------------------------------------------------------------------------
@@ -412,6 +496,7 @@ __all__ = [
     "DEPTH_PRUNED",
     "EVAL",
     "KINDS",
+    "MARKER",
     "PRUNED",
     "RUN",
     "SWEEP",
@@ -421,11 +506,18 @@ __all__ = [
     "claim_output",
     "clean_stale",
     "describe",
+    "finish_dir",
     "foreign_entries",
+    "is_marked",
+    "is_unchanged",
+    "mark",
     "normal_permissions",
     "own_record",
     "pid_alive",
+    "read_record_json",
+    "read_text",
     "replace_dir",
     "sibling_dir",
     "write_output",
+    "written_files",
 ]

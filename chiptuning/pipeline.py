@@ -28,21 +28,25 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from chiptuning import __version__
 from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError, DataError
 from chiptuning.extract import ExtractConfig, extract
-from chiptuning.io import json_default, write_json_atomic
+from chiptuning.io import json_default
 from chiptuning.models import resolve_device
-from chiptuning.outputs import RUN, claim_output
-from chiptuning.probe import ChipSet, TrainConfig, load_chips, select_layer, train_chips
+from chiptuning.outputs import RUN, claim_output, is_unchanged
+from chiptuning.probe import ChipSet, Selection, TrainConfig, ZeroShot, load_chips, select_layer, train_chips
 from chiptuning.probe.lens import zero_shot_report
 from chiptuning.prune import CheckpointRecord, evaluate, load_record, prune
+from chiptuning.prune.evaluation import METRICS, PREDICTIONS, EvalMetrics
+from chiptuning.prune.provenance import PruneParams
+from chiptuning.records import Record, rule
 from chiptuning.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -131,7 +135,7 @@ def reusable_chips(chips_dir: Path, train, evals, config: TrainConfig) -> ChipSe
     return chips
 
 
-def reusable_checkpoint(pruned_dir: Path, chips: ChipSet, selection: dict, model: str) -> CheckpointRecord | None:
+def reusable_checkpoint(pruned_dir: Path, chips: ChipSet, selection: Selection, model: str) -> CheckpointRecord | None:
     """The record of the checkpoint in ``pruned_dir`` when it holds exactly these chips at the
     selected layer, pruned from ``model`` (every file verified), else None."""
     if not (pruned_dir / "chiptuning.json").is_file():
@@ -143,8 +147,8 @@ def reusable_checkpoint(pruned_dir: Path, chips: ChipSet, selection: dict, model
         return None
     entry = record.tasks[record.default_task]
     same = (len(record.tasks) == 1 and record.base_model.id == model and not record.keep_lm_head
-            and record.export is None and entry.cascade is None and entry.layer == int(selection["layer"])
-            and entry.strategy == str(selection["strategy"]) and entry.chips is not None
+            and record.export is None and entry.cascade is None and entry.layer == selection.layer
+            and entry.strategy == selection.strategy and entry.chips is not None
             and as_json(entry.chips.to_dict()) == as_json(chips.record.to_dict()))
     if not same:
         log.info("pruning again: the chips or the selected layer changed since %s was written", pruned_dir)
@@ -152,22 +156,78 @@ def reusable_checkpoint(pruned_dir: Path, chips: ChipSet, selection: dict, model
     return record
 
 
-def reusable_eval(eval_dir: Path, record: CheckpointRecord, task, config: RunConfig) -> dict | None:
+def reusable_eval(eval_dir: Path, record: CheckpointRecord, task, config: RunConfig) -> EvalMetrics | None:
     """The metrics in ``eval_dir`` when they measured this very checkpoint on the same data with
-    the same settings, else None."""
-    try:
-        metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    the same settings (and its predictions are the ones they list), else None."""
+    if not (eval_dir / METRICS).is_file():
         return None
-    same = (isinstance(metrics, dict) and metrics.get("checkpoint_sha256") == record.record_sha256
-            and metrics.get("data") == as_json(task.describe()) and metrics.get("batch_size") == config.batch_size
-            and ("dense" in metrics) == bool(config.dense) and (eval_dir / "predictions.csv").is_file())
+    try:
+        metrics = EvalMetrics.read(eval_dir / METRICS)
+    except ChipTuningError as err:
+        log.info("evaluating again: %s cannot be reused (%s)", eval_dir, err)
+        return None
+    same = (metrics.checkpoint_sha256 == record.record_sha256 and metrics.data == as_json(task.describe())
+            and metrics.batch_size == config.batch_size and (metrics.dense is not None) == bool(config.dense)
+            and PREDICTIONS in metrics.files and is_unchanged(eval_dir, PREDICTIONS, metrics.files[PREDICTIONS]))
     return metrics if same else None
 
 
 def as_json(value: Any) -> Any:
     """``value`` as it reads back from a JSON record (tuples as lists, numpy scalars as numbers)."""
     return json.loads(json.dumps(value, default=json_default))
+
+
+@dataclass
+class LayerPoint(Record):
+    """One layer of the run's curve: its chip's validation and eval accuracy, the model's own answer."""
+
+    layer: int = rule(ge=0)
+    val_accuracy: float | None = rule(None, ge=0, le=1)
+    eval_accuracy: float | None = rule(None, ge=0, le=1)
+    lens_accuracy: float | None = rule(None, ge=0, le=1)
+
+
+@dataclass
+class Speed(Record):
+    """The pruned model against the dense one on the eval part, same data and hardware."""
+
+    pruned_examples_per_s: float = rule(ge=0)
+    dense_examples_per_s: float = rule(ge=0)
+    speedup: float = rule(ge=0)
+    ideal_speedup: float = rule(ge=0)
+
+
+@dataclass
+class RunSummary(Record):
+    """``run.json``: what ``chiptuning run`` did and measured (a placeholder, ``complete: false``,
+    while it runs)."""
+
+    FORMAT = RUN.formats[0]
+    LEGACY = True
+
+    complete: bool = False
+    model: str = ""
+    task: str = ""
+    label_names: list[str] = field(default_factory=list)
+    n_train: int = rule(0, ge=0)
+    n_eval: int = rule(0, ge=0)
+    chip: str = ""
+    strategy: str = ""
+    num_blocks: int = rule(0, ge=0)
+    layer: int = rule(0, ge=0)
+    selection: Selection | None = None
+    layer_curve: list[LayerPoint] = field(default_factory=list)
+    zero_shot: ZeroShot | None = None
+    pruned_eval_accuracy: float | None = rule(None, ge=0, le=1)
+    speed: Speed | None = None
+    majority_baseline: float | None = rule(None, ge=0, le=1)
+    params: PruneParams | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+    device: str = ""
+    timings: dict[str, float] = rule(default_factory=dict, ge=0)
+    reused: list[str] = field(default_factory=list)
+    made: list[str] = field(default_factory=list)
+    chiptuning_version: str = __version__
 
 
 @dataclass
@@ -188,7 +248,7 @@ class RunConfig:
     dense: bool = True
 
 
-def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: bool = False) -> dict[str, Any]:
+def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: bool = False) -> RunSummary:
     """Run extract -> probe -> select -> prune -> eval and return the summary (also OUT/run.json).
 
     Args:
@@ -217,7 +277,7 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
         )
     claim_output(out, RUN)
     if not (out / RUN.record).exists():  # claims OUT for a re-run of an interrupted run
-        write_json_atomic(out / RUN.record, {"format": RUN.formats[0], "complete": False, "model": model})
+        RunSummary(model=model).write(out / RUN.record)
     timings: dict[str, float] = {}
 
     caches, reused, made = {}, [], []
@@ -261,8 +321,8 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
     t0 = time.perf_counter()
     metrics = reusable_eval(eval_dir, record, eval_task, config) if "eval cache" in reused else None
     if metrics is None:
-        metrics = evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size, device=device,
-                           dense=config.dense, progress=progress, overwrite=True)
+        metrics = EvalMetrics.from_dict(evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size,
+                                                 device=device, dense=config.dense, progress=progress, overwrite=True))
         made.append("eval")
     else:
         reused.append("eval")
@@ -272,42 +332,23 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
     evals, train_cache = CacheReader(caches["eval"]), CacheReader(caches["train"])
     zero_shot = zero_shot_report(evals, train_cache) if evals.has_lens and train_cache.has_lens else None
     by_layer = {int(row["layer"]): row for row in chips.metrics}
-    summary = {
-        "format": RUN.formats[0],
-        "complete": True,
-        "model": model,
-        "task": train_task.name,
-        "label_names": list(train_task.label_names),
-        "n_train": len(train_task.examples),
-        "n_eval": len(eval_task.examples),
-        "chip": config.chip,
-        "strategy": config.strategy,
-        "num_blocks": int(selection["num_blocks"]),
-        "layer": int(selection["layer"]),
-        "selection": selection,
-        "layer_curve": [
-            {"layer": layer, "val_accuracy": by_layer[layer].get("val_accuracy"),
-             "eval_accuracy": by_layer[layer].get("eval_accuracy"),
-             "lens_accuracy": by_layer[layer].get("lens_accuracy")}
-            for layer in sorted(by_layer)
-        ],
-        "zero_shot": zero_shot,
-        "pruned_eval_accuracy": metrics["accuracy"],
-        "speed": None if "dense" not in metrics else {
-            "pruned_examples_per_s": metrics["examples_per_s"],
-            "dense_examples_per_s": metrics["dense"]["examples_per_s"],
-            "speedup": metrics["speedup"], "ideal_speedup": metrics["ideal_speedup"]},
-        "majority_baseline": chips.record.majority_baseline["eval"],
-        "params": record.params,
-        "paths": {"train_cache": str(caches["train"]), "eval_cache": str(caches["eval"]),
-                  "chips": str(chips_dir), "pruned": str(pruned_dir), "eval": str(eval_dir)},
-        "device": device,
-        "timings": timings,
-        "reused": reused,
-        "made": made,
-    }
+    summary = RunSummary(
+        complete=True, model=model, task=train_task.name, label_names=list(train_task.label_names),
+        n_train=len(train_task.examples), n_eval=len(eval_task.examples), chip=config.chip, strategy=config.strategy,
+        num_blocks=selection.num_blocks, layer=selection.layer, selection=selection,
+        layer_curve=[LayerPoint(layer=layer, val_accuracy=row.get("val_accuracy"), eval_accuracy=row.get("eval_accuracy"),
+                                lens_accuracy=row.get("lens_accuracy")) for layer, row in sorted(by_layer.items())],
+        zero_shot=zero_shot, pruned_eval_accuracy=metrics.accuracy,
+        speed=None if metrics.dense is None else Speed(
+            pruned_examples_per_s=metrics.examples_per_s or 0.0, dense_examples_per_s=metrics.dense.examples_per_s,
+            speedup=metrics.speedup, ideal_speedup=metrics.ideal_speedup),
+        majority_baseline=chips.record.majority_baseline.get("eval"), params=record.params,
+        paths={"train_cache": str(caches["train"]), "eval_cache": str(caches["eval"]), "chips": str(chips_dir),
+               "pruned": str(pruned_dir), "eval": str(eval_dir)},
+        device=device, timings=timings, reused=reused, made=made,
+    )
     if reused:
         log.debug("reused from an earlier run into %s: %s; made: %s", out, ", ".join(reused), ", ".join(made) or "nothing")
-    write_json_atomic(out / RUN.record, summary)
+    summary.write(out / RUN.record)
     return summary
 

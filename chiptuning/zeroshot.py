@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from chiptuning.errors import CacheError
+from chiptuning.records import Invalid, Record, rule
 from chiptuning.registry import get_final_norm
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,24 @@ def spellings(label: str) -> list[str]:
 
 
 @dataclass
-class LabelWords:
-    """The tokens whose logits stand for each label.
+class LabelWords(Record):
+    """The tokens whose logits stand for each label (a cache's ``meta.lens``).
 
     Attributes:
         token_ids: per label, the first token of each of its spellings (no token shared by two labels).
         tokens: the same tokens as text (for people reading a record).
     """
 
-    token_ids: list[list[int]]
-    tokens: list[list[str]]
+    ERROR = CacheError
+
+    token_ids: list[list[int]] = rule(ge=0)
+    tokens: list[list[str]] = field(default_factory=list)
+
+    def check(self) -> None:
+        if any(not ids for ids in self.token_ids):
+            raise Invalid("token_ids", "a label has no token")
+        if self.tokens and [len(t) for t in self.tokens] != [len(ids) for ids in self.token_ids]:
+            raise Invalid("tokens", "do not match token_ids")
 
     @property
     def flat(self) -> list[int]:
@@ -67,13 +76,6 @@ class LabelWords:
             start += len(ids)
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"token_ids": self.token_ids, "tokens": self.tokens}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LabelWords:
-        return cls(token_ids=[[int(t) for t in ids] for ids in data["token_ids"]],
-                   tokens=[[str(t) for t in toks] for toks in data.get("tokens") or data["token_ids"]])
 
 
 def label_words(tokenizer, label_names: Sequence[str]) -> LabelWords | None:

@@ -2,34 +2,47 @@
 
 ``train_chips`` trains a chip at every layer (torch chips batched across layers, or scikit-learn
 logistic regression in parallel), ``select_layer`` picks the pruning layer, ``load_chips`` /
-``load_chip`` read what they wrote. See ``docs/ARCHITECTURE.md``.
+``load_chip`` read what they wrote. The records between the stages are in ``records.py``; see
+``docs/ARCHITECTURE.md``.
 """
 
-from chiptuning.probe.artifacts import (
-    ChipRecord,
-    ChipSet,
-    ChipsRecord,
-    is_pickle,
-    load_chip,
-    load_chips,
-    plot_layer_accuracy,
-)
 from chiptuning.probe.cascade import describe_exits
 from chiptuning.probe.chips import CHIP_KINDS, LinearChip, LogRegChip, MLPChip, make_chip, optional_class_mask
+from chiptuning.probe.chipset import ChipSet, check_chips_on_cache, is_pickle, load_chip, load_chips
+from chiptuning.probe.plots import plot_layer_accuracy
+from chiptuning.probe.records import (
+    CacheRef,
+    Cascade,
+    ChipRecord,
+    ChipsRecord,
+    MetricRow,
+    PruningStats,
+    Selection,
+    Simulated,
+    ZeroShot,
+)
 from chiptuning.probe.select import STRATEGIES, pruning_stats, select_layer
 from chiptuning.probe.train import REGIMES, TrainConfig, train_chips
 
 __all__ = [
     "CHIP_KINDS",
-    "ChipRecord",
-    "ChipsRecord",
     "REGIMES",
     "STRATEGIES",
+    "CacheRef",
+    "Cascade",
+    "ChipRecord",
     "ChipSet",
+    "ChipsRecord",
     "LinearChip",
     "LogRegChip",
     "MLPChip",
+    "MetricRow",
+    "PruningStats",
+    "Selection",
+    "Simulated",
     "TrainConfig",
+    "ZeroShot",
+    "check_chips_on_cache",
     "describe_exits",
     "is_pickle",
     "load_chip",

@@ -28,74 +28,22 @@ for every exit layer to draw accuracy against mean depth, beside every fixed-lay
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
-from chiptuning.probe.artifacts import ChipSet
 from chiptuning.probe.chips import optional_class_mask
+from chiptuning.probe.chipset import ChipSet
+from chiptuning.probe.records import Cascade, Simulated
 
 log = logging.getLogger(__name__)
 
 #: Confidence thresholds the search tries, from strict to loose (the top probability of a chip).
 GRID = (0.999, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.86, 0.84, 0.82, 0.8,
         0.77, 0.74, 0.7, 0.65, 0.6, 0.55, 0.5)
-NEVER = float("inf")
-
-
-@dataclass
-class Cascade:
-    """Exit layers and the confidence each needs; the last exit always answers.
-
-    Attributes:
-        layers: exit layers, ascending (the last one is the deepest block the cascade needs).
-        thresholds: per exit layer, the top probability at which an example stops there
-            (``inf``: never; the last is 0: always).
-        delta: the allowed validation accuracy loss against the best fixed chip.
-        reference_layer: the best fixed chip's layer (by validation accuracy).
-        fallback: True when no threshold met DELTA and the cascade is the best fixed chip.
-        simulated: validation and eval accuracy and mean depth, the fixed chip's, the ratio.
-    """
-
-    layers: list[int]
-    thresholds: list[float]
-    delta: float
-    reference_layer: int
-    fallback: bool = False
-    simulated: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if len(self.layers) != len(self.thresholds) or not self.layers:
-            raise ChipTuningError("a cascade needs one threshold per exit layer")
-        if list(self.layers) != sorted(set(self.layers)):
-            raise ChipTuningError(f"cascade exit layers must be distinct and ascending, got {self.layers}")
-
-    @property
-    def exits(self) -> list[tuple[int, float]]:
-        """(layer, threshold) of the layers where an example can stop, the last one included."""
-        return [(layer, t) for layer, t in zip(self.layers, self.thresholds) if t != NEVER]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "thresholds": [None if t == NEVER else float(t) for t in self.thresholds],
-                "delta": self.delta, "reference_layer": self.reference_layer, "fallback": self.fallback,
-                "simulated": self.simulated}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Cascade:
-        try:
-            return cls(layers=[int(x) for x in data["layers"]],
-                       thresholds=[NEVER if t is None else float(t) for t in data["thresholds"]],
-                       delta=float(data.get("delta", 0.0)), reference_layer=int(data["reference_layer"]),
-                       fallback=bool(data.get("fallback", False)), simulated=dict(data.get("simulated") or {}))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ChipTuningError(f"malformed cascade record ({err!r}); run `chiptuning select --strategy cascade:DELTA` "
-                                  "again") from None
 
 
 def describe_exits(exits: list[tuple[int, float]]) -> str:
@@ -120,12 +68,14 @@ def exit_probabilities(chips: ChipSet, cache, layers: list[int], rows: np.ndarra
                                 dtype=np.float64) for layer in layers])
 
 
-def simulate(probabilities: np.ndarray, layers: list[int], thresholds: list[float]) -> tuple[np.ndarray, np.ndarray]:
+def simulate(probabilities: np.ndarray, layers: list[int], thresholds: list[float | None]
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Run a cascade on stored probabilities.
 
     Args:
         probabilities: (n_exits, N, C), one slice per exit layer, in the order of ``layers``.
-        layers, thresholds: the cascade (the last threshold is ignored: the last layer answers).
+        layers, thresholds: the cascade (None: never stop there; the last threshold is ignored:
+            the last layer answers).
 
     Returns:
         (predicted class (N,), exit layer (N,)).
@@ -141,14 +91,15 @@ class _Stored:
         self.answer = probabilities.argmax(axis=2)  # (n_exits, N)
         self.layers = np.asarray(layers)
 
-    def run(self, thresholds: list[float]) -> tuple[np.ndarray, np.ndarray]:
-        stops = self.confidence >= np.asarray(thresholds, dtype=np.float64)[:, None]  # (n_exits, N)
+    def run(self, thresholds: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
+        limits = np.asarray([np.inf if t is None else t for t in thresholds], dtype=np.float64)
+        stops = self.confidence >= limits[:, None]  # (n_exits, N)
         stops[-1] = True  # the last exit answers whatever is left
         first = stops.argmax(axis=0)  # the first exit layer each row stops at
         rows = np.arange(stops.shape[1])
         return self.answer[first, rows], self.layers[first]
 
-    def score(self, thresholds: list[float], labels: np.ndarray) -> tuple[float, float]:
+    def score(self, thresholds: list[float | None], labels: np.ndarray) -> tuple[float, float]:
         prediction, exit_layer = self.run(thresholds)
         return float((prediction == labels).mean()), float(exit_layer.mean())
 
@@ -176,7 +127,7 @@ def _caches(chips: ChipSet):
     if train.fingerprint != record.train_cache.fingerprint:
         raise ChipTuningError(f"the training cache at {record.train_cache.path} is not the one the chips were trained on "
                               f"(fingerprint {train.fingerprint}, chips say {record.train_cache.fingerprint})")
-    val_rows = np.asarray((record.validation or {}).get("rows") or [], dtype=np.int64)
+    val_rows = np.asarray(record.validation.rows if record.validation is not None else [], dtype=np.int64)
     evals = None
     if record.eval_cache is not None and record.eval_cache.path and Path(record.eval_cache.path).exists():
         evals = CacheReader(record.eval_cache.path)
@@ -204,7 +155,7 @@ def calibrate_cascade(chips: ChipSet, delta: float, grid: tuple[float, ...] = GR
     y_val = np.asarray(train.labels)[val_rows]
     target = reference_val - delta - 1e-12
     stored = _Stored(val_p, layers)
-    thresholds = [NEVER] * (len(layers) - 1) + [0.0]
+    thresholds: list[float | None] = [None] * (len(layers) - 1) + [0.0]
     accuracy, depth = stored.score(thresholds, y_val)
     best = None
     for t in grid:  # strict to loose: a tie in depth keeps the stricter threshold
@@ -214,25 +165,24 @@ def calibrate_cascade(chips: ChipSet, delta: float, grid: tuple[float, ...] = GR
             best = (trial, acc, d)
     if best is not None:
         thresholds, accuracy, depth = best
-    fallback = all(t == NEVER for t in thresholds[:-1])
+    fallback = all(t is None for t in thresholds[:-1])
     if fallback:
         log.warning("no early exit keeps validation accuracy within %g of the best fixed chip (layer %d); "
                     "the cascade is that chip alone", delta, reference)
-    cascade = Cascade(layers=layers, thresholds=thresholds, delta=float(delta), reference_layer=reference,
-                      fallback=fallback)
     material = {"layers": layers, "val": (val_p, y_val), "eval": None}
-    simulated = {"val_accuracy": accuracy, "val_mean_depth": depth, "reference_val_accuracy": reference_val,
-                 "n_val": int(len(y_val))}
+    simulated = Simulated(val_accuracy=accuracy, val_mean_depth=depth, reference_val_accuracy=reference_val,
+                          n_val=int(len(y_val)))
     if evals is not None:
         eval_p = exit_probabilities(chips, evals, layers)
         y_eval = np.asarray(evals.labels)
-        acc, d = _score(eval_p, layers, thresholds, y_eval)
-        fixed = float((eval_p[layers.index(reference)].argmax(axis=1) == y_eval).mean())
-        simulated.update(eval_accuracy=acc, eval_mean_depth=d, reference_eval_accuracy=fixed, n_eval=int(len(y_eval)))
+        simulated.eval_accuracy, simulated.eval_mean_depth = _score(eval_p, layers, thresholds, y_eval)
+        simulated.reference_eval_accuracy = float((eval_p[layers.index(reference)].argmax(axis=1) == y_eval).mean())
+        simulated.n_eval = int(len(y_eval))
         material["eval"] = (eval_p, y_eval)
-    d = simulated.get("eval_mean_depth", simulated["val_mean_depth"])
-    simulated["block_ratio"] = reference / d if d else None
-    cascade.simulated = simulated
+    d = simulated.eval_mean_depth if simulated.eval_mean_depth is not None else simulated.val_mean_depth
+    simulated.block_ratio = reference / d if d else None
+    cascade = Cascade(layers=layers, thresholds=thresholds, delta=float(delta), reference_layer=reference,
+                      fallback=fallback, simulated=simulated)
     return cascade, material
 
 
@@ -267,31 +217,4 @@ def cascade_curve(cascade: Cascade, material: dict[str, Any], chips: ChipSet,
     return rows
 
 
-def plot_cascade_curve(rows: list[dict[str, Any]], path: Path, title: str = "early exit: accuracy against depth") -> Path:
-    """The curve of :func:`cascade_curve` (eval part where recorded, else validation)."""
-    part = "eval" if any(r.get("eval_accuracy") is not None for r in rows) else "val"
-    fig = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    sweep = [r for r in rows if r["kind"] == "threshold"]
-    ax.plot([r[f"{part}_mean_depth"] for r in sweep], [r[f"{part}_accuracy"] for r in sweep], "-o", markersize=3,
-            label="cascade, one threshold swept")
-    fixed = [r for r in rows if r["kind"] == "fixed"]
-    ax.plot([r[f"{part}_mean_depth"] for r in fixed], [float(r[f"{part}_accuracy"]) for r in fixed], "s", color="0.5",
-            markersize=4, label="fixed-layer chips")
-    for r in rows:
-        if r["kind"] == "operating point":
-            ax.plot([r[f"{part}_mean_depth"]], [r[f"{part}_accuracy"]], "*", color="C3", markersize=14,
-                    label="chosen cascade")
-    ax.set_xlabel("mean number of blocks run")
-    ax.set_ylabel(f"{part} accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
-
-
-__all__ = ["GRID", "NEVER", "Cascade", "calibrate_cascade", "cascade_curve", "describe_exits", "exit_probabilities", "plot_cascade_curve",
-           "simulate"]
+__all__ = ["GRID", "calibrate_cascade", "cascade_curve", "describe_exits", "exit_probabilities", "simulate"]

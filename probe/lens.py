@@ -18,6 +18,7 @@ import numpy as np
 
 from chiptuning.errors import CacheError
 from chiptuning.probe.chips import optional_class_mask
+from chiptuning.probe.records import ZeroShot
 from chiptuning.zeroshot import LabelWords, calibrated_scores, label_scores, predict_from_scores
 
 
@@ -65,27 +66,21 @@ def lens_curve(eval_cache, prior_cache=None) -> list[dict[str, Any]]:
     return rows
 
 
-def zero_shot_report(eval_cache, prior_cache=None) -> dict[str, Any]:
-    """The dense model's zero-shot answer on ``eval_cache`` (the lens at the last layer).
-
-    Returns:
-        {"accuracy", "calibrated_accuracy" (with a prior cache, else None), "layer", "n_examples",
-        "prompt": "chat template" or "plain", "label_tokens", "prediction_share" (how often it gives
-        each label)}.
-    """
+def zero_shot_report(eval_cache, prior_cache=None) -> ZeroShot:
+    """The dense model's zero-shot answer on ``eval_cache`` (the lens at the last layer): plain and
+    (with a prior cache) prior-calibrated accuracy, the layer, the prompt kind, the label tokens,
+    and how often it gives each label."""
     last = lens_curve(eval_cache, prior_cache)[-1]
     scores = lens_label_scores(eval_cache)[:, -1]
     predictions = predict_from_scores(scores, _mask(eval_cache, scores.shape[1]))
     share = np.bincount(predictions, minlength=scores.shape[1]) / max(len(predictions), 1)
-    return {
-        "accuracy": last["lens_accuracy"],
-        "calibrated_accuracy": last.get("lens_calibrated_accuracy"),
-        "layer": last["layer"],
-        "n_examples": int(eval_cache.n_rows),
-        "prompt": "chat template" if eval_cache.meta.task.get("chat_template") else "plain",
-        "label_tokens": LabelWords.from_dict(eval_cache.meta.lens).tokens,
-        "prediction_share": {name: float(x) for name, x in zip(eval_cache.label_names, share)},
-    }
+    return ZeroShot(
+        accuracy=last["lens_accuracy"], calibrated_accuracy=last.get("lens_calibrated_accuracy"), layer=last["layer"],
+        n_examples=int(eval_cache.n_rows),
+        prompt="chat template" if eval_cache.meta.task.get("chat_template") else "plain",
+        label_tokens=LabelWords.from_dict(eval_cache.meta.lens, "cache meta lens").tokens,
+        prediction_share={name: float(x) for name, x in zip(eval_cache.label_names, share)},
+    )
 
 
 __all__ = ["lens_curve", "lens_label_scores", "zero_shot_report"]

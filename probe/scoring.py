@@ -71,7 +71,7 @@ def chip_metrics(scored: dict, j: int, losses: tuple[str, ...] = PARTS) -> dict:
         acc, loss, _ = scored.get(name, (None, None, None))
         row[f"{name}_accuracy"] = None if acc is None else float(acc[j])
         if name in losses:
-            row[f"{name}_loss"] = None if loss is None else float(loss[j])
+            row[f"{name}_loss"] = None if loss is None else finite_or_none(loss[j])
     return row
 
 
@@ -97,10 +97,16 @@ def score_logreg(chip: LogRegChip, parts: dict[str, tuple]) -> tuple[dict, np.nd
         proba = chip.predict_proba(xs, class_mask=mask)
         pred = proba.argmax(axis=1)
         metrics[f"{name}_accuracy"] = float((pred == ys).mean())
-        metrics[f"{name}_loss"] = float(-np.log(np.clip(proba[np.arange(len(ys)), ys], 1e-12, None)).mean())
+        metrics[f"{name}_loss"] = finite_or_none(-np.log(np.clip(proba[np.arange(len(ys)), ys], 1e-12, None)).mean())
         if name == "eval":
             pred_eval = pred
     return metrics, pred_eval
 
 
-__all__ = ["PARTS", "chip_metrics", "score_eval", "score_logreg", "score_specs"]
+def finite_or_none(value) -> float | None:
+    """A loss as a record holds it: a number, or None when it is not finite (a diverged chip)."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+__all__ = ["PARTS", "chip_metrics", "finite_or_none", "score_eval", "score_logreg", "score_specs"]

@@ -25,13 +25,17 @@ blocks l+1..L.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
-from chiptuning.io import write_json_atomic
-from chiptuning.probe.artifacts import REPORT, SELECTION, ChipSet, load_chips, write_rows
-from chiptuning.probe.cascade import calibrate_cascade, cascade_curve, describe_exits, plot_cascade_curve
+from chiptuning.io import sha256_file, temporary_name
+from chiptuning.outputs import is_unchanged
+from chiptuning.probe.cascade import calibrate_cascade, cascade_curve, describe_exits
+from chiptuning.probe.chipset import REPORT, SELECTION, ChipSet, check_chips_on_cache, load_chips, write_rows
+from chiptuning.probe.plots import plot_cascade_curve
+from chiptuning.probe.records import PruningStats, Selection
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def parse_strategy(strategy: str) -> tuple[str, float | int | None]:
     raise ChipTuningError(f"unknown --strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
-def pruning_stats(model_stats: dict, layer: int, num_blocks: int) -> dict:
+def pruning_stats(model_stats: dict, layer: int, num_blocks: int) -> PruningStats:
     """Parameters removed by pruning after ``layer`` (blocks layer+1..L are deleted).
 
     ``ratio`` = removed block parameters / all parameters of the full model (``total``, which
@@ -77,23 +81,22 @@ def pruning_stats(model_stats: dict, layer: int, num_blocks: int) -> dict:
     ``layer_ratio`` is the share of blocks removed, the paper's convention.
     """
     removed_blocks = num_blocks - layer
-    out = {"layer": layer, "blocks_kept": layer, "blocks_removed": removed_blocks,
-           "layer_ratio": removed_blocks / num_blocks if num_blocks else 0.0}
+    layer_ratio = removed_blocks / num_blocks if num_blocks else 0.0
     blocks = list(model_stats.get("blocks") or [])
     total = model_stats.get("total")
     if not blocks or not total:
-        out.update(ratio=out["layer_ratio"], source="block count (no parameter counts recorded)",
-                   lm_head_counted=False)
-        return out
+        return PruningStats(layer=layer, blocks_kept=layer, blocks_removed=removed_blocks, layer_ratio=layer_ratio,
+                            ratio=layer_ratio, source="block count (no parameter counts recorded)",
+                            lm_head_counted=False)
     removed = int(sum(blocks[layer:]))
     lm_head = int(model_stats.get("lm_head") or 0)
-    out.update(
-        params_total=int(total), params_removed=int(removed), params_kept=int(total) - removed,
-        ratio=removed / total, ratio_with_lm_head=(removed + lm_head) / total,
+    return PruningStats(
+        layer=layer, blocks_kept=layer, blocks_removed=removed_blocks, layer_ratio=layer_ratio,
+        params_total=int(total), params_removed=removed, params_kept=int(total) - removed,
+        ratio=removed / total, ratio_with_lm_head=min(1.0, (removed + lm_head) / total),
         lm_head_params=lm_head, lm_head_counted="in the total, not as removed",
         source="model_stats (parameter counts of the full model)",
     )
-    return out
 
 
 def _accuracy(row: dict, key: str) -> float | None:
@@ -102,13 +105,18 @@ def _accuracy(row: dict, key: str) -> float | None:
 
 
 def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write: bool = True,
-                 allow_pickle: bool = False) -> dict:
+                 allow_pickle: bool = False) -> Selection:
     """Choose the pruning layer of a chips directory and (by default) write selection.json + report.md.
+
+    The chips are checked on the eval cache they record, when it is at hand
+    (:func:`~chiptuning.probe.chipset.check_chips_on_cache`): selection trusts their metrics.
 
     Args:
         chips: a ChipSet or a chips directory.
         strategy: ``fixed:L``, ``validate``, ``optimal`` or ``within:DELTA``.
-        write: write ``selection.json`` and ``report.md`` into the chips directory.
+        write: write ``selection.json`` and ``report.md`` into the chips directory; a file of
+            those names that an earlier ``select`` did not write (or that was edited since) is
+            never replaced: the command refuses, naming it.
         allow_pickle: load a directory of pickled chips (see :func:`~chiptuning.probe.load_chips`).
 
     Returns:
@@ -116,11 +124,15 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
         pruning statistics.
 
     Raises:
-        ChipTuningError: unknown strategy, a layer without a chip, or metrics the strategy needs
-            (validation or eval accuracy) that were not recorded.
+        ChipTuningError: unknown strategy, a layer without a chip, metrics the strategy needs
+            (validation or eval accuracy) that were not recorded, chips that do not score what
+            they record, or a file of the user's in the way.
     """
     chips = chips if isinstance(chips, ChipSet) else load_chips(chips, allow_pickle=allow_pickle)
     name, arg = parse_strategy(strategy)
+    if write and chips.path is not None:
+        check_select_files(Path(chips.path))  # refused now, not after calibrating a cascade
+    check_chips_on_cache(chips, chips.layers)
     rows = sorted(chips.metrics, key=lambda r: int(r["layer"]))
     if not rows:
         raise ChipTuningError(f"{chips.path} has no per-layer metrics; train the chips again")
@@ -167,15 +179,15 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
     elif name == "cascade":
         cascade, material = calibrate_cascade(chips, float(arg))
         layer, sim = cascade.reference_layer, cascade.simulated
-        extra["cascade"] = cascade.to_dict()
+        extra["cascade"] = cascade
         extra["cascade_curve"] = cascade_curve(cascade, material, chips)
         if cascade.fallback:
             why = (f"no early exit kept validation accuracy within {arg:g} of the best fixed chip, so the cascade is "
-                   f"that chip alone (layer {layer}, validation accuracy {sim['reference_val_accuracy']:.4f})")
+                   f"that chip alone (layer {layer}, validation accuracy {sim.reference_val_accuracy:.4f})")
         else:
-            depth = sim.get("eval_mean_depth", sim["val_mean_depth"])
+            depth = sim.eval_mean_depth if sim.eval_mean_depth is not None else sim.val_mean_depth
             why = (f"early-exit cascade ({describe_exits(cascade.exits)}): validation accuracy "
-                   f"{sim['val_accuracy']:.4f} against {sim['reference_val_accuracy']:.4f} for the best fixed chip "
+                   f"{sim.val_accuracy:.4f} against {sim.reference_val_accuracy:.4f} for the best fixed chip "
                    f"(layer {layer}); mean depth {depth:.2f} blocks, {layer / depth:.2f}x fewer")
     else:  # optimal
         if not has_eval:
@@ -187,49 +199,85 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
         if min(by_layer) < MIN_PRUNE_LAYER:
             why += _LAYER0_NOTE
     num_blocks = chips.record.num_blocks
-    selection = {
-        "chiptuning_version": __version__,
-        "layer": layer,
-        "strategy": strategy,
-        "oracle": name == "optimal",
-        "why": why,
-        "chip": chips.kind,
-        "val_accuracy": val.get(layer),
-        "eval_accuracy": ev.get(layer),
-        "train_accuracy": _accuracy(by_layer[layer], "train_accuracy"),
-        "expected_accuracy": ev.get(layer) if ev.get(layer) is not None else val.get(layer),
-        "expected_accuracy_from": ("eval (optimistic: the oracle chose on it)" if name == "optimal"
-                                   else "eval" if ev.get(layer) is not None else "validation"),
-        "num_blocks": num_blocks,
-        "pruning": pruning_stats(chips.record.model_stats, layer, num_blocks),
-        **extra,
-    }
-    if "cascade" in selection:  # what the cascade itself scores, not its last chip alone
-        sim = selection["cascade"]["simulated"]
-        selection["expected_accuracy"] = sim.get("eval_accuracy", sim["val_accuracy"])
-        selection["expected_accuracy_from"] = "eval (simulated cascade)" if "eval_accuracy" in sim else \
-            "validation (simulated cascade)"
-    curve = selection.pop("cascade_curve", None)
+    curve = extra.pop("cascade_curve", None)
+    selection = Selection(
+        layer=layer, strategy=strategy, oracle=name == "optimal", why=why, chip=chips.kind,
+        val_accuracy=val.get(layer), eval_accuracy=ev.get(layer),
+        train_accuracy=_accuracy(by_layer[layer], "train_accuracy"),
+        expected_accuracy=ev.get(layer) if ev.get(layer) is not None else val.get(layer),
+        expected_accuracy_from=("eval (optimistic: the oracle chose on it)" if name == "optimal"
+                                else "eval" if ev.get(layer) is not None else "validation"),
+        num_blocks=num_blocks, pruning=pruning_stats(chips.record.model_stats, layer, num_blocks), **extra,
+    )
+    if selection.cascade is not None:  # what the cascade itself scores, not its last chip alone
+        sim = selection.cascade.simulated
+        on_eval = sim.eval_accuracy is not None
+        selection.expected_accuracy = sim.eval_accuracy if on_eval else sim.val_accuracy
+        selection.expected_accuracy_from = "eval (simulated cascade)" if on_eval else "validation (simulated cascade)"
     chips.selection = selection
-    if write and chips.path is not None and curve is not None:
-        write_json_atomic(Path(chips.path) / CASCADE_FILE, selection["cascade"])
-        write_rows(Path(chips.path) / CASCADE_CURVE, curve)
-        plot_cascade_curve(curve, Path(chips.path) / CASCADE_PLOT)
     if write and chips.path is not None:
-        write_json_atomic(Path(chips.path) / SELECTION, selection)
-        (Path(chips.path) / REPORT).write_text(render_report(chips, selection))
+        write_selection(Path(chips.path), chips, selection, curve)
         log.info("selected layer %d (%s); wrote %s", layer, strategy, Path(chips.path) / SELECTION)
     return selection
+
+
+#: Everything ``select`` may write into a chips directory besides selection.json.
+SELECT_FILES = (REPORT, CASCADE_FILE, CASCADE_CURVE, CASCADE_PLOT)
+
+
+def check_select_files(root: Path) -> dict[str, str]:
+    """The files an earlier ``select`` wrote into ``root`` and that are unchanged since (what this
+    one may replace), after refusing any file of ``select``'s names that is not one of them.
+
+    Raises:
+        ChipTuningError: naming the files that are the user's (or were edited).
+    """
+    earlier = Selection.read(root / SELECTION).files if (root / SELECTION).exists() else {}
+    ours = {name: digest for name, digest in earlier.items() if is_unchanged(root, name, digest)}
+    foreign = [name for name in SELECT_FILES if os.path.lexists(root / name) and name not in ours]
+    if foreign:
+        raise ChipTuningError(f"{root} holds {', '.join(foreign)}, which `chiptuning select` did not write (or "
+                              "which were edited since); they are never replaced: move them elsewhere and select "
+                              "again (nothing was changed)")
+    return ours
+
+
+def write_selection(root: Path, chips: ChipSet, selection: Selection, curve: list | None) -> None:
+    """Write ``selection.json``, ``report.md`` and the cascade's files into the chips directory
+    ``root``: each beside its name and renamed over only a file an earlier ``select`` wrote; files
+    of that earlier selection this one does not write again are removed; selection.json, listing
+    every file with its sha256, last."""
+    ours = check_select_files(root)
+    outputs = {REPORT: lambda path: path.write_text(render_report(chips, selection))}
+    if curve is not None:
+        outputs[CASCADE_FILE] = selection.cascade.write
+        outputs[CASCADE_CURVE] = lambda path: write_rows(path, curve)
+        outputs[CASCADE_PLOT] = lambda path: plot_cascade_curve(curve, path)
+    written = {}
+    for name, write in outputs.items():
+        tmp = temporary_name(root / name)
+        try:
+            write(tmp)
+            written[name] = sha256_file(tmp)
+            os.replace(tmp, root / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    for name in set(ours) - set(written):  # an earlier cascade's files, unchanged since it wrote them
+        (root / name).unlink(missing_ok=True)
+    selection.files = written
+    selection.chiptuning_version = __version__
+    selection.write(root / SELECTION)
 
 
 def _span(scores: dict) -> str:
     return f"{min(scores)}..{max(scores)}"
 
 
-def render_report(chips: ChipSet, selection: dict) -> str:
+def render_report(chips: ChipSet, selection: Selection) -> str:
     """A short markdown report: what was trained, the selected layer and why, per-layer table."""
     cache = chips.record.train_cache
-    pr = selection["pruning"]
+    pr = selection.pruning
     lines = [
         "# Chip-tuning report",
         "",
@@ -237,18 +285,19 @@ def render_report(chips: ChipSet, selection: dict) -> str:
         f"({', '.join(chips.label_names)})",
         f"- model: `{cache.meta.model if cache and cache.meta else '?'}`, train cache "
         f"`{cache.fingerprint if cache else '?'}`",
-        f"- validation: {(chips.record.validation or {}).get('size', 0)} rows carved from the training cache",
+        f"- validation: {chips.record.validation.size if chips.record.validation else 0} rows carved from the "
+        "training cache",
         "",
         "## Selection",
         "",
-        f"- strategy `{selection['strategy']}` -> **layer {selection['layer']}**"
-        + (" (ORACLE: chosen on the eval labels, an upper bound only)" if selection["oracle"] else ""),
-        f"- why: {selection['why']}",
-        f"- expected accuracy: {_fmt(selection['expected_accuracy'])} (from {selection['expected_accuracy_from']})",
-        f"- pruning: {pr['blocks_removed']} of {selection['num_blocks']} blocks removed; "
-        f"{100 * pr['ratio']:.1f}% of the model's parameters"
-        + (f" ({100 * pr['ratio_with_lm_head']:.1f}% counting the LM head the chip replaces)"
-           if "ratio_with_lm_head" in pr else f" ({pr['source']})"),
+        f"- strategy `{selection.strategy}` -> **layer {selection.layer}**"
+        + (" (ORACLE: chosen on the eval labels, an upper bound only)" if selection.oracle else ""),
+        f"- why: {selection.why}",
+        f"- expected accuracy: {_fmt(selection.expected_accuracy)} (from {selection.expected_accuracy_from})",
+        f"- pruning: {pr.blocks_removed} of {selection.num_blocks} blocks removed; "
+        f"{100 * pr.ratio:.1f}% of the model's parameters"
+        + (f" ({100 * pr.ratio_with_lm_head:.1f}% counting the LM head the chip replaces)"
+           if pr.ratio_with_lm_head is not None else f" ({pr.source})"),
         "",
         "## Per layer",
         "",
@@ -258,8 +307,8 @@ def render_report(chips: ChipSet, selection: dict) -> str:
     stats = chips.record.model_stats
     for row in sorted(chips.metrics, key=lambda r: int(r["layer"])):
         layer = int(row["layer"])
-        mark = "**selected**" if layer == selection["layer"] else ""
-        ratio = pruning_stats(stats, layer, selection["num_blocks"])["ratio"]
+        mark = "**selected**" if layer == selection.layer else ""
+        ratio = pruning_stats(stats, layer, selection.num_blocks).ratio
         lines.append(f"| {layer} | {_fmt(row.get('train_accuracy'))} | {_fmt(row.get('val_accuracy'))} | "
                      f"{_fmt(row.get('eval_accuracy'))} | {100 * ratio:.1f}% | {mark} |")
     lines += ["", "![accuracy by layer](layer_accuracy.png)", ""]
@@ -270,4 +319,5 @@ def _fmt(value) -> str:
     return "-" if value is None or value == "" else f"{float(value):.4f}"
 
 
-__all__ = ["STRATEGIES", "parse_strategy", "pruning_stats", "render_report", "select_layer"]
+__all__ = ["SELECT_FILES", "STRATEGIES", "check_select_files", "parse_strategy", "pruning_stats", "render_report",
+           "select_layer", "write_selection"]

@@ -21,16 +21,16 @@ import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from joblib import Parallel, delayed, parallel_backend
 
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
-from chiptuning.io import write_json_atomic
-from chiptuning.outputs import SWEEP, check_output, write_output
-from chiptuning.probe.artifacts import majority_baselines, pick_baseline, plot_layer_accuracy
+from chiptuning.outputs import SWEEP, check_output, write_output, written_files
 from chiptuning.probe.batched import PRECISIONS, ChipSpec, choose_threads, resolve_precision, torch_threads
+from chiptuning.probe.chipset import majority_baselines, pick_baseline
 from chiptuning.probe.data import (
     cache_n_classes,
     cache_source,
@@ -41,13 +41,59 @@ from chiptuning.probe.data import (
     opened,
     read_parts,
 )
+from chiptuning.probe.plots import plot_layer_accuracy
 from chiptuning.probe.scoring import chip_metrics, score_logreg
 from chiptuning.probe.train import fit_group, fit_logreg, warn_few_steps
+from chiptuning.records import Record, rule
 
 log = logging.getLogger(__name__)
 
 SWEEP_COLUMNS = ("chip", "setting", "layer", "lr", "weight_decay", "epochs", "C", "train_accuracy",
                  "val_accuracy", "val_loss", "eval_accuracy", "eval_loss", "best_epoch", "epochs_run")
+RECORD = "sweep.json"
+
+
+@dataclass
+class SweepRow(Record):
+    """One chip of a sweep: its setting, layer and scores."""
+
+    chip: Literal["linear", "mlp", "logreg"]
+    setting: str
+    layer: int = rule(ge=0)
+    lr: float | None = rule(None, gt=0)
+    weight_decay: float | None = rule(None, ge=0)
+    epochs: int | None = rule(None, ge=1)
+    C: float | None = rule(None, gt=0)
+    train_accuracy: float | None = rule(None, ge=0, le=1)
+    val_accuracy: float | None = rule(None, ge=0, le=1)
+    val_loss: float | None = rule(None, ge=0)
+    eval_accuracy: float | None = rule(None, ge=0, le=1)
+    eval_loss: float | None = rule(None, ge=0)
+    best_epoch: int | None = rule(None, ge=0)
+    epochs_run: int | None = rule(None, ge=0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepRecord(Record):
+    """``sweep.json``: every chip of the grid, the best per layer and overall (on validation), the
+    ``probe train`` command that trains the best, and the files written beside it."""
+
+    FORMAT = SWEEP.formats[0]
+    LEGACY = True
+
+    rows: list[SweepRow]
+    best: SweepRow
+    best_per_layer: list[SweepRow] = field(default_factory=list)
+    best_command: str = ""
+    seconds: float = rule(0.0, ge=0)
+    config: dict[str, Any] = field(default_factory=dict)
+    train_cache: str = ""
+    eval_cache: str | None = None
+    validation: dict[str, Any] = field(default_factory=dict)
+    majority_baseline: dict[str, float] = rule(default_factory=dict, ge=0, le=1)
+    files: dict[str, str] = field(default_factory=dict)
+    chiptuning_version: str = __version__
 
 
 @dataclass
@@ -291,13 +337,13 @@ def _write(out: Path, result: dict, n_classes: int) -> None:
             writer = csv.DictWriter(f, fieldnames=list(SWEEP_COLUMNS), extrasaction="ignore")
             writer.writeheader()
             writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in SWEEP_COLUMNS} for r in rows)
-    write_json_atomic(out / "sweep.json", dict(result, chiptuning_version=__version__, format=SWEEP.formats[0]))
     series = {kind: [r for r in result["best_per_layer"] if r["chip"] == kind]
               for kind in sorted({r["chip"] for r in result["rows"]})}
     part, baseline = pick_baseline(result.get("majority_baseline"))
     plot_layer_accuracy(series, out / "layer_accuracy.png", n_classes=n_classes,
                         title="best setting per layer (chosen on validation)", baseline=baseline,
                         baseline_label=f"majority class ({part})")
+    SweepRecord.from_dict(dict(result, files=written_files(out, RECORD)), "sweep").write(out / RECORD)  # last
 
 
 def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, seed, n_jobs,

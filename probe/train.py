@@ -29,7 +29,6 @@ from threadpoolctl import threadpool_limits
 
 from chiptuning.errors import CacheError, ChipTuningError
 from chiptuning.outputs import CHIPS, check_output
-from chiptuning.probe.artifacts import CacheRef, ChipSet, ChipsRecord, majority_baselines
 from chiptuning.probe.batched import (
     PRECISIONS,
     ChipSpec,
@@ -40,6 +39,7 @@ from chiptuning.probe.batched import (
     torch_threads,
 )
 from chiptuning.probe.chips import CHIP_KINDS, LogRegChip
+from chiptuning.probe.chipset import ChipSet, majority_baselines
 from chiptuning.probe.data import (
     cache_class_mask,
     cache_n_classes,
@@ -56,8 +56,10 @@ from chiptuning.probe.data import (
     stream_batches,
 )
 from chiptuning.probe.lens import lens_curve, zero_shot_report
+from chiptuning.probe.records import CacheRef, ChipsRecord, Validation
 from chiptuning.probe.scoring import chip_metrics, score_eval, score_logreg, score_specs
 from chiptuning.progress import progress_bar
+from chiptuning.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ REGIMES: dict[str, dict[str, Any]] = {
 }
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Record):
     """Settings of ``chiptuning probe train``; saved, resolved, in chips.json under "train".
 
     Fields left at None take the regime's value (see :data:`REGIMES`).
@@ -193,11 +195,6 @@ class TrainConfig:
             params["fit_intercept"] = self.fit_intercept
         return params
 
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["betas"] = list(d["betas"]) if d["betas"] is not None else None
-        return d
-
 
 # -- training -------------------------------------------------------------------------------------
 
@@ -274,8 +271,7 @@ def train_chips(
         chip=cfg.chip, layers=layers, n_classes=C, label_names=list(train.label_names) or [str(c) for c in range(C)],
         params=cfg.chip_params(C), train=cfg.to_dict(), hidden_size=int(train.hidden_size),
         train_cache=CacheRef.of(train), eval_cache=None if evals is None else CacheRef.of(evals, with_meta=False),
-        validation={"size": len(val_rows), "seed": cfg.seed, "rows": val_rows.tolist(), "source": "train cache",
-                    "n_train_rows": len(train_rows)},
+        validation=Validation(size=len(val_rows), seed=cfg.seed, rows=val_rows.tolist(), n_train_rows=len(train_rows)),
         model_stats=dict(getattr(train, "model_stats", None) or {}),
         majority_baseline=majority_baselines(eval=None if evals is None else evals.labels,
                                              val=np.asarray(train.labels)[val_rows] if len(val_rows) else None),

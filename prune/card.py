@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from chiptuning import __version__
-from chiptuning.probe import describe_exits, is_pickle
-from chiptuning.prune.provenance import CheckpointRecord
+from chiptuning.probe import MetricRow, describe_exits, is_pickle
+from chiptuning.prune.provenance import CascadeEntry, CheckpointRecord
 
 
 def _millions(n: float) -> str:
     return f"{n / 1e6:,.2f}M"
 
 
-def _accuracy(metrics: dict[str, Any]) -> str:
-    for key in ("eval_accuracy", "accuracy", "val_accuracy", "train_accuracy"):
-        if isinstance(metrics.get(key), (int, float)):
-            return f"{100 * metrics[key]:.2f}% ({key.replace('_', ' ')})"
+def _accuracy(metrics: MetricRow | None) -> str:
+    for key in ("eval_accuracy", "val_accuracy", "train_accuracy"):
+        value = getattr(metrics, key, None)
+        if value is not None:
+            return f"{100 * value:.2f}% ({key.replace('_', ' ')})"
     return "not recorded"
 
 
@@ -42,7 +42,7 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
     a warning first when the chips of the ``pickled`` tasks are stored as pickles."""
     base = record.base_model
     params = record.params
-    before, after, removed = params["before"], params["after"], params["removed"]
+    before, after, removed = params.before, params.after, params.removed
     L, layer = record.num_blocks, record.layer
     tasks = record.tasks
     images = any(task.task.get("image_column") for task in tasks.values())
@@ -74,7 +74,7 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
         f"| after | {_millions(after['total'])} |",
         f"| removed: blocks {layer + 1}..{L} | {_millions(removed['blocks'])} |",
         f"| removed: LM head | {_millions(removed['lm_head'])} |",
-        f"| **pruning ratio** | **{100 * params['pruning_ratio']:.1f}%** |",
+        f"| **pruning ratio** | **{100 * params.pruning_ratio:.1f}%** |",
         "",
         f"- Base model: `{base.id}` (weights `{base.hash}`"
         + (f", adapter `{base.adapter}` merged" if base.adapter else "") + ")",
@@ -142,20 +142,21 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def _cascade_lines(cascade: dict[str, Any] | None) -> list[str]:
+def _cascade_lines(cascade: CascadeEntry | None) -> list[str]:
     """The early-exit cascade of a task, for the card (nothing for a single chip)."""
-    if not cascade:
+    if cascade is None:
         return []
-    exits = describe_exits([(e["layer"], e["threshold"]) for e in cascade["exits"]])
-    sim = cascade.get("simulated") or {}
-    part = "eval" if "eval_accuracy" in sim else "val"
+    exits = describe_exits([(e.layer, e.threshold) for e in cascade.exits])
+    sim = cascade.simulated
     lines = [f"- Early exit: each input stops at the first confident chip: {exits}."]
-    if sim:
-        depth = sim[f"{part}_mean_depth"]
-        lines.append(f"- Operating point (chosen on validation, delta {cascade.get('delta')}): {part} accuracy "
-                     f"{100 * sim[f'{part}_accuracy']:.2f}% against {100 * sim[f'reference_{part}_accuracy']:.2f}% "
-                     f"for the chip at layer {cascade['reference_layer']} alone, {depth:.2f} blocks on average "
-                     f"({cascade['reference_layer'] / depth:.2f}x fewer); `ChipModel.predict_with_exits` reports each "
+    if sim is not None and cascade.reference_layer is not None:
+        part = "eval" if sim.eval_accuracy is not None else "val"
+        depth = getattr(sim, f"{part}_mean_depth")
+        lines.append(f"- Operating point (chosen on validation, delta {cascade.delta}): {part} accuracy "
+                     f"{100 * getattr(sim, f'{part}_accuracy'):.2f}% against "
+                     f"{100 * getattr(sim, f'reference_{part}_accuracy'):.2f}% for the chip at layer "
+                     f"{cascade.reference_layer} alone, {depth:.2f} blocks on average "
+                     f"({cascade.reference_layer / depth:.2f}x fewer); `ChipModel.predict_with_exits` reports each "
                      "input's exit layer.")
     return lines
 

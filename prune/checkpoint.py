@@ -43,13 +43,17 @@ from chiptuning.models import (
     weights_hash,
 )
 from chiptuning.outputs import PRUNED, check_output, write_output
-from chiptuning.probe import ChipSet, load_chips
+from chiptuning.probe import Cascade, ChipSet, MetricRow, check_chips_on_cache, load_chips
 from chiptuning.prune.card import write_model_card
 from chiptuning.prune.export import EXPORT_FORMATS, to_sequence_classification
 from chiptuning.prune.provenance import (
     BaseModel,
+    CascadeEntry,
+    CascadeExit,
     CheckpointRecord,
+    PruneParams,
     TaskEntry,
+    TokenizerSettings,
     check_model_matches_cache,
     write_provenance,
 )
@@ -97,12 +101,11 @@ def resolve_layer(chips: ChipSet, layer: int | None) -> tuple[int, str]:
         ChipTuningError: no layer given and none selected, or a layer without a chip.
     """
     if layer is None:
-        selection = chips.selection
-        if not selection or selection.get("layer") is None:
+        if chips.selection is None:
             raise ChipTuningError(
                 "no layer to prune at: pass --layer L, or run `chiptuning select CHIPS_DIR` first"
             )
-        layer, strategy = int(selection["layer"]), str(selection.get("strategy", "selected"))
+        layer, strategy = chips.selection.layer, chips.selection.strategy or "selected"
     else:
         strategy = f"fixed:{layer}"
     if layer not in list(chips.layers):
@@ -122,8 +125,7 @@ class TaskChip:
         strategy: how that layer was chosen (``fixed:L``, ``validate``, ...).
         chips_dir: where the chips came from (the layer curve image is copied from there).
         name: the task's name in the checkpoint (``predict(..., task=name)``).
-        cascade: an early-exit cascade chosen by ``select --strategy cascade:DELTA``
-            (:class:`chiptuning.probe.cascade.Cascade` as a dict), or None.
+        cascade: an early-exit cascade chosen by ``select --strategy cascade:DELTA``, or None.
     """
 
     chips: ChipSet
@@ -131,16 +133,13 @@ class TaskChip:
     strategy: str
     chips_dir: Path | None = None
     name: str = "default"
-    cascade: dict | None = None
+    cascade: Cascade | None = None
 
     @property
     def exit_layers(self) -> list[tuple[int, float]]:
         """(layer, threshold) of the cascade's exits, the last one (this task's layer) included;
         [(layer, 0)] for a single chip."""
-        if self.cascade is None:
-            return [(self.layer, 0.0)]
-        return [(int(lay), float(t)) for lay, t in zip(self.cascade["layers"], self.cascade["thresholds"])
-                if t is not None]
+        return [(self.layer, 0.0)] if self.cascade is None else self.cascade.exits
 
     @property
     def cache_meta(self) -> CacheMeta:
@@ -191,9 +190,10 @@ def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None,
         given, path = _parse_chips_arg(entry)
         chips = load_chips(path, allow_pickle=allow_pickle)
         chosen, strategy = resolve_layer(chips, layer)
-        cascade = (chips.selection or {}).get("cascade") if layer is None else None
+        cascade = chips.selection.cascade if layer is None and chips.selection is not None else None
         task = TaskChip(chips, chosen, strategy, path, name=given or "", cascade=cascade)
         task.cache_meta  # noqa: B018 -- fails early, naming the fix, when the chips record no cache meta
+        check_chips_on_cache(chips, [lay for lay, _ in task.exit_layers])  # they score what they record
         tasks.append(task)
     own = [t.cache_meta.task_name or "default" for t in tasks]
     for task, name in zip(tasks, own):
@@ -411,16 +411,17 @@ def save_pruned(
                                  source=base.get("source")),
             layer=depth, num_blocks=L, architecture=architecture, keep_lm_head=keep_lm_head, export=export,
             dtype=str(dtype).replace("torch.", ""), feature_mode=tasks[0].feature_mode,
-            padding_side="right", max_length=meta.max_length, default_task=tasks[0].name, tasks=entries,
-            params={"before": stats_before, "after": stats_after, "removed": removed,
-                    "pruning_ratio": 1 - stats_after["total"] / stats_before["total"]},
+            tokenizer=TokenizerSettings(padding_side="right", max_length=meta.max_length),
+            default_task=tasks[0].name, tasks=entries,
+            params=PruneParams(before=stats_before, after=stats_after, removed=removed,
+                               pruning_ratio=1 - stats_after["total"] / stats_before["total"]),
             images=images,
         )
         write_model_card(tmp, record)
         record = write_provenance(tmp, record)
         verify_checkpoint(tmp, tasks, references, depth, dtype, device, cls)
     log.info("pruned checkpoint at layer %d of %d written to %s (%.1f%% of parameters removed)",
-             depth, L, out_dir, 100 * record.params["pruning_ratio"])
+             depth, L, out_dir, 100 * record.params.pruning_ratio)
     return out_dir
 
 
@@ -429,16 +430,18 @@ def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
     source = dict(task.cache_meta.task)
     cascade = None
     if task.cascade is not None:
-        exits = [{"layer": lay, "threshold": t,
-                  "chip_dir": chip_dir if lay == task.layer else f"{chip_dir}/exits/layer-{lay}"}
+        exits = [CascadeExit(layer=lay, threshold=t,
+                             chip_dir=chip_dir if lay == task.layer else f"{chip_dir}/exits/layer-{lay}")
                  for lay, t in task.exit_layers]
-        cascade = {"exits": exits, "delta": task.cascade.get("delta"), "fallback": task.cascade.get("fallback"),
-                   "reference_layer": task.cascade.get("reference_layer"), "simulated": task.cascade.get("simulated")}
+        cascade = CascadeEntry(exits=exits, delta=task.cascade.delta, fallback=task.cascade.fallback,
+                               reference_layer=task.cascade.reference_layer, simulated=task.cascade.simulated)
+    metrics = task.chips.metrics_at(task.layer)
     return TaskEntry(
         chip_dir=chip_dir, layer=task.layer, strategy=task.strategy, feature_mode=task.feature_mode,
         task=source, template=source.get("template"), text_column=source.get("text_column"),
         label_names=task.label_names, cache_fingerprint=task.cache_fingerprint, cache_meta=task.cache_meta,
-        chips=task.chips.record, chip_metrics=task.chips.metrics_at(task.layer), cascade=cascade,
+        chips=task.chips.record, chip_metrics=MetricRow.from_dict(metrics, "metrics") if metrics else None,
+        cascade=cascade,
     )
 
 

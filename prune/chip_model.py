@@ -36,7 +36,8 @@ from chiptuning.vision import ImageInputs, check_modality
 
 log = logging.getLogger(__name__)
 
-Record = str | Mapping[str, Any]
+#: One raw input of a text checkpoint: a text, or a record (a mapping of fields) for the saved template.
+RawInput = str | Mapping[str, Any]
 
 
 def check_config(path: Path, record: CheckpointRecord):
@@ -67,6 +68,59 @@ def check_config(path: Path, record: CheckpointRecord):
             "re-run `chiptuning prune` on the right model"
         )
     return config
+
+
+def describe_value(value: Any) -> str:
+    """``value`` named for a message: its type, and its start for short values."""
+    if value is None:
+        return "None"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{type(value).__name__} ({len(value)} bytes)"
+    return f"a {type(value).__name__}" + (f" ({value!r})" if isinstance(value, (int, float)) else "")
+
+
+def as_input_list(inputs: Any) -> list[Any]:
+    """The inputs of a text checkpoint as a list: one text or record is a batch of one.
+
+    Raises:
+        DataError: nothing to classify, or something that is neither a text, a record nor a list
+            of them (None, a number, bytes).
+    """
+    if isinstance(inputs, (str, Mapping)):
+        return [inputs]
+    if inputs is None or isinstance(inputs, (bytes, bytearray)) or not isinstance(inputs, Iterable):
+        raise DataError(f"inputs are {describe_value(inputs)}; give a str, a dict of fields, or a list of them")
+    records = list(inputs)
+    if not records:
+        raise DataError("no inputs to classify")
+    return records
+
+
+def check_chips_fit(path: Path, record: CheckpointRecord, config, chips: dict[str, Any],
+                    cascades: dict[str, list[Exit]]) -> None:
+    """Every chip must be the one its task entry names: trained on features of the model's width,
+    at the layer the entry (or its cascade exit) says, with the entry's labels.
+
+    Raises:
+        ProvenanceError: naming the task and what differs.
+    """
+    width = int(text_config(config).hidden_size)
+    for name, task in record.tasks.items():
+        exits = cascades.get(name) or [Exit(task.layer, chips[name], 0.0)]
+        for exit_ in exits:
+            chip_record = getattr(exit_.chip, "chip_record_", None)
+            if chip_record is None:  # an opted-in pickle: only its width can be checked
+                problems = [] if getattr(exit_.chip, "n_features_in_", width) == width else ["width"]
+            else:
+                problems = [what for what, bad in (
+                    (f"layer {chip_record.layer}", chip_record.layer != exit_.layer),
+                    (f"width {chip_record.hidden_size}", chip_record.hidden_size not in (None, width)),
+                    (f"labels {chip_record.label_names}", list(chip_record.label_names) != list(task.label_names)),
+                ) if bad]
+            if problems:
+                raise ProvenanceError(f"{path}: the chip of task {name!r} at layer {exit_.layer} has "
+                                      f"{', '.join(problems)}, not the task's (layer {exit_.layer}, width {width}, "
+                                      f"labels {task.label_names}); re-run `chiptuning prune`")
 
 
 def saved_task_data(entry: TaskEntry, name: str) -> TaskData:
@@ -130,10 +184,11 @@ class ChipModel:
         get_spec(config)
         # the chips first: a refused pickle stops here, before the weights are loaded
         chips = {name: load_chip(path / task.chip_dir, allow_pickle=allow_pickle) for name, task in record.tasks.items()}
-        cascades = {name: [Exit(int(e["layer"]), chips[name] if e["chip_dir"] == task.chip_dir
-                                else load_chip(path / e["chip_dir"], allow_pickle=allow_pickle), float(e["threshold"]))
-                           for e in task.cascade["exits"]]
-                    for name, task in record.tasks.items() if task.cascade}
+        cascades = {name: [Exit(e.layer, chips[name] if e.chip_dir == task.chip_dir
+                                else load_chip(path / e.chip_dir, allow_pickle=allow_pickle), e.threshold)
+                           for e in task.cascade.exits]
+                    for name, task in record.tasks.items() if task.cascade is not None}
+        check_chips_fit(path, record, config, chips, cascades)
         hf_logging.disable_progress_bar()
         torch_dtype = resolve_dtype(dtype) if dtype else getattr(torch, record.dtype)
         model, info = AutoModel.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
@@ -210,7 +265,7 @@ class ChipModel:
         """True for a vision-language checkpoint (it classifies images)."""
         return self.processor is not None
 
-    def prompts(self, inputs: Record | Iterable[Record], task: str | None = None) -> list[str]:
+    def prompts(self, inputs: RawInput | Iterable[RawInput], task: str | None = None) -> list[str]:
         """The prompt text of each input, as extraction built it.
 
         A ``str`` is the text itself (text-column tasks) or the value of a one-field template; a
@@ -219,7 +274,7 @@ class ChipModel:
         """
         return self._prepare(inputs, task)[0]
 
-    def class_mask(self, inputs: Record | Iterable[Record], task: str | None = None) -> np.ndarray | None:
+    def class_mask(self, inputs: RawInput | Iterable[RawInput], task: str | None = None) -> np.ndarray | None:
         """(N, C) bool, True where a class is one of the input's options (None: all valid).
 
         A record whose options list has fewer entries than the task has labels (a C3 question
@@ -231,15 +286,15 @@ class ChipModel:
         if self.images:
             return self._prepare_images(inputs, task)[0], None  # every class is an option for an image
         data = self.task_data(task)
-        records = [inputs] if isinstance(inputs, (str, Mapping)) else list(inputs)
-        if not records:
-            raise DataError("no inputs to classify")
+        records = as_input_list(inputs)
         examples = []
         for i, record in enumerate(records):
             if isinstance(record, Mapping):
                 fields = dict(record)
             elif not isinstance(record, str):
-                raise DataError(f"input {i} is a {type(record).__name__}; give a str or a dict of fields")
+                raise DataError(f"input {i} is {describe_value(record)}; give a str or a dict of fields")
+            elif not record.strip():
+                raise DataError(f"input {i} is an empty text; there is nothing to classify")
             elif data.template is None:
                 fields = {data.text_column: record}
             else:
@@ -249,6 +304,8 @@ class ChipModel:
                         f"the task's template needs fields {sorted(names)}; pass dicts, not strings"
                     )
                 fields = {next(iter(names)): record}
+            if not data.format(fields).strip():
+                raise DataError(f"input {i} makes an empty prompt; there is nothing to classify")
             examples.append(Example(id=str(i), fields=fields, label=0, n_choices=data.n_choices(fields)))
         data.examples = examples
         prompts, _ = data.build_prompts(self.tokenizer, self.record.max_length)
@@ -262,7 +319,7 @@ class ChipModel:
             raise DataError(f"task {data.name!r} of this vision-language checkpoint has no image column")
         if isinstance(inputs, np.ndarray):
             items = list(inputs) if inputs.ndim == 4 else [inputs]
-        elif isinstance(inputs, (str, Path, Mapping)) or not isinstance(inputs, Iterable):
+        elif isinstance(inputs, (str, Path, Mapping, bytes, bytearray)) or not isinstance(inputs, Iterable):
             items = [inputs]
         else:
             items = list(inputs)
@@ -283,7 +340,7 @@ class ChipModel:
         prompts, _ = data.build_prompts(self.processor)
         return prompts, images
 
-    def encode(self, inputs: Record | Iterable[Record], task: str | None = None) -> tuple[EncodedInputs, np.ndarray | None]:
+    def encode(self, inputs: RawInput | Iterable[RawInput], task: str | None = None) -> tuple[EncodedInputs, np.ndarray | None]:
         """Raw inputs (texts, records, or images for a vision-language checkpoint) as the model's
         encoded inputs, and their class mask."""
         if self.images:
@@ -305,7 +362,7 @@ class ChipModel:
         prompts, _ = data.build_prompts(self.tokenizer, self.record.max_length)
         return TextInputs(self.tokenizer, prompts, self.record.max_length)
 
-    def features(self, inputs: Record | Iterable[Record], task: str | None = None, batch_size: int | None = None,
+    def features(self, inputs: RawInput | Iterable[RawInput], task: str | None = None, batch_size: int | None = None,
                  max_tokens_per_batch: int | str = "auto") -> np.ndarray:
         """feature(l) of each input at ``task``'s layer: float32 (N, H), what the chip reads."""
         return self.features_of_inputs(self.encode(inputs, task)[0], task, batch_size, max_tokens_per_batch)
@@ -377,13 +434,13 @@ class ChipModel:
 
     # -- predictions ------------------------------------------------------------------------------
 
-    def predict_index(self, inputs: Record | Iterable[Record], task: str | None = None,
+    def predict_index(self, inputs: RawInput | Iterable[RawInput], task: str | None = None,
                       batch_size: int | None = None) -> np.ndarray:
         """Class index of each input, int64 (N,); never a class outside the input's options.
         A task with a cascade answers by early exit (see :meth:`predict_with_exits`)."""
         return self._answers(inputs, task, batch_size)[0]
 
-    def predict_with_exits(self, inputs: Record | Iterable[Record], task: str | None = None,
+    def predict_with_exits(self, inputs: RawInput | Iterable[RawInput], task: str | None = None,
                            batch_size: int | None = None) -> tuple[list[str], np.ndarray]:
         """(label of each input, the layer it was answered at): a cascade's exit layer, or the
         chip's layer for a single chip."""
@@ -401,7 +458,7 @@ class ChipModel:
         index = np.asarray(self.chips[name].predict(features, class_mask=mask)).astype(np.int64)
         return index, np.full(len(index), entry.layer, dtype=np.int64), proba
 
-    def predict(self, inputs: Record | Iterable[Record], task: str | None = None,
+    def predict(self, inputs: RawInput | Iterable[RawInput], task: str | None = None,
                 batch_size: int | None = None) -> list[str]:
         """Label name of each input (a single str or dict is a batch of one).
 
@@ -415,7 +472,7 @@ class ChipModel:
         names = self.label_names(task)
         return [names[i] for i in self.predict_index(inputs, task, batch_size)]
 
-    def predict_proba(self, inputs: Record | Iterable[Record], task: str | None = None,
+    def predict_proba(self, inputs: RawInput | Iterable[RawInput], task: str | None = None,
                       batch_size: int | None = None) -> np.ndarray:
         """Class probabilities of each input, (N, C), columns in ``label_names(task)`` order
         (0 for a class that is not one of the input's options)."""
@@ -426,4 +483,5 @@ class ChipModel:
                 f"blocks, tasks={self.tasks})")
 
 
-__all__ = ["ChipModel", "check_config", "saved_task_data"]
+__all__ = ["ChipModel", "RawInput", "as_input_list", "check_chips_fit", "check_config", "describe_value",
+           "saved_task_data"]

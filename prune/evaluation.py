@@ -5,21 +5,81 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from chiptuning import __version__
 from chiptuning.errors import DataError
-from chiptuning.io import write_json_atomic
-from chiptuning.outputs import EVAL, check_output, write_output
+from chiptuning.outputs import EVAL, check_output, write_output, written_files
 from chiptuning.probe import optional_class_mask
 from chiptuning.prune.chip_model import ChipModel
 from chiptuning.prune.dense import dense_pass, load_dense
+from chiptuning.records import Record, rule
 from chiptuning.tasks import TaskData, load_task
 
 log = logging.getLogger(__name__)
+
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.csv"
+
+
+@dataclass
+class ExitStats(Record):
+    """Where an early-exit cascade stopped: mean exit layer, examples per exit layer, block ratio."""
+
+    mean_exit_layer: float = rule(ge=0)
+    exits: dict[str, int] = rule(default_factory=dict, ge=0)
+    block_ratio: float = rule(0.0, ge=0)
+
+
+@dataclass
+class DenseRun(Record):
+    """The dense base model on the same data and hardware: its speed, the chip on its feature, and
+    its own zero-shot answer (decoders)."""
+
+    model: str
+    num_blocks: int = rule(ge=1)
+    elapsed_s: float = rule(ge=0)
+    timed_passes_s: list[float] = rule(default_factory=list, ge=0)
+    examples_per_s: float = rule(0.0, ge=0)
+    latency_ms_per_example: float = rule(0.0, ge=0)
+    chip_accuracy: float = rule(0.0, ge=0, le=1)
+    chip_agreement_with_pruned: float = rule(0.0, ge=0, le=1)
+    zero_shot_accuracy: float | None = rule(None, ge=0, le=1)
+
+
+@dataclass
+class EvalMetrics(Record):
+    """``metrics.json`` of ``chiptuning eval``: the pruned checkpoint's accuracy from raw inputs,
+    its speed, and (with ``--dense``) the dense model's; ``files`` lists predictions.csv."""
+
+    FORMAT = "chiptuning-eval"
+    LEGACY = True
+
+    accuracy: float = rule(ge=0, le=1)
+    n_examples: int = rule(ge=1)
+    task: str = ""
+    layer: int = rule(1, ge=1)
+    num_blocks: int = rule(1, ge=1)
+    checkpoint: str = ""
+    checkpoint_sha256: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = rule(None, ge=1)
+    max_tokens_per_batch: int | Literal["auto"] = "auto"
+    device: str = "cpu"
+    elapsed_s: float = rule(0.0, ge=0)
+    timed_passes_s: list[float] = rule(default_factory=list, ge=0)
+    examples_per_s: float | None = rule(None, ge=0)
+    latency_ms_per_example: float = rule(0.0, ge=0)
+    cascade: ExitStats | None = rule(None, omit_none=True)
+    dense: DenseRun | None = rule(None, omit_none=True)
+    speedup: float | None = rule(None, ge=0, omit_none=True)
+    ideal_speedup: float | None = rule(None, ge=0, omit_none=True)
+    files: dict[str, str] = field(default_factory=dict)
+    chiptuning_version: str = __version__
 
 
 def evaluate(
@@ -133,31 +193,20 @@ def evaluate(
         exit_layer = None
     elapsed = min(timings)
     n = len(y_true)
-    metrics = {
-        "accuracy": float((y_pred == y_true).mean()),
-        "n_examples": n,
-        "task": name,
-        "layer": entry.layer,
-        "num_blocks": clf.record.num_blocks,
-        "checkpoint": str(pruned_dir),
-        "checkpoint_sha256": clf.record.record_sha256,
-        "data": data_task.describe(),
-        "batch_size": batch_size,
-        "max_tokens_per_batch": max_tokens_per_batch,
-        "device": str(next(clf.model.parameters()).device),
-        "elapsed_s": elapsed,
-        "timed_passes_s": timings,
-        "examples_per_s": n / elapsed if elapsed > 0 else None,
-        "latency_ms_per_example": 1000 * elapsed / n,
-        "chiptuning_version": __version__,
-    }
+    metrics = EvalMetrics(
+        accuracy=float((y_pred == y_true).mean()), n_examples=n, task=name, layer=entry.layer,
+        num_blocks=clf.record.num_blocks, checkpoint=str(pruned_dir), checkpoint_sha256=clf.record.record_sha256,
+        data=data_task.describe(), batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
+        device=str(next(clf.model.parameters()).device), elapsed_s=elapsed, timed_passes_s=timings,
+        examples_per_s=n / elapsed if elapsed > 0 else None, latency_ms_per_example=1000 * elapsed / n,
+    )
     if cascade:
         layers, counts = np.unique(exit_layer, return_counts=True)
-        metrics["cascade"] = {"mean_exit_layer": float(exit_layer.mean()),
-                              "exits": {int(lay): int(c) for lay, c in zip(layers, counts)},
-                              "block_ratio": entry.layer / float(exit_layer.mean())}
-    log.info("pruned model: accuracy %.1f%% on %d examples, %.1f examples/s", 100 * metrics["accuracy"], n,
-             metrics["examples_per_s"] or 0)
+        metrics.cascade = ExitStats(mean_exit_layer=float(exit_layer.mean()),
+                                    exits={str(lay): int(c) for lay, c in zip(layers, counts)},
+                                    block_ratio=entry.layer / float(exit_layer.mean()))
+    log.info("pruned model: accuracy %.1f%% on %d examples, %.1f examples/s", 100 * metrics.accuracy, n,
+             metrics.examples_per_s or 0)
     dense_pred = zero_shot = None
     if dense:
         dense_net = load_dense(clf.record, dense if isinstance(dense, str) else None, device=device)
@@ -173,26 +222,23 @@ def evaluate(
         if not cascade and not np.array_equal(dense_pred, y_pred):
             log.warning("the chip predicts differently on %d of %d examples on the dense model's feature",
                         int((dense_pred != y_pred).sum()), n)
-        metrics["dense"] = {
-            "model": clf.record.base_model.id if not isinstance(dense, str) else dense,
-            "num_blocks": clf.record.num_blocks,
-            "elapsed_s": result["elapsed_s"],
-            "timed_passes_s": [p["elapsed_s"] for p in passes],
-            "examples_per_s": n / result["elapsed_s"],
-            "latency_ms_per_example": 1000 * result["elapsed_s"] / n,
-            "chip_accuracy": float((dense_pred == y_true).mean()),
-            "chip_agreement_with_pruned": float((dense_pred == y_pred).mean()),
-            "zero_shot_accuracy": float((zero_shot == y_true).mean()) if zero_shot is not None else None,
-        }
-        metrics["speedup"] = result["elapsed_s"] / elapsed
-        metrics["ideal_speedup"] = clf.record.num_blocks / (float(exit_layer.mean()) if cascade else entry.layer)
-        zero_shot_text = ("" if metrics["dense"]["zero_shot_accuracy"] is None
-                          else f", its own zero-shot answer {100 * metrics['dense']['zero_shot_accuracy']:.1f}%")
+        metrics.dense = DenseRun(
+            model=clf.record.base_model.id if not isinstance(dense, str) else dense,
+            num_blocks=clf.record.num_blocks, elapsed_s=result["elapsed_s"],
+            timed_passes_s=[p["elapsed_s"] for p in passes], examples_per_s=n / result["elapsed_s"],
+            latency_ms_per_example=1000 * result["elapsed_s"] / n, chip_accuracy=float((dense_pred == y_true).mean()),
+            chip_agreement_with_pruned=float((dense_pred == y_pred).mean()),
+            zero_shot_accuracy=float((zero_shot == y_true).mean()) if zero_shot is not None else None,
+        )
+        metrics.speedup = result["elapsed_s"] / elapsed
+        metrics.ideal_speedup = clf.record.num_blocks / (float(exit_layer.mean()) if cascade else entry.layer)
+        zero_shot_text = ("" if metrics.dense.zero_shot_accuracy is None
+                          else f", its own zero-shot answer {100 * metrics.dense.zero_shot_accuracy:.1f}%")
         log.info("dense model: %.1f examples/s%s; the pruned one is %.2fx faster (block ratio %.2fx)",
-                 metrics["dense"]["examples_per_s"], zero_shot_text, metrics["speedup"], metrics["ideal_speedup"])
+                 metrics.dense.examples_per_s, zero_shot_text, metrics.speedup, metrics.ideal_speedup)
     if out_dir is not None:
         with write_output(out_dir, EVAL, overwrite=overwrite) as out:
-            with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+            with open(out / PREDICTIONS, "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
                 header = ["example_id", "label", "prediction", "label_name", "prediction_name"]
                 extra = {"exit_layer": exit_layer, "dense_prediction": dense_pred, "dense_zero_shot": zero_shot}
@@ -201,5 +247,6 @@ def evaluate(
                 for i, (ex, truth, pred) in enumerate(zip(data_task.examples, y_true, y_pred)):
                     writer.writerow([ex.id, int(truth), int(pred), saved_labels[truth], saved_labels[pred]]
                                     + [int(values[i]) for values in extra.values()])
-            write_json_atomic(out / "metrics.json", dict(metrics, format=EVAL.formats[0]))
-    return metrics
+            metrics.files = written_files(out, METRICS)
+            metrics.write(out / METRICS)
+    return metrics.to_dict()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 
-from chiptuning.errors import ChipTuningError, is_hub_error
+from chiptuning.errors import ChipTuningError, ProvenanceError, is_hub_error
 from chiptuning.probe import is_pickle
-from chiptuning.prune.provenance import load_record
+from chiptuning.prune.provenance import PROVENANCE_FILE, load_record
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,8 @@ def pickled_files(record) -> list[str]:
 
 def push_to_hub(pruned_dir: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
                 revision: str | None = None, commit_message: str | None = None, allow_pickle: bool = False) -> str:
-    """Verify a pruned checkpoint and upload the whole directory to a model repository.
+    """Verify a pruned checkpoint and upload exactly its recorded files (and its record) to a model
+    repository, each checked against its recorded sha256 as it is read for the upload.
 
     Args:
         pruned_dir: checkpoint written by ``chiptuning prune`` (checked before anything is sent).
@@ -51,10 +54,15 @@ def push_to_hub(pruned_dir: str | Path, repo_id: str, *, private: bool = False, 
         log.warning("publishing a pickle (%s): its model card warns that loading it runs code", ", ".join(pickles))
     message = commit_message or f"Upload chip-tuning checkpoint (layer {record.layer} of {record.num_blocks})"
     try:
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=str(pruned_dir), repo_id=repo_id, repo_type="model",
-                                 revision=revision, commit_message=message)
+        with contextlib.ExitStack() as files:
+            operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=files.enter_context(
+                checked_file(pruned_dir, rel, digest))) for rel, digest in sorted(record.checksums.items())]
+            operations.append(CommitOperationAdd(path_in_repo=PROVENANCE_FILE,
+                                                 path_or_fileobj=str(pruned_dir / PROVENANCE_FILE)))
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.create_commit(repo_id=repo_id, repo_type="model", operations=operations, revision=revision,
+                                     commit_message=message)
     except Exception as err:
         if not (isinstance(err, OSError) or is_hub_error(err)):
             raise
@@ -66,3 +74,21 @@ def push_to_hub(pruned_dir: str | Path, repo_id: str, *, private: bool = False, 
     url = str(getattr(info, "commit_url", info))
     log.info("pushed %s to %s", pruned_dir, url)
     return url
+
+
+@contextlib.contextmanager
+def checked_file(root: Path, rel: str, digest: str):
+    """``root / rel`` opened for the upload, after its bytes were hashed through the same handle and
+    found to be the recorded ``digest``.
+
+    Raises:
+        ProvenanceError: the file changed since the checkpoint was verified.
+    """
+    with open(root / rel, "rb") as f:
+        sha = hashlib.sha256()
+        while block := f.read(1 << 20):
+            sha.update(block)
+        if sha.hexdigest() != digest:
+            raise ProvenanceError(f"{root}: file {rel} changed since it was verified; nothing was pushed")
+        f.seek(0)
+        yield f

@@ -133,9 +133,9 @@ def test_shortgpt_removes_the_planted_identity_blocks(tokenizer, tmp_path):
     path = prune_with_method("planted", "shortgpt", tmp_path / "ckpt", n_layers=2, model=model, tokenizer=tokenizer,
                              calibration_task=_task_of(TEXTS))
     record = read_record(path)
-    assert record["removed"] == [2, 5] and record["num_blocks"] == 4
-    assert record["calibration"]["n_examples"] == len(TEXTS) and record["calibration"]["n_tokens"] > len(TEXTS)
-    assert record["generation"]["kv_cache_matches"] is True
+    assert record.removed == [2, 5] and record.num_blocks == 4
+    assert record.calibration["n_examples"] == len(TEXTS) and record.calibration["n_tokens"] > len(TEXTS)
+    assert record.generation["kv_cache_matches"] is True
     pruned = assert_reloads_and_generates(path, tokenizer, 4)
     torch.testing.assert_close(final_states(pruned, tokenizer), reference, atol=1e-4, rtol=1e-4)
 
@@ -265,9 +265,9 @@ def test_prune_with_method_on_an_encoder_records_calibration(minilm_path, sentim
     path = prune_with_method(minilm_path, "angular", tmp_path / "minilm", ratio=0.34, calibration_task=task,
                              n_calibration=10)
     record = read_record(path)
-    assert record["num_blocks"] == 4 and record["blocks_removed"] == 2
-    assert record["calibration"]["n_examples"] == 10 and record["calibration"]["task"]["name"] == task.name
-    assert record["generation"] is None  # an encoder does not generate
+    assert record.num_blocks == 4 and record.blocks_removed == 2
+    assert record.calibration["n_examples"] == 10 and record.calibration["task"]["name"] == task.name
+    assert record.generation is None  # an encoder does not generate
     model, info = AutoModel.from_pretrained(path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert model.config.num_hidden_layers == 4

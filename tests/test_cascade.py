@@ -16,16 +16,8 @@ import torch
 
 from chiptuning.cache import CacheReader
 from chiptuning.extract import ExtractConfig, extract
-from chiptuning.probe import load_chips, select_layer, train_chips
-from chiptuning.probe.cascade import (
-    GRID,
-    NEVER,
-    Cascade,
-    calibrate_cascade,
-    describe_exits,
-    exit_probabilities,
-    simulate,
-)
+from chiptuning.probe import Cascade, load_chips, select_layer, train_chips
+from chiptuning.probe.cascade import GRID, calibrate_cascade, describe_exits, exit_probabilities, simulate
 from chiptuning.prune import ChipModel, prune
 from chiptuning.registry import get_blocks
 from chiptuning.tasks import load_task
@@ -71,8 +63,8 @@ def _force_exits(chips_dir, caches) -> Cascade:
     confidence = p.max(axis=2)  # (n_layers, N)
     thresholds = [float(np.quantile(confidence[j], 0.7)) for j in range(len(layers) - 1)] + [0.0]
     cascade = Cascade(layers=layers, thresholds=thresholds, delta=0.5, reference_layer=layers[-1])
-    selection.update(layer=layers[-1], cascade=cascade.to_dict())
-    (chips_dir / "selection.json").write_text(json.dumps(selection))
+    selection.layer, selection.cascade = layers[-1], cascade
+    selection.write(chips_dir / "selection.json")
     return cascade
 
 
@@ -143,16 +135,16 @@ def test_calibration_keeps_accuracy_within_delta_and_falls_back_when_none_can(tm
     chips = train_chips(train, evals, chip="linear", out=tmp_path / "chips", val_size=100, seed=0)
     cascade, material = calibrate_cascade(chips, delta=0.02)
     sim = cascade.simulated
-    assert sim["val_accuracy"] >= sim["reference_val_accuracy"] - 0.02 - 1e-9
-    assert not cascade.fallback and sim["val_mean_depth"] < cascade.reference_layer  # blocks saved
+    assert sim.val_accuracy >= sim.reference_val_accuracy - 0.02 - 1e-9
+    assert not cascade.fallback and sim.val_mean_depth < cascade.reference_layer  # blocks saved
     # One shared threshold: the grid's threshold with the fewest validation blocks among those within delta.
     shared = {t for _, t in cascade.exits[:-1]}
     assert len(shared) == 1
     val_p, y_val = material["val"]
     layers = material["layers"]
     allowed = [(simulate_score(val_p, layers, t, y_val), t) for t in GRID]
-    allowed = [(d, t) for (acc, d), t in allowed if acc >= sim["reference_val_accuracy"] - 0.02 - 1e-9]
-    assert sim["val_mean_depth"] == pytest.approx(min(d for d, _ in allowed))
+    allowed = [(d, t) for (acc, d), t in allowed if acc >= sim.reference_val_accuracy - 0.02 - 1e-9]
+    assert sim.val_mean_depth == pytest.approx(min(d for d, _ in allowed))
     assert describe_exits(cascade.exits) == f"layer 1 when the chip's top probability is >= {shared.pop():.3g}, else layer 2"
     assert describe_exits([(1, 0.9), (2, 0.9), (3, 0.0)]) == "layers 1-2 when the chip's top probability is >= 0.9, else layer 3"
     assert describe_exits([(1, 0.9), (2, 0.8), (3, 0.0)]) == "layer 1 if its chip is >= 0.9 sure, layer 2 if its chip is >= 0.8 sure, else layer 3"
@@ -164,8 +156,8 @@ def test_calibration_keeps_accuracy_within_delta_and_falls_back_when_none_can(tm
     evals = write_cache(tmp_path / "eval-flat", flat[300:], y[300:], label_names=["a", "b"])
     chips = train_chips(train, evals, chip="linear", out=tmp_path / "chips-flat", val_size=100, seed=0)
     selection = select_layer(chips, "cascade:0")
-    assert selection["cascade"]["fallback"] is True and "no early exit" in selection["why"]
-    assert all(t is None for t in selection["cascade"]["thresholds"][:-1])
+    assert selection.cascade.fallback is True and "no early exit" in selection.why
+    assert all(t is None for t in selection.cascade.thresholds[:-1])
     assert (tmp_path / "chips-flat" / "cascade.png").is_file() and (tmp_path / "chips-flat" / "cascade_curve.csv").is_file()
 
 
@@ -173,6 +165,6 @@ def test_cascade_thresholds_never_and_simulation():
     p = np.array([[[0.9, 0.1], [0.6, 0.4]], [[0.2, 0.8], [0.3, 0.7]]])  # (2 exits, 2 rows, 2 classes)
     pred, exit_layer = simulate(p, [3, 7], [0.8, 0.0])
     assert pred.tolist() == [0, 1] and exit_layer.tolist() == [3, 7]
-    pred, exit_layer = simulate(p, [3, 7], [NEVER, 0.0])
+    pred, exit_layer = simulate(p, [3, 7], [None, 0.0])
     assert exit_layer.tolist() == [7, 7]
     assert torch.equal(torch.tensor(pred), torch.tensor([1, 1]))

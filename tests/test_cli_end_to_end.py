@@ -314,5 +314,5 @@ def test_version():
 def test_a_missing_local_model_is_named_as_missing(tmp_path, sentiment_file, path):
     result = cli("extract", "--model", path, "--data", sentiment_file, "--text-column", "text",
                  "--out", tmp_path / "cache")
-    assert_one_line_error(result, f"--model {path}: no such directory")
+    assert_one_line_error(result, f"model {path}: no such directory")
     assert not (tmp_path / "cache").exists()

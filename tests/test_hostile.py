@@ -31,9 +31,10 @@ from sklearn.linear_model import LogisticRegression
 from chiptuning.cache import CacheReader
 from chiptuning.cli import main
 from chiptuning.errors import ChipTuningError
+from chiptuning.io import file_checksums
 from chiptuning.probe import ChipSet, load_chips
 from chiptuning.prune import ChipModel, read_provenance
-from chiptuning.prune.provenance import PROVENANCE_FILE, file_checksums, record_hash
+from chiptuning.prune.provenance import PROVENANCE_FILE, record_hash
 from tests.conftest import SENTENCES, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -157,7 +158,7 @@ def plant_pickle(path: Path, marker: Path) -> Path:
 def rehash_checkpoint(root: Path) -> None:
     """What an attacker who edited a checkpoint does: recompute the (unkeyed) checksums."""
     record = json.loads((root / PROVENANCE_FILE).read_text())
-    record["checksums"] = file_checksums(root)
+    record["checksums"] = file_checksums(root, exclude=(PROVENANCE_FILE,))
     record.pop("record_sha256", None)
     record["record_sha256"] = record_hash(record)
     (root / PROVENANCE_FILE).write_text(json.dumps(record))
@@ -220,8 +221,10 @@ def test_a_pickle_in_a_chips_directory_is_never_loaded(world, tmp_path):
     # logreg record without "weights" (whose default was the pickle)
     variants = [dict(record, chip="logreg", weights="chips.joblib"), dict(record, weights="chips.joblib"),
                 {k: v for k, v in dict(record, chip="logreg").items() if k != "weights"}]
+    metrics = json.loads((chips / "metrics.json").read_text())
     for variant in variants:
         (chips / "chips.json").write_text(json.dumps(variant))
+        (chips / "metrics.json").write_text(json.dumps(dict(metrics, chip=variant["chip"])))  # records agree
         before = tree_digest(chips)
         assert_one_line_error(cli("select", chips, "--strategy", "fixed:2"), "pickle", "--allow-pickle")
         assert_one_line_error(cli("prune", "--model", world["model"], "--chips", chips, "--layer", "2",
@@ -696,3 +699,325 @@ def test_an_unknown_task_name_lists_the_tasks(world, tmp_path):
 def test_duplicate_labels_are_named(world, tmp_path):
     result = cli(*world["extract"], "--labels", "pos,neg,pos", "--out", tmp_path / "c")
     assert_one_line_error(result, "'pos' more than once")
+
+
+# -- 7. trust every input: records, closed checkpoints, files that are not ours --------------------
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_checkpoint_with_an_unrecorded_file_is_refused(world, tmp_path):
+    """transformers applies an adapter it finds beside a model (with peft installed): a verified
+    checkpoint must never pick up files its record does not list, whatever their names."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModel
+
+    pruned = copy(world["pruned"], tmp_path / "pruned")
+    base = AutoModel.from_pretrained(pruned)
+    adapter = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tmp_path / "adapter" / name, pruned / name)
+    with pytest.raises(ChipTuningError, match="adapter_config.json.*not among the files"):
+        ChipModel.from_pretrained(pruned)
+    assert_one_line_error(cli("eval", pruned, "--data", world["data"], "--out", tmp_path / "e"),
+                          "adapter_config.json", "not among the files")
+    assert_one_line_error(cli("push", pruned, "--repo-id", "me/m"), "not among the files")
+    # an attacker who also re-hashes: chip-tuning never writes an adapter, code or pickled weights
+    rehash_checkpoint(pruned)
+    with pytest.raises(ChipTuningError, match="never writes"):
+        ChipModel.from_pretrained(pruned)
+    for extra in ("modeling_evil.py", "pytorch_model.bin", "chip/extra.safetensors", "sub/dir/notes.txt"):
+        case = copy(world["pruned"], tmp_path / f"case-{extra.replace('/', '-')}")
+        (case / extra).parent.mkdir(parents=True, exist_ok=True)
+        (case / extra).write_text("x")
+        with pytest.raises(ChipTuningError, match="not among the files"):
+            ChipModel.from_pretrained(case)
+    # what git and the hub leave beside a model is inert and allowed
+    inert = copy(world["pruned"], tmp_path / "inert")
+    (inert / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    ChipModel.from_pretrained(inert)
+
+
+def test_an_edited_cache_meta_is_refused(world, tmp_path):
+    cache = copy(world["cache"], tmp_path / "cache")
+    edit_json(cache / "manifest.json", lambda m: m["meta"].update(label_names=m["meta"]["label_names"][::-1]))
+    before = tree_digest(cache)
+    assert_one_line_error(cli("cache", "verify", cache), "meta", "edited after extraction")
+    assert_one_line_error(cli("cache", "info", cache), "edited after extraction")
+    assert_one_line_error(cli("probe", "train", cache, "--out", tmp_path / "c", "--val-size", "4"),
+                          "edited after extraction")
+    assert_one_line_error(cli(*world["extract"], "--out", cache), "edited after extraction")
+    assert tree_digest(cache) == before and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("layers", ["shifted", "duplicated", "negative", "past the model", "strings", "empty"])
+def test_a_chips_record_with_bad_layers_is_refused(world, tmp_path, layers):
+    chips = copy(world["chips"], tmp_path / "chips")
+    record = json.loads((chips / "chips.json").read_text())
+    n = len(record["layers"])
+    bad = {"shifted": [layer + 1 for layer in record["layers"]][:n - 1] + [record["layers"][-1]],
+           "duplicated": [record["layers"][0]] + record["layers"][:-1], "negative": [-1] + record["layers"][1:],
+           "past the model": record["layers"][:-1] + [99], "strings": ["a"] * n, "empty": []}[layers]
+    record["layers"] = bad
+    (chips / "chips.json").write_text(json.dumps(record))
+    before = tree_digest(chips)
+    assert_one_line_error(cli("select", chips, "--strategy", "validate"), "chips.json")
+    assert_one_line_error(cli("prune", "--model", world["model"], "--chips", chips, "--layer", "2",
+                              "--out", tmp_path / "p"), "chips.json")
+    assert tree_digest(chips) == before and not (tmp_path / "p").exists()
+
+
+def _rewrite_chips(chips: Path, change) -> None:
+    """Rewrite chips.safetensors with ``change(tensors)`` and record its new sha256 (a careful editor)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(chips / "chips.safetensors"))
+    change(tensors)
+    save_file(tensors, str(chips / "chips.safetensors"))
+    edit_json(chips / "chips.json", lambda r: r["files"].update({"chips.safetensors": hashlib.sha256(
+        (chips / "chips.safetensors").read_bytes()).hexdigest()}))
+
+
+@pytest.mark.parametrize("damage", ["nan weights", "wrong width", "wrong classes"])
+def test_chips_that_cannot_be_the_recorded_ones_are_refused(world, tmp_path, damage):
+    chips = copy(world["chips"], tmp_path / "chips")
+
+    def change(t):
+        if damage == "nan weights":
+            t["weight"][2, 0, 0] = np.nan
+        elif damage == "wrong width":
+            for key in ("weight", "mean", "scale"):
+                t[key] = np.ascontiguousarray(t[key][..., :-1])
+        else:
+            t["weight"], t["bias"] = t["weight"][:, :1], t["bias"][:, :1]
+
+    _rewrite_chips(chips, change)
+    assert_one_line_error(cli("select", chips, "--strategy", "validate"), "chips.safetensors")
+    assert_one_line_error(cli("prune", "--model", world["model"], "--chips", chips, "--out", tmp_path / "p"),
+                          "chips.safetensors")
+    assert not (tmp_path / "p").exists()
+
+
+def test_chips_moved_to_another_layer_are_caught_on_the_eval_cache(world, tmp_path):
+    """Weights swapped between two layers (their metrics kept): the recorded eval accuracy no longer
+    holds on the eval cache, and select and prune say so instead of shipping another layer's chip."""
+    chips = tmp_path / "chips"
+    result = cli("probe", "train", world["cache"], "--eval", world["cache"], "--out", chips, "--val-size", "4",
+                 "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    metrics = {m["layer"]: m["eval_accuracy"] for m in json.loads((chips / "metrics.json").read_text())["layers"]}
+    a, b = 1, 4
+    assert metrics[a] != metrics[b], metrics  # the swap must change a score for the test to mean anything
+
+    def swap(t):
+        for key in t:
+            t[key][[a, b]] = t[key][[b, a]]
+
+    _rewrite_chips(chips, swap)
+    assert_one_line_error(cli("select", chips, "--strategy", "validate"), "scores", "its record says")
+    assert_one_line_error(cli("prune", "--model", world["model"], "--chips", chips, "--layer", str(a),
+                              "--out", tmp_path / "p"), f"layer {a}", "its record says")
+
+
+@pytest.mark.parametrize("kind", ["external link", "soft link", "virtual dataset", "external storage"])
+def test_a_shard_reading_outside_its_file_is_refused(world, tmp_path, kind):
+    cache = copy(world["cache"], tmp_path / "cache")
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f.create_dataset("secret", data=np.full((8, 32), 7.0, dtype=np.float32))
+    shard = cache / "shard-00000.h5"
+    with h5py.File(shard, "a") as f:
+        group = f["hidden"]
+        shape, dtype = group["2"].shape, group["2"].dtype
+        del group["2"]
+        if kind == "external link":
+            group["2"] = h5py.ExternalLink(str(outside), "secret")
+        elif kind == "soft link":
+            group["2"] = h5py.SoftLink("/hidden/3")
+        elif kind == "virtual dataset":
+            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+            layout[:] = h5py.VirtualSource(str(outside), "secret", shape=(8, 32))[: shape[0]]
+            group.create_virtual_dataset("2", layout)
+        else:
+            raw = tmp_path / "raw.bin"
+            raw.write_bytes(np.zeros(shape, dtype=dtype).tobytes())
+            group.create_dataset("2", shape=shape, dtype=dtype, external=[(str(raw), 0, h5py.h5f.UNLIMITED)])
+    edit_json(cache / "manifest.json", lambda m: m["shards"][0].update(
+        sha256=hashlib.sha256(shard.read_bytes()).hexdigest()))  # checksums agree: only the content tells
+    assert_one_line_error(cli("cache", "verify", cache), "shard-00000.h5")
+    assert_one_line_error(cli("probe", "train", cache, "--out", tmp_path / "c", "--val-size", "4"), "shard-00000.h5")
+    assert not (tmp_path / "c").exists()
+
+
+def test_select_never_replaces_a_users_report(world, tmp_path):
+    chips = copy(world["chips"], tmp_path / "chips")
+    (chips / "report.md").write_text("my own notes on these chips\n")
+    before = tree_digest(chips)
+    assert_one_line_error(cli("select", chips, "--strategy", "validate"), "report.md", "did not write")
+    assert tree_digest(chips) == before
+    # its own earlier report is replaced, and a cascade's files go when the next selection has none
+    fresh = copy(world["chips"], tmp_path / "fresh")
+    for strategy in ("cascade:0.5", "validate", "fixed:2"):
+        result = cli("select", fresh, "--strategy", strategy)
+        assert result.exit_code == 0, result.output
+    assert not (fresh / "cascade.json").exists()
+    assert json.loads((fresh / "selection.json").read_text())["layer"] == 2
+    assert not leftovers(fresh)
+
+
+def test_extract_never_removes_a_shard_it_did_not_write(world, tmp_path):
+    cache = copy(world["cache"], tmp_path / "cache")
+    stranger = cache / "shard-00042.h5"
+    stranger.write_bytes(b"someone else's file")
+    result = cli(*world["extract"], "--out", cache)
+    assert result.exit_code == 0, result.output
+    assert stranger.read_bytes() == b"someone else's file"
+    assert CacheReader(cache).n_rows == len(world["rows"])  # and it is never read
+
+
+def test_folders_that_look_like_temporaries_are_left_alone(world, tmp_path):
+    """Only a temporary holding its own marker is ever removed: a user's folder or file whose name merely
+    looks like one (a dead pid, this host's tag) is kept, byte for byte."""
+    from chiptuning.outputs import clean_stale, sibling_dir
+
+    target = tmp_path / "chips"
+    real = sibling_dir(target)  # marked, made by this process: kept while it lives
+    lookalike = real.with_name(real.name.replace(f"-{os.getpid()}-", "-999999-"))
+    lookalike.mkdir()
+    (lookalike / "precious.txt").write_text("mine\n")
+    json_tmp = tmp_path / "chips.json.tmp"
+    json_tmp.write_text("my scratch file\n")
+    result = cli("probe", "train", world["cache"], "--out", target, "--val-size", "4", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert (lookalike / "precious.txt").read_text() == "mine\n" and json_tmp.read_text() == "my scratch file\n"
+    clean_stale(target)
+    assert real.exists()  # this process is alive
+    # a marked temporary of a dead process is removed
+    dead = real.with_name(real.name.replace(f"-{os.getpid()}-", "-999998-"))
+    real.rename(dead)
+    (dead / ".chiptuning-temporary").write_text(dead.name + "\n")
+    clean_stale(target)
+    assert not dead.exists() and lookalike.exists()
+
+
+@pytest.mark.parametrize("record, change, needle", [
+    ("manifest.json", lambda d: d.update(format_version="1"), "format_version"),
+    ("manifest.json", lambda d: d.update(format_version=99), "newer chip-tuning"),
+    ("manifest.json", lambda d: d.update(hidden_size="32"), "hidden_size"),
+    ("manifest.json", lambda d: d.update(layers=[]), "layers"),
+    ("manifest.json", lambda d: d["shards"][0].update(rows=-5), "rows"),
+    ("manifest.json", lambda d: d["shards"][0].update(file="../../etc/passwd"), "file"),
+    ("chips.json", lambda d: d.update(n_classes=-1), "n_classes"),
+    ("chips.json", lambda d: d.update(n_classes=3), "n_classes"),
+    ("chips.json", lambda d: d.update(hidden_size="wide"), "hidden_size"),
+    ("chips.json", lambda d: d.update(chip="svm"), "chip"),
+    ("chips.json", lambda d: d.update(params={"device": {"evil": 1}}), "params"),
+    ("metrics.json", lambda d: d["layers"][0].update(val_accuracy=1.5), "val_accuracy"),
+    ("metrics.json", lambda d: d["layers"][0].update(val_accuracy="high"), "val_accuracy"),
+    ("metrics.json", lambda d: d.update(layers="all"), "layers"),
+    ("selection.json", lambda d: d.update(layer="3"), "layer"),
+    ("selection.json", lambda d: d.update(cascade=[1, 2]), "cascade"),
+    ("selection.json", lambda d: d.update(cascade="cascade"), "cascade"),
+    ("selection.json", lambda d: d.update(cascade={"layers": [1, 3], "thresholds": [2.0, 0.0], "delta": 0.1,
+                                                   "reference_layer": 3}), "thresholds"),
+])
+def test_malformed_records_are_one_line(world, tmp_path, record, change, needle):
+    cache = copy(world["cache"], tmp_path / "cache")
+    chips = copy(world["chips"], tmp_path / "chips")
+    path = (cache if record == "manifest.json" else chips) / record
+    edit_json(path, change)
+    if record == "manifest.json":
+        for command in (("cache", "info", cache), ("cache", "verify", cache),
+                        ("probe", "train", cache, "--out", tmp_path / "c", "--val-size", "4")):
+            assert_one_line_error(cli(*command), record, needle)
+    else:
+        assert_one_line_error(cli("prune", "--model", world["model"], "--chips", chips, "--out", tmp_path / "p"),
+                              record, needle)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()
+
+
+def test_huge_or_deeply_nested_records_are_refused_before_parsing(world, tmp_path, monkeypatch):
+    chips = copy(world["chips"], tmp_path / "chips")
+    (chips / "selection.json").write_text("[" * 50_000 + "]" * 50_000)
+    assert_one_line_error(cli("prune", "--model", world["model"], "--chips", chips, "--out", tmp_path / "p"),
+                          "nests lists and objects deeper")
+    monkeypatch.setattr("chiptuning.records.MAX_RECORD_BYTES", 1000)
+    assert_one_line_error(cli("cache", "info", world["cache"]), "more than a record may be")
+
+
+def test_a_checkpoint_record_of_the_wrong_shape_is_one_line(world, tmp_path):
+    for change, needle in ((lambda d: d.update(dtype="float64"), "dtype"),
+                           (lambda d: d["tasks"][d["default_task"]].update(cascade=[1]), "cascade"),
+                           (lambda d: d["tasks"][d["default_task"]].update(layer=-1), "layer"),
+                           (lambda d: d.update(default_task="nope"), "default_task"),
+                           (lambda d: d["tokenizer"].update(max_length=0), "max_length")):
+        pruned = copy(world["pruned"], tmp_path / f"p{needle}")
+        edit_json(pruned / PROVENANCE_FILE, change)
+        rehash_checkpoint(pruned)
+        assert_one_line_error(cli("eval", pruned, "--data", world["data"], "--out", tmp_path / "e"), needle)
+        with pytest.raises(ChipTuningError, match=needle):
+            ChipModel.from_pretrained(pruned)
+
+
+def test_careless_labels_are_named(world, tmp_path):
+    rows = [dict(r) for r in world["rows"]]
+    rows[5]["label"] = None
+    data = write_jsonl(tmp_path / "null.jsonl", rows)
+    assert_one_line_error(cli("extract", "--model", world["model"], "--data", data, "--text-column", "text",
+                              "--out", tmp_path / "c"), "record 5", "no label (null)")
+    rows[5]["label"] = "pos "
+    data = write_jsonl(tmp_path / "space.jsonl", rows)
+    assert_one_line_error(cli("extract", "--model", world["model"], "--data", data, "--text-column", "text",
+                              "--out", tmp_path / "c"), "'pos'", "'pos '", "differ only by case or surrounding space")
+    rows[5]["label"] = "POS"
+    data = write_jsonl(tmp_path / "case.jsonl", rows)
+    assert_one_line_error(cli("extract", "--model", world["model"], "--data", data, "--text-column", "text",
+                              "--out", tmp_path / "c"), "differ only by case")
+    assert_one_line_error(cli("extract", "--model", world["model"], "--data", data, "--text-column", "text",
+                              "--labels", "neg,pos", "--out", tmp_path / "c"), "record 5", "'POS'", "only by case")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_template_asking_for_a_huge_width_is_refused(world, tmp_path):
+    for template in ("{text:>999999999}", "{text:.99999999}", "{text:{text}}", "{text.__class__}"):
+        result = cli("extract", "--model", world["model"], "--data", world["data"], "--template", template,
+                     "--out", tmp_path / "c")
+        assert_one_line_error(result, "at most 4,096" if template.count("{") == 1 and ":" in template else "template")
+    # a checkpoint's own saved template is bounded the same way at predict
+    pruned = copy(world["pruned"], tmp_path / "pruned")
+    edit_json(pruned / PROVENANCE_FILE, lambda d: d["tasks"][d["default_task"]].update(
+        template="{text:>999999999}", text_column=None))
+    rehash_checkpoint(pruned)
+    clf = ChipModel.from_pretrained(pruned)
+    started = time.perf_counter()
+    with pytest.raises(ChipTuningError, match="at most 4,096"):
+        clf.predict(["a review"])
+    assert time.perf_counter() - started < 5
+
+
+def test_a_chat_template_the_sandbox_refuses_is_one_line(world, tmp_path):
+    model = copy(Path(world["model"]), tmp_path / "model")
+    edit_json(model / "tokenizer_config.json", lambda d: d.update(
+        chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}"))
+    assert_one_line_error(cli("extract", "--model", model, "--data", world["data"], "--text-column", "text",
+                              "--chat-template", "--out", tmp_path / "c"), "chat template")
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_python_api_speaks_like_the_cli(world):
+    clf = ChipModel.from_pretrained(world["pruned"])
+    for bad, needle in ((None, "None"), (5, "int"), (b"bytes", "bytes"), ([None], "input 0 is None"),
+                        ([], "no inputs"), ("", "empty"), (["ok", "   "], "input 1 is an empty text")):
+        with pytest.raises(ChipTuningError, match=needle):
+            clf.predict(bad)
+    with pytest.raises(ChipTuningError, match="no such directory"):
+        ChipModel.from_pretrained("/no/such/checkpoint")
+    from chiptuning.models import load_model
+
+    with pytest.raises(ChipTuningError, match="no such directory"):
+        load_model("/no/such/model/dir")

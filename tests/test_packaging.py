@@ -54,8 +54,9 @@ def test_tests_import_the_installed_package():
     here = Path(chiptuning.__file__).resolve()
     if install_is_editable():
         assert here.is_relative_to(REPO / "chiptuning"), here
-    else:
-        assert not here.is_relative_to(REPO), f"the tests imported the source tree ({here}), not the installed wheel"
+    else:  # (a virtualenv inside the clone is fine: only the source folders must not be imported)
+        assert not any(here.is_relative_to(REPO / folder) for folder in INSTALLS_AS), \
+            f"the tests imported the source tree ({here}), not the installed wheel"
         installed = {Path(f.locate()).resolve() for f in metadata.files(DIST)}
         assert here in installed
     assert metadata.version(DIST) == chiptuning.__version__

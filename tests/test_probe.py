@@ -523,24 +523,24 @@ def test_within_delta_never_picks_more_than_delta_below_best():
         delta = float(rng.choice([0.0, 0.005, 0.01, 0.05, 0.2]))
         s = select_layer(_chipset(val.tolist()), f"within:{delta}", write=False)
         best = val[1:].max()  # layer 0 (embeddings, no block) is never a candidate
-        assert s["layer"] >= 1
-        assert val[s["layer"]] >= best - delta - 1e-9
-        assert all(v < best - delta - 1e-9 for v in val[1:s["layer"]])  # shallowest such layer
+        assert s.layer >= 1
+        assert val[s.layer] >= best - delta - 1e-9
+        assert all(v < best - delta - 1e-9 for v in val[1:s.layer])  # shallowest such layer
     s = select_layer(_chipset([0.5, 0.79, 0.8, 0.7]), "within:1%", write=False)
-    assert s["layer"] == 1
+    assert s.layer == 1
 
 
 def test_strategies_and_pruning_ratio():
     stats = {"embedding": 100, "blocks": [10, 20, 30, 40], "final_norm": 1, "lm_head": 99, "total": 300}
     cs = _chipset([0.5, 0.9, 0.9, 0.8, 0.7], eval_acc=[0.5, 0.8, 0.85, 0.9, 0.7], stats=stats)
     v = select_layer(cs, "validate", write=False)
-    assert v["layer"] == 1 and not v["oracle"]  # tie -> shallowest
-    assert v["pruning"]["params_removed"] == 20 + 30 + 40 and v["pruning"]["ratio"] == pytest.approx(90 / 300)
-    assert v["pruning"]["ratio_with_lm_head"] == pytest.approx(189 / 300)
+    assert v.layer == 1 and not v.oracle  # tie -> shallowest
+    assert v.pruning.params_removed == 20 + 30 + 40 and v.pruning.ratio == pytest.approx(90 / 300)
+    assert v.pruning.ratio_with_lm_head == pytest.approx(189 / 300)
     o = select_layer(cs, "optimal", write=False)
-    assert o["layer"] == 3 and o["oracle"] and "ORACLE" in o["why"]
+    assert o.layer == 3 and o.oracle and "ORACLE" in o.why
     f = select_layer(cs, "fixed:4", write=False)
-    assert f["layer"] == 4 and f["pruning"]["ratio"] == 0.0
+    assert f.layer == 4 and f.pruning.ratio == 0.0
     with pytest.raises(ChipTuningError, match="no chip at layer 9"):
         select_layer(cs, "fixed:9", write=False)
     with pytest.raises(ChipTuningError, match="unknown --strategy"):
@@ -554,8 +554,8 @@ def test_pruning_strategies_never_pick_layer_0():
     cs = _chipset([0.95, 0.6, 0.7, 0.65], eval_acc=[0.97, 0.6, 0.75, 0.7])
     for strategy, expected in (("validate", 2), ("optimal", 2), ("within:0.5", 1), ("within:0.0", 2)):
         s = select_layer(cs, strategy, write=False)
-        assert s["layer"] == expected, strategy
-        assert "layer 0" in s["why"] and "1..3" in s["why"]
+        assert s.layer == expected, strategy
+        assert "layer 0" in s.why and "1..3" in s.why
     with pytest.raises(ChipTuningError, match="at least one transformer block"):
         select_layer(cs, "fixed:0", write=False)
     with pytest.raises(ChipTuningError, match="at least one transformer block"):
@@ -566,10 +566,10 @@ def test_select_writes_selection_and_report(linear_chips):
     chips, out = linear_chips
     s = select_layer(out, "validate")
     saved = json.loads((out / "selection.json").read_text())
-    assert saved["layer"] == s["layer"] and load_chips(out).selection["layer"] == s["layer"]
+    assert saved["layer"] == s.layer and load_chips(out).selection.layer == s.layer
     report = (out / "report.md").read_text()
-    assert f"**layer {s['layer']}**" in report and "| layer |" in report
-    assert s["layer"] >= 2  # layers 0-1 carry little signal
+    assert f"**layer {s.layer}**" in report and "| layer |" in report
+    assert s.layer >= 2  # layers 0-1 carry little signal
 
 
 # -- artifacts ------------------------------------------------------------------------------------
@@ -675,7 +675,7 @@ def test_works_on_any_object_with_the_cache_api():
     fake = FakeCache(feats, y, ["no", "yes"])
     chips = train_chips(fake, FakeCache(*planted_features(100, 3, 8, 2, seed=10), ["no", "yes"]), epochs=30, lr=1e-2)
     assert chips.metrics_at(2)["eval_accuracy"] > 0.9
-    assert select_layer(chips, "validate", write=False)["pruning"]["params_removed"] == 500 * (2 - chips.selection["layer"])
+    assert select_layer(chips, "validate", write=False).pruning.params_removed == 500 * (2 - chips.selection.layer)
 
 
 def test_eval_cache_from_another_model_or_label_set_is_refused(toy, tmp_path):
@@ -763,15 +763,15 @@ def test_cli_no_intercept_trains_bias_free_linear_chips(toy, tmp_path):
 def test_plot_draws_the_majority_class_baseline(tmp_path, monkeypatch):
     """The plot's reference line is the eval labels' majority-class accuracy (an unbalanced
     task's real floor), not only 1/C."""
-    import chiptuning.probe.artifacts as artifacts
+    import chiptuning.probe.chipset as chipset
 
     feats, y = planted_features(300, 3, 8, 3, seed=5)
     y_eval = np.array([0] * 70 + [1] * 20 + [2] * 10)
     train = write_cache(tmp_path / "train", feats, y, label_names=list("abc"))
     evals = write_cache(tmp_path / "eval", feats[:100], y_eval, label_names=list("abc"))
     drawn = []
-    real = artifacts.plot_layer_accuracy
-    monkeypatch.setattr(artifacts, "plot_layer_accuracy", lambda *a, **k: drawn.append(k) or real(*a, **k))
+    real = chipset.plot_layer_accuracy
+    monkeypatch.setattr(chipset, "plot_layer_accuracy", lambda *a, **k: drawn.append(k) or real(*a, **k))
     chips = train_chips(train, evals, chip="linear", epochs=2, out=tmp_path / "chips")
     val_rows = np.asarray(chips.config["validation"]["rows"])
     assert chips.config["majority_baseline"] == {

@@ -8,7 +8,9 @@ The per-architecture parity tests live in ``test_prune_parity.py``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,7 +197,7 @@ def test_dense_model_other_than_the_base_is_refused(tiny_models, caches, tmp_pat
 
 def test_layer_comes_from_selection_or_flag(caches, tmp_path):
     chips = train(caches["gpt2"], tmp_path / "chips", [1, 2, 3], strategy="validate")
-    chosen = chips.selection["layer"]
+    chosen = chips.selection.layer
     assert chosen in (1, 2, 3)
     assert resolve_layer(chips, None) == (chosen, "validate")
     assert resolve_layer(chips, 3) == (3, "fixed:3")
@@ -263,13 +265,21 @@ def test_cli_probe_train_select_prune_eval_push(tiny_models, caches, tmp_path, m
     import huggingface_hub
 
     calls = {}
+
+    def commit(self, **kw):  # what would be uploaded: every operation's bytes, read now
+        calls["commit"] = dict(kw, files={op.path_in_repo: (op.path_or_fileobj.read() if hasattr(
+            op.path_or_fileobj, "read") else Path(op.path_or_fileobj).read_bytes()) for op in kw["operations"]})
+        return "https://hf.co/me/m/commit/1"
+
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create", repo_id))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, **kw: calls.setdefault("upload", kw) and "https://hf.co/me/m/commit/1")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", commit)
+    (tmp_path / "p" / ".gitattributes").write_text("*.safetensors filter=lfs\n")  # inert: not uploaded
     result = _cli("push", tmp_path / "p", "--repo-id", "me/m")
     assert result.exit_code == 0, result.output
-    assert calls["create"] == "me/m" and calls["upload"]["folder_path"] == str(tmp_path / "p")
-    assert "layer 2 of 4" in calls["upload"]["commit_message"]
+    assert calls["create"] == "me/m" and "layer 2 of 4" in calls["commit"]["commit_message"]
+    recorded = read_provenance(tmp_path / "p")["checksums"]
+    assert set(calls["commit"]["files"]) == set(recorded) | {PROVENANCE_FILE}  # exactly the recorded files
+    assert all(hashlib.sha256(calls["commit"]["files"][rel]).hexdigest() == digest for rel, digest in recorded.items())
 
 
 def test_cli_prune_keeps_the_dtype_of_a_bf16_cache(tiny_models, caches, tmp_path):

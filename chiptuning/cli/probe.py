@@ -94,10 +94,10 @@ def train_cmd(train_cache, eval_cache, chip, out, overwrite, regime, val_size, s
     lens = [m for m in chips.metrics if m.get("lens_accuracy") is not None]
     if lens:
         said = max(lens, key=lambda m: (m["lens_accuracy"], -m["layer"]))
-        zero = chips.record.zero_shot or {}
-        click.echo(f"the model's own answer (logit lens): best {said['lens_accuracy']:.4f} at layer {said['layer']}; "
-                   f"zero-shot at layer {zero.get('layer')} {zero.get('accuracy', 0):.4f}, prior-calibrated "
-                   f"{zero.get('calibrated_accuracy') or 0:.4f}")
+        zero = chips.record.zero_shot
+        click.echo(f"the model's own answer (logit lens): best {said['lens_accuracy']:.4f} at layer {said['layer']}"
+                   + ("" if zero is None else f"; zero-shot at layer {zero.layer} {zero.accuracy:.4f}, prior-calibrated "
+                      f"{zero.calibrated_accuracy or 0:.4f}"))
 
 
 @probe_group.command("sweep", short_help="Sweep chip hyperparameters and layers on a cache.")
@@ -197,20 +197,20 @@ def select(chips_dir, strategy, allow_pickle):
     from chiptuning.probe import select_layer
 
     s = select_layer(chips_dir, strategy, allow_pickle=allow_pickle)
-    acc = s["expected_accuracy"]
-    pr = s["pruning"]
+    acc = s.expected_accuracy
     click.echo(
-        f"layer {s['layer']} ({s['strategy']}{', ORACLE' if s['oracle'] else ''}): expected accuracy "
-        f"{'-' if acc is None else f'{acc:.4f}'} ({s['expected_accuracy_from']}), "
-        f"{100 * pr['ratio']:.1f}% of parameters removed ({pr['blocks_removed']} of {s['num_blocks']} blocks)"
+        f"layer {s.layer} ({s.strategy}{', ORACLE' if s.oracle else ''}): expected accuracy "
+        f"{'-' if acc is None else f'{acc:.4f}'} ({s.expected_accuracy_from}), "
+        f"{100 * s.pruning.ratio:.1f}% of parameters removed ({s.pruning.blocks_removed} of {s.num_blocks} blocks)"
     )
-    if "cascade" in s:
-        sim = s["cascade"]["simulated"]
-        part = "eval" if "eval_accuracy" in sim else "val"
-        click.echo(f"cascade: {s['why']}")
-        click.echo(f"simulated {part}: accuracy {sim[f'{part}_accuracy']:.4f} (best fixed chip "
-                   f"{sim[f'reference_{part}_accuracy']:.4f}), mean depth {sim[f'{part}_mean_depth']:.2f} blocks "
-                   f"against {s['layer']}: {s['layer'] / sim[f'{part}_mean_depth']:.2f}x fewer -> "
+    if s.cascade is not None:
+        sim = s.cascade.simulated
+        part = "eval" if sim.eval_accuracy is not None else "val"
+        accuracy, reference, depth = (getattr(sim, f"{part}_accuracy"), getattr(sim, f"reference_{part}_accuracy"),
+                                      getattr(sim, f"{part}_mean_depth"))
+        click.echo(f"cascade: {s.why}")
+        click.echo(f"simulated {part}: accuracy {accuracy:.4f} (best fixed chip {reference:.4f}), mean depth "
+                   f"{depth:.2f} blocks against {s.layer}: {s.layer / depth:.2f}x fewer -> "
                    f"{chips_dir}/cascade.json, cascade_curve.csv, cascade.png")
 
 
@@ -232,13 +232,13 @@ def zeroshot_cmd(eval_cache, prior_cache, as_json):
     prior = CacheReader(prior_cache) if prior_cache else None
     report = zero_shot_report(evals, prior)
     if as_json:
-        click.echo(json.dumps(dict(report, curve=lens_curve(evals, prior)), indent=2))
+        click.echo(json.dumps(dict(report.to_dict(), curve=lens_curve(evals, prior)), indent=2))
         return
-    calibrated = report["calibrated_accuracy"]
-    click.echo(f"zero-shot ({report['prompt']} prompts, layer {report['layer']}): accuracy {report['accuracy']:.4f}"
+    calibrated = report.calibrated_accuracy
+    click.echo(f"zero-shot ({report.prompt} prompts, layer {report.layer}): accuracy {report.accuracy:.4f}"
                + (f", prior-calibrated {calibrated:.4f}" if calibrated is not None else "")
-               + f" on {report['n_examples']} examples; answers "
-               + ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["prediction_share"].items()))
+               + f" on {report.n_examples} examples; answers "
+               + ", ".join(f"{k} {100 * v:.0f}%" for k, v in report.prediction_share.items()))
 
 
 COMMANDS = [probe_group, select, zeroshot_cmd]

@@ -107,11 +107,11 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
                                  n_calibration=n_calibration, max_length=calibration_max_length, cache=cache_dir,
                                  dtype=dtype or "fp32", device=device, overwrite=overwrite, **options)
         record = read_record(path)
-        params = record["params"]
+        params = record.params
         click.echo(
-            f"pruned {model} with {method}: {record['base_model']['num_blocks']} -> {record['num_blocks']} blocks, "
-            f"{params['before']:,} -> {params['after']:,} parameters "
-            f"({100 * params['pruning_ratio']:.1f}% removed) -> {path}"
+            f"pruned {model} with {method}: {record.base_model.num_blocks} -> {record.num_blocks} blocks, "
+            f"{params.before:,} -> {params.after:,} parameters "
+            f"({100 * params.pruning_ratio:.1f}% removed) -> {path}"
         )
         return
     if not chips_dirs:
@@ -125,8 +125,8 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
     params = record.params
     click.echo(
         f"pruned {model} at layer {record.layer} of {record.num_blocks}: "
-        f"{params['before']['total']:,} -> {params['after']['total']:,} parameters "
-        f"({100 * params['pruning_ratio']:.1f}% removed) -> {path}"
+        f"{params.before['total']:,} -> {params.after['total']:,} parameters "
+        f"({100 * params.pruning_ratio:.1f}% removed) -> {path}"
     )
 
 

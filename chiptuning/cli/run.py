@@ -65,42 +65,41 @@ def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, dev
     click.echo(format_summary(summary))
 
 
-def format_summary(summary: dict) -> str:
-    """The end-of-run report: layer curve, selection, pruned accuracy, pruning ratio, paths."""
-    lens = any(row.get("lens_accuracy") is not None for row in summary["layer_curve"])
-    lines = [f"model {summary['model']}  task {summary['task']}  "
-             f"({summary['n_train']} train / {summary['n_eval']} eval examples, "
-             f"labels {', '.join(summary['label_names'])})", "",
+def format_summary(summary) -> str:
+    """The end-of-run report (a :class:`~chiptuning.pipeline.RunSummary`): layer curve, selection,
+    pruned accuracy, pruning ratio, speed, what was reused, paths."""
+    lens = any(point.lens_accuracy is not None for point in summary.layer_curve)
+    lines = [f"model {summary.model}  task {summary.task}  ({summary.n_train} train / {summary.n_eval} eval examples, "
+             f"labels {', '.join(summary.label_names)})", "",
              f"{'layer':>5}  {'val acc':>8}  {'eval acc':>8}" + (f"  {'model says':>10}" if lens else "")]
-    for row in summary["layer_curve"]:
-        mark = "  <- selected" if row["layer"] == summary["layer"] else ""
-        said = f"  {_pct(row.get('lens_accuracy')):>10}" if lens else ""
-        lines.append(f"{row['layer']:>5}  {_pct(row['val_accuracy']):>8}  {_pct(row['eval_accuracy']):>8}{said}{mark}")
-    params = summary["params"]
-    sel = summary["selection"]
+    for point in summary.layer_curve:
+        mark = "  <- selected" if point.layer == summary.layer else ""
+        said = f"  {_pct(point.lens_accuracy):>10}" if lens else ""
+        lines.append(f"{point.layer:>5}  {_pct(point.val_accuracy):>8}  {_pct(point.eval_accuracy):>8}{said}{mark}")
+    params = summary.params
     lines += [
         "",
-        f"selected layer {summary['layer']} of {summary['num_blocks']} ({summary['strategy']}): {sel['why']}",
-        f"pruned model accuracy on eval: {_pct(summary['pruned_eval_accuracy'])} "
-        f"(majority class {_pct(summary['majority_baseline'])})",
+        f"selected layer {summary.layer} of {summary.num_blocks} ({summary.strategy}): {summary.selection.why}",
+        f"pruned model accuracy on eval: {_pct(summary.pruned_eval_accuracy)} "
+        f"(majority class {_pct(summary.majority_baseline)})",
     ]
-    zero_shot = summary.get("zero_shot")
-    if zero_shot:
-        lines.append(f"dense model's own answer (zero-shot, label words at layer {zero_shot['layer']}): "
-                     f"{_pct(zero_shot['accuracy'])}, prior-calibrated {_pct(zero_shot['calibrated_accuracy'])}")
-    lines.append(f"parameters {params['before']['total']:,} -> {params['after']['total']:,} "
-                 f"({100 * params['pruning_ratio']:.1f}% removed)")
-    speed = summary.get("speed")
-    if speed:
-        lines.append(f"speed on eval: pruned {speed['pruned_examples_per_s']:.1f} examples/s, dense "
-                     f"{speed['dense_examples_per_s']:.1f}: {speed['speedup']:.2f}x faster (block ratio "
-                     f"{speed['ideal_speedup']:.2f}x)")
-    lines.append(f"time {summary['timings']['total_s']:.1f} s on {summary['device']}")
-    if summary.get("reused"):
-        lines.append(f"reused from the earlier run in this directory: {', '.join(summary['reused'])}; "
-                     f"made again: {', '.join(summary['made']) or 'nothing'}")
-    lines += [f"{name:>12}: {path}" for name, path in summary["paths"].items()]
-    lines.append("load it: chiptuning.ChipModel.from_pretrained(" + repr(summary["paths"]["pruned"]) + ")")
+    zero_shot = summary.zero_shot
+    if zero_shot is not None:
+        lines.append(f"dense model's own answer (zero-shot, label words at layer {zero_shot.layer}): "
+                     f"{_pct(zero_shot.accuracy)}, prior-calibrated {_pct(zero_shot.calibrated_accuracy)}")
+    lines.append(f"parameters {params.before['total']:,} -> {params.after['total']:,} "
+                 f"({100 * params.pruning_ratio:.1f}% removed)")
+    speed = summary.speed
+    if speed is not None:
+        lines.append(f"speed on eval: pruned {speed.pruned_examples_per_s:.1f} examples/s, dense "
+                     f"{speed.dense_examples_per_s:.1f}: {speed.speedup:.2f}x faster (block ratio "
+                     f"{speed.ideal_speedup:.2f}x)")
+    lines.append(f"time {summary.timings['total_s']:.1f} s on {summary.device}")
+    if summary.reused:
+        lines.append(f"reused from the earlier run in this directory: {', '.join(summary.reused)}; "
+                     f"made again: {', '.join(summary.made) or 'nothing'}")
+    lines += [f"{name:>12}: {path}" for name, path in summary.paths.items()]
+    lines.append("load it: chiptuning.ChipModel.from_pretrained(" + repr(summary.paths["pruned"]) + ")")
     return "\n".join(lines)
 
 

@@ -4,6 +4,10 @@ A prompt is ``template.format(**fields)`` with two additions for multiple-choice
 field renders as lettered option lines (``A. first\\nB. second``; :func:`format_options`), and
 ``{field:lines}`` joins a list with newlines instead (C3's document sentences). Every built-in
 prompt is such a template string, so a saved template alone rebuilds the prompt of a raw record.
+
+A template is data (a checkpoint carries its own), so formatting it is bounded: a format spec may
+ask for at most :data:`MAX_FORMAT_WIDTH` characters of width or precision, and a field may not
+reach into private attributes (``{text.__class__}``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from chiptuning.errors import DataError
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: The widest field a format spec may ask for (width or precision, in characters).
+MAX_FORMAT_WIDTH = 4096
+_SPEC_NUMBERS = re.compile(r"(?<![.\d])(\d+)|\.(\d+)")
 
 # A private-use character stands in for the field being shortened, to split a prompt into the
 # text before and after that field.
@@ -58,10 +65,30 @@ def format_options(options: Sequence[Any], letters: str = LETTERS) -> str:
     return "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
 
 
+def check_format_spec(spec: str) -> None:
+    """Refuse a format spec asking for more than :data:`MAX_FORMAT_WIDTH` characters of width or
+    precision (``{text:>999999999}`` would build a string until memory runs out).
+
+    Raises:
+        DataError: naming the spec.
+    """
+    numbers = [int(a or b) for a, b in _SPEC_NUMBERS.findall(spec.lstrip()[1:] if spec[1:2] in "<>=^" else spec)]
+    if any(n > MAX_FORMAT_WIDTH for n in numbers):
+        raise DataError(f"format spec {spec!r} asks for {max(numbers):,} characters; a template field may ask for at "
+                        f"most {MAX_FORMAT_WIDTH:,}")
+
+
 class PromptFormatter(string.Formatter):
-    """``str.format`` that renders list fields: options by default, ``:lines`` joined by newlines."""
+    """``str.format`` that renders list fields: options by default, ``:lines`` joined by newlines;
+    bounded (:func:`check_format_spec`, no private attributes)."""
+
+    def get_field(self, field_name: str, args, kwargs):
+        if any(part.startswith("_") for part in re.split(r"[.\[\]]", field_name)[1:] if part):
+            raise DataError(f"template field {{{field_name}}} reaches into a private attribute; refused")
+        return super().get_field(field_name, args, kwargs)
 
     def format_field(self, value: Any, format_spec: str) -> str:
+        check_format_spec(format_spec)
         if format_spec in ("options", "lines"):
             if not isinstance(value, (list, tuple)):
                 return str(value)  # already rendered, e.g. a shortened field
@@ -91,9 +118,15 @@ def template_fields(template: str) -> set[str]:
         DataError: a malformed template, or a positional field such as ``{}`` or ``{0}``.
     """
     try:
-        names = [name for _, name, _, _ in _FORMATTER.parse(template) if name is not None]
+        parsed = [(name, spec) for _, name, spec, _ in _FORMATTER.parse(template) if name is not None]
     except ValueError as err:
         raise DataError(f"bad template {template!r}: {err}; write literal braces as {{{{ and }}}}") from None
+    names = [name for name, _ in parsed]
+    for name, spec in parsed:
+        if "{" not in spec:  # a nested field's spec is checked when it is filled in
+            check_format_spec(spec)
+        if any(part.startswith("_") for part in re.split(r"[.\[\]]", name)[1:] if part):
+            raise DataError(f"template field {{{name}}} reaches into a private attribute; refused")
     roots = {re.split(r"[.\[]", name, maxsplit=1)[0] for name in names}
     if "" in roots or any(root.isdigit() for root in roots):
         raise DataError(f"template {template!r} has a positional field; name every field, e.g. {{question}}")
@@ -321,9 +354,7 @@ class TaskData:
         strip_bos = bool(bos) and _adds_bos(tokenizer)
 
         def render(prompt: str) -> str:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+            text = apply_chat_template(tokenizer, [{"role": "user", "content": prompt}])
             return text[len(bos):] if strip_bos and text.startswith(bos) else text
 
         return render
@@ -444,4 +475,23 @@ def image_chat_prompt(processor, text: str) -> str:
             "prompt; use an instruction-tuned vision-language model (or add a chat template to its processor)"
         )
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return apply_chat_template(processor, messages)
+
+
+def apply_chat_template(tokenizer, messages: list[dict[str, Any]]) -> str:
+    """The chat template of ``tokenizer`` (or a processor) around ``messages``, with the generation
+    prompt, as text. The template is code from the model's files: transformers runs it in jinja's
+    sandbox, and what the sandbox (or the template itself) refuses is one error line.
+
+    Raises:
+        DataError: the template fails or is refused.
+    """
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # jinja2's SecurityError / TemplateError, or what the template raises
+        if type(err).__module__.split(".")[0] not in ("jinja2", "transformers") and not isinstance(
+                err, (ValueError, TypeError, KeyError, IndexError, AttributeError)):
+            raise
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        raise DataError(f"the chat template of {name!r} cannot render the prompt ({type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0]}); fix the template or leave --chat-template out") from None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from chiptuning.errors import DataError
+from chiptuning.records import name_clash
 from chiptuning.tasks.base import Example, TaskData, choice_field, render_field, template_fields
 
 log = logging.getLogger(__name__)
@@ -261,16 +262,26 @@ def record_labels(records: list[dict[str, Any]], *, where: str, needed: set[str]
                 f"check {options}"
             )
     values = [get_value(r, label_column) for r in records]
+    for n, value in enumerate(values):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{where}: record {n} has no label ({'null' if value is None else 'empty'}) in column "
+                            f"{label_column!r}; fill it in or drop the record")
     label_names, index = label_mapping(values, labels, class_label_names(features, label_column))
+    clash = name_clash(label_names)
+    if clash is not None:
+        raise DataError(f"{where}: labels {clash[0]!r} and {clash[1]!r} differ only by case or surrounding space, so "
+                        "they would be two classes; clean the data (or give the classes with --labels)")
     if len(label_names) < 2:
         raise DataError(f"{where}: only one label {label_names} in column {label_column!r}; a classifier needs two or more")
     classes = []
     for n, value in enumerate(values):
         label = index(value)
         if label is None:
+            near = [name for name in label_names if name.strip().casefold() == str(value).strip().casefold()]
             raise DataError(
-                f"{where}: record {n} has label {value!r}, not in the label set {label_names}; "
-                "fix the data or pass --labels"
+                f"{where}: record {n} has label {value!r}, not in the label set {label_names}"
+                + (f" (it differs from {near[0]!r} only by case or surrounding space)" if near else "")
+                + "; fix the data or pass --labels"
             )
         classes.append(label)
     return label_names, classes

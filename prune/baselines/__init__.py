@@ -40,6 +40,7 @@ from chiptuning.prune.baselines.apply import (
     DEFAULTS,
     METHODS,
     RECORD_FILE,
+    DepthPruningRecord,
     apply_plan_,
     check_reload,
     generation_check,
@@ -71,6 +72,7 @@ from chiptuning.prune.truncate import rebuild_blocks_, remove_blocks_
 
 __all__ = [
     "DEFAULTS",
+    "DepthPruningRecord",
     "METHODS",
     "RECORD_FILE",
     "Calibration",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,17 +14,18 @@ from transformers import AutoModel, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from chiptuning import __version__
-from chiptuning.errors import ChipTuningError
-from chiptuning.io import json_default, write_json_atomic
+from chiptuning.errors import ChipTuningError, ProvenanceError
+from chiptuning.io import write_json_atomic
 from chiptuning.models import load_config, load_model, load_tokenizer, weights_hash
-from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output
+from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output, written_files
 from chiptuning.prune.baselines.calibration import Calibration, calibration_from_task
 from chiptuning.prune.baselines.drop import plan_angular, plan_shortgpt, plan_tail
 from chiptuning.prune.baselines.merging import plan_laco, plan_slm
 from chiptuning.prune.baselines.plan import Plan
 from chiptuning.prune.baselines.streamline import plan_streamline
-from chiptuning.prune.provenance import file_checksums, record_hash
+from chiptuning.prune.provenance import BaseModel, record_hash, verify_checksums
 from chiptuning.prune.truncate import rebuild_blocks_
+from chiptuning.records import Invalid, Record, read_json, rule
 from chiptuning.registry import get_blocks, get_spec, num_blocks
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,65 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "laco": {"threshold": 0.9, "merge_layers": 4, "interval": 2},
 }
 GENERATION_CHECK_PROMPT = "The quick brown fox"
+
+
+@dataclass
+class ParamCounts(Record):
+    """Parameters of the model before and after, and the share removed."""
+
+    before: int = rule(ge=1)
+    after: int = rule(ge=1)
+    pruning_ratio: float = rule(ge=0, le=1)
+
+
+@dataclass
+class DepthPruningRecord(Record):
+    """``pruning.json``: what a depth-pruning method did to a model, and the checkpoint's files.
+
+    Attributes:
+        method: one of :data:`METHODS`; options: its settings (:data:`DEFAULTS` filled in).
+        base_model: the full model.
+        num_blocks: blocks of the result; blocks_removed, block_ratio: what it lost.
+        groups: per block of the result, the original blocks (1-based) it stands for.
+        removed: original blocks that no longer exist as they were.
+        details: the method's scores, thresholds and training metrics.
+        calibration: the calibration text's source and size (None for methods without).
+        cache: the last-token cache it read, if any.
+        params: parameter counts.
+        reload, generation: the checks run on the saved checkpoint.
+        checksums: sha256 of every file written besides this record.
+        record_sha256: sha256 of this record itself.
+    """
+
+    FORMAT = RECORD_FORMAT
+    ERROR = ProvenanceError
+
+    method: Literal["tail", "shortgpt", "angular", "streamline", "slm", "laco"]
+    base_model: BaseModel
+    num_blocks: int = rule(ge=1)
+    groups: list[list[int]] = rule(default_factory=list, ge=1)
+    removed: list[int] = rule(default_factory=list, ge=1)
+    blocks_removed: int = rule(0, ge=0)
+    block_ratio: float = rule(0.0, ge=0, le=1)
+    params: ParamCounts | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    cache: str | None = None
+    reload: dict[str, Any] | None = None
+    generation: dict[str, Any] | None = None
+    checksums: dict[str, str] = field(default_factory=dict)
+    record_sha256: str | None = rule(None, omit_none=True)
+    chiptuning_version: str = __version__
+
+    def check(self) -> None:
+        L = self.base_model.num_blocks
+        if len(self.groups) != self.num_blocks or self.blocks_removed != L - self.num_blocks:
+            raise Invalid("groups", f"{len(self.groups)} groups for {self.num_blocks} blocks, {self.blocks_removed} "
+                                    f"of {L} removed: they do not add up")
+        flat = [i for group in self.groups for i in group]
+        if flat != sorted(set(flat)) or (flat and flat[-1] > L):
+            raise Invalid("groups", f"must name distinct blocks of 1..{L} in order")
 
 
 def plan_method(model, method: str, n: int, tokenizer=None, calibration: Calibration | None = None,
@@ -111,16 +172,20 @@ def generation_check(model, tokenizer, max_new_tokens: int = 4) -> dict[str, Any
             "kv_cache_matches": True}
 
 
-def _json_safe(obj):
-    return json.loads(json.dumps(obj, default=json_default))
-
-
-def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record: dict[str, Any],
+def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record: DepthPruningRecord | dict,
                       overwrite: bool = False) -> Path:
     """Save ``model`` (already cut) + tokenizer + ``pruning.json``, check the reload and (decoders)
     KV-cache generation, atomically (temporary sibling directory renamed at the end,
     :func:`chiptuning.outputs.write_output`; an existing checkpoint is replaced only with
-    ``overwrite``)."""
+    ``overwrite``). ``record``: the record, or its fields as a dict (the plan's groups, removed
+    blocks and details, and the model's depth, fill what it does not give)."""
+    if isinstance(record, dict):
+        L = len({i for group in plan.groups for i in group} | set(plan.removed))  # the blocks it started with
+        record = DepthPruningRecord.from_dict(
+            {"base_model": {"id": "in memory", "model_type": model.config.model_type, "num_blocks": L},
+             "num_blocks": len(plan.groups), "blocks_removed": L - len(plan.groups),
+             "block_ratio": (L - len(plan.groups)) / L, "groups": plan.groups, "removed": plan.removed,
+             "details": plan.details, **record}, "depth-pruning record")
     hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
     with write_output(out_dir, DEPTH_PRUNED, overwrite=overwrite) as tmp:
@@ -130,23 +195,31 @@ def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record:
         tokenizer.save_pretrained(tmp)
         depth = len(plan.groups)
         reloaded = check_reload(tmp, AutoModelForCausalLM if has_head else AutoModel, depth)
-        record = dict(record)
-        record["reload"] = {"class": type(reloaded).__name__, "clean": True}
-        record["generation"] = generation_check(reloaded, tokenizer) if has_head else None
+        record = dataclasses.replace(
+            record, reload={"class": type(reloaded).__name__, "clean": True},
+            generation=generation_check(reloaded, tokenizer) if has_head else None,
+            chiptuning_version=__version__, checksums=written_files(tmp, RECORD_FILE), record_sha256=None)
         del reloaded
-        record.update(format=RECORD_FORMAT, chiptuning_version=__version__, checksums=file_checksums(tmp, exclude=(RECORD_FILE,)))
-        record = _json_safe(record)
-        record["record_sha256"] = record_hash(record)
-        write_json_atomic(tmp / RECORD_FILE, record)
+        data = record.to_dict()
+        data["record_sha256"] = record_hash(data)
+        write_json_atomic(tmp / RECORD_FILE, data)
     return out_dir
 
 
-def read_record(path: str | Path) -> dict[str, Any]:
-    """The ``pruning.json`` of a depth-pruned checkpoint."""
+def read_record(path: str | Path) -> DepthPruningRecord:
+    """The ``pruning.json`` of a depth-pruned checkpoint, verified like a pruned checkpoint's record
+    (exactly the recorded files, each with its sha256, and the record its own).
+
+    Raises:
+        ChipTuningError: not such a checkpoint; ProvenanceError: edited, missing or unrecorded files.
+    """
     file = Path(path) / RECORD_FILE
     if not file.is_file():
         raise ChipTuningError(f"{path} has no {RECORD_FILE}: not a checkpoint written by `chiptuning prune --method`")
-    return json.loads(file.read_text())
+    raw = read_json(file, ProvenanceError)
+    record = DepthPruningRecord.from_dict(raw, str(file), file=True)
+    verify_checksums(path, raw, RECORD_FILE)
+    return record
 
 
 def prune_with_method(
@@ -212,22 +285,15 @@ def prune_with_method(
     plan = plan_method(model, method, n, tokenizer, calibration, cache=cache, **options)
     apply_plan_(model, plan)
     params_after = _count_params(model)
-    record = {
-        "method": method,
-        "options": {**DEFAULTS.get(method, {}), **options},
-        "base_model": {"id": str(model_name_or_path), "hash": model_hash, "model_type": model.config.model_type,
-                       "num_blocks": L},
-        "num_blocks": len(plan.groups),
-        "blocks_removed": L - len(plan.groups),
-        "block_ratio": (L - len(plan.groups)) / L,
-        "groups": plan.groups,
-        "removed": plan.removed,
-        "details": plan.details,
-        "calibration": None if calibration is None else calibration.source,
-        "cache": None if cache is None else str(cache),
-        "params": {"before": params_before, "after": params_after,
-                   "pruning_ratio": 1 - params_after / params_before},
-    }
+    record = DepthPruningRecord(
+        method=method, options={**DEFAULTS.get(method, {}), **options},
+        base_model=BaseModel(id=str(model_name_or_path), hash=model_hash, model_type=model.config.model_type,
+                             num_blocks=L),
+        num_blocks=len(plan.groups), blocks_removed=L - len(plan.groups), block_ratio=(L - len(plan.groups)) / L,
+        groups=plan.groups, removed=plan.removed, details=plan.details,
+        calibration=None if calibration is None else calibration.source, cache=None if cache is None else str(cache),
+        params=ParamCounts(before=params_before, after=params_after, pruning_ratio=1 - params_after / params_before),
+    )
     path = save_pruned_model(model, tokenizer, out_dir, plan, record, overwrite=overwrite)
     log.info("%s: %d of %d blocks removed (groups %s) -> %s", method, L - len(plan.groups), L, plan.groups, path)
     return path
