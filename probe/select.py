@@ -108,8 +108,9 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
                  allow_pickle: bool = False) -> Selection:
     """Choose the pruning layer of a chips directory and (by default) write selection.json + report.md.
 
-    The chips are checked on the eval cache they record, when it is at hand
-    (:func:`~chiptuning.probe.chipset.check_chips_on_cache`): selection trusts their metrics.
+    The chosen chip (and a cascade's exits) is checked on the eval cache the chips record, when it
+    is at hand (:func:`~chiptuning.probe.chipset.check_chips_on_cache`): it must score what its
+    metrics say.
 
     Args:
         chips: a ChipSet or a chips directory.
@@ -132,7 +133,6 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
     name, arg = parse_strategy(strategy)
     if write and chips.path is not None:
         check_select_files(Path(chips.path))  # refused now, not after calibrating a cascade
-    check_chips_on_cache(chips, chips.layers)
     rows = sorted(chips.metrics, key=lambda r: int(r["layer"]))
     if not rows:
         raise ChipTuningError(f"{chips.path} has no per-layer metrics; train the chips again")
@@ -209,6 +209,7 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
                                 else "eval" if ev.get(layer) is not None else "validation"),
         num_blocks=num_blocks, pruning=pruning_stats(chips.record.model_stats, layer, num_blocks), **extra,
     )
+    check_chips_on_cache(chips, selection.cascade.layers if selection.cascade is not None else [layer])
     if selection.cascade is not None:  # what the cascade itself scores, not its last chip alone
         sim = selection.cascade.simulated
         on_eval = sim.eval_accuracy is not None
