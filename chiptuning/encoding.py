@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chiptuning.registry import text_config
+from chiptuning.models import available_memory, is_streamed
+from chiptuning.registry import get_blocks, text_config
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +102,26 @@ def auto_token_budget(model, device: torch.device, fraction: float = 0.5) -> int
 
     On CUDA: free memory (after the weights are loaded) / the activation bytes of one token in
     one block; on CPU a fixed :data:`CPU_TOKEN_BUDGET` (bigger batches do not run faster there).
-    A vision-language model's image tokens (most of its sequence) also pass through the vision
-    tower, each from up to ``scale_factor**2`` patches: their cost there is added, so a batch of
-    images stays within memory. Clamped to [512, 262144]. An out-of-memory batch is still split
-    and retried.
+    A *streamed* model (:func:`chiptuning.models.is_streamed`) reads every block once per batch, so
+    its batches are as large as memory allows on the CPU too, and the memory of its largest block,
+    read when a forward reaches it, is kept free. A vision-language model's image tokens (most of
+    its sequence) also pass through the vision tower, each from up to ``scale_factor**2`` patches:
+    their cost there is added, so a batch of images stays within memory. Clamped to [512, 262144].
+    An out-of-memory batch is still split and retried.
     """
-    if device.type != "cuda":
+    streamed = is_streamed(model)
+    if device.type != "cuda" and not streamed:
         return CPU_TOKEN_BUDGET
     per_token = _activation_elements(text_config(model.config))
     vision = getattr(model.config, "vision_config", None)
     if vision is not None:
         patches = int(getattr(model.config, "scale_factor", None) or getattr(vision, "spatial_merge_size", None) or 1) ** 2
         per_token += patches * _activation_elements(vision)
-    per_token *= next(model.parameters()).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
+    element = max(p.element_size() for p in model.parameters())
+    per_token *= element
+    free = available_memory(device)
+    if streamed:
+        free -= max(sum(p.numel() for p in block.parameters()) for block in get_blocks(model)) * element
     return int(min(262144, max(512, fraction * free / per_token)))
 
 

@@ -5,15 +5,28 @@ Shared by ``chiptuning.extract`` and ``chiptuning.prune`` so both identify a mod
 loads with its own Auto classes (``AutoModel`` for the backbone with its vision tower,
 ``AutoModelForImageTextToText`` with the LM head) and comes with its processor
 (:func:`load_processor`).
+
+A model larger than memory is *streamed* (``offload="stream"``, or ``"auto"`` when its weights do
+not fit): everything but its blocks is loaded, and each block's weights are read from the model's
+own safetensors files as a forward reaches it and freed after (transformers' disk offload through
+accelerate, the same loading code and the same tensors as an ordinary load, so the features are
+the same bit for bit). A forward of a batch then reads every block once: the whole batch passes
+block l before block l+1 is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.hooks import remove_hook_from_module
+from accelerate.utils import set_module_tensor_to_device
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -34,6 +47,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 _SAMPLE = 1 << 20
+#: ``--offload``: none (every weight in memory), stream (the blocks read from the weight files as
+#: each forward reaches them), auto (stream when the weights do not fit :func:`memory_budget`).
+OFFLOAD_MODES = ("none", "stream", "auto")
+#: The share of the available memory the weights may take before ``--offload auto`` streams them.
+WEIGHTS_SHARE = 0.7
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -267,8 +285,122 @@ def load_config(model_name_or_path: str):
     return config
 
 
+@contextlib.contextmanager
+def quiet(logger: str):
+    """Within the block, ``logger`` says only errors."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: a GPU's free memory, else the system's available
+    memory (``MemAvailable``; the physical memory where that cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def model_device(model) -> torch.device:
+    """Where ``model`` computes: the device of its first weight in memory (a streamed model's blocks
+    wait on the meta device and are brought there when they run)."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def is_streamed(model) -> bool:
+    """Whether some of ``model``'s weights are read from its files as a forward reaches them (they
+    wait on the meta device)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def materialize_(module) -> None:
+    """Read every weight of ``module`` (a streamed model's block) into memory, on its execution
+    device, and stop streaming it: it can then be copied, merged or trained like any module."""
+    for sub in module.modules():  # accelerate hooks each submodule holding weights of its own
+        hook = getattr(sub, "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None)
+        if weights is None:
+            continue
+        device = getattr(hook, "execution_device", None) or "cpu"
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if param.device.type == "meta":
+                set_module_tensor_to_device(sub, name, device, value=weights[name])
+    remove_hook_from_module(module, recurse=True)
+
+
+def settle_(model) -> None:
+    """Make a model whose weights are all in memory an ordinary one again: no loading hooks, no
+    device map (after the streamed blocks were cut away)."""
+    remove_hook_from_module(model, recurse=True)
+    if hasattr(model, "hf_device_map"):
+        del model.hf_device_map
+
+
+def empty_model(config, causal_lm: bool = False):
+    """The model of ``config`` with every parameter on the meta device (no memory): its structure."""
+    cls = head_model_class(config) if causal_lm else AutoModel
+    with init_empty_weights(include_buffers=False):
+        return cls.from_config(config)
+
+
+def weights_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes of ``model``'s parameters in ``dtype``."""
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def module_path(root, target) -> str:
+    """The dotted name of ``target`` inside ``root``."""
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ChipTuningError(f"{type(target).__name__} is not part of {type(root).__name__}; this is a bug")
+
+
+def stream_device_map(skeleton, device: torch.device, streamed: range) -> dict[str, str]:
+    """A device map for transformers: the blocks in ``streamed`` (0-based) on "disk" (read from the
+    checkpoint's safetensors files when a forward reaches them), everything else on ``device``."""
+    blocks = get_blocks(skeleton)
+    path = module_path(skeleton, blocks).split(".")
+    device_map, prefix, parent = {}, "", skeleton
+    for part in path:
+        if any(True for _ in parent.parameters(recurse=False)):
+            raise ChipTuningError(f"{type(skeleton).__name__} keeps weights beside its blocks' container; it cannot be "
+                                  "streamed (use --offload none)")
+        for name, _ in parent.named_children():
+            if name != part:
+                device_map[prefix + name] = str(device)
+        prefix, parent = f"{prefix}{part}.", getattr(parent, part)
+    for i in range(len(blocks)):
+        device_map[f"{prefix}{i}"] = "disk" if i in streamed else str(device)
+    return device_map
+
+
+def wants_stream(offload: str, config, dtype: torch.dtype, device: torch.device, causal_lm: bool) -> bool:
+    """Whether ``offload`` streams the blocks: always for "stream", for "auto" when the weights
+    would take more than :data:`WEIGHTS_SHARE` of the memory available on ``device``."""
+    if offload not in OFFLOAD_MODES:
+        raise ChipTuningError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+    if offload != "auto":
+        return offload == "stream"
+    needed, free = weights_bytes(empty_model(config, causal_lm), dtype), available_memory(device)
+    stream = needed > WEIGHTS_SHARE * free
+    log.log(logging.INFO if stream else logging.DEBUG, "--offload auto: the weights take %.1f GB, %.1f GB are "
+            "available on %s: %s", needed / 1e9, free / 1e9, device.type, "streaming the blocks" if stream else "in memory")
+    return stream
+
+
 def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None = "cpu",
-               device_map: str | None = None, adapter: str | None = None, causal_lm: bool = False):
+               device_map: str | None = None, adapter: str | None = None, causal_lm: bool = False,
+               offload: str = "none", keep_blocks: int | None = None):
     """A registered model in eval mode: the backbone (``AutoModel``) or, with ``causal_lm``, the
     ``*ForCausalLM`` (backbone + LM head; for a vision-language model its
     ``AutoModelForImageTextToText`` class, and the backbone keeps its vision tower and projector).
@@ -284,24 +416,46 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
         adapter: a PEFT (LoRA) adapter directory merged into the weights before anything else,
             whether it was saved from the backbone or from the ``*ForCausalLM``.
         causal_lm: return the model with its LM head.
+        offload: "none", "stream" (the blocks are read from the weight files as each forward
+            reaches them, and freed after: a model larger than memory runs) or "auto" (stream when
+            the weights would not fit); see the module docstring.
+        keep_blocks: only blocks 1..keep_blocks will ever run (pruning): the others are never read.
 
     Raises:
-        ChipTuningError: no such model, an unregistered architecture, an adapter that does not fit.
+        ChipTuningError: no such model, an unregistered architecture, an adapter that does not fit,
+            an adapter with a streamed model.
     """
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     config = load_config(model_name_or_path)  # fail early, naming the model type, before loading weights
     path = resolve_model_path(model_name_or_path)
-    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": False}  # never code shipped with a model
-    if device_map:
-        kwargs["device_map"] = device_map
+    torch_dtype = resolve_dtype(dtype)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": False}  # never code shipped with a model
     head_class = head_model_class(config)
     saved_with_head = any(name.endswith("ForConditionalGeneration") for name in config.architectures or [])
-    if get_spec(config).images and saved_with_head and not causal_lm and not adapter:
-        # A vision-language checkpoint saved with its LM head: AutoModel loads its backbone but reports
-        # the head's weights as unexpected; load the model it was saved as and keep its backbone.
-        model = base_model(head_class.from_pretrained(path, **kwargs))
-    else:
-        model = (head_class if causal_lm else AutoModel).from_pretrained(path, **kwargs)
+    # A vision-language checkpoint saved with its LM head: AutoModel loads its backbone but reports the
+    # head's weights as unexpected; load the model it was saved as and keep its backbone.
+    as_head = causal_lm or (get_spec(config).images and saved_with_head and not adapter)
+    stream = wants_stream(offload, config, torch_dtype, resolve_device(device), as_head)
+    if (stream or keep_blocks is not None) and not device_map:
+        if adapter:
+            raise ChipTuningError("--adapter is merged into weights in memory; merge it into a copy of the model first "
+                                  "(peft's merge_and_unload, save_pretrained) and stream that, or use --offload none")
+        skeleton = empty_model(config, as_head)
+        L = len(get_blocks(skeleton))
+        streamed = range(0 if stream else int(keep_blocks), L)
+        if len(streamed):
+            # Weights stored as they are used are read from the checkpoint's own files; only those
+            # transformers converts on load (fused experts) are written here, for the model's lifetime.
+            scratch = tempfile.TemporaryDirectory(prefix="chiptuning-offload-")
+            kwargs.update(device_map=stream_device_map(skeleton, resolve_device(device), streamed),
+                          offload_folder=scratch.name)
+    elif device_map:
+        kwargs["device_map"] = device_map
+    # accelerate warns that offloaded weights wait on the meta device: here that is the point
+    with quiet("accelerate.big_modeling"):
+        model = (head_class if as_head else AutoModel).from_pretrained(path, **kwargs)
+    if as_head and not causal_lm:
+        model = base_model(model)
     if adapter:
         if saved_from_head_model(adapter, getattr(model, "base_model_prefix", "model")):
             if not causal_lm:  # the adapter names the head model's paths: merge there, keep the backbone
@@ -311,8 +465,10 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
             merge_adapter_(base_model(model), adapter)
         if not causal_lm:
             model = base_model(model)
-    if not device_map:
+    if "device_map" not in kwargs:
         model = model.to(resolve_device(device))
+    if "offload_folder" in kwargs:
+        model.chiptuning_offload_dir = scratch  # removed with the model
     return model.eval()
 
 

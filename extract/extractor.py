@@ -29,7 +29,15 @@ from chiptuning.cache import CacheMeta, CacheWriter, merge_rank_manifests
 from chiptuning.encoding import EncodedInputs, TextInputs, plan_batches, resolve_token_budget
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import FEATURE_MODES, last_token_features
-from chiptuning.models import load_config, load_model, load_preprocessor, model_source, param_stats, weights_hash
+from chiptuning.models import (
+    load_config,
+    load_model,
+    load_preprocessor,
+    model_device,
+    model_source,
+    param_stats,
+    weights_hash,
+)
 from chiptuning.outputs import CACHE, check_output
 from chiptuning.progress import progress_bar
 from chiptuning.registry import get_spec, num_blocks, text_config
@@ -61,6 +69,10 @@ class ExtractConfig:
         feature_mode: raw (layer convention) or normed (final norm applied) (``--feature-mode``).
         shard_size: rows per HDF5 shard (``--shard-size``).
         device_map: "auto" to spread a model larger than one GPU (``--device-map``).
+        offload: "auto" (default: stream the blocks when the weights do not fit the device),
+            "stream" or "none" (``--offload``): a streamed model reads each block from its files
+            once per batch, and the batches are as large as memory allows
+            (:func:`chiptuning.models.load_model`); the features are the same.
         adapter: PEFT adapter merged into the model first (``--adapter``).
         lens: for decoders, also store the LM head's logits of the label words at every layer
             (``--lens/--no-lens``; a few numbers per row, see :mod:`chiptuning.zeroshot`): the
@@ -82,6 +94,7 @@ class ExtractConfig:
     feature_mode: str = "raw"
     shard_size: int = 1024
     device_map: str | None = None
+    offload: str = "auto"
     adapter: str | None = None
     lens: bool = True
     progress: bool = False
@@ -201,9 +214,10 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
         # Decoders come with their LM head (the lens applies it to every layer's feature).
         causal_lm = config.lens and get_spec(model_config).decoder
         model = load_model(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,
+                           offload=config.offload,
                            adapter=config.adapter, causal_lm=causal_lm)
     get_spec(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     L = num_blocks(model)
     layers = list(range(L + 1))
     hidden = int(text_config(model.config).hidden_size)

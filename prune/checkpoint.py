@@ -27,19 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from chiptuning.cache import CacheMeta
 from chiptuning.encoding import EncodedInputs, TextInputs
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import batch_features
 from chiptuning.models import (
+    empty_model,
     head_model_class,
+    is_streamed,
     load_config,
     load_model,
     load_preprocessor,
+    model_device,
     model_source,
     param_stats,
+    settle_,
+    stream_device_map,
     weights_hash,
 )
 from chiptuning.outputs import PRUNED, check_output, write_output
@@ -74,6 +79,8 @@ CHECK_PROMPTS = (
 #: sizes, so resizing, tiling and padding all take part.
 CHECK_IMAGE_SIZES = ((40, 48), (56, 32))
 CHECK_ATOL_FP32 = 1e-5
+#: Largest weight file of a pruned checkpoint: saving holds one file's bytes in memory.
+SHARD_SIZE = "2GB"
 
 
 def parity_images() -> list[Image.Image]:
@@ -213,7 +220,7 @@ def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None,
 
 def inputs_features(model, inputs: EncodedInputs, layer: int, mode: str = "raw") -> np.ndarray:
     """feature(layer) of encoded inputs (text or images) as one batch, float32 (B, H)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     feats = batch_features(model, inputs.batch(range(len(inputs)), device), layers=[layer], mode=mode)
     return feats[:, 0].float().cpu().numpy()
 
@@ -244,8 +251,14 @@ def prune(
     export: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    offload: str = "auto",
 ) -> Path:
     """Prune ``model_name_or_path`` after the chips' selected layer and save a checkpoint.
+
+    Only what is kept is read: the blocks after the layer never leave the model's files, and with
+    ``offload`` the kept blocks are streamed too (read one at a time for the parity check, one
+    shard at a time for the save), so a model larger than memory is pruned in the memory of one
+    checkpoint shard and one block.
 
     Args:
         model_name_or_path: hub id or local directory of the full model (the one the chips'
@@ -267,6 +280,8 @@ def prune(
         overwrite: replace the pruned checkpoint at ``out_dir`` (``--overwrite``).
         allow_pickle: accept pickled chips (``--allow-pickle``); the checkpoint then holds a
             pickle too, and its card says so.
+        offload: how the kept blocks are held: "none" (in memory), "stream" (read from the
+            model's files as needed), "auto" (stream when they do not fit in memory).
 
     Returns:
         ``out_dir``.
@@ -289,15 +304,20 @@ def prune(
     for task in tasks:
         check_layer(task.layer, num_blocks(config))
     meta = tasks[0].cache_meta
+    depth = max(task.layer for task in tasks)
     model = load_model(model_name_or_path, dtype=meta.dtype or "fp32" if dtype is None else dtype,
-                       device=device, adapter=adapter, causal_lm=keep_lm_head)
+                       device=device, adapter=adapter, causal_lm=keep_lm_head,
+                       offload="none" if adapter else offload, keep_blocks=None if adapter else depth)
     model_hash = model_hash or weights_hash(model_name_or_path, model)
     for task in tasks:
         check_model_matches_cache(model_name_or_path, model_hash, config, task.cache_meta, adapter)
     tokenizer = load_preprocessor(model_name_or_path)
     base = {"id": str(model_name_or_path), "hash": model_hash, "adapter": adapter,
             "source": model_source(model_name_or_path)}
-    return save_pruned(model, tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export,
+    # save_pruned frees the model before reloading the pruned checkpoint: no reference may stay here
+    handed = [model]
+    del model
+    return save_pruned(handed.pop(), tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export,
                        overwrite=overwrite, allow_pickle=allow_pickle)
 
 
@@ -367,6 +387,11 @@ def save_pruned(
         references = {(t.name, lay): inputs_features(model, probe, lay, t.feature_mode)
                       for t in tasks for lay, _ in t.exit_layers}  # (task, layer) -> (B, H)
         truncate_(model, depth)
+        if not is_streamed(model):  # only never-read blocks were offloaded, and they are gone
+            settle_(model)
+        elif export:
+            raise ChipTuningError("--export sequence-classification folds the chip into weights in memory; the kept "
+                                  "blocks are streamed here: use --offload none (they must fit in memory)")
         if export:
             to_save = to_sequence_classification(model, tokenizer, tasks[0].chips.chip(tasks[0].layer),
                                                  tasks[0].label_names, tasks[0].feature_mode)
@@ -374,7 +399,8 @@ def save_pruned(
         else:
             to_save = model if keep_lm_head else base_model(model)
             cls = head_model_class(model) if keep_lm_head else AutoModel
-        to_save.save_pretrained(tmp)
+        streamed = is_streamed(to_save)
+        save_weights(to_save, tmp)
         tokenizer.save_pretrained(tmp)
         stats_after = param_stats(to_save)
         if not keep_lm_head:  # the config still describes a head (param_stats counts it); none ships
@@ -384,7 +410,7 @@ def save_pruned(
             stats_after["other"] -= to_save.score.weight.numel()
             stats_after["total"] -= to_save.score.weight.numel()
         architecture = type(to_save).__name__
-        device = next(model.parameters()).device
+        device = model_device(model)
         del model, to_save  # free the full model before reloading the pruned one
 
         entries, images = {}, []
@@ -419,7 +445,7 @@ def save_pruned(
         )
         write_model_card(tmp, record)
         record = write_provenance(tmp, record)
-        verify_checkpoint(tmp, tasks, references, depth, dtype, device, cls)
+        verify_checkpoint(tmp, tasks, references, depth, dtype, device, cls, stream=streamed)
     log.info("pruned checkpoint at layer %d of %d written to %s (%.1f%% of parameters removed)",
              depth, L, out_dir, 100 * record.params.pruning_ratio)
     return out_dir
@@ -445,18 +471,32 @@ def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
     )
 
 
+def save_weights(model, directory: Path) -> None:
+    """``model.save_pretrained`` in shards of at most :data:`SHARD_SIZE` (saving holds one shard's
+    bytes in memory at a time); a streamed model's weights are read from their files one shard at a
+    time."""
+    if is_streamed(model) and not getattr(model, "hf_device_map", None):
+        model.hf_device_map = {"": "disk"}  # tells save_pretrained to read the offloaded weights back
+    model.save_pretrained(directory, max_shard_size=SHARD_SIZE)
+
+
 def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[str, np.ndarray], depth: int,
-                      dtype: torch.dtype, device, cls) -> None:
-    """Reload ``path`` the way users will and compare every task's feature and chip predictions.
+                      dtype: torch.dtype, device, cls, stream: bool = False) -> None:
+    """Reload ``path`` the way users will (streamed, when the pruned model was) and compare every
+    task's feature and chip predictions.
 
     Raises:
         ChipTuningError: missing / unexpected / re-initialised weights, or a feature that differs.
     """
-    model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    kwargs = {}
+    if stream:
+        skeleton = empty_model(AutoConfig.from_pretrained(path), cls is not AutoModel)
+        kwargs = {"device_map": stream_device_map(skeleton, torch.device(device), range(depth))}
+    model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ChipTuningError(f"the pruned checkpoint does not reload cleanly: {bad}; this is a bug, please report it")
-    model = model.to(device).eval()
+    model = (model if stream else model.to(device)).eval()
     tokenizer = load_preprocessor(str(path))
     if num_blocks(model) != depth:
         raise ChipTuningError(f"the reloaded checkpoint has {num_blocks(model)} blocks, expected {depth}")

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 from chiptuning.encoding import EncodedInputs, TextInputs, resolve_token_budget
 from chiptuning.errors import DataError, ProvenanceError
 from chiptuning.features import batch_features
-from chiptuning.models import load_processor, load_tokenizer, resolve_device, resolve_dtype
+from chiptuning.models import load_processor, load_tokenizer, model_device, resolve_device, resolve_dtype
 from chiptuning.probe import load_chip, optional_class_mask
 from chiptuning.progress import progress_bar
 from chiptuning.prune.cascade import Exit, run_cascade
@@ -385,7 +385,7 @@ class ChipModel:
         """feature(l) of encoded inputs (:meth:`encode`, :meth:`encode_task`): float32 (N, H), in
         input order, batched as :meth:`features_of_prompts` batches."""
         _, entry = self.task(task)
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
         out = np.empty((len(inputs), int(text_config(self.model.config).hidden_size)), dtype=np.float32)
         bar = progress_bar(len(inputs), "pruned model", enabled=progress)
@@ -417,7 +417,7 @@ class ChipModel:
         or images for a vision-language checkpoint)."""
         name, entry = self.task(task)
         exits = self.cascades[name]
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
         n, C = len(inputs), len(entry.label_names)
         prediction, exit_layer = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)

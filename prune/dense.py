@@ -22,7 +22,7 @@ import torch
 from chiptuning.encoding import EncodedInputs, TextInputs, resolve_token_budget
 from chiptuning.errors import ProvenanceError
 from chiptuning.features import batch_features
-from chiptuning.models import load_model, weights_hash
+from chiptuning.models import load_model, model_device, weights_hash
 from chiptuning.progress import progress_bar
 from chiptuning.prune.provenance import CheckpointRecord
 from chiptuning.registry import get_spec, num_blocks, text_config
@@ -71,7 +71,7 @@ def dense_pass(model, tokenizer, prompts: list[str] | None, layer: int, mode: st
         {"chip_predictions" (N,), "zero_shot_predictions" (N,) or None, "elapsed_s"}.
     """
     L = num_blocks(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     words = label_words(tokenizer, label_names) if get_spec(model).decoder else None
     H = int(text_config(model.config).hidden_size)
     inputs = inputs if inputs is not None else TextInputs(tokenizer, prompts, max_length)

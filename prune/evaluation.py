@@ -13,6 +13,7 @@ import numpy as np
 
 from chiptuning import __version__
 from chiptuning.errors import DataError
+from chiptuning.models import model_device
 from chiptuning.outputs import EVAL, check_output, write_output, written_files
 from chiptuning.probe import optional_class_mask
 from chiptuning.prune.chip_model import ChipModel
@@ -197,7 +198,7 @@ def evaluate(
         accuracy=float((y_pred == y_true).mean()), n_examples=n, task=name, layer=entry.layer,
         num_blocks=clf.record.num_blocks, checkpoint=str(pruned_dir), checkpoint_sha256=clf.record.record_sha256,
         data=data_task.describe(), batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
-        device=str(next(clf.model.parameters()).device), elapsed_s=elapsed, timed_passes_s=timings,
+        device=str(model_device(clf.model)), elapsed_s=elapsed, timed_passes_s=timings,
         examples_per_s=n / elapsed if elapsed > 0 else None, latency_ms_per_example=1000 * elapsed / n,
     )
     if cascade:

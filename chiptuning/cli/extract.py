@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from chiptuning.cli.tasks import batching_options, load_task_from_options, task_options
+from chiptuning.cli.tasks import batching_options, load_task_from_options, offload_option, task_options
 
 
 @click.command("extract", short_help="Cache every layer's last-token feature of the data.")
@@ -26,12 +26,13 @@ from chiptuning.cli.tasks import batching_options, load_task_from_options, task_
                    "applied.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Rows per shard.")
 @click.option("--device-map", default=None, help="'auto' to spread a large model over GPUs.")
+@offload_option
 @click.option("--adapter", default=None, help="PEFT/LoRA adapter directory merged into the model first.")
 @click.option("--lens/--no-lens", default=True, show_default=True,
               help="Decoders: also store the LM head's logits of the label words at every layer (the "
                    "model's own answer by depth; at the last layer its zero-shot answer).")
 def extract_cmd(model, out, device, dtype, batch_size, max_tokens_per_batch, max_length, padding_side,
-                storage_dtype, feature_mode, shard_size, device_map, adapter, lens, **task_opts):
+                storage_dtype, feature_mode, shard_size, device_map, offload, adapter, lens, **task_opts):
     """Run MODEL once over the data and cache every layer's last-token feature.
 
     Re-running the same command resumes an interrupted extraction; a cache made with other
@@ -47,7 +48,7 @@ def extract_cmd(model, out, device, dtype, batch_size, max_tokens_per_batch, max
         out=out, model=model, dtype=dtype, device=device, batch_size=batch_size,
         max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, padding_side=padding_side,
         storage_dtype=storage_dtype, feature_mode=feature_mode, shard_size=shard_size,
-        device_map=device_map, adapter=adapter, lens=lens, progress=True,
+        device_map=device_map, offload=offload, adapter=adapter, lens=lens, progress=True,
     )
     path = extract(config, task)
     info = cache_info(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from chiptuning.cli.tasks import batching_options, load_task_from_options, parse_labels, task_options
+from chiptuning.cli.tasks import batching_options, load_task_from_options, offload_option, parse_labels, task_options
 from chiptuning.outputs import EVAL, check_output
 
 # chiptuning.prune.baselines.METHODS, repeated here so `--help` does not import torch (a test keeps them equal).
@@ -36,6 +36,7 @@ BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
               help="Save a plain *ForSequenceClassification checkpoint (normed features, bias-free "
                    "linear chip): it serves without chip-tuning.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the parity check.")
+@offload_option
 @click.option("--n-layers", type=click.IntRange(min=1), default=None, help="Baselines: number of blocks to remove.")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Baselines: fraction of the blocks to remove.")
@@ -65,7 +66,8 @@ BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
               help="laco: layers merged per step.")
 @click.option("--interval", type=click.IntRange(min=1), default=2, show_default=True,
               help="laco: layers skipped after a merge.")
-def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, keep_lm_head, dtype, adapter, export, device, n_layers, ratio,
+def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, keep_lm_head, dtype, adapter, export, device,
+              offload, n_layers, ratio,
               calibration_task, calibration_data, calibration_data_dir, calibration_split, calibration_text_column,
               calibration_template, n_calibration, calibration_max_length, cache_dir, replacement, epochs, lr,
               threshold, merge_layers, interval):
@@ -120,7 +122,8 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
     from chiptuning.prune import load_record, prune
 
     path = prune(model, list(chips_dirs), out, layer=layer, keep_lm_head=keep_lm_head, dtype=dtype,
-                 adapter=adapter, device=device, export=export, overwrite=overwrite, allow_pickle=allow_pickle)
+                 adapter=adapter, device=device, export=export, overwrite=overwrite, allow_pickle=allow_pickle,
+                 offload=offload)
     record = load_record(path)
     params = record.params
     click.echo(

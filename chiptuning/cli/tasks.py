@@ -79,6 +79,16 @@ class TokenBudget(click.ParamType):
         return number
 
 
+def offload_option(func):
+    """``--offload``: hold the model's blocks in memory, or stream them from its files (shared by
+    every command that loads a full model)."""
+    return click.option("--offload", type=click.Choice(["auto", "stream", "none"]), default="auto",
+                        show_default=True,
+                        help="stream: read each block from the model's files when a batch reaches it (a model "
+                             "larger than memory runs); auto: stream when the weights do not fit; none: all in "
+                             "memory.")(func)
+
+
 def batching_options(func):
     """``--batch-size`` and ``--max-tokens-per-batch``: how prompts are grouped into forward passes
     (shared by extract and eval, which batch the same way)."""

@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError, ProvenanceError
 from chiptuning.io import write_json_atomic
-from chiptuning.models import load_config, load_model, load_tokenizer, weights_hash
+from chiptuning.models import load_config, load_model, load_tokenizer, model_device, weights_hash
 from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output, written_files
 from chiptuning.prune.baselines.calibration import Calibration, calibration_from_task
 from chiptuning.prune.baselines.drop import plan_angular, plan_shortgpt, plan_tail
@@ -159,7 +159,7 @@ def check_reload(path: Path, cls, depth: int):
 
 def generation_check(model, tokenizer, max_new_tokens: int = 4) -> dict[str, Any]:
     """Greedy generation with and without the KV cache must give the same tokens."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     enc = tokenizer(GENERATION_CHECK_PROMPT, return_tensors="pt")
     enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

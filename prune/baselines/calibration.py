@@ -30,6 +30,7 @@ from chiptuning.cache import CacheReader
 from chiptuning.encoding import encode_batches, tokenize_prompts
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import capture_layers, last_token_index, run_backbone
+from chiptuning.models import model_device
 from chiptuning.registry import get_blocks, num_blocks, set_blocks
 
 
@@ -128,7 +129,7 @@ def layer_stats(model, tokenizer, calibration: Calibration, spans: Sequence[int]
     if any(not 1 <= n <= L for n in spans):
         raise ChipTuningError(f"span sizes {spans} must be in 1..{L}")
     reach = max([1, *spans])
-    device = next(model.parameters()).device
+    device = model_device(model)
     bi = torch.zeros(L, dtype=torch.float64)
     cos_all = {n: torch.zeros(L - n + 1, dtype=torch.float64) for n in spans}
     ang_last = {n: torch.zeros(L - n + 1, dtype=torch.float64) for n in spans}
@@ -187,7 +188,7 @@ class OutputSimilarity:
     and the same output of the model with a candidate block list."""
 
     def __init__(self, model, tokenizer, calibration: Calibration):
-        self.model, self.batches = model, list(calibration.batches(tokenizer, next(model.parameters()).device))
+        self.model, self.batches = model, list(calibration.batches(tokenizer, model_device(model)))
         self.reference = [self._final(ids, mask) for ids, mask in self.batches]
         self.evaluations = 0
 

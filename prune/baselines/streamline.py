@@ -13,6 +13,7 @@ from torch import nn
 
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import StopForward, capture_block_call, capture_layers, hidden_from_output, run_backbone
+from chiptuning.models import model_device
 from chiptuning.prune.baselines.calibration import Calibration, layer_stats
 from chiptuning.prune.baselines.plan import Plan, check_n
 from chiptuning.registry import get_blocks, num_blocks
@@ -39,7 +40,7 @@ def attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
 def capture_span(model, tokenizer, calibration: Calibration, start: int, stop: int) -> list[dict]:
     """For each calibration batch: the call (args, kwargs) of block ``start+1`` (its input is
     feature(start)), the target feature(stop) and the real-token mask. Full (B, T, H) states."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     return [_capture_batch(model, ids, mask, start, stop) for ids, mask in calibration.batches(tokenizer, device)]
 
 
