@@ -45,9 +45,12 @@ spec = importlib.util.spec_from_file_location("probe_speed", script)
 probe_speed = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe_speed)
 if int(threads):
-    import chiptuning.probe.batched as batched
+    try:
+        import chiptuning.probe.bank as trainer
+    except ImportError:  # a tree from before the trainer's module was called bank
+        import chiptuning.probe.batched as trainer
     n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    batched._THREADS[n_cpu] = int(threads)  # what choose_threads(None) answers in this process
+    trainer._THREADS[n_cpu] = int(threads)  # what choose_threads(None) answers in this process
 out = probe_speed.run_method(method, train, evals, int(seed))
 print(json.dumps(out))
 """

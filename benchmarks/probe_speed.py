@@ -118,7 +118,7 @@ def run_method(method: str, train: str, evals: str, seed: int, sweep_batch_size:
         from sklearn.preprocessing import StandardScaler
         from threadpoolctl import threadpool_limits
 
-        from chiptuning.probe.batched import choose_threads
+        from chiptuning.probe.bank import choose_threads
 
         train_rows, _ = carve_rows(reader.n_rows, 200, seed, None)
         accs, iters = {}, []
@@ -177,7 +177,7 @@ def run_method(method: str, train: str, evals: str, seed: int, sweep_batch_size:
 
 
 def _trainer_threads() -> int:
-    from chiptuning.probe.batched import choose_threads
+    from chiptuning.probe.bank import choose_threads
 
     return choose_threads(None)  # the count the trainer used (timed once per process, cached)
 

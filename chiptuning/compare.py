@@ -49,9 +49,9 @@ COLUMNS = ("method", "blocks_kept", "blocks_removed", "block_ratio", "param_rati
 
 
 def _extract(model_path: str, task, out: Path, device: str, dtype: str, batch_size: int | None,
-             max_length: int | None, tokenizer=None):
+             max_length: int | None, offload: str, tokenizer=None):
     config = ExtractConfig(out=str(out), model=str(model_path), device=device, dtype=dtype, batch_size=batch_size,
-                           max_tokens_per_batch="auto", max_length=max_length)
+                           max_tokens_per_batch="auto", max_length=max_length, offload=offload)
     return extract(config, task, tokenizer=tokenizer)
 
 
@@ -76,6 +76,7 @@ def compare(
     chip: str = "linear",
     device: str = "cpu",
     dtype: str = "fp32",
+    offload: str = "auto",
     seed: int = 0,
     angular_from_cache: bool = True,
     method_options: dict[str, dict[str, Any]] | None = None,
@@ -93,6 +94,10 @@ def compare(
         n_calibration, max_length: calibration examples (seeded draw) and prompt length in tokens.
         batch_size: most examples per forward pass (default: what the token budget takes).
         chip: chip kind ("linear", "mlp", "logreg").
+        offload: how every model holds its blocks (``--offload``): "none" (in memory), "stream"
+            (read from its files as each forward reaches them: a model larger than memory),
+            "auto" (stream when the weights do not fit); see :func:`chiptuning.models.load_model`.
+            The dense model, each baseline's pruning and every extraction use it.
         angular_from_cache: ``angular`` reads the dense train cache (exact, last token) instead of
             the calibration text.
         method_options: per-method options, e.g. ``{"slm": {"threshold": 0.95}}``.
@@ -127,15 +132,15 @@ def compare(
     started = time.perf_counter()
 
     # The dense model: caches (with the label-word lens for decoders), chips of every layer.
-    dense = load_model(model_name_or_path, dtype=dtype, device=device, causal_lm=decoder)
+    dense = load_model(model_name_or_path, dtype=dtype, device=device, causal_lm=decoder, offload=offload)
     total_params = int(sum(p.numel() for p in dense.parameters()))
     block_params = [int(sum(p.numel() for p in b.parameters())) for b in get_blocks(dense)]
     model_hash = weights_hash(model_name_or_path, dense)
     del dense
     train_cache = _extract(model_name_or_path, train_task, out / "caches" / "dense" / "train", device, dtype,
-                           batch_size, max_length)
+                           batch_size, max_length, offload)
     eval_cache = _extract(model_name_or_path, eval_task, out / "caches" / "dense" / "eval", device, dtype,
-                          batch_size, max_length)
+                          batch_size, max_length, offload)
     dense_chips = train_chips(train_cache, eval_cache, chip=chip, out=out / "chips" / "dense", seed=seed,
                               overwrite=True)
     zero_shot_dense = _zero_shot(eval_cache, train_cache)
@@ -161,7 +166,7 @@ def compare(
                 method, n, model_name_or_path, out / f"n{n}", train_task, eval_task, train_cache, tokenizer,
                 L=L, total_params=total_params, decoder=decoder, calibration_task=calibration_task,
                 n_calibration=n_calibration, max_length=max_length, batch_size=batch_size, chip=chip, device=device,
-                dtype=dtype, seed=seed, options=options.get(method, {}),
+                dtype=dtype, offload=offload, seed=seed, options=options.get(method, {}),
                 cache=train_cache if (method == "angular" and angular_from_cache) else None))
 
     summary = {
@@ -199,21 +204,21 @@ def _zero_shot(eval_cache, train_cache) -> dict[str, float | None]:
 
 def _baseline_row(method: str, n: int, model_name_or_path: str, out: Path, train_task, eval_task, train_cache,
                   tokenizer, *, L: int, total_params: int, decoder: bool, calibration_task, n_calibration, max_length,
-                  batch_size, chip, device, dtype, seed, options, cache) -> dict[str, Any]:
+                  batch_size, chip, device, dtype, offload, seed, options, cache) -> dict[str, Any]:
     """Prune with ``method`` (``n`` blocks), extract the pruned model's caches, train and score the
     chip on its last layer; its zero-shot answer from the same caches' lens."""
     t0 = time.perf_counter()
-    model = load_model(model_name_or_path, dtype=dtype, device=device, causal_lm=decoder)
     path = prune_with_method(
         model_name_or_path, method, out / "models" / method, n_layers=n, calibration_task=calibration_task,
         n_calibration=n_calibration, max_length=max_length, batch_size=max(1, (batch_size or 16) // 2), cache=cache,
-        dtype=dtype, device=device, seed=seed, model=model, tokenizer=tokenizer, overwrite=True, **options,
+        dtype=dtype, device=device, offload=offload, seed=seed, tokenizer=tokenizer, overwrite=True, **options,
     )
-    del model
     record = read_record(path)
     depth = record.num_blocks
-    m_train = _extract(str(path), train_task, out / "caches" / method / "train", device, dtype, batch_size, max_length)
-    m_eval = _extract(str(path), eval_task, out / "caches" / method / "eval", device, dtype, batch_size, max_length)
+    m_train = _extract(str(path), train_task, out / "caches" / method / "train", device, dtype, batch_size, max_length,
+                       offload)
+    m_eval = _extract(str(path), eval_task, out / "caches" / method / "eval", device, dtype, batch_size, max_length,
+                      offload)
     chips = train_chips(m_train, m_eval, chip=chip, out=out / "chips" / method, seed=seed, layers=[depth],
                         overwrite=True)
     row = {

@@ -17,6 +17,7 @@ block l before block l+1 is read.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -103,6 +104,10 @@ def weights_hash(model_name_or_path: str, model=None) -> str:
 
 
 def params_hash(model) -> str:
+    """sha256 (16 hex digits) of every parameter and buffer of an in-memory model."""
+    if is_streamed(model):
+        raise ChipTuningError("a streamed model's weights are hashed from its files: give its directory, hub id or "
+                              "GGUF file, not only the model object")
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -335,6 +340,29 @@ def materialize_(module) -> None:
             if param.device.type == "meta":
                 set_module_tensor_to_device(sub, name, device, value=weights[name])
     remove_hook_from_module(module, recurse=True)
+
+
+def materialized_copy(block):
+    """A copy of ``block`` with every weight in memory, ``block`` itself left as it is.
+
+    A streamed block (:func:`is_streamed`) keeps streaming: only the copy reads its weights from
+    the model's files (:func:`materialize_`), so a method that merges or trains blocks holds the
+    blocks it makes, never the model's.
+    """
+    if not is_streamed(block):
+        return copy.deepcopy(block)
+    # The copy shares the hooks' index of the weight files instead of copying it; its own hooks
+    # (copies) only tell materialize_ where to read from, and go with them.
+    memo = {}
+    for sub in block.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for shared in ("weights_map", "tied_params_map"):
+            value = getattr(hook, shared, None)
+            if value is not None:
+                memo[id(value)] = value
+    copied = copy.deepcopy(block, memo)
+    materialize_(copied)
+    return copied
 
 
 def settle_(model) -> None:

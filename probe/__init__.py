@@ -7,8 +7,9 @@ logistic regression in parallel), ``select_layer`` picks the pruning layer, ``lo
 """
 
 from chiptuning.probe.cascade import describe_exits
-from chiptuning.probe.chips import CHIP_KINDS, LinearChip, LogRegChip, MLPChip, make_chip, optional_class_mask
+from chiptuning.probe.chips import CHIP_KINDS, LinearChip, LogRegChip, MLPChip, make_chip
 from chiptuning.probe.chipset import ChipSet, check_chips_on_cache, is_pickle, load_chip, load_chips
+from chiptuning.probe.data import optional_class_mask
 from chiptuning.probe.plots import plot_layer_accuracy
 from chiptuning.probe.records import (
     CacheRef,

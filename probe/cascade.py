@@ -35,8 +35,8 @@ import numpy as np
 
 from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
-from chiptuning.probe.chips import optional_class_mask
 from chiptuning.probe.chipset import ChipSet
+from chiptuning.probe.data import optional_class_mask
 from chiptuning.probe.records import Cascade, Simulated
 
 log = logging.getLogger(__name__)

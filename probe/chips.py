@@ -9,7 +9,7 @@ All three standardize each feature with statistics of their training rows (saved
 class is valid for that row (C3 rows have 2 to 4 options): a masked class gets zero probability
 and is never predicted; the torch chips also leave it out of the training loss.
 
-The torch chips train with the same code as the batched trainer (:mod:`chiptuning.probe.batched`),
+The torch chips train with the same code as a bank of chips (:mod:`chiptuning.probe.bank`),
 with one chip in the group.
 """
 
@@ -22,16 +22,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
-from chiptuning.probe.batched import (
-    ChipSpec,
-    InMemoryBatches,
-    fit_banks,
-    param_shapes,
-    predict_logits,
-    resolve_precision,
-    standardization,
-    standardize_into,
-)
+from chiptuning.probe.bank import ChipSpec, fit_banks, predict_logits, resolve_precision
+from chiptuning.probe.data import InMemoryBatches, as_class_mask, split_validation, standardization, standardize_into
 
 CHIP_KINDS = ("linear", "mlp", "logreg")
 #: The arrays each chip kind saves (:meth:`state_tensors`), all it needs to predict: stored in
@@ -43,42 +35,8 @@ STATE_KEYS = {
 }
 
 
-def split_validation(n_rows: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, disjoint split of ``n_rows`` rows into (train_rows, val_rows), both sorted.
-
-    The validation rows are the first ``size`` of ``np.random.default_rng(seed).permutation``.
-    """
-    perm = np.random.default_rng(seed).permutation(n_rows)
-    return np.sort(perm[size:]), np.sort(perm[:size])
-
-
-def as_class_mask(class_mask, n_rows: int, n_classes: int) -> np.ndarray | None:
-    """Check a class mask: (n_rows, n_classes) bool with at least one valid class per row."""
-    if class_mask is None:
-        return None
-    mask = np.asarray(class_mask, dtype=bool)
-    if mask.shape != (n_rows, n_classes):
-        raise ValueError(f"class_mask has shape {mask.shape}, expected {(n_rows, n_classes)}")
-    if not mask.any(axis=1).all():
-        raise ValueError("class_mask leaves a row with no valid class")
-    return mask
-
-
-def mask_from_n_choices(n_choices: np.ndarray, n_classes: int) -> np.ndarray:
-    """(N, C) mask of the first ``n_choices[i]`` classes of each row (the cache's convention)."""
-    return np.arange(n_classes)[None, :] < np.asarray(n_choices)[:, None]
-
-
-def optional_class_mask(n_choices, n_classes: int) -> np.ndarray | None:
-    """:func:`mask_from_n_choices`, or None when every row has every class (nothing to mask)."""
-    n_choices = np.asarray(n_choices, dtype=np.int64)
-    if n_choices.size == 0 or (n_choices >= n_classes).all():
-        return None
-    return mask_from_n_choices(n_choices, n_classes)
-
-
 def _seed(random_state) -> int:
-    """An int random_state is the seed itself (so the batched trainer can use it too)."""
+    """An int random_state is the seed itself (so the bank trainer can use it too)."""
     if isinstance(random_state, (int, np.integer)):
         return int(random_state)
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
@@ -140,7 +98,7 @@ class _ChipBase(ClassifierMixin, BaseEstimator):
 
 
 class _TorchChip(_ChipBase):
-    """A torch chip: the batched trainer with a group of one."""
+    """A torch chip: a bank of one layer and one setting."""
 
     _kind = "linear"
 
@@ -193,7 +151,7 @@ class _TorchChip(_ChipBase):
         m_t = None if mask is None else torch.from_numpy(mask)
 
         def part(rows, dtype):
-            # x: (1, n, H), standardized exactly as the batched trainer does (float32, then dtype)
+            # x: (1, n, H), standardized exactly as the bank trainer does (float32, then dtype)
             x = standardize_into(X, self.mean_, self.scale_, torch.empty((len(rows), H), dtype=dtype), rows=rows)
             idx = torch.from_numpy(rows)
             return x.unsqueeze(0), y_t[idx], None if m_t is None else m_t[idx]
@@ -208,7 +166,7 @@ class _TorchChip(_ChipBase):
         return self
 
     def _params_tensors(self) -> dict[str, torch.Tensor]:
-        """This chip's tensors in the batched layout, with a chip axis of 1."""
+        """This chip's tensors in the bank layout, with a chip axis of 1."""
         raise NotImplementedError
 
     def _masked_scores(self, X, class_mask) -> np.ndarray:
@@ -219,7 +177,7 @@ class _TorchChip(_ChipBase):
         return predict_logits(self._kind, params, x, m)[0].numpy()  # (N, C)
 
     def state_tensors(self) -> dict[str, np.ndarray]:
-        """Learned arrays in the batched layout (see :func:`~chiptuning.probe.batched.param_shapes`)
+        """Learned arrays in the bank layout (see :func:`~chiptuning.probe.bank.param_shapes`)
         plus ``mean`` and ``scale``: what is saved."""
         check_is_fitted(self)
         out = {k: v[0].numpy() for k, v in self._params_tensors().items()}
@@ -331,7 +289,7 @@ class MLPChip(_TorchChip):
                     precision)
 
     def _set_params(self, params):
-        # scikit-learn's MLP layout is (in, out); the batched trainer's is (out, in).
+        # scikit-learn's MLP layout is (in, out); the bank's is (out, in).
         self.coefs_ = [np.ascontiguousarray(params["weight_hidden"].T), np.ascontiguousarray(params["weight"].T)]
         self.intercepts_ = [params["bias_hidden"].copy(), params["bias"].copy()]  # (D,), (C,)
 
@@ -444,9 +402,5 @@ __all__ = [
     "LinearChip",
     "LogRegChip",
     "MLPChip",
-    "as_class_mask",
     "make_chip",
-    "mask_from_n_choices",
-    "param_shapes",
-    "split_validation",
 ]

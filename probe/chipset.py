@@ -45,7 +45,8 @@ from chiptuning import __version__
 from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import CHIPS, is_unchanged, write_output, written_files
-from chiptuning.probe.chips import STATE_KEYS, make_chip, optional_class_mask
+from chiptuning.probe.chips import STATE_KEYS, make_chip
+from chiptuning.probe.data import optional_class_mask
 from chiptuning.probe.plots import plot_layer_accuracy
 from chiptuning.probe.records import (
     CHIP_FORMAT,
@@ -132,7 +133,7 @@ class ChipSet:
         return self.layers.index(int(layer))
 
     def layer_state(self, layer: int) -> dict[str, np.ndarray]:
-        """Arrays of the torch chip at ``layer`` (batched layout without the chip axis)."""
+        """Arrays of the torch chip at ``layer`` (bank layout without the chip axis)."""
         i = self._position(layer)
         return {name: value[i] for name, value in self._tensors.items()}
 

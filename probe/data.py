@@ -16,21 +16,16 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from chiptuning.cache import CacheReader
 from chiptuning.errors import CacheError, ProvenanceError
-from chiptuning.probe.batched import (
-    ChipSpec,
-    RunningStats,
-    as_tensor,
-    gather_standardized,
-    standardization,
-    standardize_into,
-)
-from chiptuning.probe.chips import optional_class_mask, split_validation
+
+if TYPE_CHECKING:
+    from chiptuning.probe.bank import ChipSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +33,270 @@ log = logging.getLogger(__name__)
 SAME_SOURCE_KEYS = ("model", "model_hash", "model_type", "adapter", "tokenizer", "label_names",
                     "pooling", "feature_mode", "hidden_size", "num_blocks", "max_length")
 SAME_TASK_KEYS = ("template", "text_column", "label_names")
+
+
+# -- rows and classes -------------------------------------------------------------------------------
+
+def split_validation(n_rows: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, disjoint split of ``n_rows`` rows into (train_rows, val_rows), both sorted.
+
+    The validation rows are the first ``size`` of ``np.random.default_rng(seed).permutation``.
+    """
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    return np.sort(perm[size:]), np.sort(perm[:size])
+
+
+def as_class_mask(class_mask, n_rows: int, n_classes: int) -> np.ndarray | None:
+    """Check a class mask: (n_rows, n_classes) bool with at least one valid class per row."""
+    if class_mask is None:
+        return None
+    mask = np.asarray(class_mask, dtype=bool)
+    if mask.shape != (n_rows, n_classes):
+        raise ValueError(f"class_mask has shape {mask.shape}, expected {(n_rows, n_classes)}")
+    if not mask.any(axis=1).all():
+        raise ValueError("class_mask leaves a row with no valid class")
+    return mask
+
+
+def mask_from_n_choices(n_choices: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N, C) mask of the first ``n_choices[i]`` classes of each row (the cache's convention)."""
+    return np.arange(n_classes)[None, :] < np.asarray(n_choices)[:, None]
+
+
+def optional_class_mask(n_choices, n_classes: int) -> np.ndarray | None:
+    """:func:`mask_from_n_choices`, or None when every row has every class (nothing to mask)."""
+    n_choices = np.asarray(n_choices, dtype=np.int64)
+    if n_choices.size == 0 or (n_choices >= n_classes).all():
+        return None
+    return mask_from_n_choices(n_choices, n_classes)
+
+
+# -- standardization --------------------------------------------------------------------------------
+
+_STATS_CHUNK = 256  # rows: a float32 chunk stays in cache across the passes over it (2048: ~1.5x slower)
+
+
+def as_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    x = np.asarray(x)
+    if x.dtype == np.uint16:  # bfloat16 bit patterns (the cache's storage)
+        return torch.from_numpy(np.ascontiguousarray(x)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float16 else np.float32))
+
+
+def _chunks(t: torch.Tensor, rows: np.ndarray | None, buf: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, float32 chunk of ``t[rows]``) by row chunks, gathered and decoded into reused
+    buffers (fresh allocations cost page faults on every chunk)."""
+    idx = None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    n = t.shape[0] if idx is None else len(idx)
+    gathered = None if idx is None else torch.empty((buf.shape[0], t.shape[1]), dtype=t.dtype)
+    for start in range(0, n, _STATS_CHUNK):
+        if idx is None:
+            src = t[start:start + _STATS_CHUNK]
+        else:
+            part = idx[start:start + _STATS_CHUNK]
+            src = torch.index_select(t, 0, part, out=gathered[:len(part)])
+        chunk = buf[:src.shape[0]]
+        chunk.copy_(src)
+        yield start, chunk
+
+
+class RunningStats:
+    """Per-feature mean and variance merged chunk by chunk (Chan et al.), in float64.
+
+    Each chunk is centered on its own mean before squaring (no cancellation when a feature's
+    mean dwarfs its spread). The result depends only on the values and the chunking, not on
+    their storage dtype: a bfloat16 array and its float32 decoding give identical statistics.
+    """
+
+    def __init__(self, n_features: int) -> None:
+        self.n = 0
+        self.mean = torch.zeros(n_features, dtype=torch.float64)
+        self.m2 = torch.zeros(n_features, dtype=torch.float64)
+
+    def update(self, chunk: torch.Tensor, center: bool = True) -> None:
+        """Merge a (b, H) chunk; a float32 chunk is overwritten (used as scratch)."""
+        b = chunk.shape[0]
+        if b == 0:
+            return
+        f = chunk if chunk.dtype == torch.float32 else chunk.float()
+        if center:
+            mean = f.mean(dim=0)
+            f.sub_(mean)
+        else:
+            mean = torch.zeros(f.shape[1])
+        m2 = f.mul_(f).sum(dim=0).double()
+        mean = mean.double()
+        total = self.n + b
+        delta = mean - self.mean
+        self.mean += delta * (b / total)
+        self.m2 += m2 + delta.square() * (self.n * b / total)
+        self.n = total
+
+    def remove(self, other: RunningStats) -> None:
+        """Take out the rows merged into ``other`` (a subset of the rows merged here): the
+        statistics of the remaining rows, without reading them again."""
+        n = self.n - other.n
+        if n <= 0:
+            raise ValueError(f"cannot remove {other.n} of {self.n} rows")
+        mean = (self.mean * self.n - other.mean * other.n) / n
+        delta = other.mean - mean
+        self.m2 = (self.m2 - other.m2 - delta.square() * (n * other.n / self.n)).clamp_min_(0)
+        self.mean, self.n = mean, n
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        scale = (self.m2 / max(self.n, 1)).sqrt()
+        scale[scale < 1e-6] = 1.0
+        return self.mean.float().numpy(), scale.float().numpy()
+
+
+def standardization(x, standardize: bool = True, center: bool = True,
+                    rows: np.ndarray | None = None, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale of one layer's training features.
+
+    Args:
+        x: (N, H) features: float32 / float16 numpy, uint16 bfloat16 patterns, or a tensor.
+        standardize: False gives mean 0 and scale 1 (the chip sees raw features).
+        center: False keeps mean 0 (scale only), so a folded linear chip stays bias-free.
+        rows: only these rows of ``x`` (default all).
+        exclude: every row of ``x`` but these (instead of ``rows``): computed as all rows minus
+            the excluded ones (:meth:`RunningStats.remove`), so the kept rows are never gathered.
+
+    Returns:
+        mean (H,), scale (H,) float32; a constant feature gets scale 1.
+    """
+    t = as_tensor(x)
+    H = t.shape[1]
+    if not standardize:
+        return np.zeros(H, np.float32), np.ones(H, np.float32)
+    if rows is not None and exclude is not None:
+        raise ValueError("give rows or exclude, not both")
+    stats = _running_stats(t, rows, center)
+    if exclude is not None and len(exclude):
+        stats.remove(_running_stats(t, exclude, center))
+    mean, scale = stats.result()
+    if not center:
+        mean = np.zeros(H, np.float32)
+    return mean, scale
+
+
+def _running_stats(t: torch.Tensor, rows: np.ndarray | None, center: bool) -> RunningStats:
+    stats = RunningStats(t.shape[1])
+    n = t.shape[0] if rows is None else len(rows)
+    buf = torch.empty((max(1, min(_STATS_CHUNK, n)), t.shape[1]), dtype=torch.float32)
+    for _, chunk in _chunks(t, rows, buf):
+        stats.update(chunk, center=center)
+    return stats
+
+
+def standardize_into(x, mean: np.ndarray, scale: np.ndarray, out: torch.Tensor,
+                     rows: np.ndarray | None = None) -> torch.Tensor:
+    """``out[i] = (x[rows[i]] - mean) / scale`` in float32, rounded to ``out``'s dtype, by chunks.
+
+    Args:
+        x: (N, H) features (see :func:`standardization`).
+        mean, scale: (H,) float32.
+        out: (len(rows), H) tensor (float32 or bfloat16).
+        rows: rows of ``x`` (default all).
+    """
+    t = as_tensor(x)
+    m, s = torch.from_numpy(np.asarray(mean, np.float32)), torch.from_numpy(np.asarray(scale, np.float32))
+    buf = torch.empty((min(_STATS_CHUNK, max(out.shape[0], 1)), t.shape[1]), dtype=torch.float32)
+    for start, chunk in _chunks(t, rows, buf):
+        out[start:start + len(chunk)].copy_(chunk.sub_(m).div_(s))
+    return out
+
+
+def gather_standardized(x, out: torch.Tensor, rows: np.ndarray | None = None, standardize: bool = True,
+                        center: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Gather ``x[rows]`` into ``out`` (x's own dtype), then compute the statistics on ``out`` and
+    standardize it in place: one gather of the stored values instead of one per pass.
+
+    Gives what :func:`standardization` + :func:`standardize_into` give (the same values in the
+    same chunks), for ``x`` already in ``out``'s dtype (e.g. a bfloat16 cache trained in bfloat16).
+
+    Returns:
+        mean (H,), scale (H,) float32.
+    """
+    t = as_tensor(x)
+    if t.dtype != out.dtype:
+        raise ValueError(f"gather_standardized needs x in out's dtype {out.dtype}, got {t.dtype}")
+    if rows is None:
+        out.copy_(t)
+    else:
+        torch.index_select(t, 0, torch.from_numpy(np.asarray(rows, dtype=np.int64)), out=out)
+    mean, scale = standardization(out, standardize, center=center)
+    if standardize:
+        standardize_into(out, mean, scale, out)
+    return mean, scale
+
+
+class Batches(Protocol):
+    """Training rows of a group of layers, served as standardized minibatches."""
+
+    n_chips: int
+
+    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Yields (rows (B,) positions in the training rows, x (G, B, H), y (B,), class_mask (B, C) | None)."""
+        ...
+
+
+class InMemoryBatches:
+    """Minibatches of features held in memory, in a seeded order.
+
+    Epoch e visits the rows in ``np.random.default_rng(seed)``'s e-th permutation (one generator
+    drawn from epoch after epoch), so the order does not depend on the layers in the group.
+
+    Args:
+        x: (G, M, H) standardized features, contiguous (a gather from a strided view is ~100x
+            slower); the training rows are ``x[:, rows]``.
+        y: (N,) class indices of the training rows.
+        class_mask: (N, C) bool or None.
+        batch_size: rows per step.
+        seed: order seed.
+        shuffle: False visits the rows in order.
+        rows: (N,) positions of the training rows in ``x`` (default all M).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, class_mask: torch.Tensor | None,
+                 batch_size: int, seed: int, shuffle: bool = True, rows: np.ndarray | None = None) -> None:
+        self.x, self.y, self.class_mask = x, y, class_mask
+        self.rows = np.arange(x.shape[1]) if rows is None else np.asarray(rows)
+        if len(self.rows) != len(y):
+            raise ValueError(f"{len(self.rows)} training rows but {len(y)} labels")
+        self.n_chips = x.shape[0]
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self._rng = np.random.default_rng(seed)
+        self._orders: list[np.ndarray] = []
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Order of an epoch, as positions in the training rows (drawn in sequence, so epoch e
+        always gets the same order)."""
+        n = len(self.rows)
+        while len(self._orders) <= epoch:
+            self._orders.append(self._rng.permutation(n) if self.shuffle else np.arange(n))
+        return self._orders[epoch]
+
+    def epoch(self, epoch: int):
+        """Minibatches of an epoch. The yielded features live in a buffer reused by the next
+        minibatch of the same size (a fresh (G, B, H) allocation per step costs page faults)."""
+        order = self.order(epoch)
+        G, H = self.x.shape[0], self.x.shape[2]
+        buffers: dict[int, torch.Tensor] = {}
+        for start in range(0, len(order), self.batch_size):
+            pos = order[start:start + self.batch_size]
+            idx = torch.from_numpy(pos)
+            mask = None if self.class_mask is None else self.class_mask[idx]
+            src = torch.from_numpy(self.rows[pos])
+            if len(pos) not in buffers:
+                buffers[len(pos)] = torch.empty((G, len(pos), H), dtype=self.x.dtype, device=self.x.device)
+            xb = buffers[len(pos)]
+            for g in range(G):  # row gathers of one layer: contiguous source rows
+                torch.index_select(self.x[g], 0, src, out=xb[g])
+            yield pos, xb, self.y[idx], mask
+
 
 
 # -- caches -----------------------------------------------------------------------------------------

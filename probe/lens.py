@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from chiptuning.errors import CacheError
-from chiptuning.probe.chips import optional_class_mask
+from chiptuning.probe.data import optional_class_mask
 from chiptuning.probe.records import ZeroShot
 from chiptuning.zeroshot import LabelWords, calibrated_scores, label_scores, predict_from_scores
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chiptuning.probe.batched import ChipSpec, mask_logits, predict_bank
+from chiptuning.probe.bank import ChipSpec, mask_logits, predict_bank
 from chiptuning.probe.chips import LogRegChip
 from chiptuning.probe.data import cache_class_mask, read_standardized
 

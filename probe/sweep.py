@@ -3,7 +3,7 @@
 The grid is chip type x regularization (weight decay for the torch chips, C for logreg) x learning
 rate x epochs x layers. Every torch setting shares the minibatch order, so all of them train
 together: one task reads a group of layers from the cache once and trains one bank of chips per
-setting on the same minibatches (:func:`chiptuning.probe.batched.fit_banks`). logreg runs one
+setting on the same minibatches (:func:`chiptuning.probe.bank.fit_banks`). logreg runs one
 task per layer (all C values). Tasks run with joblib, so ``n_jobs`` and any joblib backend apply:
 ``backend="dask"`` (``dask.distributed``) or ``backend="ray"`` (``ray.util.joblib``) spread the
 tasks over a cluster whose workers can read the cache path. The best setting per layer and
@@ -29,7 +29,7 @@ from joblib import Parallel, delayed, parallel_backend
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import SWEEP, check_output, write_output, written_files
-from chiptuning.probe.batched import PRECISIONS, ChipSpec, choose_threads, resolve_precision, torch_threads
+from chiptuning.probe.bank import PRECISIONS, ChipSpec, choose_threads, resolve_precision, torch_threads
 from chiptuning.probe.chipset import majority_baselines, pick_baseline
 from chiptuning.probe.data import (
     cache_n_classes,
@@ -126,7 +126,7 @@ class SweepConfig:
         precision: "auto", "float32" or "bfloat16" for the torch chips (``--precision``); see
             :class:`~chiptuning.probe.train.TrainConfig`.
         threads: torch threads per task (``--threads``); None: with one job the faster of 1 and
-            one per CPU (:func:`~chiptuning.probe.batched.choose_threads`), with n jobs the CPUs
+            one per CPU (:func:`~chiptuning.probe.bank.choose_threads`), with n jobs the CPUs
             shared between them.
     """
 

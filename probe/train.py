@@ -1,7 +1,7 @@
 """Train a chip at every layer of a cache: ``chiptuning probe train``.
 
-Torch chips (linear, MLP) of a group of layers train as one batched computation
-(:mod:`chiptuning.probe.batched`). Groups are sized so that their training features fit in
+Torch chips (linear, MLP) of a group of layers train as one bank of chips
+(:mod:`chiptuning.probe.bank`). Groups are sized so that their training features fit in
 ``max_memory_mb``; each layer is read from the cache once, so peak memory is about one group of
 layers whatever the cache size. When even one layer does not fit, the rows are streamed from the
 cache in chunks (:class:`~chiptuning.probe.data.CacheBatches`). The scikit-learn backend fits one
@@ -29,18 +29,11 @@ from threadpoolctl import threadpool_limits
 
 from chiptuning.errors import CacheError, ChipTuningError
 from chiptuning.outputs import CHIPS, check_output
-from chiptuning.probe.batched import (
-    PRECISIONS,
-    ChipSpec,
-    InMemoryBatches,
-    choose_threads,
-    fit_banks,
-    resolve_precision,
-    torch_threads,
-)
+from chiptuning.probe.bank import PRECISIONS, ChipSpec, choose_threads, fit_banks, resolve_precision, torch_threads
 from chiptuning.probe.chips import CHIP_KINDS, LogRegChip
 from chiptuning.probe.chipset import ChipSet, majority_baselines
 from chiptuning.probe.data import (
+    InMemoryBatches,
     cache_class_mask,
     cache_n_classes,
     cache_source,
@@ -90,7 +83,7 @@ class TrainConfig(Record):
         early_stopping: stop each chip when its validation loss stops improving.
         n_iter_no_change: early-stopping patience in epochs (``--patience``).
         min_patience_steps: the patience is never shorter than this many optimizer steps (a
-            small cache has few steps per epoch; see :class:`~chiptuning.probe.batched.ChipSpec`).
+            small cache has few steps per epoch; see :class:`~chiptuning.probe.bank.ChipSpec`).
         standardize: standardize features per layer with training statistics (saved).
         max_train_rows: use at most this many training rows (seeded choice); the paper's 20,000.
         precision: "auto", "float32" or "bfloat16": precision of the products with the features
@@ -106,7 +99,7 @@ class TrainConfig(Record):
         device: torch device (``--device``).
         max_memory_mb: feature memory budget of the torch trainer (``--max-memory-mb``).
         threads: torch threads of the torch trainer (``--threads``); None picks the faster of 1
-            and one per CPU (see :func:`~chiptuning.probe.batched.choose_threads`).
+            and one per CPU (see :func:`~chiptuning.probe.bank.choose_threads`).
         fit_intercept: learn the linear chip's bias (``--no-intercept`` turns it off); without it
             the features are only scaled, not centered, so the chip folded onto raw features is
             bias-free (what ``chiptuning prune --export sequence-classification`` needs). Linear
@@ -172,7 +165,7 @@ class TrainConfig(Record):
         return cfg
 
     def spec(self) -> ChipSpec:
-        """The batched trainer's settings for a torch chip."""
+        """The bank settings of a torch chip."""
         return ChipSpec(kind=self.chip, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
                         epochs=self.epochs, hidden=self.hidden, early_stopping=self.early_stopping,
                         n_iter_no_change=self.n_iter_no_change, min_patience_steps=self.min_patience_steps,
@@ -310,7 +303,7 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
               workspace: dict | None = None, warn: bool = True) -> dict:
     """Train every spec's chips on a group of layers: each layer is read once, standardized with
     its training statistics, and every setting trains on the same minibatches (one bank per chip
-    type, see :func:`~chiptuning.probe.batched.fit_banks`). ``center=False`` only scales the
+    type, see :func:`~chiptuning.probe.bank.fit_banks`). ``center=False`` only scales the
     features (mean 0 is saved), for bias-free linear chips (``--no-intercept``). Successive
     groups given the same ``workspace`` dict reuse one feature buffer; ``warn=False`` leaves the
     streaming warning to the first group.

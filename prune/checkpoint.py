@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
 
 from chiptuning.cache import CacheMeta
 from chiptuning.encoding import EncodedInputs, TextInputs
@@ -474,10 +477,20 @@ def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
 def save_weights(model, directory: Path) -> None:
     """``model.save_pretrained`` in shards of at most :data:`SHARD_SIZE` (saving holds one shard's
     bytes in memory at a time); a streamed model's weights are read from their files one shard at a
-    time."""
-    if is_streamed(model) and not getattr(model, "hf_device_map", None):
-        model.hf_device_map = {"": "disk"}  # tells save_pretrained to read the offloaded weights back
-    model.save_pretrained(directory, max_shard_size=SHARD_SIZE)
+    time, into the shards an in-memory save fills."""
+    state_dict = None
+    if is_streamed(model):
+        if not getattr(model, "hf_device_map", None):
+            model.hf_device_map = {"": "disk"}  # tells save_pretrained to read the offloaded weights back
+        # save_pretrained fills an in-memory model's shards in the order reverting its load-time conversions leaves
+        # the weights in (sorted by dot_natural_key, for a model that has any), an offloaded model's in module
+        # order: give it the in-memory order. The blocks' weights are on the meta device: nothing is read here.
+        state_dict = model.state_dict()
+        if list(revert_weight_conversion(model, dict(state_dict))) != list(state_dict):
+            state_dict = dict(sorted(state_dict.items(), key=lambda item: dot_natural_key(item[0])))
+    with warnings.catch_warnings():  # about its default 50 GB shards: ours are SHARD_SIZE
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(directory, max_shard_size=SHARD_SIZE, state_dict=state_dict)
 
 
 def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[str, np.ndarray], depth: int,
@@ -491,7 +504,11 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[st
     kwargs = {}
     if stream:
         skeleton = empty_model(AutoConfig.from_pretrained(path), cls is not AutoModel)
-        kwargs = {"device_map": stream_device_map(skeleton, torch.device(device), range(depth))}
+        # Weights transformers converts on load (fused experts) are offloaded to a scratch folder, as in load_model;
+        # it lives as long as this function's model.
+        scratch = tempfile.TemporaryDirectory(prefix="chiptuning-offload-")
+        kwargs = {"device_map": stream_device_map(skeleton, torch.device(device), range(depth)),
+                  "offload_folder": scratch.name}
     model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:

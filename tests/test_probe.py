@@ -1,4 +1,4 @@
-"""Probe stage: chips, the batched trainer, the paper regime, selection, artifacts, CLI."""
+"""Probe stage: chips, the bank trainer, the paper regime, selection, artifacts, CLI."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from chiptuning.cache import CacheMeta
 from chiptuning.errors import ChipTuningError, ProvenanceError
 from chiptuning.probe import ChipSet, LinearChip, LogRegChip, MLPChip, load_chip, load_chips, select_layer, train_chips
-from chiptuning.probe.batched import ChipSpec, InMemoryBatches, fit_banks
-from chiptuning.probe.data import carve_rows
+from chiptuning.probe.bank import ChipSpec, fit_banks
+from chiptuning.probe.data import InMemoryBatches, carve_rows
 from tests.conftest import require_extra
 
 # -- caches ---------------------------------------------------------------------------------------
@@ -252,39 +252,94 @@ def test_settings_in_one_bank_equal_each_setting_alone(kind, precision):
 
 
 @pytest.mark.parametrize("fit_intercept", [True, False])
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_hand_written_step_equals_autograd(kind, precision, fit_intercept):
-    """The trainer's hand-written forward/backward gives autograd's gradients of the bank loss
-    (the sum over chips of each chip's mean cross-entropy), class masks included."""
-    from chiptuning.probe.batched import _DTYPES, _step, bank_logits, bank_losses, init_params
+def test_a_bank_trains_what_torch_nn_and_adamw_train(kind, fit_intercept):
+    """Each chip of a bank (several layers, several weight decays, a class mask) ends where the
+    same chip written with ``torch.nn`` and trained alone with ``torch.optim.AdamW`` ends: same
+    initialisation, same minibatches, mean cross-entropy with the masked classes at -inf."""
+    from chiptuning.probe.bank import init_params
 
-    G, S, B, H, C = 2, 3, 20, 16, 4
+    G, N, H, C, D = 2, 90, 12, 4, 8
     gen = torch.Generator().manual_seed(0)
-    dtype = _DTYPES[precision]
-    x = torch.randn(G, B, H, generator=gen).to(dtype)
-    y = torch.randint(0, 2, (B,), generator=gen)
-    mask = torch.ones(B, C, dtype=torch.bool)
+    x = torch.randn(G, N, H, generator=gen)
+    y = torch.randint(0, 2, (N,), generator=gen)
+    mask = torch.ones(N, C, dtype=torch.bool)
     mask[::3, 2:] = False  # some rows have two options only (their labels are 0 or 1)
-    spec = ChipSpec(kind=kind, hidden=8, precision=precision, fit_intercept=fit_intercept)
-    params = {k: (v.detach() + 0.3 * torch.randn(v.shape, generator=gen)).view(G, S, *v.shape[1:])
-              for k, v in init_params(spec, G * S, H, C, seed=1).items()}
-    ref = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    bank_losses(bank_logits(kind, ref, x, dtype), y, mask).sum().backward()
-    trained = {k: v.detach().clone() for k, v in params.items() if k != "bias" or fit_intercept}
-    for v in trained.values():
-        v.grad = torch.full_like(v, float("nan"))  # every entry must be overwritten
-    _step({"spec": spec, "params": {**params, **trained}, "work": {}, "dtype": dtype}, x, y, mask)
-    tol = dict(rtol=1e-4, atol=1e-6) if precision == "float32" else dict(rtol=2e-2, atol=1e-3)
-    for name, value in trained.items():
-        torch.testing.assert_close(value.grad, ref[name].grad, **tol, msg=name)
+    specs = [ChipSpec(kind=kind, lr=2e-2, weight_decay=wd, epochs=3, hidden=D, early_stopping=False,
+                      fit_intercept=fit_intercept, lr_decay=0.5) for wd in (0.0, 0.3)]
+    data = InMemoryBatches(x, y, mask, batch_size=16, seed=4)
+    results = fit_banks(data, specs, H, C, seed=9)
+    order = [InMemoryBatches(x, y, mask, batch_size=16, seed=4).order(e) for e in range(3)]
+    for spec, result in zip(specs, results):
+        for g in range(G):
+            start = init_params(spec, H, C, seed=9)
+            if kind == "linear":
+                net = torch.nn.Linear(H, C, bias=fit_intercept)
+                layers = {"weight": net.weight, "bias": net.bias}
+            else:
+                net = torch.nn.Sequential(torch.nn.Linear(H, D), torch.nn.ReLU(), torch.nn.Linear(D, C, bias=fit_intercept))
+                layers = {"weight_hidden": net[0].weight, "bias_hidden": net[0].bias, "weight": net[2].weight,
+                          "bias": net[2].bias}
+            with torch.no_grad():
+                for name, param in layers.items():
+                    if param is not None:
+                        param.copy_(start[name])
+            optimizer = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+            for rows in order:
+                for b in range(0, N, 16):
+                    idx = torch.from_numpy(rows[b:b + 16])
+                    logits = net(x[g, idx]).masked_fill(~mask[idx], float("-inf"))
+                    optimizer.zero_grad()
+                    torch.nn.functional.cross_entropy(logits, y[idx]).backward()
+                    optimizer.step()
+                optimizer.param_groups[0]["lr"] *= spec.lr_decay
+            for name, param in layers.items():
+                expected = torch.zeros(C) if param is None else param.detach()
+                torch.testing.assert_close(result["params"][name][g], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(results[0]["params"]["weight"], results[1]["params"]["weight"])
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_layers_stepped_in_slices_train_what_one_slice_trains(monkeypatch, precision):
+    """A bank steps its layers in slices (each a parameter of its own, a view of the bank's
+    tensors): one layer per slice gives the chips of all layers in one."""
+    import chiptuning.probe.bank as bank
+
+    feats, y = planted_features(200, 5, 16, 3, seed=2)
+    dtype = bank.DTYPES[precision]
+    x = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2))).to(dtype)
+    specs = [ChipSpec(kind="mlp", hidden=8, lr=1e-2, weight_decay=wd, epochs=2, early_stopping=False,
+                      precision=precision) for wd in (0.0, 0.1)]
+
+    def run():
+        return fit_banks(InMemoryBatches(x, torch.from_numpy(y), None, batch_size=32, seed=0), specs, 16, 3, seed=0)
+
+    whole = run()
+    monkeypatch.setattr(bank, "STEP_WEIGHTS", 1)
+    sliced = run()
+    for a, b in zip(whole, sliced):
+        for name in a["params"]:
+            torch.testing.assert_close(a["params"][name], b["params"][name], rtol=1e-6, atol=1e-7)
+
+
+def test_the_trainer_steps_with_torch_optim_adamw(monkeypatch):
+    """The optimizer is ``torch.optim.AdamW``, with its fused kernel on the CPU."""
+    import chiptuning.probe.bank as bank
+
+    made, original = [], bank.adamw
+    monkeypatch.setattr(bank, "adamw", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    feats, y = planted_features(64, 2, 8, 2, seed=0)
+    x = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2)))
+    fit_banks(InMemoryBatches(x, torch.from_numpy(y), None, batch_size=16, seed=0), [ChipSpec(epochs=1)], 8, 2, seed=0)
+    (optimizer,) = made
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"]
 
 
 @pytest.mark.parametrize("center", [True, False])
 def test_gather_standardized_equals_the_two_pass_path(center):
     """Gathering the stored bfloat16 rows once and standardizing in place gives exactly the
     statistics and features of the gather-per-pass path."""
-    from chiptuning.probe.batched import gather_standardized, standardization, standardize_into
+    from chiptuning.probe.data import gather_standardized, standardization, standardize_into
 
     rng = np.random.default_rng(0)
     raw = torch.from_numpy((rng.normal(size=(700, 24)) * 3 + 5).astype(np.float32)).bfloat16()
@@ -300,7 +355,7 @@ def test_gather_standardized_equals_the_two_pass_path(center):
 
 
 def test_running_stats_remove_gives_the_statistics_of_the_other_rows():
-    from chiptuning.probe.batched import standardization
+    from chiptuning.probe.data import standardization
 
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(900, 16)) * rng.uniform(0.01, 5, 16) + rng.uniform(-300, 300, 16)).astype(np.float32)
@@ -372,73 +427,11 @@ def test_layer_stored_into_a_buffer(toy):
 
 # -- the paper regime -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("functional", [True, False], ids=["functional", "torch.optim"])
-@pytest.mark.parametrize("fused", [False, True])
-def test_adamw_moves_the_parameters_as_torch_optim_adamw(fused, functional):
-    """The trainer's AdamW gives exactly the parameters torch.optim.AdamW gives, step after step,
-    with a changing learning rate: on both of its paths, torch's functional update (no
-    torch.optim.Optimizer; the tested torch versions) and torch.optim.AdamW (any other)."""
-    from chiptuning.probe.batched import AdamW, functional_adamw_tested, fused_adamw_supported
-
-    if fused and not fused_adamw_supported(torch.device("cpu")):
-        pytest.skip("this torch has no fused AdamW kernel for the CPU")
-    if functional and not functional_adamw_tested():
-        pytest.skip(f"the functional AdamW is not used on torch {torch.__version__} (not tested with it)")
-    gen = torch.Generator().manual_seed(0)
-    ours = [torch.randn(3, 4, 5, generator=gen), torch.randn(7, generator=gen)]
-    theirs = [p.clone().requires_grad_(True) for p in ours]
-    start = [p.clone() for p in ours]
-    settings = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
-    mine = AdamW(ours, fused=fused, functional=functional, **settings)
-    assert mine.functional is functional
-    ref = torch.optim.AdamW(theirs, fused=fused or None, **settings)
-    for step in range(6):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, generator=gen)
-            a.grad, b.grad = g.clone(), g.clone()
-        if step == 3:
-            mine.param_groups[0]["lr"] *= 0.5
-            ref.param_groups[0]["lr"] *= 0.5
-        mine.step()
-        ref.step()
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
-    assert all((a - b).abs().mean() > 1e-2 for a, b in zip(ours, start))  # every parameter moved
-
-
-def test_adamw_path_and_fused_kernel_follow_the_torch_version():
-    """The functional AdamW runs only on the torch versions it was tested with; the fused kernel
-    is asked for where torch has one (CUDA, and the CPU since torch 2.4)."""
-    from chiptuning.probe.batched import (
-        FUNCTIONAL_ADAMW_TESTED,
-        AdamW,
-        functional_adamw_tested,
-        fused_adamw_supported,
-        torch_version,
-    )
-
-    assert torch_version("2.13.0+cpu") == (2, 13) and torch_version("2.4.1") == (2, 4)
-    assert torch_version("2.14.0.dev20260101+cu128") == (2, 14)
-    major, minor = FUNCTIONAL_ADAMW_TESTED[0]
-    assert functional_adamw_tested(f"{major}.{minor}.0+cpu") and functional_adamw_tested(f"{major}.{minor}.5")
-    assert not functional_adamw_tested(f"{major}.{minor + 1}.0") and not functional_adamw_tested("1.13.1")
-    assert AdamW([torch.zeros(2)], lr=1e-3).functional is functional_adamw_tested()
-    assert fused_adamw_supported("cpu", "2.4.0") and not fused_adamw_supported("cpu", "2.3.1")
-    assert fused_adamw_supported("cuda", "2.1.0") and not fused_adamw_supported("meta", "2.13.0")
-    assert fused_adamw_supported("cpu") is (torch_version() >= (2, 4))
-
-
 def test_paper_regime_follows_the_paper(toy, monkeypatch):
-    import chiptuning.probe.batched as batched
+    import chiptuning.probe.bank as bank
 
-    made = []
-
-    class RecordingAdamW(batched.AdamW):
-        def __init__(self, params, **kwargs):
-            super().__init__(params, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(batched, "AdamW", RecordingAdamW)
+    made, original = [], bank.adamw
+    monkeypatch.setattr(bank, "adamw", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
     steps = []
     chips = train_chips(toy["train"], chip="linear", regime="paper",
                         callback=lambda epoch, step, rows: steps.append((epoch, rows.copy())))

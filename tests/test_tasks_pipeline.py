@@ -81,7 +81,7 @@ def test_c3_cache_keeps_each_questions_number_of_options(c3_caches):
 @pytest.mark.parametrize("chip", ["linear", "mlp", "logreg"])
 def test_c3_chips_never_answer_outside_the_options(c3_caches, tmp_path, chip):
     from chiptuning.probe import TrainConfig, load_chips, train_chips
-    from chiptuning.probe.chips import mask_from_n_choices
+    from chiptuning.probe.data import mask_from_n_choices
 
     _, train = c3_caches["train"]
     _, dev = c3_caches["validation"]

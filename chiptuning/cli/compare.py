@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from chiptuning.cli.prune import BASELINE_METHODS
-from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_options
+from chiptuning.cli.tasks import load_other_split, load_task_from_options, offload_option, task_options
 
 
 @click.command("compare", short_help="Chip-tuning against every depth-pruning baseline.")
@@ -58,12 +58,13 @@ from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Compute dtype of the model; bf16 halves memory (fast on GPUs and on CPUs with AMX / AVX512-BF16).")
+@offload_option
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for compare.csv / .json / .md / .png (and the caches, chips, checkpoints).")
 def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, calibration_split, calibration_data,
                 calibration_text_column, calibration_label_column, n_calibration, max_length, chip, streamline_replacement, streamline_epochs,
                 streamline_lr, slm_threshold, laco_threshold, laco_merge_layers, laco_interval, angular_from_text,
-                batch_size, device, dtype, out, **task_opts):
+                batch_size, device, dtype, offload, out, **task_opts):
     """Run chip-tuning and every depth-pruning baseline on MODEL at one pruning ratio.
 
     Each baseline's checkpoint gets a chip trained on its last remaining layer; the table (like
@@ -102,7 +103,7 @@ def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, cali
     targets = _numbers("--n-layers", n_layers, int)
     summary = compare(model, train_task, eval_task, out, n_layers=targets, ratio=ratios, methods=chosen,
                       calibration_task=calibration, n_calibration=n_calibration, max_length=max_length,
-                      batch_size=batch_size, chip=chip, device=device, dtype=dtype,
+                      batch_size=batch_size, chip=chip, device=device, dtype=dtype, offload=offload,
                       angular_from_cache=not angular_from_text, method_options=options)
     click.echo(markdown_table(summary), nl=False)
     click.echo(f"-> {out}/compare.csv, compare.json, compare.md, compare.png")

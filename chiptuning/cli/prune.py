@@ -107,7 +107,8 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
                    "laco": {"threshold": threshold, "merge_layers": merge_layers, "interval": interval}}.get(method, {})
         path = prune_with_method(model, method, out, n_layers=n_layers, ratio=ratio, calibration_task=calibration,
                                  n_calibration=n_calibration, max_length=calibration_max_length, cache=cache_dir,
-                                 dtype=dtype or "fp32", device=device, overwrite=overwrite, **options)
+                                 dtype=dtype or "fp32", device=device, overwrite=overwrite, offload=offload,
+                                 **options)
         record = read_record(path)
         params = record.params
         click.echo(

@@ -1,28 +1,46 @@
-"""Run a baseline end to end: plan, cut, save a standard checkpoint with ``pruning.json``, check it."""
+"""Run a baseline end to end: plan, cut, save a standard checkpoint with ``pruning.json``, check it.
+
+A model larger than memory runs streamed (``offload``, :func:`chiptuning.models.load_model`): every
+method plans on it without reading more than a few blocks into memory, the cut model's kept
+original blocks are saved one shard at a time from the model's own files
+(:func:`chiptuning.prune.checkpoint.save_weights`), and the saved checkpoint is reloaded streamed
+for its checks.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError, ProvenanceError
 from chiptuning.io import write_json_atomic
-from chiptuning.models import load_config, load_model, load_tokenizer, model_device, weights_hash
+from chiptuning.models import (
+    empty_model,
+    is_streamed,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_device,
+    stream_device_map,
+    weights_hash,
+)
 from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output, written_files
 from chiptuning.prune.baselines.calibration import Calibration, calibration_from_task
 from chiptuning.prune.baselines.drop import plan_angular, plan_shortgpt, plan_tail
 from chiptuning.prune.baselines.merging import plan_laco, plan_slm
 from chiptuning.prune.baselines.plan import Plan
 from chiptuning.prune.baselines.streamline import plan_streamline
+from chiptuning.prune.checkpoint import save_weights
 from chiptuning.prune.provenance import BaseModel, record_hash, verify_checksums
 from chiptuning.prune.truncate import rebuild_blocks_
 from chiptuning.records import Invalid, Record, read_json, rule
@@ -146,14 +164,27 @@ def _count_params(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def check_reload(path: Path, cls, depth: int):
-    """Reload ``path`` with ``cls`` and refuse missing, unexpected, mismatched or new weights."""
-    model, info = cls.from_pretrained(path, output_loading_info=True)
+def check_reload(path: Path, cls, depth: int, stream: bool = False, device: str | torch.device = "cpu"):
+    """Reload ``path`` with ``cls`` and refuse missing, unexpected, mismatched or new weights.
+
+    ``stream``: reload it streamed, its blocks read from its files as a forward reaches them (a
+    checkpoint larger than memory), the rest on ``device``; else in memory, on the CPU.
+    """
+    kwargs: dict[str, Any] = {}
+    if stream:
+        skeleton = empty_model(AutoConfig.from_pretrained(path), cls is not AutoModel)
+        # weights transformers converts on load (fused experts) are written there, for the model's lifetime
+        scratch = tempfile.TemporaryDirectory(prefix="chiptuning-offload-")
+        kwargs = {"device_map": stream_device_map(skeleton, torch.device(device), range(depth)),
+                  "offload_folder": scratch.name}
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ChipTuningError(f"the pruned checkpoint {path} does not reload cleanly: {bad}")
     if num_blocks(model) != depth or len(get_blocks(model)) != depth:
         raise ChipTuningError(f"the reloaded checkpoint has {len(get_blocks(model))} blocks, expected {depth}")
+    if stream:
+        model.chiptuning_offload_dir = scratch  # removed with the model
     return model.eval()
 
 
@@ -178,7 +209,12 @@ def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record:
     KV-cache generation, atomically (temporary sibling directory renamed at the end,
     :func:`chiptuning.outputs.write_output`; an existing checkpoint is replaced only with
     ``overwrite``). ``record``: the record, or its fields as a dict (the plan's groups, removed
-    blocks and details, and the model's depth, fill what it does not give)."""
+    blocks and details, and the model's depth, fill what it does not give).
+
+    A streamed ``model`` is saved one shard at a time, its streamed blocks read back from the
+    model's files (:func:`chiptuning.prune.checkpoint.save_weights`), and reloaded streamed for
+    the checks: the whole model is never in memory.
+    """
     if isinstance(record, dict):
         L = len({i for group in plan.groups for i in group} | set(plan.removed))  # the blocks it started with
         record = DepthPruningRecord.from_dict(
@@ -191,10 +227,13 @@ def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record:
     with write_output(out_dir, DEPTH_PRUNED, overwrite=overwrite) as tmp:
         decoder = get_spec(model).decoder
         has_head = decoder and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
-        model.save_pretrained(tmp)
+        streamed = is_streamed(model)
+        device = model_device(model)
+        save_weights(model, tmp)
         tokenizer.save_pretrained(tmp)
         depth = len(plan.groups)
-        reloaded = check_reload(tmp, AutoModelForCausalLM if has_head else AutoModel, depth)
+        reloaded = check_reload(tmp, AutoModelForCausalLM if has_head else AutoModel, depth, stream=streamed,
+                                device=device)
         record = dataclasses.replace(
             record, reload={"class": type(reloaded).__name__, "clean": True},
             generation=generation_check(reloaded, tokenizer) if has_head else None,
@@ -240,6 +279,7 @@ def prune_with_method(
     model=None,
     tokenizer=None,
     overwrite: bool = False,
+    offload: str = "auto",
     **options,
 ) -> Path:
     """Prune ``model_name_or_path`` with a baseline ``method`` and save a standard checkpoint.
@@ -258,6 +298,10 @@ def prune_with_method(
             in place.
         overwrite: replace a depth-pruned checkpoint at ``out_dir`` (anything else there is
             refused before any work).
+        offload: how the loaded model holds its blocks (``--offload``): "none" (in memory),
+            "stream" (read from the model's files as each forward reaches them: a model larger
+            than memory), "auto" (stream when the weights do not fit); see
+            :func:`chiptuning.models.load_model`. Not used with ``model``.
         **options: method options (:data:`DEFAULTS`).
 
     Returns:
@@ -271,7 +315,7 @@ def prune_with_method(
     check_output(out_dir, DEPTH_PRUNED, overwrite=overwrite)
     if model is None:
         decoder = get_spec(load_config(model_name_or_path)).decoder
-        model = load_model(model_name_or_path, dtype=dtype, device=device, causal_lm=decoder)
+        model = load_model(model_name_or_path, dtype=dtype, device=device, causal_lm=decoder, offload=offload)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_name_or_path)
     model.eval()

@@ -7,11 +7,14 @@ blocks to lose, a sweep that falls short is followed by another at a lower thres
 highest similarity the sweep rejected, k being the number of blocks still to lose, so the next
 sweep can accept about as many merges as are missing (never more than the target: merging stops
 there). Every threshold used is recorded in the plan's details.
+
+On a streamed model (:func:`chiptuning.models.load_model` with ``offload="stream"``) a merge reads
+only the blocks of its window, one at a time, and each similarity pass streams every block that is
+not a merge: the merged blocks are the only weights the plan holds in memory.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from chiptuning.errors import ChipTuningError
+from chiptuning.models import is_streamed, materialized_copy
 from chiptuning.prune.baselines.calibration import Calibration, OutputSimilarity
 from chiptuning.prune.baselines.plan import Plan, check_n
 from chiptuning.registry import get_blocks, num_blocks
@@ -31,19 +35,22 @@ def merge_blocks(blocks: Sequence[nn.Module]) -> nn.Module:
     """One block from consecutive blocks: theta = theta_base + sum_j (theta_j - theta_base).
 
     The base is the first (lowest) block; every floating-point parameter is merged, buffers are
-    the base's. A single block is returned as a copy.
+    the base's. A single block is returned as a copy. Streamed blocks stay streamed: their weights
+    are read one block at a time (:func:`~chiptuning.models.materialized_copy`), so a merge
+    holds the result, the base and one other block, however wide the window.
     """
-    merged = copy.deepcopy(blocks[0])
-    params = [dict(b.named_parameters()) for b in blocks]
+    merged = materialized_copy(blocks[0])
+    base = {name: p.detach().float() for name, p in merged.named_parameters() if p.is_floating_point()}
+    total = {name: value.clone() for name, value in base.items()}
+    for block in blocks[1:]:
+        other = dict((materialized_copy(block) if is_streamed(block) else block).named_parameters())
+        for name, value in total.items():
+            value += other[name].detach().float() - base[name]
+        del other
     with torch.no_grad():
         for name, param in merged.named_parameters():
-            if not param.is_floating_point():
-                continue
-            base = params[0][name].detach()
-            total = base.float().clone()
-            for other in params[1:]:
-                total += other[name].detach().float() - base.float()
-            param.copy_(total.to(param.dtype))
+            if name in total:
+                param.copy_(total[name].to(param.dtype))
     return merged
 
 

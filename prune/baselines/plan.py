@@ -47,3 +47,4 @@ def kept_groups(L: int, removed: Sequence[int]) -> list[list[int]]:
 def select_lowest(scores: np.ndarray, n: int) -> list[int]:
     """1-based indices of the ``n`` lowest scores (ties: the lower block first)."""
     return sorted(int(i) + 1 for i in np.argsort(np.asarray(scores), kind="stable")[:n])
+

@@ -1,8 +1,12 @@
-"""LLM-Streamline: replace the most similar span of consecutive blocks by one trained block."""
+"""LLM-Streamline: replace the most similar span of consecutive blocks by one trained block.
+
+On a streamed model (:func:`chiptuning.models.load_model` with ``offload="stream"``) the span's
+inputs and targets come from streamed forward passes, and only the first removed block is read into
+memory, as the copy the replacement starts from (:func:`~chiptuning.models.materialized_copy`).
+"""
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +17,7 @@ from torch import nn
 
 from chiptuning.errors import ChipTuningError
 from chiptuning.features import StopForward, capture_block_call, capture_layers, hidden_from_output, run_backbone
-from chiptuning.models import model_device
+from chiptuning.models import materialized_copy, model_device
 from chiptuning.prune.baselines.calibration import Calibration, layer_stats
 from chiptuning.prune.baselines.plan import Plan, check_n
 from chiptuning.registry import get_blocks, num_blocks
@@ -144,7 +148,7 @@ def plan_streamline(model, n: int, tokenizer, calibration: Calibration, replacem
     n_held = min(max(n_held, 1 if holdout > 0 and len(records) > 1 else 0), len(records) - 1)
     train, held_out = records[: len(records) - n_held], records[len(records) - n_held:]
     blocks = list(get_blocks(model))
-    new_block = copy.deepcopy(blocks[start])
+    new_block = materialized_copy(blocks[start])  # the model's own block stays as it is (and streamed, if it is)
     trainable = None
     if replacement == "mlp":
         projections = attention_output_projections(new_block)
