@@ -1,9 +1,5 @@
-"""The activation cache: HDF5 shards of last-token features, one dataset per layer.
-
-Needs only numpy and h5py. ``store.py`` holds the on-disk layout (writer and reader),
-``manifest.py`` the typed records (:class:`CacheManifest`, :class:`CacheMeta`), ``inspect.py``
-the ``cache info`` / ``cache verify`` commands' checks.
-"""
+"""The activation cache: HDF5 shards of last-token features, one dataset per layer (numpy and h5py
+only): the layout (``store.py``), the records (``manifest.py``), ``cache info`` / ``verify``."""
 
 from chiptuning.cache.inspect import cache_info, verify_cache
 from chiptuning.cache.manifest import (
@@ -24,20 +20,6 @@ from chiptuning.cache.store import (
     read_manifest,
 )
 
-__all__ = [
-    "MANIFEST",
-    "MAX_ABS_FEATURE",
-    "STORAGE_DTYPES",
-    "CacheManifest",
-    "CacheMeta",
-    "CacheReader",
-    "CacheWriter",
-    "ShardRecord",
-    "cache_info",
-    "check_label_names",
-    "check_layers",
-    "check_model_stats",
-    "merge_rank_manifests",
-    "read_manifest",
-    "verify_cache",
-]
+__all__ = ["MANIFEST", "MAX_ABS_FEATURE", "STORAGE_DTYPES", "CacheManifest", "CacheMeta", "CacheReader", "CacheWriter",
+           "ShardRecord", "cache_info", "check_label_names", "check_layers", "check_model_stats",
+           "merge_rank_manifests", "read_manifest", "verify_cache"]

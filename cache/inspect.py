@@ -17,35 +17,19 @@ def cache_info(path: str | Path) -> dict:
     path = Path(path)
     m = read_manifest(path / MANIFEST)
     meta = m.meta
-    return {
-        "path": str(path),
-        "fingerprint": m.fingerprint,
-        "complete": m.complete,
-        "rows": f"{m.stored_rows} / {m.n_rows}",
-        "shards": len(m.shards),
-        "model": meta.model,
-        "task": meta.task_name,
-        "split": meta.split,
-        "layers": f"{m.layers[0]}..{m.layers[-1]} ({len(m.layers)})",
-        "hidden_size": m.hidden_size,
-        "storage_dtype": m.storage_dtype,
-        "feature_mode": meta.feature_mode,
-        "label_names": meta.label_names,
-        "size_mb": round(sum((path / s.file).stat().st_size for s in m.shards
-                             if (path / s.file).exists()) / 2**20, 2),
-        "max_length": meta.max_length,
-        "n_shortened": m.n_shortened,
-        "chip_reads": [f"{p['id']}: ... {p['last_tokens']} -> {p['chip_reads']!r}" for p in m.preview],
-    }
+    size = sum((path / s.file).stat().st_size for s in m.shards if (path / s.file).exists())
+    return {"path": str(path), "fingerprint": m.fingerprint, "complete": m.complete,
+            "rows": f"{m.stored_rows} / {m.n_rows}", "shards": len(m.shards), "model": meta.model,
+            "task": meta.task_name, "split": meta.split, "layers": f"{m.layers[0]}..{m.layers[-1]} ({len(m.layers)})",
+            "hidden_size": m.hidden_size, "storage_dtype": m.storage_dtype, "feature_mode": meta.feature_mode,
+            "label_names": meta.label_names, "size_mb": round(size / 2**20, 2), "max_length": meta.max_length,
+            "n_shortened": m.n_shortened,
+            "chip_reads": [f"{p['id']}: ... {p['last_tokens']} -> {p['chip_reads']!r}" for p in m.preview]}
 
 
 def verify_cache(path: str | Path) -> list[str]:
-    """Check every shard: present, checksum, shapes, row counts, label range, sane values (finite,
-    magnitude below :data:`~chiptuning.cache.store.MAX_ABS_FEATURE`).
-
-    Returns:
-        A list of problems, empty when the cache is sound.
-    """
+    """Every problem of a cache (an empty list when it is sound): shards missing or changed, shapes,
+    row counts, labels out of range, features that are not finite or not below MAX_ABS_FEATURE."""
     path = Path(path)
     m = read_manifest(path / MANIFEST)
     problems: list[str] = []

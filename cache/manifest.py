@@ -1,14 +1,5 @@
-"""The cache's records: ``manifest.json`` and the content-determining ``meta`` it fingerprints.
-
-Records of :mod:`chiptuning.records` (field types and rules drive reading and writing; a bad
-manifest is one :class:`~chiptuning.errors.CacheError` naming the file and the field). The meta's
-fingerprint is recomputed whenever a manifest is read: a meta edited after extraction (its label
-names, its model) no longer matches and the cache is refused.
-
-Compatibility: the optional meta fields are written only when set, so ``CacheMeta.from_dict(d)
-.to_dict() == d`` for every meta this version writes and the fingerprint of a cache never changes
-when it is read back.
-"""
+"""The cache's records: ``manifest.json`` and the ``meta`` it fingerprints (recomputed on every
+read, so an edited meta is refused; optional fields are written only when set)."""
 
 from __future__ import annotations
 
@@ -29,12 +20,13 @@ SHARD_NAME = re.compile(r"shard-(r\d{2}-)?\d{5}\.h5")
 _HEX = re.compile(r"[0-9a-f]+")
 
 
-def check_layers(layers: list[int], depth: int | None, where: str, *, first: int = 0) -> None:
-    """Layers must be unique, ascending and within ``first``..``depth`` (when known).
+def _is_count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
-    Raises:
-        Invalid: naming ``where``.
-    """
+
+def check_layers(layers: list[int], depth: int | None, where: str, *, first: int = 0) -> None:
+    """Layers must be unique, ascending and within ``first``..``depth`` (when known); else
+    :class:`Invalid` naming ``where``."""
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise Invalid(where, f"must be unique and ascending, got {layers[:8]}{'...' if len(layers) > 8 else ''}")
     if layers and (layers[0] < first or (depth is not None and layers[-1] > depth)):
@@ -48,8 +40,7 @@ def check_model_stats(stats: dict[str, Any], num_blocks: int | None, where: str)
         return
     blocks = stats.get("blocks")
     counts = [stats.get(k) for k in ("embedding", "final_norm", "lm_head", "total") if k in stats]
-    if not isinstance(blocks, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                               for n in [*blocks, *counts]):
+    if not isinstance(blocks, list) or not all(_is_count(n) for n in [*blocks, *counts]):
         raise Invalid(where, "must hold non-negative integer parameter counts, with 'blocks' a list")
     if num_blocks is not None and len(blocks) != num_blocks:
         raise Invalid(f"{where}.blocks", f"counts {len(blocks)} blocks; the model has {num_blocks}")
@@ -68,35 +59,8 @@ def check_label_names(names: list[str], where: str) -> None:
 
 @dataclass
 class CacheMeta(Record):
-    """Everything that determines a cache's content; its hash is the cache's fingerprint.
-
-    Attributes:
-        model: the model as given (hub id, directory or GGUF file).
-        model_hash: identity of its weights (:func:`chiptuning.models.weights_hash`).
-        model_type: the config's ``model_type``.
-        adapter: a PEFT adapter merged first, or None.
-        tokenizer: the tokenizer's name or path.
-        task: the task description (:meth:`chiptuning.tasks.TaskData.describe`): name, split,
-            template or text column, label names, source.
-        label_names: class names, in class-index order.
-        prompts_sha256: hash of every prompt and label.
-        max_length: longest prompt in tokens.
-        pooling: which token a feature is read at ("last_token").
-        feature_mode: "raw" (the layer convention) or "normed".
-        dtype: compute dtype of the model.
-        storage_dtype: float32, bfloat16 or float16.
-        layers: layer indices stored, 0..L.
-        num_blocks: L.
-        hidden_size: feature width.
-        model_source: where the weights came from when that is more than a name (a GGUF file:
-            its name, sha256, architecture and quantization).
-        lens: the label words whose logits are stored per layer (the model's own answer, see
-            :class:`chiptuning.zeroshot.LabelWords`): {"token_ids": [[ids of label c]...], "tokens": ...}.
-        processor: a vision-language model's processor (:func:`chiptuning.vision.processor_identity`:
-            its class, its image processor's class, a hash of its settings).
-        images_sha256: image data: a hash over every image's bytes, in dataset order.
-        extra: any other content-determining field (kept and fingerprinted as given).
-    """
+    """Everything that determines a cache's content; its hash is the cache's fingerprint. ``lens``:
+    the label words whose logits are stored per layer ({"token_ids": [[ids of label c]...], ...})."""
 
     ERROR = CacheError
 
@@ -125,13 +89,11 @@ class CacheMeta(Record):
     def check(self) -> None:
         check_layers(self.layers, self.num_blocks, "layers")
         check_label_names(self.label_names, "label_names")
-        if self.lens is not None:
-            ids = self.lens.get("token_ids")
-            if not (isinstance(ids, list) and len(ids) == len(self.label_names) and all(
-                    isinstance(group, list) and group and all(isinstance(t, int) and not isinstance(t, bool)
-                                                              and t >= 0 for t in group) for group in ids)):
-                raise Invalid("lens.token_ids", f"must hold a non-empty list of token ids for each of the "
-                                                f"{len(self.label_names)} labels")
+        ids = None if self.lens is None else self.lens.get("token_ids")
+        if self.lens is not None and not (isinstance(ids, list) and len(ids) == len(self.label_names) and all(
+                isinstance(group, list) and group and all(_is_count(t) for t in group) for group in ids)):
+            raise Invalid("lens.token_ids", f"must hold a non-empty list of token ids for each of the "
+                                            f"{len(self.label_names)} labels")
 
     def fingerprint(self) -> str:
         """Stable hash of the content-determining settings (sorted JSON, sha256, 16 hex chars)."""
@@ -175,26 +137,8 @@ class ShardRecord(Record):
 
 @dataclass
 class CacheManifest(Record):
-    """``manifest.json``: what the cache holds and how far extraction got.
-
-    Attributes:
-        fingerprint: hash of ``meta`` (recomputed and compared on every read).
-        meta: the content-determining settings.
-        layers, hidden_size, storage_dtype: the stored arrays.
-        n_rows: rows of the finished cache.
-        shards: complete shards, in writing order.
-        complete: every row is stored.
-        created, updated: UTC timestamps.
-        model_stats: parameter counts of the model ({"embedding", "blocks": [...], "final_norm",
-            "lm_head", "other", "total"}), for pruning ratios.
-        n_shortened: prompts shortened to fit ``max_length``.
-        preview: the last tokens of the first prompts and the token each chip reads.
-        world_size: ranks that wrote a data-parallel cache (None for one process).
-        part: in a data-parallel extraction, the rank whose part of the cache this manifest
-            describes (joined into the one manifest at the end); None for a whole cache.
-        chiptuning_version: the version that wrote it.
-        extra: other fields (kept as they are).
-    """
+    """``manifest.json``: what the cache holds and how far extraction got. ``part``: the rank whose
+    part a per-rank manifest describes (None for a whole cache)."""
 
     FORMAT = FORMAT
     VERSION = FORMAT_VERSION

@@ -1,21 +1,7 @@
-"""Prompt text -> padded token ids: the one encoder of every stage.
-
-Extraction, ``ChipModel``, the checkpoint's parity check, the baselines' calibration text and the
-zero-shot baseline all turn prompts into token ids here, so a prompt means the same tokens
-everywhere. Inputs are encoded once (:class:`EncodedInputs`: their lengths, and any subset of them
-as one padded :class:`Batch` of model inputs); :class:`TextInputs` is the text encoder, and
-:class:`chiptuning.vision.ImageInputs` the one of vision-language models (the processor expands
-each image into its tokens, and the batch carries the pixels too):
-
-* special tokens are added as the tokenizer adds them;
-* a prompt longer than ``max_length`` tokens loses its *beginning* (left truncation): the end,
-  where the chip reads ("Answer:"), is always kept;
-* batches are padded on the tokenizer's side (or the one asked for), with its pad token; the last
-  real token of each row is :func:`chiptuning.features.last_token_index` of the mask.
-
-Batches come either in input order (fixed size) or, with a token budget, sorted by length so that
-little compute goes to padding (:func:`plan_batches`; the budget itself from
-:func:`auto_token_budget`); each batch says which inputs it holds.
+"""Prompt text -> padded token ids: the one encoder of every stage, so a prompt means the same
+tokens everywhere. A prompt longer than ``max_length`` loses its *beginning* (the end, where the
+chip reads, is kept); batches are padded on the tokenizer's side with its pad token, in input
+order or, under a token budget, sorted by length (:func:`plan_batches`).
 """
 
 from __future__ import annotations
@@ -59,31 +45,24 @@ def pad_token_lists(token_lists: Sequence[Sequence[int]], pad_id: int, side: str
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
-    """Group input positions into batches.
-
-    ``max_tokens == 0``: consecutive groups of ``batch_size`` in input order. Otherwise inputs
-    sorted by length, longest first (an out-of-memory shows up on the first batch), each batch as
-    large as fits ``rows * longest <= max_tokens`` and at most ``batch_size`` rows.
-    """
+    """Input positions grouped into batches: with ``max_tokens == 0`` groups of ``batch_size`` in
+    input order, else sorted longest first (an out-of-memory shows on the first batch), each batch
+    at most ``batch_size`` rows with ``rows * longest <= max_tokens``."""
     n = len(lengths)
     if not max_tokens:
         return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    order = sorted(range(n), key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= batch_size):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+    batches: list[list[int]] = []
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and (len(last) + 1) * lengths[last[0]] <= max_tokens:
+            last.append(i)
+        else:
+            batches.append([i])
     return batches
 
 
-#: Activation elements alive per token while one block runs (residual, norm, q/k/v, attention
-#: output, MLP in/gate/act/out) in units of hidden and intermediate size; doubled for the
-#: allocator's slack and the last-token gathers.
+#: Activation elements alive per token in one block (residual, norm, q/k/v, attention, MLP), in
+#: hidden and intermediate sizes; doubled for the allocator's slack and the last-token gathers.
 _ELEMENTS_PER_TOKEN = (8, 3)
 CPU_TOKEN_BUDGET = 8192
 #: (budget, device type) pairs already logged at INFO by :func:`resolve_token_budget`.
@@ -98,17 +77,10 @@ def _activation_elements(cfg) -> int:
 
 
 def auto_token_budget(model, device: torch.device, fraction: float = 0.5) -> int:
-    """A token budget per batch that fits ``fraction`` of the free memory of ``device``.
-
-    On CUDA: free memory (after the weights are loaded) / the activation bytes of one token in
-    one block; on CPU a fixed :data:`CPU_TOKEN_BUDGET` (bigger batches do not run faster there).
-    A *streamed* model (:func:`chiptuning.models.is_streamed`) reads every block once per batch, so
-    its batches are as large as memory allows on the CPU too, and the memory of its largest block,
-    read when a forward reaches it, is kept free. A vision-language model's image tokens (most of
-    its sequence) also pass through the vision tower, each from up to ``scale_factor**2`` patches:
-    their cost there is added, so a batch of images stays within memory. Clamped to [512, 262144].
-    An out-of-memory batch is still split and retried.
-    """
+    """Tokens per batch that fit ``fraction`` of the free memory of ``device`` (free memory / the
+    activation bytes of one token in one block, vision tower included), in [512, 262144]. On CPU
+    :data:`CPU_TOKEN_BUDGET` (bigger batches are no faster there), except for a streamed model,
+    which reads every block once per batch (its largest block's memory is kept free)."""
     streamed = is_streamed(model)
     if device.type != "cuda" and not streamed:
         return CPU_TOKEN_BUDGET
@@ -149,16 +121,9 @@ class Batch:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _to(tensor: torch.Tensor, device) -> torch.Tensor:
-    return tensor.to(device) if device is not None else tensor
-
-
 class EncodedInputs:
     """Inputs encoded once: their lengths in tokens, and any subset of them as one padded batch.
-
-    Subclasses set :attr:`lengths` and implement :meth:`batch` and :meth:`token_ids`; planning
-    (input order or length-sorted under a token budget, :func:`plan_batches`) is shared.
-    """
+    Subclasses set :attr:`lengths` and implement :meth:`batch` and :meth:`token_ids`."""
 
     lengths: list[int]
 
@@ -170,7 +135,7 @@ class EncodedInputs:
         raise NotImplementedError
 
     def token_ids(self, i: int) -> list[int]:
-        """The token ids of input ``i`` as the model reads them (what the preview shows)."""
+        """The token ids of input ``i`` as the model reads them."""
         raise NotImplementedError
 
     def batches(self, batch_size: int = 16, max_tokens: int = 0, device=None) -> Iterator[Batch]:
@@ -179,12 +144,12 @@ class EncodedInputs:
             yield self.batch(rows, device)
 
     def subset(self, rows: Sequence[int]) -> EncodedInputs:
-        """The inputs at ``rows``, as inputs of their own (positions 0..len(rows)-1)."""
+        """The inputs at ``rows``, as inputs of their own."""
         return SubsetInputs(self, rows)
 
 
 class SubsetInputs(EncodedInputs):
-    """A view of some of another :class:`EncodedInputs` (e.g. the few a warm-up runs)."""
+    """Some of another :class:`EncodedInputs`' inputs, as inputs of their own."""
 
     def __init__(self, parent: EncodedInputs, rows: Sequence[int]) -> None:
         self.parent = parent
@@ -201,14 +166,8 @@ class SubsetInputs(EncodedInputs):
 
 
 class TextInputs(EncodedInputs):
-    """Prompt texts tokenized once (:func:`tokenize_prompts`), padded per batch.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer with a pad token.
-        prompts: finished prompt texts.
-        max_length: longest prompt in tokens (left truncation), or None.
-        side: padding side (default the tokenizer's).
-    """
+    """Prompt texts tokenized once (:func:`tokenize_prompts`: left truncation to ``max_length``),
+    padded per batch on ``side`` (default the tokenizer's) with the tokenizer's pad token."""
 
     def __init__(self, tokenizer, prompts: Sequence[str], max_length: int | None = None, side: str | None = None):
         self.token_lists = tokenize_prompts(tokenizer, prompts, max_length)
@@ -218,36 +177,17 @@ class TextInputs(EncodedInputs):
 
     def batch(self, rows: Sequence[int], device=None) -> Batch:
         ids, mask = pad_token_lists([self.token_lists[i] for i in rows], self.pad_id, self.side)
-        return Batch(list(rows), _to(ids, device), _to(mask, device))
+        return Batch(list(rows), ids.to(device), mask.to(device))
 
     def token_ids(self, i: int) -> list[int]:
         return list(self.token_lists[i])
 
 
-def batches_of_tokens(token_lists: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 16,
-                      max_tokens: int = 0, side: str = "right", device=None) -> Iterator[Batch]:
-    """Padded batches of already tokenized inputs (see :func:`plan_batches` for the grouping)."""
-    for rows in plan_batches([len(t) for t in token_lists], batch_size, max_tokens):
-        ids, mask = pad_token_lists([token_lists[i] for i in rows], pad_id, side)
-        yield Batch(rows, ids.to(device) if device is not None else ids,
-                    mask.to(device) if device is not None else mask)
-
-
 def encode_batches(tokenizer, prompts: Sequence[str], *, max_length: int | None = None, batch_size: int = 16,
                    max_tokens: int = 0, side: str | None = None, device=None) -> Iterator[Batch]:
-    """Tokenize ``prompts`` (:func:`tokenize_prompts`) and yield padded batches.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer with a pad token.
-        prompts: finished prompt texts.
-        max_length: longest prompt in tokens (left truncation), or None.
-        batch_size: most rows per batch.
-        max_tokens: token budget per batch over length-sorted inputs; 0 keeps input order.
-        side: padding side (default the tokenizer's).
-        device: where the tensors go.
-    """
+    """Padded batches of ``prompts``: :class:`TextInputs` batched by :func:`plan_batches`."""
     yield from TextInputs(tokenizer, prompts, max_length, side).batches(batch_size, max_tokens, device)
 
 
-__all__ = ["CPU_TOKEN_BUDGET", "Batch", "EncodedInputs", "SubsetInputs", "TextInputs", "auto_token_budget", "batches_of_tokens",
+__all__ = ["CPU_TOKEN_BUDGET", "Batch", "EncodedInputs", "SubsetInputs", "TextInputs", "auto_token_budget",
            "encode_batches", "pad_token_lists", "plan_batches", "resolve_token_budget", "tokenize_prompts"]

@@ -29,3 +29,9 @@ HUB_ERROR_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib
 def is_hub_error(err: BaseException) -> bool:
     """Whether ``err`` comes from the Hugging Face Hub client or the HTTP stack under it."""
     return type(err).__module__.startswith(HUB_ERROR_MODULES)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

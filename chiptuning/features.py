@@ -1,18 +1,10 @@
 """The layer convention, defined once, and the hooks that read it.
 
-A model with L blocks has features at layers l = 0..L:
-
-* l = 0 is the embedding output (the input of block 1, after any embedding scaling/positions);
-* l >= 1 is the raw residual-stream output of block l, *before* any final norm, for every l
-  including L. (``output_hidden_states`` differs at index L, where Hugging Face returns the
-  final-normed state; that is why we hook the blocks instead.)
-
-A chip "at layer l" reads feature(l) at the last real (non-pad) token of the prompt. A model pruned
-at layer l keeps blocks 1..l; reading feature(l) from it with the same hooks gives exactly the
-feature the chip was trained on. ``chiptuning.extract`` and ``chiptuning.prune`` both call
-:func:`last_token_features`, so the definition cannot drift between them.
-
-``mode="normed"`` applies the model's final norm to every layer's feature (a logit-lens view).
+A model with L blocks has features at layers l = 0..L: l = 0 is the input of block 1; l >= 1 is the
+raw residual-stream output of block l, *before* any final norm, including L (where
+``output_hidden_states`` is final-normed: hence the hooks). A chip "at layer l" reads feature(l) at
+the last real token; a model pruned at layer l gives, through the same hooks, exactly that feature.
+``mode="normed"`` applies the final norm to every layer's feature (a logit-lens view).
 """
 
 from __future__ import annotations
@@ -40,11 +32,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """True if every row is ones then zeros (no pad before a real token)."""
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-
-
 class StopForward(Exception):
     """Raised by a hook to skip the blocks nobody asked for; :func:`run_backbone` catches it."""
 
@@ -60,8 +47,7 @@ def hidden_from_output(output) -> torch.Tensor:
 
 
 def _accepts(module, name: str) -> bool:
-    params = inspect.signature(module.forward).parameters
-    return name in params
+    return name in inspect.signature(module.forward).parameters
 
 
 def _with_hidden(output, hidden: torch.Tensor):
@@ -71,14 +57,11 @@ def _with_hidden(output, hidden: torch.Tensor):
 
 @contextlib.contextmanager
 def capture_layers(model, layers: Iterable[int], keep: Callable[[int, torch.Tensor], torch.Tensor | None]):
-    """Within the block, every forward of ``model`` calls ``keep(layer, hidden)`` with the full
-    (B, T, H) residual stream of each requested layer (0: the input of block 1; l >= 1: the raw
-    output of block l), in layer order. ``keep`` may raise :class:`StopForward` to skip the
-    remaining blocks, and for l >= 1 may return a tensor that replaces the block's output (fewer
-    rows, for early exit). The hooks are always removed on exit.
-    """
+    """Within the block, every forward of ``model`` calls ``keep(layer, hidden)`` with the (B, T, H)
+    residual stream of each requested layer, in layer order. ``keep`` may raise
+    :class:`StopForward` to skip the remaining blocks, and for l >= 1 may return a tensor replacing
+    the block's output (fewer rows, for early exit)."""
     blocks = get_blocks(model)
-    handles = []
 
     def after(layer: int):
         def hook(_module, _args, output):
@@ -86,56 +69,44 @@ def capture_layers(model, layers: Iterable[int], keep: Callable[[int, torch.Tens
             return None if replacement is None else _with_hidden(output, replacement)
         return hook
 
-    try:
+    with contextlib.ExitStack() as hooks:
         for layer in sorted(set(int(x) for x in layers)):
             if layer == 0:
-                handles.append(blocks[0].register_forward_pre_hook(
+                hooks.enter_context(blocks[0].register_forward_pre_hook(
                     lambda _m, args, kwargs: keep(0, hidden_from_args(args, kwargs)), with_kwargs=True))
             else:
-                handles.append(blocks[layer - 1].register_forward_hook(after(layer)))
+                hooks.enter_context(blocks[layer - 1].register_forward_hook(after(layer)))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
 def rewrite_block_calls(model, blocks: range, rewrite: Callable[[tuple, dict], tuple[tuple, dict] | None]):
     """Within the block, each of ``blocks`` (0-based) is called with what ``rewrite(args, kwargs)``
-    returns instead of what the forward passes it (None: unchanged). The hooks are always removed."""
+    returns instead of what the forward passes it (None: unchanged)."""
     modules = get_blocks(model)
-    handles = [modules[i].register_forward_pre_hook(lambda _m, args, kwargs: rewrite(args, kwargs), with_kwargs=True)
-               for i in blocks]
-    try:
+    with contextlib.ExitStack() as hooks:
+        for i in blocks:
+            hooks.enter_context(modules[i].register_forward_pre_hook(lambda _m, args, kwargs: rewrite(args, kwargs),
+                                                                     with_kwargs=True))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
 def capture_block_call(model, block: int, record: dict):
     """Within the block, a forward of ``model`` stores the call of ``block`` (0-based) in
-    ``record``: ``record["args"]`` (tensors detached) and ``record["kwargs"]`` (attention mask,
-    position embeddings, ... as the full forward passes them), so the block can be re-run alone."""
+    ``record["args"]`` (tensors detached) and ``record["kwargs"]``, so the block can be re-run alone."""
     def pre(_m, args, kwargs):
         record["args"] = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         record["kwargs"] = dict(kwargs)
 
-    handle = get_blocks(model)[block].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
+    with get_blocks(model)[block].register_forward_pre_hook(pre, with_kwargs=True):
         yield record
-    finally:
-        handle.remove()
 
 
 def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> dict:
-    """Keyword arguments for the backbone's forward: mask-derived positions where needed, no KV cache.
-
-    ``extra`` are the model's other inputs (a vision-language model's ``pixel_values``,
-    ``pixel_attention_mask``, ``image_sizes``...): those the backbone's forward names are passed on,
-    floating-point ones in the model's dtype.
-    """
+    """Keyword arguments for the backbone's forward: mask-derived positions where needed, no KV
+    cache, and those of ``extra`` (a vision-language model's ``pixel_values``...) its forward
+    names, floating-point ones in the model's dtype."""
     backbone = base_model(model)
     spec = get_spec(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -143,9 +114,10 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     for name, value in extra.items():
         if _accepts(backbone, name):
             kwargs[name] = value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
-    if spec.decoder and bool(attention_mask[:, 0].all()) and _is_right_padded(attention_mask):
-        # Causal attention never lets a real token see the pads that follow it, so a right-padded
-        # batch needs no mask: SDPA then takes its fused causal (flash) path.
+    mask = attention_mask
+    if spec.decoder and bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        # Causal attention never lets a real token see the pads after it: a right-padded batch needs
+        # no mask, and SDPA then takes its fused causal (flash) path.
         kwargs["attention_mask"] = None
     if spec.positions_from_mask and _accepts(backbone, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
@@ -156,8 +128,7 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
 
 @torch.no_grad()
 def run_backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> None:
-    """One forward of the backbone for the hooks' sake (outputs discarded); a hook raising
-    :class:`StopForward` ends it early. ``extra``: the model's other inputs (see :func:`model_inputs`)."""
+    """One forward of the backbone for the hooks' sake (outputs discarded; :class:`StopForward` ends it)."""
     try:
         base_model(model)(**model_inputs(model, input_ids, attention_mask, **extra))
     except StopForward:
@@ -165,32 +136,11 @@ def run_backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
 
 
 @torch.no_grad()
-def last_token_features(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    layers: Sequence[int] | None = None,
-    mode: str = "raw",
-    **extra: torch.Tensor,
-) -> torch.Tensor:
-    """Feature(l) at the last real token for each requested layer.
-
-    For a vision-language model the blocks are its *language model's* (the registry says where),
-    the sequence is the processor's expanded one (image tokens included) and the last real token
-    is the end of the prompt, after the image.
-
-    Args:
-        model: a Hugging Face model of a registered architecture (base or with a head).
-        input_ids: (B, T) token ids, left or right padded.
-        attention_mask: (B, T), 1 for real tokens.
-        layers: layer indices in 0..L (default: all of them, 0..L).
-        mode: "raw" (the layer convention) or "normed" (final norm applied to each feature).
-        **extra: the model's other inputs (``pixel_values``...; see :func:`model_inputs`).
-
-    Returns:
-        (B, len(layers), H) tensor in the model's dtype, on the model's device. Only these rows
-        ever leave the hooks: full hidden states are never kept.
-    """
+def last_token_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        layers: Sequence[int] | None = None, mode: str = "raw", **extra: torch.Tensor) -> torch.Tensor:
+    """Feature(l) at the last real token of each row of the (B, T) inputs, left or right padded, for
+    each of ``layers`` (default 0..L): (B, len(layers), H) in the model's dtype, on the inputs'
+    device. Only these rows leave the hooks. ``extra``: the model's other inputs (pixels...)."""
     if mode not in FEATURE_MODES:
         raise ValueError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
     blocks = get_blocks(model)
@@ -206,8 +156,7 @@ def last_token_features(
     deepest = max(layers)
 
     def keep(layer: int, hidden: torch.Tensor) -> None:
-        # With device_map="auto" the blocks sit on several GPUs: index on the block's device,
-        # then bring the (B, H) rows to the inputs' device (no-ops on one device).
+        # blocks may sit on several GPUs (device_map="auto"): index there, bring the rows to the inputs
         h = hidden[rows.to(hidden.device), last.to(hidden.device)]  # (B, T, H) -> (B, H)
         captured[layer] = (norm(h) if norm is not None else h).to(input_ids.device)
         if layer == deepest and deepest < L:

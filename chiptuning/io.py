@@ -1,8 +1,4 @@
-"""File helpers every stage shares: atomic JSON, hashing, JSON records.
-
-Light on purpose (standard library only): the cache stage, which may not import torch,
-uses it too.
-"""
+"""File helpers every stage shares: atomic JSON, hashing, plain byte writes (standard library only)."""
 
 from __future__ import annotations
 
@@ -17,13 +13,8 @@ _BLOCK = 1 << 20
 
 
 def json_default(value: Any) -> Any:
-    """JSON for the values records hold besides plain JSON: numpy (and torch) scalars and arrays
-    through their ``tolist()``, paths as text; anything else as its ``str``."""
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+    """JSON for numpy (and torch) values (their ``tolist()``), paths and anything else (its ``str``)."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def dumps(obj: Any) -> str:
@@ -32,14 +23,14 @@ def dumps(obj: Any) -> str:
 
 
 def temporary_name(path: Path) -> Path:
-    """A fresh name beside ``path`` for writing it: ``.STEM.tmp-<pid>-<random>.SUFFIX`` (the suffix
-    kept: writers such as matplotlib choose the format from it)."""
+    """A fresh name beside ``path``: ``.STEM.tmp-<pid>-<random>.SUFFIX`` (the suffix kept: writers
+    such as matplotlib choose the format from it)."""
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as sorted, indented JSON to a fresh temporary name (created exclusively, so
-    never a file someone else has) and rename it into place, so a reader never sees half a file."""
+    """Write ``obj`` as :func:`dumps` JSON to a fresh temporary name (created exclusively) and rename
+    it into place: a reader never sees half a file."""
     path = Path(path)
     text = dumps(obj)
     tmp, created = temporary_name(path), False
@@ -56,8 +47,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 
 
 def write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
-    """Write ``data`` to ``path`` with plain file I/O (a full disk is one ``OSError``, ENOSPC);
-    a partly written file is removed."""
+    """Write ``data`` to ``path`` (a full disk is one ``OSError``); a partly written file is removed."""
     path = Path(path)
     try:
         with open(path, "wb") as f:
@@ -85,8 +75,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def file_checksums(root: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """sha256 of every file under ``root`` (relative POSIX path -> hex digest), sorted; ``exclude``:
-    relative paths left out (the record that will list the others)."""
+    """sha256 of every file under ``root`` but ``exclude`` (relative POSIX path -> hex digest), sorted."""
     root = Path(root)
     return {path.relative_to(root).as_posix(): sha256_file(path)
             for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())

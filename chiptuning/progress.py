@@ -1,11 +1,5 @@
-"""Progress of long loops: a bar on a terminal, a log line a minute anywhere else.
-
-A bar redrawn with carriage returns is useless in a log file, and an extraction left running in
-the background for hours (``nohup ... >> run.log``) would otherwise say nothing between its first
-line and its last. :func:`progress_bar` gives a tqdm bar when stderr is a terminal and otherwise
-a :class:`LogProgress`, which logs ``done/total``, the rate and the time left at most once every
-:data:`LOG_EVERY_S` seconds.
-"""
+"""Progress of long loops: a tqdm bar on a terminal; elsewhere (a background run's log file) a
+line with the count, the rate and the time left at most every :data:`LOG_EVERY_S` seconds."""
 
 from __future__ import annotations
 
@@ -53,8 +47,6 @@ class LogProgress:
 
 def progress_bar(total: int, desc: str, unit: str = "ex", enabled: bool = True):
     """A tqdm bar on a terminal, :class:`LogProgress` elsewhere, nothing when not ``enabled``."""
-    if not enabled:
-        return tqdm(total=total, disable=True)
-    if sys.stderr.isatty():
-        return tqdm(total=total, unit=unit, desc=desc)
-    return LogProgress(total, desc, unit, every=LOG_EVERY_S)
+    if enabled and not sys.stderr.isatty():
+        return LogProgress(total, desc, unit, every=LOG_EVERY_S)
+    return tqdm(total=total, unit=unit, desc=desc, disable=not enabled)

@@ -1,30 +1,21 @@
-"""Every JSON record chip-tuning writes or reads, through one codec.
-
-A record is a dataclass deriving from :class:`Record`. Its field types drive the conversion both
-ways (``to_dict`` / ``from_dict``): ``int``, ``float`` (finite), ``str``, ``bool``, ``None``
-in a union, ``list[T]``, ``tuple[T, ...]``, ``dict[str, T]``, ``Literal[...]``, nested records and
-``Any`` (plain JSON, as parsed). :func:`rule` adds what a type cannot say: bounds (``ge``, ``le``,
-``gt``, applied to every number of a list too), a JSON key that differs from the attribute
-(``key``), a field written only when set (``omit_none``). :meth:`Record.check` states the rules
-that tie fields together (layers within 0..depth, ``n_classes`` equal to the label list, ...).
-
-Reading is defensive: a file over :data:`MAX_RECORD_BYTES`, nesting deeper than
-:data:`MAX_DEPTH`, ``NaN`` / ``Infinity``, an unknown ``format`` or ``format_version``, a wrong
-type or an out-of-range value: each is one error line that names the file and the field, raised as
-the record's own error class (``CacheError`` for a cache, ``ProvenanceError`` for a checkpoint,
-...). Keys a record does not know are kept in its ``extra`` field when it has one (written back as
-they were: a cache's meta fingerprints them), else dropped with a warning.
-
-Standard library only: the cache stage, which needs only numpy and h5py, uses it too.
+"""Every JSON record chip-tuning writes or reads, through one codec: dataclasses deriving from
+:class:`Record`, whose field types drive the conversion both ways (:func:`rule` adds bounds, a JSON
+key, fields written only when set; :meth:`Record.check` ties fields together). Reading refuses, in
+one line naming the file and the field, a file over :data:`MAX_RECORD_BYTES` or deeper than
+:data:`MAX_DEPTH` (before parsing), ``NaN``, an unknown ``format`` or newer ``format_version``, a
+wrong type, a value out of range. Unknown keys go to ``extra`` where a record has one, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
+import operator
 import re
 import types
 import typing
@@ -43,6 +34,12 @@ MAX_DEPTH = 32
 
 R = TypeVar("R", bound="Record")
 _NO_RULE: dict[str, Any] = {}
+_BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le))
+#: JSON scalar type -> (its name in messages, whether a parsed value is one).
+_SCALARS = {bool: ("true or false", lambda v: isinstance(v, bool)),
+            int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+            float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+            str: ("text", lambda v: isinstance(v, str))}
 
 
 class Invalid(Exception):
@@ -56,28 +53,17 @@ class Invalid(Exception):
 def rule(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, key: str | None = None,
          ge: float | None = None, le: float | None = None, gt: float | None = None,
          omit_none: bool = False) -> Any:
-    """A dataclass field with the codec's rules.
-
-    Args:
-        default, default_factory: as :func:`dataclasses.field`.
-        key: the JSON key, when it differs from the attribute name.
-        ge, le, gt: bounds of a number (of every number in a list or dict value).
-        omit_none: leave the key out of the JSON when the value is None (fields added after files
-            of this kind were first written keep those files' content, and a cache's fingerprint).
-    """
+    """A dataclass field with the codec's rules: ``key``, the JSON key when it differs from the
+    attribute; bounds ``ge``, ``le``, ``gt`` of a number (of every number in a list or dict);
+    ``omit_none``: no key when the value is None (older files keep their content and fingerprint)."""
     metadata = {"key": key, "ge": ge, "le": le, "gt": gt, "omit_none": omit_none}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 class Record:
-    """Base of every record: ``to_dict`` / ``from_dict`` / ``read`` / ``write`` through the codec.
-
-    Class attributes:
-        FORMAT: the ``format`` key of a top-level record file (None for a part of a record).
-        VERSION: its ``format_version``, and the newest one this version reads.
-        LEGACY: a file with no ``format`` key is read too (written before the record had one).
-        ERROR: the exception raised for a bad record.
-    """
+    """Base of every record. ``FORMAT``: the ``format`` of a top-level record file (None for a part
+    of one); ``VERSION``: its ``format_version``, the newest one read; ``LEGACY``: a file with no
+    ``format`` key is read too; ``ERROR``: the exception raised for a bad record."""
 
     FORMAT: ClassVar[str | None] = None
     VERSION: ClassVar[int] = 1
@@ -88,11 +74,8 @@ class Record:
         """Rules between fields; raise :class:`Invalid` naming the field. Nothing by default."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object (with ``format`` and ``format_version`` for a top-level record).
-
-        Raises:
-            ERROR: a value this record cannot hold (a bug in the writer).
-        """
+        """The JSON object (with ``format`` and ``format_version`` for a top-level record); ERROR
+        for a value this record cannot hold."""
         try:
             self.check()
             out = encode(self, "")
@@ -104,18 +87,9 @@ class Record:
 
     @classmethod
     def from_dict(cls: type[R], data: Any, where: str = "record", *, file: bool = False) -> R:
-        """Read and validate a record's JSON object.
-
-        Args:
-            data: the parsed JSON.
-            where: what to call it in messages (its file).
-            file: it is a whole record file: its ``format`` must be the record's (else only a
-                ``format`` key that is present is checked) and its ``format_version`` one this
-                version reads.
-
-        Raises:
-            ERROR: ``"<where>: <field>: <what is wrong>"``.
-        """
+        """Read and validate a record's parsed JSON (ERROR ``"<where>: <field>: <what is wrong>"``).
+        ``file``: a whole record file, whose ``format`` must be the record's (else only a
+        ``format`` key that is present is checked)."""
         try:
             if cls.FORMAT is not None and (file or (isinstance(data, dict) and "format" in data)):
                 _check_format(cls, data)
@@ -154,14 +128,8 @@ _BRACKET = re.compile(rb"[\[\]{}]")
 
 def json_depth(blob: bytes) -> int:
     """Deepest nesting of lists and objects in a JSON text (strings skipped), without parsing it."""
-    depth = deepest = 0
-    for match in _BRACKET.finditer(_STRING.sub(b'""', blob)):
-        if match.group() in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+    steps = (1 if match.group() in b"[{" else -1 for match in _BRACKET.finditer(_STRING.sub(b'""', blob)))
+    return max(itertools.accumulate(steps, initial=0))
 
 
 def _refuse_constant(name: str) -> None:
@@ -169,12 +137,8 @@ def _refuse_constant(name: str) -> None:
 
 
 def read_json(path: str | Path, error: type[ChipTuningError] = ChipTuningError) -> Any:
-    """Parse a JSON file after checking its size and nesting (both before parsing).
-
-    Raises:
-        error: a missing or unreadable file, one over :data:`MAX_RECORD_BYTES` or nested deeper
-            than :data:`MAX_DEPTH`, invalid UTF-8 or JSON, ``NaN`` or ``Infinity``.
-    """
+    """Parse a JSON file after checking its size and nesting; ``error`` for a missing or unreadable
+    file, one too large or too deep, invalid UTF-8 or JSON, ``NaN`` or ``Infinity``."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -203,31 +167,25 @@ def _fields(cls: type) -> tuple[tuple[dataclasses.Field, Any, str], ...]:
     return tuple((f, hints[f.name], f.metadata.get("key") or f.name) for f in dataclasses.fields(cls))
 
 
+def _is_extra(f: dataclasses.Field) -> bool:
+    """The field holding unknown keys: ``extra``, with no JSON key of its own."""
+    return f.name == "extra" and not f.metadata.get("key")
+
+
 def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
     if isinstance(value, bool):
         return f"a boolean ({value})"
     if isinstance(value, (int, float)):
         return f"the number {value!r}"
     if isinstance(value, str):
         return f"the text {value[:40]!r}"
-    return {"list": "a list", "dict": "an object"}.get(type(value).__name__, f"a {type(value).__name__}")
+    return {type(None): "null", list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _join(path: str, name: str | int) -> str:
     if isinstance(name, int):
         return f"{path}[{name}]"
     return f"{path}.{name}" if path else name
-
-
-def _bounded(value: float, rules: dict, path: str) -> None:
-    if rules.get("ge") is not None and not value >= rules["ge"]:
-        raise Invalid(path, f"must be >= {rules['ge']:g}, got {value!r}")
-    if rules.get("gt") is not None and not value > rules["gt"]:
-        raise Invalid(path, f"must be > {rules['gt']:g}, got {value!r}")
-    if rules.get("le") is not None and not value <= rules["le"]:
-        raise Invalid(path, f"must be <= {rules['le']:g}, got {value!r}")
 
 
 def decode(tp: Any, value: Any, path: str, rules: dict = _NO_RULE) -> Any:
@@ -242,10 +200,8 @@ def decode(tp: Any, value: Any, path: str, rules: dict = _NO_RULE) -> Any:
             raise Invalid(path, "must be given, got null")
         arms = [a for a in args if a is not type(None)]
         for arm in arms[:-1]:
-            try:
+            with contextlib.suppress(Invalid):
                 return decode(arm, value, path, rules)
-            except Invalid:
-                continue
         return decode(arms[-1], value, path, rules)
     if origin is Literal:
         if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
@@ -262,43 +218,31 @@ def decode(tp: Any, value: Any, path: str, rules: dict = _NO_RULE) -> Any:
             if len(value) != len(args):
                 raise Invalid(path, f"expected a list of {len(args)} values, got {len(value)}")
             return tuple(decode(a, v, _join(path, i), rules) for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        items = [decode(item, v, _join(path, i), rules) for i, v in enumerate(value)]
+        items = [decode(args[0] if args else Any, v, _join(path, i), rules) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise Invalid(path, f"expected an object, got {_kind(value)}")
-        item = args[1] if args else Any
-        return {k: decode(item, v, _join(path, k), rules) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise Invalid(path, f"expected true or false, got {_kind(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise Invalid(path, f"expected an integer, got {_kind(value)}")
-        _bounded(value, rules, path)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise Invalid(path, f"expected a number, got {_kind(value)}")
-        if not math.isfinite(value):
+        return {k: decode(args[1] if args else Any, v, _join(path, k), rules) for k, v in value.items()}
+    if tp in _SCALARS:
+        what, fits = _SCALARS[tp]
+        if not fits(value):
+            raise Invalid(path, f"expected {what}, got {_kind(value)}")
+        if tp is float and not math.isfinite(value):
             raise Invalid(path, f"must be finite, got {value!r}")
-        _bounded(value, rules, path)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise Invalid(path, f"expected text, got {_kind(value)}")
-        return value
+        for name, sign, holds in _BOUNDS if tp in (int, float) else ():
+            if rules.get(name) is not None and not holds(value, rules[name]):
+                raise Invalid(path, f"must be {sign} {rules[name]:g}, got {value!r}")
+        return float(value) if tp is float else value
     raise TypeError(f"the record codec cannot decode {tp!r} ({path})")  # a record declared a type it lacks
 
 
 def _decode_record(cls: type, value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         raise Invalid(path, f"expected an object, got {_kind(value)}")
-    known, kwargs, has_extra = set(), {}, False
+    known, kwargs, has_extra = {"format", "format_version"}, {}, False
     for f, tp, key in _fields(cls):
-        if f.name == "extra" and not f.metadata.get("key"):
+        if _is_extra(f):
             has_extra = True
             continue
         known.add(key)
@@ -306,7 +250,7 @@ def _decode_record(cls: type, value: Any, path: str) -> Any:
             kwargs[f.name] = decode(tp, value[key], _join(path, key), f.metadata)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise Invalid(_join(path, key), "is missing")
-    unknown = {k: v for k, v in value.items() if k not in known and k not in ("format", "format_version")}
+    unknown = {k: v for k, v in value.items() if k not in known}
     if has_extra:
         kwargs["extra"] = unknown
     if unknown:
@@ -333,13 +277,13 @@ def name_clash(names: list[str]) -> tuple[str, str] | None:
 
 
 def encode(value: Any, path: str) -> Any:
-    """A record (or any value a record holds) as JSON (a non-finite number as null);
+    """A record (or any value a record holds) as JSON, a non-finite number as null;
     :class:`Invalid` for a value JSON cannot hold."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
         for f, _, key in _fields(type(value)):
             item = getattr(value, f.name)
-            if f.name == "extra" and not f.metadata.get("key"):
+            if _is_extra(f):
                 out.update(encode(item, path))
             elif not (item is None and f.metadata.get("omit_none")):
                 out[key] = encode(item, _join(path, key))
@@ -353,7 +297,7 @@ def encode(value: Any, path: str) -> Any:
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy and torch values
         return encode(value.tolist(), path)
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN or infinity (and reading refuses them): "not a number" is null
+        return None  # JSON has no NaN or infinity (and reading refuses them)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise Invalid(path, f"{type(value).__name__} cannot be written to JSON")

@@ -1,24 +1,14 @@
 """Vision-language models: images through the model's own processor, and what identifies them.
 
-* :class:`ImageInputs` is the image side of the one encoder (:mod:`chiptuning.encoding`): each
-  example is a prompt (the processor's chat template around the image placeholder, see
-  :func:`chiptuning.tasks.image_chat_prompt`) and an image; a batch decodes its images and lets the
-  processor resize them and expand each placeholder into the image's tokens, so "the last token"
-  is simply the last real token of the expanded sequence, whatever the family. Lengths for
-  planning batches come from the images' sizes (a blank image of each size through the processor,
-  once per size), so no image is decoded before its batch.
-* :func:`check_images` reads and decodes every image once before an extraction, so a missing,
-  unreadable or corrupt image fails in one line naming the file before anything is computed, and
-  returns the sha256 of the image bytes the cache's fingerprint covers.
-* :func:`processor_identity` is what a cache records of the processor (classes and settings).
-* :func:`check_modality` refuses image data for a text model and text data for a vision-language
-  model, naming both.
+In :class:`ImageInputs` (the image side of :mod:`chiptuning.encoding`) the processor resizes a
+batch's images and expands each image placeholder into the image's tokens, so "the last token" is
+the last real token of the expanded sequence, whatever the family.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,23 +24,11 @@ from chiptuning.registry import VISION_LANGUAGE, get_spec
 from chiptuning.tasks import ImageRef, TaskData
 from chiptuning.tasks.images import decode_bytes, image_name, image_size, open_image
 
-log = logging.getLogger(__name__)
-
 
 class ImageInputs(EncodedInputs):
-    """(prompt, image) pairs for a vision-language model, batched by its processor.
-
-    Args:
-        processor: the model's processor (:func:`chiptuning.models.load_processor`); its
-            tokenizer's padding side is the batches'.
-        prompts: one rendered prompt per image, with one image placeholder each.
-        images: :class:`~chiptuning.tasks.ImageRef`, PIL images or arrays.
-        sizes: (width, height) of each image when already known (:func:`check_images`); else read
-            from each file's header.
-
-    Raises:
-        DataError: a missing or unreadable image (named), prompts and images of different counts.
-    """
+    """(prompt, image) pairs batched by a vision-language model's processor: chat-templated prompts
+    with one image placeholder each; ``ImageRef``, PIL images or arrays, decoded a batch at a time;
+    their ``sizes`` (width, height) when known (:func:`check_images`), else read from file headers."""
 
     def __init__(self, processor, prompts: Sequence[str], images: Sequence[Any],
                  sizes: Sequence[tuple[int, int]] | None = None) -> None:
@@ -64,29 +42,25 @@ class ImageInputs(EncodedInputs):
 
     def batch(self, rows: Sequence[int], device=None) -> Batch:
         rows = list(rows)
-        images = [open_image(self.images[i], i) for i in rows]  # decoded here, one batch at a time
+        decoded = [open_image(self.images[i], i) for i in rows]
         try:
-            encoded = self._process([self.prompts[i] for i in rows], images)
-        except DataError:
-            raise
+            encoded = self._process([self.prompts[i] for i in rows], decoded)
         # The processor raises ValueError / TypeError / IndexError on an image it cannot take (too
         # small to resize, an extreme aspect ratio): find which one, and name it.
         except Exception as err:  # noqa: BLE001
-            for i, image in zip(rows, images):
+            for i, image in zip(rows, decoded):
                 try:
                     self._process([self.prompts[i]], [image])
                 except Exception as one:  # noqa: BLE001
                     raise DataError(f"{image_name(self.images[i], i)}: the model's processor cannot take this "
-                                    f"image ({type(one).__name__}: {str(one).splitlines()[0] if str(one) else ''})"
-                                    ) from None
+                                    f"image ({type(one).__name__}: {(str(one).splitlines() or [''])[0]})") from None
             raise err
-        ids, mask = encoded.pop("input_ids"), encoded.pop("attention_mask")
-        extra = {k: v.to(device) if device is not None else v for k, v in encoded.items() if torch.is_tensor(v)}
-        return Batch(rows, ids.to(device) if device is not None else ids,
-                     mask.to(device) if device is not None else mask, extra)
+        tensors = {k: v if device is None else v.to(device) for k, v in encoded.items() if torch.is_tensor(v)}
+        ids, mask = tensors.pop("input_ids"), tensors.pop("attention_mask")
+        return Batch(rows, ids, mask, tensors)  # the rest: pixel_values and friends
 
-    def _process(self, prompts: list[str], images: list[Image.Image]):
-        return self.processor(text=prompts, images=[[image] for image in images], padding=True,
+    def _process(self, prompts: list[str], decoded: list[Image.Image]):
+        return self.processor(text=prompts, images=[[image] for image in decoded], padding=True,
                               add_special_tokens=adds_special_tokens(self.processor, prompts[0]), return_tensors="pt")
 
     def token_ids(self, i: int) -> list[int]:
@@ -102,22 +76,17 @@ def adds_special_tokens(processor, prompt: str) -> bool:
 
 
 def expanded_lengths(processor, prompts: Sequence[str], sizes: Sequence[tuple[int, int]]) -> list[int]:
-    """Tokens of each (prompt, image) after the processor expands the image placeholder.
+    """Tokens of each (prompt, image) after the processor expands the image placeholder. The
+    expansion depends on the prompt and the image's size only (fixed for LLaVA, tiles for Idefics3),
+    so a blank image of each distinct size goes through the processor once."""
 
-    The expansion depends on the prompt and the image's size only (fixed for LLaVA, tiles for
-    Idefics3), so a blank image of each distinct size goes through the processor once.
-    """
-    memo: dict[tuple[str, tuple[int, int]], int] = {}
-    lengths = []
-    for prompt, size in zip(prompts, sizes):
-        key = (prompt, (int(size[0]), int(size[1])))
-        if key not in memo:
-            blank = Image.new("RGB", key[1])
-            ids = processor(text=[prompt], images=[[blank]],
-                            add_special_tokens=adds_special_tokens(processor, prompt))["input_ids"][0]
-            memo[key] = len(ids)
-        lengths.append(memo[key])
-    return lengths
+    @functools.cache
+    def length(prompt: str, size: tuple[int, int]) -> int:
+        blank = Image.new("RGB", size)
+        return len(processor(text=[prompt], images=[[blank]],
+                             add_special_tokens=adds_special_tokens(processor, prompt))["input_ids"][0])
+
+    return [length(prompt, (int(size[0]), int(size[1]))) for prompt, size in zip(prompts, sizes)]
 
 
 def _check_one(image: Any, index: int) -> tuple[str, tuple[int, int]]:
@@ -130,54 +99,35 @@ def _check_one(image: Any, index: int) -> tuple[str, tuple[int, int]]:
 
 
 def check_images(images: Sequence[Any], workers: int | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """Read and decode every image once (threads: decoding releases the GIL), before any is used.
-
-    Returns:
-        (images_sha256, sizes): a hash over every image's bytes in order (16 hex characters, what
-        a cache's fingerprint covers) and each image's (width, height).
-
-    Raises:
-        DataError: the first missing, unreadable or undecodable image, named.
-    """
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    """(images_sha256, sizes): read and decode every image once (threads: decoding releases the GIL)
+    before any is used, a bad one a DataError naming it; 16 hex characters of a hash over the images'
+    bytes in order (what a cache's fingerprint covers), and each image's (width, height)."""
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         results = list(pool.map(_check_one, images, range(len(images))))
-    digest = hashlib.sha256()
-    for one, _ in results:
-        digest.update(bytes.fromhex(one))
+    digest = hashlib.sha256(b"".join(bytes.fromhex(one) for one, _ in results))
     return digest.hexdigest()[:16], [size for _, size in results]
 
 
 def processor_identity(processor) -> dict[str, Any]:
     """What a cache records of a processor: its class, its image processor's class, and a hash of
     its settings (image size, normalization, patch size, tokens per image...)."""
-    return {
-        "class": type(processor).__name__,
-        "image_processor": type(processor.image_processor).__name__,
-        "settings_sha256": canonical_hash(processor.to_dict(), 16),
-    }
+    return {"class": type(processor).__name__, "image_processor": type(processor.image_processor).__name__,
+            "settings_sha256": canonical_hash(processor.to_dict(), 16)}
 
 
 def check_modality(model_or_config, task: TaskData, model_name: str) -> None:
-    """Refuse data the model cannot read: images for a text model, text for a vision-language model.
-
-    Raises:
-        DataError: naming the model, its type and the data.
-    """
+    """Refuse, naming the model, its type and the data, images for a text model and text for a
+    vision-language model (DataError)."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", model_or_config)
-    images = get_spec(model_or_config).images
+    is_vlm = get_spec(model_or_config).images
     data = f"{task.name}/{task.split}"
-    if images and task.image_column is None:
-        raise DataError(
-            f"model {model_name} is a vision-language model ({model_type}) and {data} holds text only; give it "
-            "image data (--data IMAGE_FOLDER, or --image-column COLUMN for a file or dataset)"
-        )
-    if not images and task.image_column is not None:
-        raise DataError(
-            f"model {model_name} ({model_type}) reads text only and {data} holds images; give a vision-language "
-            f"model ({', '.join(sorted(VISION_LANGUAGE))}) or text data"
-        )
+    if is_vlm and task.image_column is None:
+        raise DataError(f"model {model_name} is a vision-language model ({model_type}) and {data} holds text only; "
+                        "give it image data (--data IMAGE_FOLDER, or --image-column COLUMN for a file or dataset)")
+    if not is_vlm and task.image_column is not None:
+        raise DataError(f"model {model_name} ({model_type}) reads text only and {data} holds images; give a "
+                        f"vision-language model ({', '.join(sorted(VISION_LANGUAGE))}) or text data")
 
 
 __all__ = ["ImageInputs", "adds_special_tokens", "check_images", "check_modality", "expanded_lengths",

@@ -1,14 +1,9 @@
 """One pass over a task: feature(l) at the last real token of every prompt, every layer, to a cache.
 
-The hot loop: tokenize everything once, plan batches (dataset order or sorted by length under a
-token budget), run the backbone with hooks that keep only the last-token row of each layer, move
-those (B, L+1, H) rows to the CPU, and hand them to a background writer thread so the device
-never waits for the disk. An out-of-memory batch is split in two and retried.
-
-Image data goes to a vision-language model the same way: its processor encodes each batch (the
-images are decoded one batch at a time), the hooks sit on the language model's blocks, and every
-image is read and decoded once up front (:func:`chiptuning.vision.check_images`), so a bad file
-stops the run in one line before anything is computed and the fingerprint covers the image bytes.
+Tokenize everything once, plan batches (dataset order, or sorted by length under a token budget),
+run the backbone with hooks that keep only each layer's last-token row, and hand those (B, L+1, H)
+rows to a writer thread, so the device never waits for the disk; an out-of-memory batch is split
+in two. Image data goes to a vision-language model the same way, through its processor.
 """
 
 from __future__ import annotations
@@ -20,6 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,71 +46,40 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExtractConfig:
-    """Settings of one extraction (``chiptuning extract``).
-
-    Attributes:
-        out: cache directory (``--out``).
-        model: hub id or local directory (``--model``).
-        dtype: compute dtype of the model: fp32, bf16 or fp16 (``--dtype``).
-        device: cpu, cuda, cuda:N or auto (``--device``); not part of the fingerprint.
-        batch_size: most examples per batch (``--batch-size``); not part of the fingerprint. None:
-            16 for fixed batches, 1024 under a token budget (the budget is then what limits a batch).
-        max_tokens_per_batch: token budget per batch, examples sorted by length (``--max-tokens-per-batch``);
-            0 = fixed batches in dataset order; "auto" = sized from free GPU memory on CUDA
-            (:func:`chiptuning.encoding.auto_token_budget`), 8192 tokens on CPU.
-        max_length: longest prompt in tokens (``--max-length``); default the model's limit. Image
-            prompts are never cut.
-        padding_side: left or right (``--padding-side``); positions come from the mask either way.
-        storage_dtype: float32, bfloat16 (exact bits) or float16 (checked) (``--storage-dtype``).
-        feature_mode: raw (layer convention) or normed (final norm applied) (``--feature-mode``).
-        shard_size: rows per HDF5 shard (``--shard-size``).
-        device_map: "auto" to spread a model larger than one GPU (``--device-map``).
-        offload: "auto" (default: stream the blocks when the weights do not fit the device),
-            "stream" or "none" (``--offload``): a streamed model reads each block from its files
-            once per batch, and the batches are as large as memory allows
-            (:func:`chiptuning.models.load_model`); the features are the same.
-        adapter: PEFT adapter merged into the model first (``--adapter``).
-        lens: for decoders, also store the LM head's logits of the label words at every layer
-            (``--lens/--no-lens``; a few numbers per row, see :mod:`chiptuning.zeroshot`): the
-            model's own answer at each depth, and at layer L its zero-shot answer.
-        progress: show a progress bar.
-        model_hash: identity of the weights when ``model`` is not a path or hub id (an in-memory
-            model); default computed by :func:`chiptuning.models.weights_hash`.
-    """
+    """Settings of one extraction: the options of ``chiptuning extract``, by name."""
 
     out: str
     model: str
     dtype: str = "fp32"
-    device: str = "auto"
-    batch_size: int | None = 16
-    max_tokens_per_batch: int | str = 0
-    max_length: int | None = None
-    padding_side: str = "right"
-    storage_dtype: str = "float32"
-    feature_mode: str = "raw"
+    device: str = "auto"  # not part of the fingerprint, nor is batch_size
+    batch_size: int | None = 16  # None: 16 for fixed batches, 1024 under a token budget (which then limits a batch)
+    max_tokens_per_batch: int | str = 0  # length-sorted batches; 0: fixed ones; "auto": by free GPU memory, 8192 on CPU
+    max_length: int | None = None  # None: the model's limit; image prompts are never cut
+    padding_side: str = "right"  # positions come from the attention mask either way
+    storage_dtype: str = "float32"  # bfloat16 stores bf16 features exactly; float16 is checked for overflow
+    feature_mode: str = "raw"  # raw: the layer convention; normed: with the final norm applied
     shard_size: int = 1024
-    device_map: str | None = None
-    offload: str = "auto"
-    adapter: str | None = None
-    lens: bool = True
+    device_map: str | None = None  # "auto" spreads a model larger than one GPU
+    offload: str = "auto"  # stream the blocks when the weights do not fit the device (load_model); same features
+    adapter: str | None = None  # a PEFT adapter merged into the model first
+    lens: bool = True  # decoders: also store the LM head's logits of the label words at every layer
     progress: bool = False
-    model_hash: str | None = None
+    model_hash: str | None = None  # identity of the weights, when known (else weights_hash)
 
     def validate(self) -> None:
-        if self.max_tokens_per_batch != "auto" and (
-                not isinstance(self.max_tokens_per_batch, int) or self.max_tokens_per_batch < 0):
-            raise ChipTuningError(
-                f"--max-tokens-per-batch must be 'auto' or an integer >= 0, got {self.max_tokens_per_batch!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ChipTuningError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.padding_side not in ("left", "right"):
-            raise ChipTuningError(f"--padding-side must be left or right, got {self.padding_side!r}")
-        if self.feature_mode not in FEATURE_MODES:
-            raise ChipTuningError(f"--feature-mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
-        if self.shard_size < 1:
-            raise ChipTuningError(f"--shard-size must be >= 1, got {self.shard_size}")
-        if self.max_length is not None and self.max_length < 1:
-            raise ChipTuningError(f"--max-length must be >= 1 token, got {self.max_length}")
+        """ChipTuningError naming the first setting out of its range."""
+        budget = self.max_tokens_per_batch
+        for ok, rule, value in (
+            (budget == "auto" or (isinstance(budget, int) and budget >= 0), "--max-tokens-per-batch must be 'auto' "
+             "or an integer >= 0", budget),
+            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1", self.batch_size),
+            (self.padding_side in ("left", "right"), "--padding-side must be left or right", self.padding_side),
+            (self.feature_mode in FEATURE_MODES, f"--feature-mode must be one of {FEATURE_MODES}", self.feature_mode),
+            (self.shard_size >= 1, "--shard-size must be >= 1", self.shard_size),
+            (self.max_length is None or self.max_length >= 1, "--max-length must be >= 1 token", self.max_length),
+        ):
+            if not ok:
+                raise ChipTuningError(f"{rule}, got {value!r}")
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -124,11 +89,10 @@ def _is_oom(err: BaseException) -> bool:
 def features_for_batch(model, inputs: EncodedInputs, rows: list[int], device, mode, words: LabelWords | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features of the inputs at ``rows`` as one batch, (B, L+1, H) float32, and with ``words`` the
-    label-word logits of every layer, (B, L+1, K) float32 (else None); splits the batch in two on
-    out-of-memory."""
+    label-word logits of every layer, (B, L+1, K) (else None); out of memory, the batch is split."""
     try:
         batch = inputs.batch(rows, device)
-        feats = last_token_features(model, batch.input_ids, batch.attention_mask, mode=mode, **batch.extra)  # (B, L+1, H)
+        feats = last_token_features(model, batch.input_ids, batch.attention_mask, mode=mode, **batch.extra)
         lens = None if words is None else lens_logits(model, feats, words, normed=mode == "normed").cpu().numpy()
         return feats.float().cpu().numpy(), lens
     except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -140,8 +104,7 @@ def features_for_batch(model, inputs: EncodedInputs, rows: list[int], device, mo
         log.warning("out of memory on a batch of %d; retrying as %d + %d", len(rows), half, len(rows) - half)
         first = features_for_batch(model, inputs, rows[:half], device, mode, words)
         second = features_for_batch(model, inputs, rows[half:], device, mode, words)
-        return (np.concatenate([first[0], second[0]]),
-                None if words is None else np.concatenate([first[1], second[1]]))
+        return np.concatenate([first[0], second[0]]), None if words is None else np.concatenate([first[1], second[1]])
 
 
 def _prompts_hash(prompts: list[str], labels: list[int]) -> str:
@@ -163,11 +126,8 @@ def default_max_length(tokenizer, model) -> int | None:
 
 
 def distributed_context() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) under ``torchrun`` / ``accelerate launch``; (0, 1, 0) otherwise.
-
-    Initialises the default process group (NCCL on GPUs, gloo on CPU) when the launcher set
-    ``WORLD_SIZE`` > 1 and nobody has yet.
-    """
+    """(rank, world_size, local_rank) under ``torchrun`` / ``accelerate launch``, the default process
+    group initialised (NCCL on GPUs, gloo on CPU); (0, 1, 0) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
@@ -181,21 +141,27 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
+@dataclass
+class Prepared:
+    """A task ready to run: its encoded inputs and labels, the lens' label words (or None), the cache's
+    meta, the number of prompts cut, the last tokens of the first prompts (the cache's report)."""
+
+    inputs: EncodedInputs
+    labels: list[int]
+    words: LabelWords | None
+    meta: CacheMeta
+    n_long: int
+    preview: list[dict]
+
+
 def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -> Path:
-    """Extract the last-token feature of every layer for every example of ``task`` into a cache.
+    """Extract the last-token feature of every layer for every example of ``task`` (text, or images
+    for a vision-language model) into the cache ``config.out`` and return its path.
 
-    Args:
-        config: the settings (see :class:`ExtractConfig`).
-        task: the examples and their prompt template (text, or images for a vision-language model).
-        model, tokenizer: already-loaded objects (tests, notebooks); loaded from ``config.model``
-            when None. For a vision-language model ``tokenizer`` is its processor.
-
-    Under ``torchrun`` / ``accelerate launch`` each rank takes every world_size-th batch, writes its
-    own shards and manifest part, and rank 0 joins the parts into one manifest at the end.
-
-    Returns:
-        The cache directory. Re-running the same call resumes after the last complete shard;
-        a cache made with other settings is refused.
+    ``model`` and ``tokenizer`` (a vision-language model's processor) are loaded from
+    ``config.model`` unless given. Re-running the same call resumes after the last complete shard;
+    a cache of other settings is refused. Under ``torchrun`` each rank takes every world_size-th
+    batch and writes its own shards and manifest part; rank 0 joins the parts at the end.
     """
     config.validate()
     rank, world_size, local_rank = distributed_context()
@@ -203,35 +169,58 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
     _barrier(world_size)  # every rank checks before any rank writes
     if world_size > 1 and config.device in ("auto", "cuda") and torch.cuda.is_available():
         config.device = f"cuda:{local_rank}"
+    model, tokenizer, images = load(config, task, model, tokenizer)
+    run = prepare(config, task, model, tokenizer, images)
+    device = model_device(model)
+    budget = resolve_token_budget(config.max_tokens_per_batch, model, device)
+    batches = plan_batches(run.inputs.lengths, config.batch_size or (1024 if budget else 16), budget)[rank::world_size]
+    writer = CacheWriter(
+        config.out, run.meta, n_rows=len(task.examples), layers=run.meta.layers, hidden_size=run.meta.hidden_size,
+        storage_dtype=config.storage_dtype, shard_size=config.shard_size, rank=rank, world_size=world_size,
+        extra={"model_stats": param_stats(model), "n_shortened": run.n_long, "preview": run.preview},
+    )
+    with writer:  # the cache's lock, released however this ends
+        complete = writer.complete
+        if complete:
+            log.info("cache %s is already complete (fingerprint %s)", config.out, writer.fingerprint)
+        else:
+            write_features(writer, model, run, task, batches, config, progress=config.progress and rank == 0)
+            writer.close(expected_rows=sum(len(b) for b in batches) if world_size > 1 else None)
+    _barrier(world_size)
+    if rank == 0 and world_size > 1 and not (complete and (Path(config.out) / "manifest.json").exists()):
+        merge_rank_manifests(config.out, world_size)
+    _barrier(world_size)
+    return Path(config.out)
+
+
+def load(config: ExtractConfig, task: TaskData, model, tokenizer) -> tuple[Any, Any, tuple | None]:
+    """(model, tokenizer or processor, for image data (the images' sha256, sizes) else None), loaded
+    where not given; the modality and every image are checked before the weights load."""
     model_config = model.config if model is not None else load_config(config.model)
-    check_modality(model_config, task, config.model)  # before loading weights or reading images
-    images = get_spec(model_config).images
+    check_modality(model_config, task, config.model)
     if tokenizer is None:
         tokenizer = load_preprocessor(config.model, padding_side=config.padding_side)
-    if images:  # every image read and decoded once, before the weights load: a bad one fails here
-        images_sha256, sizes = check_images(task.images())
+    images = check_images(task.images()) if get_spec(model_config).images else None
     if model is None:
-        # Decoders come with their LM head (the lens applies it to every layer's feature).
-        causal_lm = config.lens and get_spec(model_config).decoder
+        # A decoder comes with its LM head: the lens applies it to every layer's feature.
         model = load_model(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,
-                           offload=config.offload,
-                           adapter=config.adapter, causal_lm=causal_lm)
-    get_spec(model)
-    device = model_device(model)
-    L = num_blocks(model)
-    layers = list(range(L + 1))
-    hidden = int(text_config(model.config).hidden_size)
-    text_tokenizer = tokenizer.tokenizer if images else tokenizer
+                           offload=config.offload, adapter=config.adapter,
+                           causal_lm=config.lens and get_spec(model_config).decoder)
+    return model, tokenizer, images
 
+
+def prepare(config: ExtractConfig, task: TaskData, model, tokenizer, images: tuple | None) -> Prepared:
+    """Build and encode the prompts of ``task`` (text cut on the left under the model's limit; images
+    whole) and describe the cache they make."""
+    text_tokenizer = tokenizer.tokenizer if images else tokenizer
     if images:
         if config.max_length:
             log.warning("--max-length %d is ignored: image prompts are never cut (the image tokens must stay whole)",
                         config.max_length)
-        max_length = None  # image prompts are never cut (the image tokens must stay whole)
+        max_length = None
         prompts, n_long = task.build_prompts(tokenizer)
-        inputs: EncodedInputs = ImageInputs(tokenizer, prompts, task.images(), sizes)
+        inputs: EncodedInputs = ImageInputs(tokenizer, prompts, task.images(), images[1])
     else:
-        images_sha256 = None
         limit = default_max_length(tokenizer, model)
         if config.max_length is not None and limit is not None and config.max_length > limit:
             raise ChipTuningError(f"--max-length {config.max_length} is more than {config.model} can read ({limit} "
@@ -239,92 +228,56 @@ def extract(config: ExtractConfig, task: TaskData, model=None, tokenizer=None) -
         max_length = config.max_length or limit
         prompts, n_long = task.build_prompts(tokenizer, max_length)
         inputs = TextInputs(tokenizer, prompts, max_length, config.padding_side)  # left truncation keeps "Answer:"
-    lengths = inputs.lengths
     labels = [ex.label for ex in task.examples]
     has_head = get_spec(model).decoder and model.get_output_embeddings() is not None
     words = label_words(text_tokenizer, task.label_names) if config.lens and has_head else None
+    L = num_blocks(model)
     meta = CacheMeta(
-        model=config.model,
-        model_hash=config.model_hash or weights_hash(config.model, model),
-        model_type=model.config.model_type,
-        adapter=config.adapter,
-        tokenizer=getattr(text_tokenizer, "name_or_path", None),
-        task=task.describe(),
-        label_names=list(task.label_names),
-        prompts_sha256=_prompts_hash(prompts, labels),
-        max_length=max_length,
-        pooling="last_token",
-        feature_mode=config.feature_mode,
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        storage_dtype=config.storage_dtype,
-        layers=layers,
-        num_blocks=L,
-        hidden_size=hidden,
-        model_source=model_source(config.model),
-        lens=None if words is None else words.to_dict(),
-        processor=processor_identity(tokenizer) if images else None,
-        images_sha256=images_sha256,
+        model=config.model, model_hash=config.model_hash or weights_hash(config.model, model),
+        model_type=model.config.model_type, adapter=config.adapter,
+        tokenizer=getattr(text_tokenizer, "name_or_path", None), task=task.describe(),
+        label_names=list(task.label_names), prompts_sha256=_prompts_hash(prompts, labels), max_length=max_length,
+        pooling="last_token", feature_mode=config.feature_mode,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""), storage_dtype=config.storage_dtype,
+        layers=list(range(L + 1)), num_blocks=L, hidden_size=int(text_config(model.config).hidden_size),
+        model_source=model_source(config.model), lens=None if words is None else words.to_dict(),
+        processor=processor_identity(tokenizer) if images else None, images_sha256=images[0] if images else None,
     )
-    preview = []
-    for i in range(min(3, len(prompts))):
-        ids = inputs.token_ids(i)
-        preview.append({"id": task.examples[i].id, "last_tokens": text_tokenizer.convert_ids_to_tokens(ids[-6:]),
-                        "chip_reads": text_tokenizer.convert_ids_to_tokens(ids[-1:])[0]})
-    budget = resolve_token_budget(config.max_tokens_per_batch, model, device)
-    batch_size = config.batch_size or (1024 if budget else 16)
-    batches = plan_batches(lengths, batch_size, budget)
-    batches = batches[rank::world_size]
-    my_rows = sum(len(b) for b in batches)
-    writer = CacheWriter(
-        config.out, meta, n_rows=len(prompts), layers=layers, hidden_size=hidden,
-        storage_dtype=config.storage_dtype, shard_size=config.shard_size,
-        extra={"model_stats": param_stats(model), "n_shortened": n_long, "preview": preview},
-        rank=rank, world_size=world_size,
-    )
-    with writer:  # the cache's lock, released however this ends
-        if writer.complete:
-            log.info("cache %s is already complete (fingerprint %s)", config.out, writer.fingerprint)
-            _barrier(world_size)
-            if rank == 0 and world_size > 1 and not (Path(config.out) / "manifest.json").exists():
-                merge_rank_manifests(config.out, world_size)
-            _barrier(world_size)
-            return Path(config.out)
-        done = writer.done_indices()
-        # Whole batches are recomputed unless all their rows are stored, so a resumed run computes
-        # exactly the batches an uninterrupted one would (bit-identical features).
-        todo = [b for b in batches if not all(i in done for i in b)]
-        log.info("extracting %d examples (%d to go) from %s: %d layers x %d, %d batch%s on %s",
-                 len(prompts), sum(len(b) for b in todo), config.model, L + 1, hidden, len(todo),
-                 "" if len(todo) == 1 else "es", device)
-        if n_long:
-            log.warning("%d prompts were longer than max_length=%d tokens", n_long, max_length)
-        started = time.perf_counter()
-        progress = None
-        if config.progress and rank == 0:
-            progress = progress_bar(sum(len(b) for b in todo), "extract")
-        pending: list[Future] = []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for batch in todo:
-                feats, lens = features_for_batch(model, inputs, batch, device, config.feature_mode, words)
-                keep = [k for k, i in enumerate(batch) if i not in done]
-                rows = [batch[k] for k in keep]
-                pending.append(pool.submit(
-                    writer.write, np.array(rows), feats[keep], np.array([labels[i] for i in rows]),
-                    [task.examples[i].id for i in rows], np.array([lengths[i] for i in rows]),
-                    np.array([task.examples[i].n_choices for i in rows]), None if lens is None else lens[keep],
-                ))
-                if len(pending) > 2:  # bounded queue: at most two batches wait for the disk
-                    pending.pop(0).result()
-                if progress is not None:
-                    progress.update(len(batch))
-            for future in pending:
-                future.result()
-        if progress is not None:
-            progress.close()
-        writer.close(expected_rows=my_rows if world_size > 1 else None)
-    _barrier(world_size)
-    if rank == 0 and world_size > 1:
-        merge_rank_manifests(config.out, world_size)
-    _barrier(world_size)
+    tokens = [text_tokenizer.convert_ids_to_tokens(inputs.token_ids(i)[-6:]) for i in range(min(3, len(prompts)))]
+    preview = [{"id": ex.id, "last_tokens": last, "chip_reads": last[-1]} for ex, last in zip(task.examples, tokens)]
+    return Prepared(inputs, labels, words, meta, n_long, preview)
+
+
+def write_features(writer: CacheWriter, model, run: Prepared, task: TaskData, batches: list[list[int]],
+                   config: ExtractConfig, progress: bool) -> None:
+    """Run ``model`` over the batches the cache lacks; a thread writes their rows (two batches wait at most)."""
+    done = writer.done_indices()
+    # Whole batches are recomputed unless all their rows are stored, so a resumed run computes
+    # exactly the batches an uninterrupted one would (bit-identical features).
+    todo = [b for b in batches if not all(i in done for i in b)]
+    device, lengths = model_device(model), run.inputs.lengths
+    log.info("extracting %d examples (%d to go) from %s: %d layers x %d, %d batch%s on %s", len(task.examples),
+             sum(len(b) for b in todo), config.model, len(run.meta.layers), run.meta.hidden_size, len(todo),
+             "" if len(todo) == 1 else "es", device)
+    if run.n_long:
+        log.warning("%d prompts were longer than max_length=%d tokens", run.n_long, run.meta.max_length)
+    started = time.perf_counter()
+    bar = progress_bar(sum(len(b) for b in todo), "extract", enabled=progress)
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for batch in todo:
+            feats, lens = features_for_batch(model, run.inputs, batch, device, config.feature_mode, run.words)
+            keep = [k for k, i in enumerate(batch) if i not in done]
+            rows = [batch[k] for k in keep]
+            pending.append(pool.submit(
+                writer.write, np.array(rows), feats[keep], np.array([run.labels[i] for i in rows]),
+                [task.examples[i].id for i in rows], np.array([lengths[i] for i in rows]),
+                np.array([task.examples[i].n_choices for i in rows]), None if lens is None else lens[keep],
+            ))
+            if len(pending) > 2:
+                pending.pop(0).result()
+            bar.update(len(batch))
+        for future in pending:
+            future.result()
+    bar.close()
     log.info("extraction finished in %.1fs: %s", time.perf_counter() - started, config.out)
-    return Path(config.out)

@@ -1,9 +1,7 @@
 """Chips: tiny per-layer classifiers trained from an activation cache (never imports transformers).
 
-``train_chips`` trains a chip at every layer (torch chips batched across layers, or scikit-learn
-logistic regression in parallel), ``select_layer`` picks the pruning layer, ``load_chips`` /
-``load_chip`` read what they wrote. The records between the stages are in ``records.py``; see
-``docs/ARCHITECTURE.md``.
+``train_chips`` trains a chip at every layer, ``select_layer`` picks the pruning layer,
+``load_chips`` / ``load_chip`` read what they wrote; see ``docs/ARCHITECTURE.md``.
 """
 
 from chiptuning.probe.cascade import describe_exits
@@ -25,33 +23,7 @@ from chiptuning.probe.records import (
 from chiptuning.probe.select import STRATEGIES, pruning_stats, select_layer
 from chiptuning.probe.train import REGIMES, TrainConfig, train_chips
 
-__all__ = [
-    "CHIP_KINDS",
-    "REGIMES",
-    "STRATEGIES",
-    "CacheRef",
-    "Cascade",
-    "ChipRecord",
-    "ChipSet",
-    "ChipsRecord",
-    "LinearChip",
-    "LogRegChip",
-    "MLPChip",
-    "MetricRow",
-    "PruningStats",
-    "Selection",
-    "Simulated",
-    "TrainConfig",
-    "ZeroShot",
-    "check_chips_on_cache",
-    "describe_exits",
-    "is_pickle",
-    "load_chip",
-    "load_chips",
-    "make_chip",
-    "optional_class_mask",
-    "plot_layer_accuracy",
-    "pruning_stats",
-    "select_layer",
-    "train_chips",
-]
+__all__ = ["CHIP_KINDS", "REGIMES", "STRATEGIES", "CacheRef", "Cascade", "ChipRecord", "ChipSet", "ChipsRecord",
+           "LinearChip", "LogRegChip", "MLPChip", "MetricRow", "PruningStats", "Selection", "Simulated", "TrainConfig",
+           "ZeroShot", "check_chips_on_cache", "describe_exits", "is_pickle", "load_chip", "load_chips", "make_chip",
+           "optional_class_mask", "plot_layer_accuracy", "pruning_stats", "select_layer", "train_chips"]

@@ -1,28 +1,15 @@
 """Early exit through a cascade of chips, calibrated from the cache alone (no model run).
 
-A cascade reads the chips of a few *exit layers* in order; an example stops at the first exit
-layer whose chip is confident enough (its top probability reaches that layer's threshold), and
-the last exit layer answers whatever is left. Easy examples stop early, hard ones go deep: the
-expected number of blocks falls below the best fixed layer's, at (almost) its accuracy.
+A cascade reads the chips of a few *exit layers* in order; an example stops at the first one whose
+chip is confident enough (its top probability reaches the layer's threshold), and the last exit
+answers whatever is left: easy examples stop early, hard ones go deep.
 
-Calibration (:func:`calibrate_cascade`), on the validation rows the chips were trained without:
-
-1. the reference is the best single chip by validation accuracy (the ``validate`` selection,
-   layer L*); the cascade's last exit is L*, so it never needs a block the fixed chip does not;
-2. one confidence threshold, shared by every exit layer (layers 1..L*), is chosen on a grid: the
-   one with the fewest expected blocks on the validation rows among those whose validation
-   accuracy stays within DELTA of the reference (ties: the stricter threshold);
-3. when no threshold meets DELTA, the cascade *is* the best fixed chip, and says so.
-
-One shared threshold, not one per layer: a per-layer search has as many knobs as exit layers and,
-on the few hundred validation rows a cache usually has, fits their noise. On SmolLM2-135M and the
-demo topic task (90 validation rows) a greedy per-layer search kept validation accuracy at 100%
-and lost 4 points on the evaluation part; the shared threshold lost none at 2x fewer blocks.
-Probabilities are not recalibrated per layer (e.g. by a temperature fitted on the same rows),
-which would bring back a knob per layer.
-
-:func:`simulate` runs a cascade on stored features; :func:`cascade_curve` sweeps one threshold
-for every exit layer to draw accuracy against mean depth, beside every fixed-layer chip.
+:func:`calibrate_cascade` works on the validation rows the chips were trained without. The last exit
+is the best fixed chip by validation accuracy (layer L*), so the cascade never needs a block that
+chip does not; one threshold, shared by every exit layer 1..L*, is the grid's with the fewest
+expected blocks among those within DELTA of L*'s accuracy (ties: the stricter); when none is, the
+cascade is L*'s chip alone. One shared threshold, not one per layer: per-layer thresholds fit the
+noise of the few hundred validation rows a cache usually has.
 """
 
 from __future__ import annotations
@@ -36,7 +23,7 @@ import numpy as np
 from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
 from chiptuning.probe.chipset import ChipSet
-from chiptuning.probe.data import optional_class_mask
+from chiptuning.probe.data import cache_class_mask
 from chiptuning.probe.records import Cascade, Simulated
 
 log = logging.getLogger(__name__)
@@ -61,30 +48,15 @@ def describe_exits(exits: list[tuple[int, float]]) -> str:
 
 def exit_probabilities(chips: ChipSet, cache, layers: list[int], rows: np.ndarray | None = None) -> np.ndarray:
     """(n_layers, N, C) class probabilities of the chips at ``layers`` on a cache's rows (the
-    cache's class masks applied, as the chips apply them in use)."""
-    rows = np.arange(cache.n_rows) if rows is None else np.asarray(rows)
-    mask = optional_class_mask(np.asarray(cache.n_choices)[rows], chips.n_classes)
+    cache's class masks applied, as the chips apply them in use); every row when ``rows`` is None."""
+    mask = cache_class_mask(cache, chips.n_classes, rows)
     return np.stack([np.asarray(chips.chip(layer).predict_proba(cache.layer(layer, rows=rows), class_mask=mask),
                                 dtype=np.float64) for layer in layers])
 
 
-def simulate(probabilities: np.ndarray, layers: list[int], thresholds: list[float | None]
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Run a cascade on stored probabilities.
-
-    Args:
-        probabilities: (n_exits, N, C), one slice per exit layer, in the order of ``layers``.
-        layers, thresholds: the cascade (None: never stop there; the last threshold is ignored:
-            the last layer answers).
-
-    Returns:
-        (predicted class (N,), exit layer (N,)).
-    """
-    return _Stored(probabilities, layers).run(thresholds)
-
-
-class _Stored:
-    """Probabilities reduced to what a cascade reads: each layer's confidence and answer."""
+class Exits:
+    """Stored probabilities (n_exits, N, C) reduced to what a cascade reads: each exit layer's
+    confidence and answer, for running many thresholds."""
 
     def __init__(self, probabilities: np.ndarray, layers: list[int]) -> None:
         self.confidence = probabilities.max(axis=2)  # (n_exits, N)
@@ -92,26 +64,36 @@ class _Stored:
         self.layers = np.asarray(layers)
 
     def run(self, thresholds: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted class (N,), exit layer (N,)); a threshold None never stops, the last exit
+        answers whatever is left."""
         limits = np.asarray([np.inf if t is None else t for t in thresholds], dtype=np.float64)
         stops = self.confidence >= limits[:, None]  # (n_exits, N)
-        stops[-1] = True  # the last exit answers whatever is left
+        stops[-1] = True
         first = stops.argmax(axis=0)  # the first exit layer each row stops at
-        rows = np.arange(stops.shape[1])
-        return self.answer[first, rows], self.layers[first]
+        return self.answer[first, np.arange(stops.shape[1])], self.layers[first]
 
     def score(self, thresholds: list[float | None], labels: np.ndarray) -> tuple[float, float]:
+        """(accuracy, mean exit layer)."""
         prediction, exit_layer = self.run(thresholds)
         return float((prediction == labels).mean()), float(exit_layer.mean())
 
 
-def _score(probabilities, layers, thresholds, labels) -> tuple[float, float]:
-    return _Stored(probabilities, layers).score(thresholds, labels)
+def simulate(probabilities: np.ndarray, layers: list[int], thresholds: list[float | None]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Run a cascade on stored probabilities (n_exits, N, C), one slice per exit layer: (predicted
+    class (N,), exit layer (N,))."""
+    return Exits(probabilities, layers).run(thresholds)
 
 
-def _reference(chips: ChipSet) -> tuple[int, float]:
+def shared_threshold(threshold: float, n_exits: int) -> list[float]:
+    """One threshold at every exit layer but the last, which answers every input left."""
+    return [threshold] * (n_exits - 1) + [0.0]
+
+
+def _reference(chips: ChipSet, val_rows: np.ndarray) -> tuple[int, float]:
     """The best fixed chip by validation accuracy (ties: the shallowest), layer >= 1."""
     rows = [m for m in chips.metrics if int(m["layer"]) >= 1 and m.get("val_accuracy") not in (None, "")]
-    if not rows:
+    if not len(val_rows) or not rows:
         raise ChipTuningError("a cascade is calibrated on validation rows; the chips were trained with --val-size 0 "
                               "(train them with validation rows)")
     best = min(rows, key=lambda m: (-float(m["val_accuracy"]), int(m["layer"])))
@@ -140,42 +122,35 @@ def calibrate_cascade(chips: ChipSet, delta: float, grid: tuple[float, ...] = GR
     """Choose exit layers and thresholds on the validation rows (see the module docstring).
 
     Returns:
-        (the cascade, the material for its report: probabilities, labels and layers of the
-        validation and eval parts).
+        (the cascade, the material for its report: {"layers", "val": (probabilities, labels),
+        "eval": the same or None}).
 
     Raises:
         ChipTuningError: chips trained without validation rows, or caches that moved or changed.
     """
     train, val_rows, evals = _caches(chips)
-    if not len(val_rows):
-        raise ChipTuningError("a cascade is calibrated on validation rows; the chips were trained with --val-size 0")
-    reference, reference_val = _reference(chips)
+    reference, reference_val = _reference(chips, val_rows)
     layers = [layer for layer in chips.layers if 1 <= layer <= reference]
     val_p = exit_probabilities(chips, train, layers, val_rows)
     y_val = np.asarray(train.labels)[val_rows]
-    target = reference_val - delta - 1e-12
-    stored = _Stored(val_p, layers)
+    exits = Exits(val_p, layers)
     thresholds: list[float | None] = [None] * (len(layers) - 1) + [0.0]
-    accuracy, depth = stored.score(thresholds, y_val)
-    best = None
+    accuracy, depth = exits.score(thresholds, y_val)
     for t in grid:  # strict to loose: a tie in depth keeps the stricter threshold
-        trial = [t] * (len(layers) - 1) + [0.0]
-        acc, d = stored.score(trial, y_val)
-        if acc >= target and d < depth and (best is None or d < best[2]):
-            best = (trial, acc, d)
-    if best is not None:
-        thresholds, accuracy, depth = best
+        trial = shared_threshold(t, len(layers))
+        acc, d = exits.score(trial, y_val)
+        if acc >= reference_val - delta - 1e-12 and d < depth:
+            thresholds, accuracy, depth = trial, acc, d
     fallback = all(t is None for t in thresholds[:-1])
     if fallback:
         log.warning("no early exit keeps validation accuracy within %g of the best fixed chip (layer %d); "
                     "the cascade is that chip alone", delta, reference)
-    material = {"layers": layers, "val": (val_p, y_val), "eval": None}
     simulated = Simulated(val_accuracy=accuracy, val_mean_depth=depth, reference_val_accuracy=reference_val,
                           n_val=int(len(y_val)))
+    material = {"layers": layers, "val": (val_p, y_val), "eval": None}
     if evals is not None:
-        eval_p = exit_probabilities(chips, evals, layers)
-        y_eval = np.asarray(evals.labels)
-        simulated.eval_accuracy, simulated.eval_mean_depth = _score(eval_p, layers, thresholds, y_eval)
+        eval_p, y_eval = exit_probabilities(chips, evals, layers), np.asarray(evals.labels)
+        simulated.eval_accuracy, simulated.eval_mean_depth = Exits(eval_p, layers).score(thresholds, y_eval)
         simulated.reference_eval_accuracy = float((eval_p[layers.index(reference)].argmax(axis=1) == y_eval).mean())
         simulated.n_eval = int(len(y_eval))
         material["eval"] = (eval_p, y_eval)
@@ -188,27 +163,21 @@ def calibrate_cascade(chips: ChipSet, delta: float, grid: tuple[float, ...] = GR
 
 def cascade_curve(cascade: Cascade, material: dict[str, Any], chips: ChipSet,
                   grid: tuple[float, ...] = GRID) -> list[dict[str, Any]]:
-    """Accuracy against mean depth as one threshold, shared by every exit layer, sweeps the grid
-    (the cascade's operating point marked), and every fixed-layer chip as a point.
-
-    Returns:
-        Rows {"kind": "threshold" | "operating point" | "fixed", "threshold", "layer",
-        "val_accuracy", "val_mean_depth", "eval_accuracy", "eval_mean_depth"}.
-    """
+    """Accuracy against mean depth as one shared threshold sweeps the grid, at the cascade's
+    operating point, and of every fixed-layer chip: rows {"kind": "threshold" | "operating point" |
+    "fixed", "threshold", "layer", "val_accuracy", "val_mean_depth", "eval_accuracy", "eval_mean_depth"}."""
     layers = material["layers"]
-    rows = []
+    parts = {part: (Exits(material[part][0], layers), material[part][1])
+             for part in ("val", "eval") if material.get(part) is not None}
 
-    def point(kind: str, thresholds: list[float], **extra) -> dict[str, Any]:
-        row = {"kind": kind, **extra}
-        for part in ("val", "eval"):
-            if material.get(part) is not None:
-                p, y = material[part]
-                row[f"{part}_accuracy"], row[f"{part}_mean_depth"] = _score(p, layers, thresholds, y)
+    def point(kind: str, thresholds: list[float | None], threshold: float | None) -> dict[str, Any]:
+        row = {"kind": kind, "threshold": threshold}
+        for part, (exits, labels) in parts.items():
+            row[f"{part}_accuracy"], row[f"{part}_mean_depth"] = exits.score(thresholds, labels)
         return row
 
-    for t in grid:
-        rows.append(point("threshold", [t] * (len(layers) - 1) + [0.0], threshold=t))
-    rows.append(point("operating point", cascade.thresholds, threshold=None))
+    rows = [point("threshold", shared_threshold(t, len(layers)), t) for t in grid]
+    rows.append(point("operating point", cascade.thresholds, None))
     for m in sorted(chips.metrics, key=lambda m: int(m["layer"])):
         if int(m["layer"]) >= 1:
             rows.append({"kind": "fixed", "layer": int(m["layer"]), "val_accuracy": m.get("val_accuracy"),
@@ -216,5 +185,3 @@ def cascade_curve(cascade: Cascade, material: dict[str, Any], chips: ChipSet,
                          "eval_mean_depth": int(m["layer"])})
     return rows
 
-
-__all__ = ["GRID", "calibrate_cascade", "cascade_curve", "describe_exits", "exit_probabilities", "simulate"]

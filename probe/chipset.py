@@ -2,29 +2,18 @@
 
 A chips directory holds::
 
-    chips.json            # the chips record (probe/records.py): chip type and params, layers,
-                          # label names, training config, cache fingerprints + meta, validation
-                          # rows, model_stats, and every file below with its sha256
-    chips.safetensors     # every chip kind: stacked arrays, leading axis = position in "layers"
-                          # (chips.STATE_KEYS: linear / MLP weights, logreg coefficients)
-    chips.joblib          # only for another scikit-learn estimator, saved with allow_pickle=True:
-                          # a pickle, loaded only with allow_pickle=True (--allow-pickle)
+    chips.json            # the chips record (probe/records.py), listing every file below with its sha256
+    chips.safetensors     # every chip kind's arrays (chips.STATE_KEYS), leading axis = position in "layers"
+    chips.joblib          # instead, only for another scikit-learn estimator saved with allow_pickle
     metrics.csv / .json   # per layer: train / val / eval accuracy and loss, epochs
     eval_predictions.csv  # example_id, label, layer_<l> (predicted class index) per layer
     layer_accuracy.png    # accuracy against layer
     selection.json        # after `chiptuning select` (it lists report.md and any cascade files)
-    report.md             # after `chiptuning select`
 
 A single-chip directory (``ChipSet.save_layer``) holds ``chip.json`` and ``chip.safetensors``
-(``chip.joblib`` only for an opted-in pickle).
-
-Nothing executable is ever loaded by default: weights are read with safetensors, a weights file
-named in a record must be a plain file name inside the directory, and a pickle is refused unless
-the caller passes ``allow_pickle=True``. What is loaded is checked: the records through their
-codec, every file ``probe train`` wrote against its sha256 in chips.json, every array's shape
-against the record (width = the cache's hidden size, one chip per layer, the classes), every value
-finite, and the metric rows against the record's layers; :func:`check_chips_on_cache` recomputes a
-chip's accuracy on the eval cache it records.
+(``chip.joblib`` only for an opted-in pickle). Loading checks everything it reads (the records,
+every listed file's sha256, the weights' shapes and values) and never unpickles without
+``allow_pickle=True``; :func:`check_chips_on_cache` recomputes a chip's accuracy on its eval cache.
 """
 
 from __future__ import annotations
@@ -46,26 +35,16 @@ from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import CHIPS, is_unchanged, write_output, written_files
 from chiptuning.probe.chips import STATE_KEYS, make_chip
-from chiptuning.probe.data import optional_class_mask
+from chiptuning.probe.data import cache_class_mask
 from chiptuning.probe.plots import plot_layer_accuracy
-from chiptuning.probe.records import (
-    CHIP_FORMAT,
-    CHIPS_FORMAT,
-    PICKLE_SUFFIXES,
-    ChipRecord,
-    ChipsBase,
-    ChipsRecord,
-    MetricRow,
-    Metrics,
-    Selection,
-)
+from chiptuning.probe.records import ChipRecord, ChipsBase, ChipsRecord, MetricRow, Metrics, Selection
 from chiptuning.records import read_json
 
 log = logging.getLogger(__name__)
 
 CONFIG = "chips.json"
 CHIP_CONFIG = "chip.json"
-WEIGHTS = "chips.safetensors"  # every chip kind's weights (linear, MLP and logistic chips)
+WEIGHTS = "chips.safetensors"
 SKLEARN_WEIGHTS = "chips.joblib"  # a pickle: other scikit-learn estimators, opted in
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
@@ -73,40 +52,29 @@ PREDICTIONS = "eval_predictions.csv"
 PLOT = "layer_accuracy.png"
 SELECTION = "selection.json"
 REPORT = "report.md"
-
-METRIC_COLUMNS = (
-    "layer", "chip", "train_accuracy", "train_loss", "val_accuracy", "val_loss",
-    "eval_accuracy", "eval_loss", "best_epoch", "epochs_run", "n_train", "n_val", "n_eval",
-    "lens_accuracy", "lens_calibrated_accuracy",
-)
+#: The columns of metrics.csv: the fields of a metric row.
+METRIC_COLUMNS = tuple(f.name for f in dataclasses.fields(MetricRow) if f.name != "extra")
+#: Suffixes of pickled weights: loaded only with ``allow_pickle=True``.
+PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 
 class ChipSet:
-    """The chips of every layer, their metrics and provenance (a loaded chips directory).
-
-    Attributes:
-        record: the chips record (chip type, params, caches, validation rows, ...).
-        layers: layers with a chip, ascending.
-        label_names: class names, in class-index order.
-        metrics: per-layer metric rows (dicts with the keys of ``METRIC_COLUMNS``).
-        selection: the selection (``selection.json``), or None.
-        path: the directory it was loaded from / saved to, or None.
-    """
+    """The chips of every layer, their metrics and provenance (a loaded chips directory)."""
 
     def __init__(self, record: ChipsRecord | dict, *, tensors: dict[str, np.ndarray] | None = None,
                  sklearn_chips: dict[int, Any] | None = None, metrics: list[dict] | None = None,
                  eval_predictions: dict | None = None, selection: Selection | None = None,
                  path: Path | None = None) -> None:
         self.record = record if isinstance(record, ChipsRecord) else ChipsRecord.from_dict(record, "chips record")
-        self.layers: list[int] = list(self.record.layers)
-        self.label_names: list[str] = list(self.record.label_names)
-        self.metrics: list[dict] = metrics or []
-        self.selection = selection
-        self.path = path
+        self.layers: list[int] = list(self.record.layers)  # ascending
+        self.label_names: list[str] = list(self.record.label_names)  # in class-index order
+        self.metrics: list[dict] = metrics or []  # per layer, the keys of METRIC_COLUMNS
+        self.selection = selection  # selection.json, or None
+        self.path = path  # the directory it was loaded from or saved to, or None
         self.eval_predictions = eval_predictions
-        self._tensors = tensors  # name -> (n_layers, ...) for torch chips
-        self._sklearn = sklearn_chips
-        self._cache: dict[int, Any] = {}
+        self._tensors = tensors  # name -> (n_layers, ...), the layout of chips.safetensors
+        self._sklearn = sklearn_chips  # layer -> fitted chip, where there are no tensors
+        self._chips: dict[int, Any] = {}
 
     @property
     def config(self) -> dict[str, Any]:
@@ -133,74 +101,39 @@ class ChipSet:
         return self.layers.index(int(layer))
 
     def layer_state(self, layer: int) -> dict[str, np.ndarray]:
-        """Arrays of the torch chip at ``layer`` (bank layout without the chip axis)."""
+        """Arrays of the chip at ``layer`` (the weights file's layout without the layer axis)."""
         i = self._position(layer)
         return {name: value[i] for name, value in self._tensors.items()}
 
     def chip(self, layer: int):
         """The fitted chip at ``layer`` (predict / predict_proba / decision_function, class_mask=)."""
         i = self._position(layer)
-        if layer not in self._cache:
+        if layer not in self._chips:
             if self._sklearn is not None:
-                self._cache[layer] = self._sklearn[self.layers[i]]
+                self._chips[layer] = self._sklearn[self.layers[i]]
             else:
                 chip = make_chip(self.kind, **estimator_params(self.record))
-                self._cache[layer] = chip.load_state(self.layer_state(layer), np.arange(self.n_classes))
-        return self._cache[layer]
-
-    def _stacked_state(self) -> dict[str, np.ndarray] | None:
-        """Every chip's arrays (:data:`~chiptuning.probe.chips.STATE_KEYS`) stacked on a leading
-        layer axis: what ``chips.safetensors`` holds. None when a chip is not one of chip-tuning's
-        own kind (another scikit-learn estimator, which only a pickle can hold)."""
-        if self._tensors is not None:
-            return self._tensors
-        own = type(make_chip(self.kind))
-        chips = [self._sklearn[layer] for layer in self.layers]
-        if not all(type(chip) is own for chip in chips):
-            return None
-        states = [chip.state_tensors() for chip in chips]
-        try:
-            return {key: np.stack([state[key] for state in states]) for key in STATE_KEYS[self.kind]}
-        except ValueError:  # arrays of different shapes at different layers
-            return None
-
-    def _foreign_estimators(self) -> str:
-        own = type(make_chip(self.kind))
-        kinds = sorted({type(c).__name__ for c in (self._sklearn or {}).values() if type(c) is not own})
-        return ", ".join(kinds) or f"{self.kind} chips of different shapes"
-
-    # -- saving ----------------------------------------------------------------------------------
+                self._chips[layer] = chip.load_state(self.layer_state(layer), np.arange(self.n_classes))
+        return self._chips[layer]
 
     def save(self, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False) -> Path:
-        """Write the whole chips directory (config, weights, metrics, predictions, plot).
-
-        Written beside ``out`` and renamed into place (:func:`chiptuning.outputs.write_output`):
-        an existing chips directory is replaced only with ``overwrite``, anything else is refused.
-
-        Args:
-            out: the chips directory.
-            overwrite: replace an existing chips directory (its selection goes with it).
-            allow_pickle: allow saving chips that are not chip-tuning's own (other scikit-learn
-                estimators) as a pickle, ``chips.joblib``, which loads only with ``allow_pickle``.
-
-        Raises:
-            ChipTuningError: ``out`` is in the way, or a chip needs a pickle and ``allow_pickle``
-                is False.
-        """
+        """Write the whole chips directory (record, weights, metrics, predictions, plot), beside
+        ``out`` and renamed into place (:func:`chiptuning.outputs.write_output`): an existing chips
+        directory is replaced (its selection with it) only with ``overwrite``. Chips that are not
+        chip-tuning's own (other scikit-learn estimators) are saved only with ``allow_pickle``,
+        as ``chips.joblib``."""
         out = Path(out)
-        state = self._stacked_state()
+        state = self._tensors
+        if state is None:
+            state = stacked_state(self.kind, [self._sklearn[layer] for layer in self.layers])
         if state is None and not allow_pickle:
-            raise ChipTuningError(f"the chips ({self._foreign_estimators()}) can only be saved as a pickle, which "
-                                  "runs code when loaded; pass allow_pickle=True (--allow-pickle) to save them so")
+            own = type(make_chip(self.kind))
+            foreign = sorted({type(c).__name__ for c in self._sklearn.values() if type(c) is not own})
+            refuse_pickle(f"the chips ({', '.join(foreign) or f'{self.kind} chips of different shapes'})")
         with write_output(out, CHIPS, overwrite=overwrite) as tmp:
-            if state is not None:
-                weights = WEIGHTS
-                save_file(contiguous(state, self.kind), str(tmp / WEIGHTS),
-                          metadata={"format": CHIPS_FORMAT, "chip": self.kind})
-            else:
-                weights = SKLEARN_WEIGHTS
-                log.warning("saving the chips as a pickle (%s): it loads only with allow_pickle", SKLEARN_WEIGHTS)
-                joblib.dump(self._sklearn, tmp / SKLEARN_WEIGHTS)
+            weights = SKLEARN_WEIGHTS if state is None else WEIGHTS
+            write_weights(tmp / weights, self._sklearn if state is None else state, self.kind,
+                          {"format": ChipsRecord.FORMAT, "chip": self.kind})
             write_metrics(tmp, self.metrics, self.kind)
             if self.eval_predictions is not None:
                 write_predictions(tmp / PREDICTIONS, self.eval_predictions)
@@ -215,30 +148,22 @@ class ChipSet:
         return out
 
     def save_layer(self, layer: int, out_dir: str | Path, *, allow_pickle: bool = False) -> Path:
-        """Write the chip at ``layer`` as a single-chip directory (``chip.json`` + weights).
-
-        The record keeps the chip type, params, label names, layer and the training provenance;
-        :func:`load_chip` reads it back. The weights are safetensors; a chip that is not
-        chip-tuning's own needs ``allow_pickle`` (then ``chip.joblib``).
-        """
+        """Write the chip at ``layer`` as a single-chip directory (``chip.json`` + weights), which
+        :func:`load_chip` reads; a chip that is not chip-tuning's own needs ``allow_pickle``."""
         out = Path(out_dir)
-        self._position(layer)
-        common = {f.name: getattr(self.record, f.name) for f in dataclasses.fields(ChipsBase) if f.name != "weights"}
-        metrics = self.metrics_at(layer)
         chip = self.chip(layer)
-        state = self.layer_state(layer) if self._tensors is not None else (
-            chip.state_tensors() if type(chip) is type(make_chip(self.kind)) else None)
-        if state is None and not allow_pickle:
-            raise ChipTuningError(f"the chip at layer {layer} ({type(chip).__name__}) can only be saved as a pickle, "
-                                  "which runs code when loaded; pass allow_pickle=True (--allow-pickle) to save it so")
-        out.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            weights = "chip.safetensors"
-            save_file(contiguous(state, self.kind), str(out / weights), metadata={"format": CHIP_FORMAT})
+        if self._tensors is not None:
+            state = self.layer_state(layer)
         else:
-            weights = "chip.joblib"
-            joblib.dump(chip, out / weights)
-        record = ChipRecord(**dict(common, chiptuning_version=__version__), weights=weights, layer=int(layer),
+            state = chip.state_tensors() if type(chip) is type(make_chip(self.kind)) else None
+        if state is None and not allow_pickle:
+            refuse_pickle(f"the chip at layer {layer} ({type(chip).__name__})")
+        out.mkdir(parents=True, exist_ok=True)
+        weights = "chip.joblib" if state is None else "chip.safetensors"
+        write_weights(out / weights, chip if state is None else state, self.kind, {"format": ChipRecord.FORMAT})
+        common = {f.name: getattr(self.record, f.name) for f in dataclasses.fields(ChipsBase)}
+        metrics = self.metrics_at(layer)
+        record = ChipRecord(**dict(common, chiptuning_version=__version__, weights=weights), layer=int(layer),
                             metrics=MetricRow.from_dict(metrics, "metrics") if metrics else None,
                             selection=self.selection)
         record.write(out / CHIP_CONFIG)
@@ -246,6 +171,42 @@ class ChipSet:
 
     def __repr__(self) -> str:
         return f"ChipSet(chip={self.kind!r}, layers={self.layers[0]}..{self.layers[-1]}, classes={self.n_classes})"
+
+
+# -- weights ----------------------------------------------------------------------------------------
+
+def stacked_state(kind: str, chips: list) -> dict[str, np.ndarray] | None:
+    """The arrays (:data:`~chiptuning.probe.chips.STATE_KEYS`) of fitted chips stacked on a leading
+    layer axis; None for chips only a pickle holds (another estimator, or arrays of different shapes)."""
+    if not all(type(chip) is type(make_chip(kind)) for chip in chips):
+        return None
+    states = [chip.state_tensors() for chip in chips]
+    try:
+        return {key: np.stack([state[key] for state in states]) for key in STATE_KEYS[kind]}
+    except ValueError:
+        return None
+
+
+def refuse_pickle(what: str) -> None:
+    raise ChipTuningError(f"{what} can only be saved as a pickle, which runs code when loaded; pass "
+                          "allow_pickle=True (--allow-pickle) to save it so")
+
+
+def write_weights(path: Path, content: Any, kind: str, metadata: dict[str, str]) -> None:
+    """Arrays to a safetensors file: float32 for the torch chips (as trained), the logistic chip's
+    in their own dtypes (so it predicts bit for bit as fitted). To a pickle name (``.joblib``),
+    any object, with a warning."""
+    if is_pickle(path):
+        log.warning("saving the chips as a pickle (%s): it loads only with allow_pickle", path.name)
+        joblib.dump(content, path)
+        return
+    dtype = None if kind == "logreg" else np.float32
+    save_file({k: np.ascontiguousarray(v, dtype=dtype) for k, v in content.items()}, str(path), metadata=metadata)
+
+
+def is_pickle(name: str | Path) -> bool:
+    """Whether a weights file name is a pickle (``.joblib`` / ``.pkl`` / ``.pickle``)."""
+    return Path(name).suffix.lower() in PICKLE_SUFFIXES
 
 
 def _fits(value: Any, default: Any) -> bool:
@@ -283,19 +244,6 @@ def estimator_params(record: ChipsBase, where: str = "the chips record") -> dict
     return params
 
 
-def contiguous(state: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
-    """Arrays as safetensors stores them: contiguous; float32 for the torch chips (as trained),
-    the logistic chip's in their own dtypes (so it predicts bit for bit as fitted)."""
-    if kind == "logreg":
-        return {k: np.ascontiguousarray(v) for k, v in state.items()}
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
-
-
-def is_pickle(name: str | Path) -> bool:
-    """Whether a weights file name is a pickle (``.joblib`` / ``.pkl`` / ``.pickle``)."""
-    return Path(name).suffix.lower() in PICKLE_SUFFIXES
-
-
 def expected_shapes(record: ChipsBase, n_layers: int | None) -> dict[str, tuple[int | None, ...]]:
     """The shape of every array a record's chips hold (None: any size), with the leading layer
     axis when ``n_layers`` is given."""
@@ -312,21 +260,16 @@ def expected_shapes(record: ChipsBase, n_layers: int | None) -> dict[str, tuple[
 
 
 def check_weights(path: Path, tensors: dict[str, np.ndarray], record: ChipsBase, n_layers: int | None) -> None:
-    """Refuse arrays that do not fit the record: missing, of another shape (a chip of another width
-    than the cache's hidden size, another number of layers or classes), or not finite.
-
-    Raises:
-        ChipTuningError: naming the file and the array.
-    """
+    """Refuse arrays that do not fit the record, naming the file and the array: missing, of another
+    shape (another width than the cache's hidden size, number of layers or classes), not finite."""
     def refuse(detail: str) -> None:
         raise ChipTuningError(f"{path} does not hold the {record.chip} chips its record describes ({detail}); "
                               "train the chips again")
 
-    shapes = expected_shapes(record, n_layers)
     missing = [k for k in STATE_KEYS[record.chip] if k not in tensors]
     if missing:
         refuse(f"missing {', '.join(missing)}")
-    for name, shape in shapes.items():
+    for name, shape in expected_shapes(record, n_layers).items():
         value = tensors[name]
         if value.ndim != len(shape) or any(want is not None and got != want for got, want in zip(value.shape, shape)):
             refuse(f"{name} has shape {tuple(value.shape)}, expected {tuple('*' if s is None else s for s in shape)}")
@@ -341,11 +284,7 @@ def check_weights(path: Path, tensors: dict[str, np.ndarray], record: ChipsBase,
 def read_weights(path: Path, record: ChipsBase, *, allow_pickle: bool = False, n_layers: int | None = None):
     """The weights a record names: safetensors arrays (checked by :func:`check_weights`, with
     ``n_layers`` on the leading axis when given), or, only with ``allow_pickle``, the unpickled
-    object.
-
-    Raises:
-        ChipTuningError: a missing, unreadable or unexpected file; a pickle without ``allow_pickle``.
-    """
+    object; else ChipTuningError (a missing, unreadable or unexpected file, a refused pickle)."""
     if path.is_symlink() or not path.is_file():
         raise ChipTuningError(f"chip weights {path} are missing; train the chips again")
     if is_pickle(path):
@@ -370,19 +309,12 @@ def read_weights(path: Path, record: ChipsBase, *, allow_pickle: bool = False, n
     return tensors
 
 
-def write_metrics(out: Path, rows: Sequence[dict], kind: str) -> None:
-    """metrics.csv (one row per layer) and metrics.json (the :class:`Metrics` record)."""
-    with open(out / METRICS_CSV, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
-    Metrics(chip=kind, layers=[MetricRow.from_dict(row, "metrics") for row in rows]).write(out / METRICS_JSON)
+# -- the tables -------------------------------------------------------------------------------------
 
-
-def write_rows(path: Path, rows: Sequence[dict]) -> Path:
-    """A CSV of dict rows, the columns in first-seen order (blank for a missing value)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """A CSV of dict rows (blank for a missing value); the columns default to the rows' keys in
+    first-seen order."""
+    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -390,13 +322,18 @@ def write_rows(path: Path, rows: Sequence[dict]) -> Path:
     return Path(path)
 
 
+def write_metrics(out: Path, rows: Sequence[dict], kind: str) -> None:
+    """metrics.csv (one row per layer) and metrics.json (the :class:`Metrics` record)."""
+    write_rows(out / METRICS_CSV, rows, METRIC_COLUMNS)
+    Metrics(chip=kind, layers=[MetricRow.from_dict(row, "metrics") for row in rows]).write(out / METRICS_JSON)
+
+
 def write_predictions(path: Path, predictions: dict) -> None:
     """eval_predictions.csv: example_id, label, layer_<l> per layer (predicted class index)."""
-    layers = predictions["layers"]
+    layers, preds = predictions["layers"], predictions["predictions"]  # preds: (n_layers, N)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["example_id", "label"] + [f"layer_{layer}" for layer in layers])
-        preds = predictions["predictions"]  # (n_layers, N)
         for i, (example_id, label) in enumerate(zip(predictions["example_ids"], predictions["labels"])):
             writer.writerow([example_id, int(label)] + [int(preds[j][i]) for j in range(len(layers))])
 
@@ -421,35 +358,16 @@ def pick_baseline(baselines: dict | None) -> tuple[str | None, float | None]:
     return None, None
 
 
+# -- loading ----------------------------------------------------------------------------------------
+
 def load_chips(path: str | Path, *, allow_pickle: bool = False) -> ChipSet:
-    """Load a chips directory written by ``chiptuning probe train``.
-
-    Unknown record keys are kept and warned about; weights load through safetensors and are checked
-    against the record. A pickled ``chips.joblib`` (another scikit-learn estimator, or the logistic
-    chips of an earlier version) runs code when loaded: it is refused unless ``allow_pickle=True``.
-
-    Raises:
-        ChipTuningError: not a chips directory, a corrupt or inconsistent one, or a pickle without
-            ``allow_pickle``.
-    """
+    """Load a chips directory written by ``chiptuning probe train``, every record and file checked
+    (see the module docstring) before the weights are opened. A pickled ``chips.joblib`` (another
+    scikit-learn estimator, or the logistic chips of an earlier version) runs code when loaded: it
+    is refused unless ``allow_pickle=True``. Else ChipTuningError, naming the file."""
     path = Path(path)
-    if not path.is_dir():
-        raise ChipTuningError(f"no chips directory at {path}; run `chiptuning probe train` first")
-    if not (path / CONFIG).exists():
-        if (path / "sweep.json").exists():
-            raise ChipTuningError(f"{path} is a sweep directory (metrics, no chips); train the chosen setting's "
-                                  f"chips first: {sweep_command(path / 'sweep.json')}")
-        raise ChipTuningError(f"{path} is not a chips directory ({CONFIG} is missing); run `chiptuning probe train`")
-    record = ChipsRecord.read(path / CONFIG)
-    estimator_params(record, str(path / CONFIG))  # refused now, not when a chip is first used
-    metrics = None
-    if (path / METRICS_JSON).exists():
-        table = Metrics.read(path / METRICS_JSON)
-        if table.chip != record.chip or [row.layer for row in table.layers] != list(record.layers):
-            raise ChipTuningError(f"{path / METRICS_JSON}: its {table.chip} chips at layers "
-                                  f"{[row.layer for row in table.layers][:6]}... are not the chips of {CONFIG} "
-                                  f"({record.chip} at layers {record.layers[:6]}...); train the chips again")
-        metrics = [row.to_dict() for row in table.layers]
+    record = read_chips_record(path)
+    metrics = read_metrics(path, record)
     selection = Selection.read(path / SELECTION) if (path / SELECTION).exists() else None
     if selection is not None and selection.layer not in record.layers:
         raise ChipTuningError(f"{path / SELECTION}: layer {selection.layer} has no chip in {CONFIG}; run "
@@ -461,50 +379,71 @@ def load_chips(path: str | Path, *, allow_pickle: bool = False) -> ChipSet:
                               f"{'it' if len(changed) == 1 else 'them'} (its sha256 in {CONFIG} differs); train the "
                               "chips again")
     # the weights last: every record was checked before a file that could be a pickle is opened
-    weights_name = record.weights or (SKLEARN_WEIGHTS if record.chip == "logreg" else WEIGHTS)
-    weights = read_weights(path / weights_name, record, allow_pickle=allow_pickle, n_layers=len(record.layers))
-    tensors = sklearn_chips = None
-    if isinstance(weights, dict) and all(isinstance(v, np.ndarray) for v in weights.values()):
-        tensors = weights
-    else:
-        try:
-            sklearn_chips = {int(k): v for k, v in weights.items()}
-        except (AttributeError, TypeError, ValueError):
-            raise ChipTuningError(f"{path / weights_name} does not hold chips by layer; train the chips again") from None
-    return ChipSet(record, tensors=tensors, sklearn_chips=sklearn_chips, metrics=metrics,
-                   selection=selection, path=path)
+    name = record.weights or (SKLEARN_WEIGHTS if record.chip == "logreg" else WEIGHTS)
+    weights = read_weights(path / name, record, allow_pickle=allow_pickle, n_layers=len(record.layers))
+    if not is_pickle(name):
+        return ChipSet(record, tensors=weights, metrics=metrics, selection=selection, path=path)
+    try:
+        chips = {int(k): v for k, v in weights.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ChipTuningError(f"{path / name} does not hold chips by layer; train the chips again") from None
+    return ChipSet(record, sklearn_chips=chips, metrics=metrics, selection=selection, path=path)
+
+
+def read_chips_record(path: Path) -> ChipsRecord:
+    """chips.json of a chips directory, its params checked now (not when a chip is first used)."""
+    if not path.is_dir():
+        raise ChipTuningError(f"no chips directory at {path}; run `chiptuning probe train` first")
+    if not (path / CONFIG).exists():
+        if (path / "sweep.json").exists():
+            raise ChipTuningError(f"{path} is a sweep directory (metrics, no chips); train the chosen setting's "
+                                  f"chips first: {sweep_command(path / 'sweep.json')}")
+        raise ChipTuningError(f"{path} is not a chips directory ({CONFIG} is missing); run `chiptuning probe train`")
+    record = ChipsRecord.read(path / CONFIG)
+    estimator_params(record, str(path / CONFIG))
+    return record
+
+
+def read_metrics(path: Path, record: ChipsRecord) -> list[dict] | None:
+    """The rows of metrics.json, which must be of the record's chips (kind and layers); None without it."""
+    if not (path / METRICS_JSON).exists():
+        return None
+    table = Metrics.read(path / METRICS_JSON)
+    layers = [row.layer for row in table.layers]
+    if table.chip != record.chip or layers != list(record.layers):
+        raise ChipTuningError(f"{path / METRICS_JSON}: its {table.chip} chips at layers {layers[:6]}... are not the "
+                              f"chips of {CONFIG} ({record.chip} at layers {record.layers[:6]}...); train the chips "
+                              "again")
+    return [row.to_dict() for row in table.layers]
 
 
 def sweep_command(path: Path) -> str:
-    """The ``probe train`` command a sweep record names for its best setting (read as JSON only
-    through the record reader; a placeholder when the record cannot tell)."""
+    """The ``probe train`` command a sweep record names for its best setting (a placeholder when
+    the record cannot tell)."""
     try:
         command = read_json(path).get("best_command")
     except (ChipTuningError, AttributeError):
         command = None
-    return command if isinstance(command, str) and command.startswith("chiptuning probe train ") else \
-        "chiptuning probe train CACHE --out CHIPS_DIR with the setting in sweep.csv"
+    if isinstance(command, str) and command.startswith("chiptuning probe train "):
+        return command
+    return "chiptuning probe train CACHE --out CHIPS_DIR with the setting in sweep.csv"
 
 
 def load_chip(path: str | Path, *, allow_pickle: bool = False):
-    """Load a single-chip directory written by :meth:`ChipSet.save_layer`: the fitted chip.
-
-    The chip carries ``chip_record_`` (the :class:`ChipRecord`: layer, label names, provenance)
-    and ``chip_config_`` (the same as JSON). A pickled ``chip.joblib`` is refused unless
-    ``allow_pickle=True``.
-    """
+    """Load a single-chip directory written by :meth:`ChipSet.save_layer`: the fitted chip, with
+    ``chip_record_`` (its :class:`ChipRecord`) and ``chip_config_`` (the same as JSON). A pickled
+    ``chip.joblib`` is refused unless ``allow_pickle=True``."""
     path = Path(path)
     if not (path / CHIP_CONFIG).is_file():
         raise ChipTuningError(f"{path} is not a chip directory ({CHIP_CONFIG} is missing)")
     record = ChipRecord.read(path / CHIP_CONFIG)
     params = estimator_params(record, str(path / CHIP_CONFIG))
-    weights_name = record.weights or ("chip.joblib" if record.chip == "logreg" else "chip.safetensors")
-    weights = read_weights(path / weights_name, record, allow_pickle=allow_pickle)
-    if is_pickle(weights_name):
+    name = record.weights or ("chip.joblib" if record.chip == "logreg" else "chip.safetensors")
+    weights = read_weights(path / name, record, allow_pickle=allow_pickle)
+    if is_pickle(name):
         chip = weights
     else:
-        chip = make_chip(record.chip, **params)
-        chip.load_state(weights, np.arange(record.n_classes))
+        chip = make_chip(record.chip, **params).load_state(weights, np.arange(record.n_classes))
     chip.chip_record_ = record
     chip.chip_config_ = record.to_dict()
     return chip
@@ -513,11 +452,7 @@ def load_chip(path: str | Path, *, allow_pickle: bool = False):
 def check_chips_on_cache(chips: ChipSet, layers: Sequence[int]) -> None:
     """Recompute the eval accuracy of the chips at ``layers`` on the eval cache the chips record,
     when it is at hand (the recorded path holds the recorded fingerprint), and refuse chips that
-    no longer score what their metrics say: chips moved to another layer, or edited.
-
-    Raises:
-        ChipTuningError: naming the layer, the recorded and the recomputed accuracy.
-    """
+    no longer score what their metrics say (edited, or moved to another layer), naming the layer."""
     ref = chips.record.eval_cache
     if ref is None or not ref.path or not chips.metrics or not Path(ref.path, "manifest.json").is_file():
         return
@@ -528,7 +463,7 @@ def check_chips_on_cache(chips: ChipSet, layers: Sequence[int]) -> None:
     if cache.fingerprint != ref.fingerprint:
         return
     with cache:
-        mask = optional_class_mask(np.asarray(cache.n_choices), chips.n_classes)
+        mask = cache_class_mask(cache, chips.n_classes)
         for layer in layers:
             recorded = chips.metrics_at(layer).get("eval_accuracy")
             if recorded is None or layer not in cache.layers:
@@ -540,8 +475,3 @@ def check_chips_on_cache(chips: ChipSet, layers: Sequence[int]) -> None:
                     f"the chip at layer {layer} scores {accuracy:.4f} on the eval cache {ref.path}, its record says "
                     f"{recorded:.4f}: the chips were edited or moved to another layer; train them again")
 
-
-__all__ = ["CHIP_CONFIG", "CONFIG", "METRIC_COLUMNS", "PLOT", "PREDICTIONS", "REPORT", "SELECTION", "SKLEARN_WEIGHTS",
-           "WEIGHTS", "ChipSet", "check_chips_on_cache", "check_weights", "contiguous", "estimator_params",
-           "expected_shapes", "is_pickle", "load_chip", "load_chips", "majority_baselines", "pick_baseline",
-           "read_weights", "write_metrics", "write_predictions", "write_rows"]

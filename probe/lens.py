@@ -1,13 +1,9 @@
 """The model's own answer at every layer, from a cache (no model run).
 
 A decoder's cache stores, for every layer, the LM head's logits of the label words applied to that
-layer's feature (:mod:`chiptuning.zeroshot`, extraction's ``--lens``). From them:
-
-* the *logit-lens curve*: the accuracy of the model's own answer read at each layer, the curve
-  that ``probe train`` draws beside the chips' (how much earlier a chip classifies than the model
-  says);
-* at the last layer, the dense model's *zero-shot* answer, plain and prior-calibrated (the prior
-  estimated on the training cache: the usual contextual calibration).
+layer's feature (:mod:`chiptuning.zeroshot`, extraction's ``--lens``): the accuracy of that answer
+at each layer is the *logit-lens curve* ``probe train`` draws beside the chips'; at the last layer
+it is the dense model's *zero-shot* answer, plain and prior-calibrated on the training cache.
 """
 
 from __future__ import annotations
@@ -17,44 +13,34 @@ from typing import Any
 import numpy as np
 
 from chiptuning.errors import CacheError
-from chiptuning.probe.data import optional_class_mask
+from chiptuning.probe.data import cache_class_mask
 from chiptuning.probe.records import ZeroShot
 from chiptuning.zeroshot import LabelWords, calibrated_scores, label_scores, predict_from_scores
 
 
 def lens_label_scores(cache) -> np.ndarray:
-    """(N, n_layers, C) label scores of every row and layer (log-sum-exp over each label's tokens).
-
-    Raises:
-        CacheError: the cache stores no lens.
-    """
+    """(N, n_layers, C) label scores of every row and layer (log-sum-exp over each label's tokens);
+    CacheError when the cache stores no lens."""
     if not getattr(cache, "has_lens", False):
         raise CacheError(f"cache {getattr(cache, 'path', '')} stores no label-word logits (a decoder "
                          "extracted with --lens has them)")
     return label_scores(cache.lens(), LabelWords.from_dict(cache.meta.lens))
 
 
-def _mask(cache, n_classes: int) -> np.ndarray | None:
-    return optional_class_mask(np.asarray(cache.n_choices), n_classes)
-
-
 def lens_curve(eval_cache, prior_cache=None) -> list[dict[str, Any]]:
-    """Per layer: the accuracy of the model's own answer on ``eval_cache``, and with
-    ``prior_cache`` (the training cache, same prompts) the prior-calibrated accuracy.
-
-    Returns:
-        [{"layer", "lens_accuracy", "lens_calibrated_accuracy"}] for every layer of the cache.
-    """
+    """[{"layer", "lens_accuracy", "lens_calibrated_accuracy"}] for every layer of ``eval_cache``:
+    the accuracy of the model's own answer, and with ``prior_cache`` (the training cache, same
+    prompts) the prior-calibrated one."""
     scores = lens_label_scores(eval_cache)  # (N, n_layers, C)
     C = scores.shape[2]
     y = np.asarray(eval_cache.labels)
-    mask = _mask(eval_cache, C)
+    mask = cache_class_mask(eval_cache, C)
     prior = prior_mask = None
     if prior_cache is not None:
         if prior_cache.meta.lens != eval_cache.meta.lens:
             raise CacheError("the prior cache scores other label tokens than the eval cache; extract both with "
                              "the same model and labels")
-        prior, prior_mask = lens_label_scores(prior_cache), _mask(prior_cache, C)
+        prior, prior_mask = lens_label_scores(prior_cache), cache_class_mask(prior_cache, C)
     rows = []
     for j, layer in enumerate(eval_cache.layers):
         row = {"layer": int(layer),
@@ -72,7 +58,7 @@ def zero_shot_report(eval_cache, prior_cache=None) -> ZeroShot:
     and how often it gives each label."""
     last = lens_curve(eval_cache, prior_cache)[-1]
     scores = lens_label_scores(eval_cache)[:, -1]
-    predictions = predict_from_scores(scores, _mask(eval_cache, scores.shape[1]))
+    predictions = predict_from_scores(scores, cache_class_mask(eval_cache, scores.shape[1]))
     share = np.bincount(predictions, minlength=scores.shape[1]) / max(len(predictions), 1)
     return ZeroShot(
         accuracy=last["lens_accuracy"], calibrated_accuracy=last.get("lens_calibrated_accuracy"), layer=last["layer"],
@@ -82,5 +68,3 @@ def zero_shot_report(eval_cache, prior_cache=None) -> ZeroShot:
         prediction_share={name: float(x) for name, x in zip(eval_cache.label_names, share)},
     )
 
-
-__all__ = ["lens_curve", "lens_label_scores", "zero_shot_report"]

@@ -1,17 +1,6 @@
-"""The probe stage's records: what a chips directory says about its chips, and the selection.
-
-Records of :mod:`chiptuning.records` (field types and rules drive reading and writing; a bad
-record is one error naming the file and the field):
-
-* :class:`ChipsRecord` (``chips.json``): the chip type and params, the layers, the label names,
-  the training settings, the caches it came from (:class:`CacheRef`), the validation rows, every
-  file the command wrote with its sha256;
-* :class:`ChipRecord` (``chip.json`` of one chip, inside a pruned checkpoint): the same for one
-  layer, with its metric row and the selection that chose it;
-* :class:`Metrics` (``metrics.json``): one :class:`MetricRow` per layer;
-* :class:`Selection` (``selection.json``): the chosen layer, why, the pruning it gives
-  (:class:`PruningStats`), a :class:`Cascade` for early exit.
-"""
+"""The probe stage's records, on the codec of :mod:`chiptuning.records`: ``chips.json``
+(:class:`ChipsRecord`), ``chip.json`` (:class:`ChipRecord`), ``metrics.json`` (:class:`Metrics`),
+``selection.json`` (:class:`Selection`, with a :class:`Cascade` for early exit)."""
 
 from __future__ import annotations
 
@@ -24,13 +13,6 @@ from chiptuning.cache import CacheMeta, check_label_names, check_layers, check_m
 from chiptuning.errors import ChipTuningError
 from chiptuning.records import Invalid, Record, rule
 
-CHIPS_FORMAT = "chiptuning-chips"
-CHIP_FORMAT = "chiptuning-chip"
-SELECTION_FORMAT = "chiptuning-selection"
-METRICS_FORMAT = "chiptuning-metrics"
-#: Suffixes of pickled weights: loaded only with ``allow_pickle=True``.
-PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
-
 
 def plain_file_name(name: str, where: str) -> None:
     """A file a record names: a plain file name inside its directory, never a path."""
@@ -40,18 +22,11 @@ def plain_file_name(name: str, where: str) -> None:
 
 @dataclass
 class CacheRef(Record):
-    """A cache that chips were trained or scored on.
-
-    Attributes:
-        path: where it was (as given).
-        fingerprint: its fingerprint.
-        n_rows: its rows.
-        meta: its content-determining settings (recorded for the training cache).
-        model, split: a summary (recorded for the eval cache).
-    """
+    """A cache that chips were trained or scored on: the training cache with its meta, the eval
+    cache with a summary (model and split)."""
 
     fingerprint: str
-    path: str = ""
+    path: str = ""  # as given
     n_rows: int = rule(0, ge=0)
     meta: CacheMeta | None = rule(None, omit_none=True)
     model: str | None = rule(None, omit_none=True)
@@ -120,7 +95,7 @@ class MetricRow(Record):
 class Metrics(Record):
     """``metrics.json``: the metric row of every layer's chip."""
 
-    FORMAT = METRICS_FORMAT
+    FORMAT = "chiptuning-metrics"
     LEGACY = True
 
     chip: str
@@ -166,17 +141,10 @@ class Simulated(Record):
 
 @dataclass
 class Cascade(Record):
-    """Exit layers and the confidence each needs; the last exit always answers.
-
-    Attributes:
-        layers: exit layers, ascending (the last one is the deepest block the cascade needs).
-        thresholds: per exit layer, the top probability at which an example stops there (None:
-            never; the last is 0: always).
-        delta: the allowed validation accuracy loss against the best fixed chip.
-        reference_layer: the best fixed chip's layer (by validation accuracy).
-        fallback: True when no threshold met DELTA and the cascade is the best fixed chip.
-        simulated: validation and eval accuracy and mean depth, the fixed chip's, the ratio.
-    """
+    """Exit layers, ascending, and the top probability at which an example stops at each (None:
+    never; the last exit answers every input left). ``reference_layer`` is the best fixed chip's
+    (by validation accuracy), ``delta`` the validation accuracy the cascade may lose against it;
+    ``fallback``: no threshold met ``delta``, the cascade is that chip alone."""
 
     layers: list[int]
     thresholds: list[float | None] = rule(ge=0, le=1)
@@ -204,7 +172,7 @@ class Selection(Record):
     """``selection.json``: the layer to prune at, how and why it was chosen, what it removes, and
     every file ``select`` wrote beside it (with its sha256)."""
 
-    FORMAT = SELECTION_FORMAT
+    FORMAT = "chiptuning-selection"
     LEGACY = True
 
     layer: int = rule(ge=1)
@@ -238,22 +206,22 @@ class Selection(Record):
 
 @dataclass
 class ChipsBase(Record):
-    """What every chips record holds (see :class:`ChipsRecord` for the fields)."""
+    """What every chips record holds; a subclass gives ``layers``, the layers it has a chip for."""
 
     chip: Literal["linear", "mlp", "logreg"]
-    n_classes: int = rule(2, ge=2)
-    label_names: list[str] = field(default_factory=list)
-    params: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-    hidden_size: int | None = rule(None, ge=1)
-    train_cache: CacheRef | None = None
-    eval_cache: CacheRef | None = None
-    model_stats: dict[str, Any] = field(default_factory=dict)
-    majority_baseline: dict[str, float] = rule(default_factory=dict, ge=0, le=1)
-    zero_shot: ZeroShot | None = None
-    weights: str | None = None
+    n_classes: int = rule(2, ge=2)  # = the label names
+    label_names: list[str] = field(default_factory=list)  # in class-index order
+    params: dict[str, Any] = field(default_factory=dict)  # what make_chip takes
+    train: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig.to_dict()
+    hidden_size: int | None = rule(None, ge=1)  # feature width
+    train_cache: CacheRef | None = None  # with its meta: model, task, ...
+    eval_cache: CacheRef | None = None  # a summary
+    model_stats: dict[str, Any] = field(default_factory=dict)  # parameter counts, from the cache
+    majority_baseline: dict[str, float] = rule(default_factory=dict, ge=0, le=1)  # per part
+    zero_shot: ZeroShot | None = None  # decoders with a stored lens
+    weights: str | None = None  # the weights file in the directory
     chiptuning_version: str = __version__
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know (kept)
 
     def check(self) -> None:
         if self.label_names:
@@ -269,12 +237,7 @@ class ChipsBase(Record):
             if meta.label_names and self.label_names and list(meta.label_names) != list(self.label_names):
                 raise Invalid("label_names", f"{self.label_names} differ from the training cache's {meta.label_names}")
         check_model_stats(self.model_stats, None if meta is None else meta.num_blocks, "model_stats")
-        check_layers(self.own_layers, self.num_blocks if (meta or self.model_stats) else None, "layers")
-
-    @property
-    def own_layers(self) -> list[int]:
-        """The layers this record has a chip for."""
-        raise NotImplementedError
+        check_layers(self.layers, self.num_blocks if (meta or self.model_stats) else None, "layers")
 
     @property
     def cache_meta(self) -> CacheMeta:
@@ -290,42 +253,20 @@ class ChipsBase(Record):
         if self.model_stats.get("blocks"):
             return len(self.model_stats["blocks"])
         meta = self.train_cache.meta if self.train_cache is not None else None
-        return int((meta.num_blocks if meta is not None else None) or max(self.own_layers))
+        return int((meta.num_blocks if meta is not None else None) or max(self.layers))
 
 
 @dataclass
 class ChipsRecord(ChipsBase):
-    """``chips.json``: what a chips directory holds and where it came from.
+    """``chips.json``: what a chips directory holds (the layers with a chip, ascending; the
+    validation rows; every file ``probe train`` wrote besides this record, with its sha256) and
+    where it came from."""
 
-    Attributes:
-        chip: "linear", "mlp" or "logreg".
-        layers: layers with a chip, ascending.
-        n_classes: number of classes (= the label names).
-        label_names: class names, in class-index order.
-        params: the estimator's parameters (what :func:`~chiptuning.probe.chips.make_chip` takes).
-        train: the resolved training settings (``TrainConfig.to_dict()``).
-        hidden_size: feature width.
-        train_cache: the training cache (with its meta: model, task, ...).
-        eval_cache: the eval cache (summary), or None.
-        validation: the validation rows carved from the training cache.
-        model_stats: parameter counts of the model (from the cache).
-        majority_baseline: accuracy of always answering the most frequent class, per part.
-        zero_shot: the model's own answer on the eval cache (decoders with a stored lens).
-        weights: the weights file in the directory.
-        files: every file ``probe train`` wrote besides this record, with its sha256.
-        chiptuning_version: the version that wrote it.
-        extra: keys this version does not know (kept).
-    """
-
-    FORMAT = CHIPS_FORMAT
+    FORMAT = "chiptuning-chips"
 
     layers: list[int] = field(default_factory=list)
     validation: Validation | None = None
     files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def own_layers(self) -> list[int]:
-        return self.layers
 
     def check(self) -> None:
         if not self.layers:
@@ -345,29 +286,15 @@ class ChipsRecord(ChipsBase):
 @dataclass
 class ChipRecord(ChipsBase):
     """``chip.json`` of a single-chip directory (inside a pruned checkpoint): the chips record of
-    one layer, with that layer's metrics and the selection that chose it.
+    one layer, with that layer's metric row and the selection when the chip was saved."""
 
-    Attributes:
-        layer: the chip's layer.
-        metrics: its metric row.
-        selection: the selection when the chip was saved, or None.
-    """
-
-    FORMAT = CHIP_FORMAT
+    FORMAT = "chiptuning-chip"
 
     layer: int = rule(0, ge=0)
     metrics: MetricRow | None = None
     selection: Selection | None = None
 
     @property
-    def own_layers(self) -> list[int]:
-        return [self.layer]
-
-    @property
     def layers(self) -> list[int]:
         return [self.layer]
 
-
-__all__ = ["CHIPS_FORMAT", "CHIP_FORMAT", "METRICS_FORMAT", "PICKLE_SUFFIXES", "SELECTION_FORMAT",
-           "CacheRef", "Cascade", "ChipRecord", "ChipsBase", "ChipsRecord", "MetricRow", "Metrics", "PruningStats",
-           "Selection", "Simulated", "Validation", "ZeroShot", "plain_file_name"]

@@ -1,10 +1,5 @@
-"""Scores of trained chips: accuracy, mean cross-entropy and predictions on the training,
-validation and eval rows.
-
-Torch chips are scored as banks (:func:`score_specs`; the eval cache one layer at a time,
-:func:`score_eval`; one chip's metrics: :func:`chip_metrics`); a fitted scikit-learn chip by
-:func:`score_logreg`.
-"""
+"""Scores of trained chips (accuracy, mean cross-entropy, predictions) on the training,
+validation and eval rows: torch chips as banks, a fitted scikit-learn chip by :func:`score_logreg`."""
 
 from __future__ import annotations
 
@@ -12,14 +7,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chiptuning.probe.bank import ChipSpec, mask_logits, predict_bank
+from chiptuning.probe.bank import Hyperparams, mask_logits, predict_bank
 from chiptuning.probe.chips import LogRegChip
 from chiptuning.probe.data import cache_class_mask, read_standardized
 
 PARTS = ("train", "val", "eval")
 
 
-def score_specs(specs: list[ChipSpec], results: list[dict], x: torch.Tensor, y: torch.Tensor,
+def score_specs(specs: list[Hyperparams], results: list[dict], x: torch.Tensor, y: torch.Tensor,
                 mask: torch.Tensor | None, dtype: torch.dtype = torch.float32, rows: np.ndarray | None = None):
     """(accuracy (G,), mean loss (G,), predictions (G, N)) of each spec's G chips.
 
@@ -76,31 +71,16 @@ def chip_metrics(scored: dict, j: int, losses: tuple[str, ...] = PARTS) -> dict:
 
 
 def score_logreg(chip: LogRegChip, parts: dict[str, tuple]) -> tuple[dict, np.ndarray | None]:
-    """Accuracy and mean cross-entropy of a fitted scikit-learn chip on each part.
-
-    Args:
-        chip: a fitted :class:`~chiptuning.probe.chips.LogRegChip`.
-        parts: {"train" | "val" | "eval": (x (N, H), y (N,), class_mask (N, C) | None)}, e.g.
-            :func:`~chiptuning.probe.data.read_parts`; a missing part scores None.
-
-    Returns:
-        {"<part>_accuracy", "<part>_loss"} for train, val and eval (in that order), and the eval
-        predictions (N_eval,) or None.
-    """
-    metrics: dict = {}
-    pred_eval = None
-    for name in PARTS:
-        if name not in parts:
-            metrics[f"{name}_accuracy"] = metrics[f"{name}_loss"] = None
-            continue
-        xs, ys, mask = parts[name]
+    """({"<part>_accuracy", "<part>_loss"} for train, val and eval, in that order; the eval
+    predictions (N_eval,) or None) of a fitted scikit-learn chip on ``parts`` {"train" | "val" |
+    "eval": (x (N, H), y (N,), class_mask (N, C) | None)}; a missing part scores None."""
+    scored = {}
+    for name, (xs, ys, mask) in parts.items():
         proba = chip.predict_proba(xs, class_mask=mask)
         pred = proba.argmax(axis=1)
-        metrics[f"{name}_accuracy"] = float((pred == ys).mean())
-        metrics[f"{name}_loss"] = finite_or_none(-np.log(np.clip(proba[np.arange(len(ys)), ys], 1e-12, None)).mean())
-        if name == "eval":
-            pred_eval = pred
-    return metrics, pred_eval
+        loss = -np.log(np.clip(proba[np.arange(len(ys)), ys], 1e-12, None)).mean()
+        scored[name] = ([(pred == ys).mean()], [loss], pred)
+    return chip_metrics(scored, 0), (scored["eval"][2] if "eval" in scored else None)
 
 
 def finite_or_none(value) -> float | None:
@@ -108,5 +88,3 @@ def finite_or_none(value) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
 
-
-__all__ = ["PARTS", "chip_metrics", "finite_or_none", "score_eval", "score_logreg", "score_specs"]

@@ -1,14 +1,11 @@
 """Hyperparameter sweeps over chips: ``chiptuning probe sweep``.
 
-The grid is chip type x regularization (weight decay for the torch chips, C for logreg) x learning
-rate x epochs x layers. Every torch setting shares the minibatch order, so all of them train
-together: one task reads a group of layers from the cache once and trains one bank of chips per
-setting on the same minibatches (:func:`chiptuning.probe.bank.fit_banks`). logreg runs one
-task per layer (all C values). Tasks run with joblib, so ``n_jobs`` and any joblib backend apply:
-``backend="dask"`` (``dask.distributed``) or ``backend="ray"`` (``ray.util.joblib``) spread the
-tasks over a cluster whose workers can read the cache path. The best setting per layer and
-overall is chosen on the validation rows (carved from the training cache); eval accuracy is
-reported, never used to choose.
+The grid: chip type x regularization (weight decay of the torch chips, C of logreg) x learning rate
+x epochs x layers. Every torch setting sees the same minibatches, so a task reads a group of layers
+once and trains one bank per chip type on them (:func:`chiptuning.probe.bank.fit_banks`); logreg
+runs a task per layer (every C). Tasks run with joblib: ``n_jobs`` and any joblib backend apply
+(``"dask"``, ``"ray"``: a cluster whose workers read the cache path). The best setting per layer and
+overall is chosen on the validation rows; eval accuracy is reported, never used to choose.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import logging
 import os
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +26,7 @@ from joblib import Parallel, delayed, parallel_backend
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import SWEEP, check_output, write_output, written_files
-from chiptuning.probe.bank import PRECISIONS, ChipSpec, choose_threads, resolve_precision, torch_threads
+from chiptuning.probe.bank import PRECISIONS, Hyperparams, choose_threads, resolve_precision, torch_threads
 from chiptuning.probe.chipset import majority_baselines, pick_baseline
 from chiptuning.probe.data import (
     cache_n_classes,
@@ -43,7 +40,7 @@ from chiptuning.probe.data import (
 )
 from chiptuning.probe.plots import plot_layer_accuracy
 from chiptuning.probe.scoring import chip_metrics, score_logreg
-from chiptuning.probe.train import fit_group, fit_logreg, warn_few_steps
+from chiptuning.probe.train import REGIMES, fit_group, fit_logreg, warn_few_steps
 from chiptuning.records import Record, rule
 
 log = logging.getLogger(__name__)
@@ -96,51 +93,37 @@ class SweepRecord(Record):
     chiptuning_version: str = __version__
 
 
+DEFAULT = REGIMES["default"]
+
+
 @dataclass
 class SweepConfig:
-    """Settings of ``chiptuning probe sweep``.
+    """Settings of ``chiptuning probe sweep``: a grid over the torch chips' learning rate, weight
+    decay and epochs (per chip type where ``chip_lrs`` / ``chip_epochs`` say so: ``--lr mlp:5e-4``)
+    and logreg's C, with the default regime's other :class:`~chiptuning.probe.bank.Hyperparams`.
 
     Attributes:
-        chips: chip types to sweep ("linear", "mlp", "logreg") (``--chips``).
-        weight_decays: AdamW weight decays of the torch chips (``--weight-decay``).
-        Cs: inverse regularizations of logreg (``--C``).
-        lrs: learning rates of the torch chips (``--lr``).
-        epochs: most epochs of the torch chips (``--epochs``); early stopping on validation loss.
-        chip_lrs: learning rates of one chip type instead of ``lrs`` (``--lr mlp:5e-4``), e.g.
-            ``{"mlp": [5e-4]}``: chip types train best at different rates.
-        chip_epochs: most epochs of one chip type instead of ``epochs`` (``--epochs mlp:2``).
-        batch_size: rows per step, shared by every torch setting (``--batch-size``).
-        hidden: MLP hidden width.
-        n_iter_no_change: early-stopping patience in epochs.
-        min_patience_steps: the patience is never shorter than this many optimizer steps (as in
-            ``probe train``'s default regime).
-        layers: layers to sweep (``--layers``); default all.
-        val_size: validation rows carved from the training cache (``--val-size``).
-        seed: seed of the split, the order and the initialisation (``--seed``).
-        n_jobs: joblib workers (``--n-jobs``); torch threads are split between them.
-        backend: joblib backend name (``--backend``): None (loky), "threading", "dask", "ray".
-        scheduler: cluster address (``--scheduler``): a Dask scheduler ("tcp://host:8786"),
-            or a Ray address (default "auto"). Without it, Dask uses the client already
-            created in this process.
-        max_memory_mb: feature memory budget of one task (``--max-memory-mb``).
-        precision: "auto", "float32" or "bfloat16" for the torch chips (``--precision``); see
-            :class:`~chiptuning.probe.train.TrainConfig`.
-        threads: torch threads per task (``--threads``); None: with one job the faster of 1 and
-            one per CPU (:func:`~chiptuning.probe.bank.choose_threads`), with n jobs the CPUs
-            shared between them.
+        chips: chip types to sweep (``--chips``); layers: the layers (default all).
+        val_size, seed: the validation rows carved from the training cache, and the seed of the
+            split, the order and the initialisation.
+        n_jobs, backend, scheduler: joblib workers (torch threads are split between them), the
+            joblib backend (None: loky; "threading", "dask", "ray") and a cluster address (a Dask
+            scheduler "tcp://host:8786", or a Ray address; default "auto").
+        max_memory_mb: feature memory budget of one task; threads: torch threads per task (None:
+            :func:`~chiptuning.probe.bank.choose_threads` with one job, else the CPUs shared).
     """
 
     chips: list[str] = field(default_factory=lambda: ["linear", "mlp"])
     weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1])
     Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
-    lrs: list[float] = field(default_factory=lambda: [1e-3])
-    epochs: list[int] = field(default_factory=lambda: [30])
+    lrs: list[float] = field(default_factory=lambda: [DEFAULT.lr])
+    epochs: list[int] = field(default_factory=lambda: [DEFAULT.epochs])
     chip_lrs: dict[str, list[float]] = field(default_factory=dict)
     chip_epochs: dict[str, list[int]] = field(default_factory=dict)
-    batch_size: int = 128
-    hidden: int = 256
-    n_iter_no_change: int = 2
-    min_patience_steps: int = 150
+    batch_size: int = DEFAULT.batch_size
+    hidden: int = DEFAULT.hidden
+    n_iter_no_change: int = DEFAULT.n_iter_no_change
+    min_patience_steps: int = DEFAULT.min_patience_steps
     layers: list[int] | None = None
     val_size: int = 200
     seed: int = 42
@@ -148,12 +131,11 @@ class SweepConfig:
     backend: str | None = None
     scheduler: str | None = None
     max_memory_mb: int = 2048
-    precision: str = "auto"
+    precision: str = DEFAULT.precision
     threads: int | None = None
 
     def validate(self) -> None:
-        unknown = sorted(set(self.chips) - {"linear", "mlp", "logreg"})
-        if unknown or not self.chips:
+        if not self.chips or set(self.chips) - {"linear", "mlp", "logreg"}:
             raise ChipTuningError(f"--chips takes linear, mlp, logreg; got {self.chips}")
         for flag, values in (("--weight-decay", self.weight_decays), ("--C", self.Cs), ("--lr", self.lrs),
                              ("--epochs", self.epochs)):
@@ -174,12 +156,11 @@ class SweepConfig:
         if self.precision not in PRECISIONS:
             raise ChipTuningError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
-    def specs(self) -> list[ChipSpec]:
-        """One torch ChipSpec per (chip, lr, weight decay, epochs)."""
-        precision = resolve_precision(self.precision)
-        return [ChipSpec(kind=kind, lr=lr, weight_decay=wd, epochs=ep, hidden=self.hidden,
-                         n_iter_no_change=self.n_iter_no_change, min_patience_steps=self.min_patience_steps,
-                         precision=precision)
+    def specs(self) -> list[Hyperparams]:
+        """The torch chips' hyperparameters, one per (chip, lr, weight decay, epochs)."""
+        base = replace(DEFAULT, batch_size=self.batch_size, hidden=self.hidden, n_iter_no_change=self.n_iter_no_change,
+                       min_patience_steps=self.min_patience_steps, precision=resolve_precision(self.precision))
+        return [replace(base, kind=kind, lr=lr, weight_decay=wd, epochs=ep)
                 for kind in self.chips if kind != "logreg"
                 for lr in self.lrs_of(kind) for wd in self.weight_decays for ep in self.epochs_of(kind)]
 
@@ -192,7 +173,7 @@ class SweepConfig:
         return list(self.chip_epochs.get(kind) or self.epochs)
 
 
-def _setting(spec: ChipSpec | None = None, C: float | None = None) -> str:
+def _setting(spec: Hyperparams | None = None, C: float | None = None) -> str:
     if spec is None:
         return f"C={C:g}"
     return f"lr={spec.lr:g},wd={spec.weight_decay:g},epochs={spec.epochs}"
@@ -221,20 +202,13 @@ def train_command(best: dict, config: SweepConfig, train_path, eval_path=None, o
 
 def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config: SweepConfig | None = None,
           progress: bool = False, overwrite: bool = False) -> dict:
-    """Run a sweep and (with ``out``) write sweep.csv, sweep.json, best_per_layer.csv and a plot.
-
-    Args:
-        train_cache: a cache directory (workers reopen it by path) or a reader object.
-        eval_cache: the eval split's cache, or None.
-        out: output directory.
-        config: the grid and how to run it.
-        progress: log each finished task.
-        overwrite: replace a sweep directory at ``out`` (anything else there is refused first).
+    """Run a sweep and (with ``out``) write sweep.csv, sweep.json, best_per_layer.csv and a plot
+    (a sweep directory there is replaced only with ``overwrite``; anything else is refused first).
 
     Returns:
-        {"rows": one dict per (setting, layer), "best_per_layer": [...], "best": {...},
-        "seconds": wall time, "config": the config, "best_command": the ``probe train`` command
-        that trains the best setting's chips (:func:`train_command`)}.
+        {"rows": one dict per (setting, layer), "best_per_layer", "best", "seconds", "config",
+        "best_command": the ``probe train`` command that trains the best setting's chips, ...}:
+        what sweep.json holds.
     """
     config = config or SweepConfig()
     config.validate()
@@ -263,8 +237,7 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
         G = max(1, min(G, -(-len(layers) // max(1, config.n_jobs))))
         for i in range(0, len(layers), G):
             tasks.append(delayed(_torch_task)(t_src, e_src, layers[i:i + G], train_rows, val_rows, specs,
-                                              config.batch_size, config.seed, config.n_jobs,
-                                              config.max_memory_mb, config.threads))
+                                              config.seed, config.n_jobs, config.max_memory_mb, config.threads))
     if "logreg" in config.chips:
         for layer in layers:
             tasks.append(delayed(_logreg_task)(t_src, e_src, layer, train_rows, val_rows, config.Cs, config.seed))
@@ -273,9 +246,8 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
         results = Parallel(n_jobs=config.n_jobs, verbose=5 if progress else 0)(tasks)
     seconds = time.perf_counter() - start
     rows = sorted((row for part in results for row in part), key=lambda r: (r["chip"], r["setting"], r["layer"]))
-    best_per_layer = _best_per_layer(rows)
     best = _pick(rows)
-    result = {"rows": rows, "best_per_layer": best_per_layer, "best": best, "seconds": seconds,
+    result = {"rows": rows, "best_per_layer": _best_per_layer(rows), "best": best, "seconds": seconds,
               "config": asdict(config), "train_cache": train.fingerprint,
               "eval_cache": None if evals is None else evals.fingerprint,
               "validation": {"size": len(val_rows), "seed": config.seed},
@@ -324,11 +296,10 @@ def _pick(rows: list[dict]) -> dict:
 
 
 def _best_per_layer(rows: list[dict]) -> list[dict]:
-    out = []
-    for kind in sorted({r["chip"] for r in rows}):
-        for layer in sorted({r["layer"] for r in rows if r["chip"] == kind}):
-            out.append(_pick([r for r in rows if r["chip"] == kind and r["layer"] == layer]))
-    return out
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["chip"], row["layer"]), []).append(row)
+    return [_pick(group) for _, group in sorted(groups.items())]
 
 
 def _write(out: Path, result: dict, n_classes: int) -> None:
@@ -346,7 +317,7 @@ def _write(out: Path, result: dict, n_classes: int) -> None:
     SweepRecord.from_dict(dict(result, files=written_files(out, RECORD)), "sweep").write(out / RECORD)  # last
 
 
-def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, seed, n_jobs,
+def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, seed, n_jobs,
                 max_memory_mb=2048, threads=None) -> list[dict]:
     """Train every torch setting on a group of layers; one row per (setting, layer)."""
     if not threads and n_jobs and n_jobs > 1:
@@ -354,7 +325,7 @@ def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, batch_size, s
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
     with opened(t_src, e_src) as (train, evals), torch_threads(choose_threads(threads)):
         fitted = fit_group(train, evals, layers, train_rows, val_rows, specs, n_classes=cache_n_classes(train),
-                           batch_size=batch_size, seed=seed, max_memory_mb=max_memory_mb)
+                           seed=seed, max_memory_mb=max_memory_mb)
     rows = []
     for spec, result, scored in zip(specs, fitted["results"], fitted["scores"]):
         for j, layer in enumerate(layers):

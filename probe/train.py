@@ -20,7 +20,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from chiptuning.errors import CacheError, ChipTuningError
 from chiptuning.outputs import CHIPS, check_output
-from chiptuning.probe.bank import PRECISIONS, ChipSpec, choose_threads, fit_banks, resolve_precision, torch_threads
+from chiptuning.probe.bank import PRECISIONS, Hyperparams, choose_threads, fit_banks, resolve_precision, torch_threads
 from chiptuning.probe.chips import CHIP_KINDS, LogRegChip
 from chiptuning.probe.chipset import ChipSet, majority_baselines
 from chiptuning.probe.data import (
@@ -56,54 +55,37 @@ from chiptuning.records import Record
 
 log = logging.getLogger(__name__)
 
-#: Training regimes of the torch chips. "paper" is the Chip-Tuning paper's setting, exactly.
-REGIMES: dict[str, dict[str, Any]] = {
-    "default": dict(lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), batch_size=128, epochs=30,
-                    early_stopping=True, n_iter_no_change=2, min_patience_steps=150, standardize=True,
-                    max_train_rows=None, precision="auto"),
-    "paper": dict(lr=1e-5, weight_decay=0.01, betas=(0.9, 0.99), batch_size=1, epochs=1,
-                  early_stopping=False, n_iter_no_change=3, min_patience_steps=0, standardize=False,
-                  max_train_rows=20000, precision="float32"),
+#: The torch chips' training regimes; "paper" is the Chip-Tuning paper's setting, exactly, on at
+#: most :data:`PAPER_MAX_TRAIN_ROWS` training rows.
+REGIMES: dict[str, Hyperparams] = {
+    "default": Hyperparams(n_iter_no_change=2, min_patience_steps=150, precision="auto"),
+    "paper": Hyperparams(lr=1e-5, weight_decay=0.01, betas=(0.9, 0.99), batch_size=1, epochs=1, early_stopping=False,
+                         standardize=False),
 }
+PAPER_MAX_TRAIN_ROWS = 20000
+#: The :class:`Hyperparams` a TrainConfig sets (None: the regime's); the estimators take the same.
+TRAINED = ("lr", "weight_decay", "epochs", "batch_size", "betas", "standardize", "early_stopping",
+           "n_iter_no_change", "min_patience_steps", "precision")
+
 
 @dataclass
 class TrainConfig(Record):
     """Settings of ``chiptuning probe train``; saved, resolved, in chips.json under "train".
 
-    Fields left at None take the regime's value (see :data:`REGIMES`).
+    The fields of :data:`TRAINED`, ``hidden`` and ``fit_intercept`` are the torch chips'
+    :class:`~chiptuning.probe.bank.Hyperparams` (None: the regime's value, see :data:`REGIMES`;
+    the flags: ``--lr``, ``--weight-decay``, ``--batch-size``, ``--epochs``, ``--patience``,
+    ``--precision``, ``--hidden``, ``--no-intercept``). The others:
 
     Attributes:
-        chip: "linear", "mlp" or "logreg" (``--chip``).
-        regime: "default" or "paper" (``--regime``); torch chips only.
-        lr: AdamW learning rate (``--lr``).
-        weight_decay: AdamW weight decay (``--weight-decay``).
-        betas: AdamW betas.
-        batch_size: rows per step (``--batch-size``).
-        epochs: most passes over the training rows (``--epochs``).
-        early_stopping: stop each chip when its validation loss stops improving.
-        n_iter_no_change: early-stopping patience in epochs (``--patience``).
-        min_patience_steps: the patience is never shorter than this many optimizer steps (a
-            small cache has few steps per epoch; see :class:`~chiptuning.probe.bank.ChipSpec`).
-        standardize: standardize features per layer with training statistics (saved).
-        max_train_rows: use at most this many training rows (seeded choice); the paper's 20,000.
-        precision: "auto", "float32" or "bfloat16": precision of the products with the features
-            (``--precision``); "auto" (default regime) is bfloat16 on CPUs with AMX / AVX512-BF16,
-            float32 elsewhere; the paper regime is float32. Saved resolved.
-        hidden: MLP hidden width (``--hidden``).
-        C: inverse regularization of the logreg chips (``--C``).
-        max_iter: solver iterations of the logreg chips.
-        val_size: validation rows carved from the training cache (``--val-size``); 0 for none.
-        seed: seed of the validation split, the row order and the initialisation (``--seed``).
-        layers: layers to train (``--layers``); default every layer of the cache.
-        n_jobs: joblib workers for the logreg chips (``--n-jobs``).
-        device: torch device (``--device``).
-        max_memory_mb: feature memory budget of the torch trainer (``--max-memory-mb``).
-        threads: torch threads of the torch trainer (``--threads``); None picks the faster of 1
-            and one per CPU (see :func:`~chiptuning.probe.bank.choose_threads`).
-        fit_intercept: learn the linear chip's bias (``--no-intercept`` turns it off); without it
-            the features are only scaled, not centered, so the chip folded onto raw features is
-            bias-free (what ``chiptuning prune --export sequence-classification`` needs). Linear
-            chips only.
+        chip: "linear", "mlp" or "logreg"; regime: "default" or "paper" (torch chips).
+        max_train_rows: at most this many training rows (a seeded choice; the paper's 20,000).
+        C, max_iter: the logreg chips' inverse regularization and solver iterations.
+        val_size: validation rows carved from the training cache (0: none).
+        seed: of the validation split, the row order and the initialisation.
+        layers: the layers to train (default all); n_jobs: joblib workers of the logreg chips.
+        device, max_memory_mb, threads: where the torch chips train, their feature memory budget
+            and torch threads (None: :func:`~chiptuning.probe.bank.choose_threads`).
     """
 
     chip: str = "linear"
@@ -140,69 +122,49 @@ class TrainConfig(Record):
         if self.chip == "logreg" and self.regime != "default":
             raise ChipTuningError("--regime applies to the torch chips (linear, mlp), not logreg")
         preset = REGIMES[self.regime]
-        filled = {k: (preset[k] if getattr(self, k) is None else getattr(self, k)) for k in preset}
-        if self.regime == "paper" and self.max_train_rows is None:
-            filled["max_train_rows"] = preset["max_train_rows"]
-        cfg = replace(self, **filled)
+        cfg = replace(self, **{k: getattr(preset, k) for k in TRAINED if getattr(self, k) is None})
+        if cfg.max_train_rows is None and self.regime == "paper":
+            cfg.max_train_rows = PAPER_MAX_TRAIN_ROWS
         cfg.betas = tuple(cfg.betas)
         if cfg.precision not in PRECISIONS:
             raise ChipTuningError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         cfg.precision = resolve_precision(cfg.precision, cfg.device)
-        for name, value in (("--lr", cfg.lr), ("--batch-size", cfg.batch_size), ("--epochs", cfg.epochs),
-                            ("--hidden", cfg.hidden), ("--C", cfg.C), ("--max-memory-mb", cfg.max_memory_mb)):
+        positive = {"--lr": cfg.lr, "--batch-size": cfg.batch_size, "--epochs": cfg.epochs, "--hidden": cfg.hidden,
+                    "--C": cfg.C, "--max-memory-mb": cfg.max_memory_mb}
+        for flag, value in positive.items():
             if value is None or value <= 0:
-                raise ChipTuningError(f"{name} must be > 0, got {value}")
-        if not cfg.fit_intercept and cfg.chip != "linear":
-            raise ChipTuningError(f"--no-intercept applies to linear chips, not {cfg.chip}")
+                raise ChipTuningError(f"{flag} must be > 0, got {value}")
         if cfg.n_iter_no_change < 1:
             raise ChipTuningError(f"--patience must be >= 1, got {cfg.n_iter_no_change}")
-        if cfg.min_patience_steps < 0:
-            raise ChipTuningError(f"min_patience_steps must be >= 0, got {cfg.min_patience_steps}")
-        if cfg.weight_decay < 0:
-            raise ChipTuningError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
-        if cfg.val_size < 0:
-            raise ChipTuningError(f"--val-size must be >= 0, got {cfg.val_size}")
+        for flag, value in {"min_patience_steps": cfg.min_patience_steps, "--weight-decay": cfg.weight_decay,
+                            "--val-size": cfg.val_size}.items():
+            if value < 0:
+                raise ChipTuningError(f"{flag} must be >= 0, got {value}")
+        if not cfg.fit_intercept and cfg.chip != "linear":
+            raise ChipTuningError(f"--no-intercept applies to linear chips, not {cfg.chip}")
         return cfg
 
-    def spec(self) -> ChipSpec:
-        """The bank settings of a torch chip."""
-        return ChipSpec(kind=self.chip, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
-                        epochs=self.epochs, hidden=self.hidden, early_stopping=self.early_stopping,
-                        n_iter_no_change=self.n_iter_no_change, min_patience_steps=self.min_patience_steps,
-                        precision=self.precision,
-                        fit_intercept=self.fit_intercept)
+    def spec(self) -> Hyperparams:
+        """The torch chip's hyperparameters (of a resolved config)."""
+        return Hyperparams(kind=self.chip, hidden=self.hidden, fit_intercept=self.fit_intercept,
+                           **{k: getattr(self, k) for k in TRAINED})
 
     def chip_params(self, n_classes: int) -> dict:
         """Estimator params of the chip this config trains (what ``load_chips`` rebuilds)."""
+        common = dict(classes=list(range(n_classes)), random_state=self.seed)
         if self.chip == "logreg":
-            return dict(C=self.C, max_iter=self.max_iter, standardize=self.standardize is not False,
-                        classes=list(range(n_classes)), random_state=self.seed)
-        params = dict(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                      batch_size=self.batch_size, betas=list(self.betas), standardize=self.standardize,
-                      early_stopping=self.early_stopping, n_iter_no_change=self.n_iter_no_change,
-                      min_patience_steps=self.min_patience_steps, classes=list(range(n_classes)),
-                      random_state=self.seed, device="cpu", precision=self.precision)
-        if self.chip == "mlp":
-            params["hidden"] = self.hidden
-        else:
-            params["fit_intercept"] = self.fit_intercept
-        return params
+            return dict(C=self.C, max_iter=self.max_iter, standardize=self.standardize is not False, **common)
+        params = {k: getattr(self, k) for k in TRAINED if k != "precision"}
+        params = dict(params, betas=list(self.betas), **common, device="cpu", precision=self.precision)
+        return dict(params, hidden=self.hidden) if self.chip == "mlp" else dict(params, fit_intercept=self.fit_intercept)
 
 
 # -- training -------------------------------------------------------------------------------------
 
-def train_chips(
-    train_cache,
-    eval_cache=None,
-    chip: str = "linear",
-    out: str | Path | None = None,
-    *,
-    config: TrainConfig | None = None,
-    progress: bool = False,
-    callback: Callable[[int, int, np.ndarray], None] | None = None,
-    overwrite: bool = False,
-    **options,
-) -> ChipSet:
+def train_chips(train_cache, eval_cache=None, chip: str = "linear", out: str | Path | None = None, *,
+                config: TrainConfig | None = None, progress: bool = False,
+                callback: Callable[[int, int, np.ndarray], None] | None = None, overwrite: bool = False,
+                **options) -> ChipSet:
     """Train a chip at every layer of a cache and (with ``out``) write the chips directory.
 
     Args:
@@ -210,19 +172,14 @@ def train_chips(
         eval_cache: the eval split's cache (same model, template and labels), or None.
         chip: "linear", "mlp" or "logreg" (ignored when ``config`` is given).
         out: chips directory to write (chips.json, weights, metrics, predictions, plot).
-        config: full settings; ``options`` override its fields.
-        progress: show a progress bar over layer groups.
+        config: full settings; ``options`` (any :class:`TrainConfig` field) override its fields.
+        progress: a progress bar over layer groups.
         callback: ``callback(epoch, step, rows)`` after every optimizer step (torch chips).
-        overwrite: replace the chips directory ``out`` when it already holds one (its selection
-            goes with it); anything else at ``out`` is refused before training.
-        **options: any :class:`TrainConfig` field (lr, epochs, regime, val_size, seed, ...).
-
-    Returns:
-        The trained :class:`ChipSet` (saved to ``out`` when given).
+        overwrite: replace the chips directory ``out`` (anything else there is refused before training).
 
     Raises:
-        ChipTuningError: bad settings, or ``out`` in the way; CacheError for a missing or corrupt
-            cache (every shard's checksum is verified first); ProvenanceError for mismatched caches.
+        ChipTuningError: bad settings or ``out`` in the way; CacheError: a missing or corrupt cache
+            (every shard's checksum is verified first); ProvenanceError: mismatched caches.
     """
     unknown = set(options) - {f.name for f in fields(TrainConfig)}
     if unknown:
@@ -234,28 +191,27 @@ def train_chips(
     evals = open_cache(eval_cache, verify=True) if eval_cache is not None else None
     if evals is not None:
         check_same_source(train, evals)
+        cache_n_classes(evals)
     layers = list(train.layers) if cfg.layers is None else [int(layer) for layer in cfg.layers]
     missing = [layer for layer in layers if layer not in train.layers or (evals is not None and layer not in evals.layers)]
     if missing:
         raise CacheError(f"--layers {missing} not in the cache(s) (layers {train.layers[0]}..{train.layers[-1]})")
     C = cache_n_classes(train)
-    if evals is not None:
-        cache_n_classes(evals)
     train_rows, val_rows = carve_rows(train.n_rows, cfg.val_size, cfg.seed, cfg.max_train_rows)
     if len(np.unique(train.labels[train_rows])) < 2:
         raise ChipTuningError("the training rows hold a single class; a chip needs at least two")
     log.info("training %s chips on %d layers: %d train rows, %d validation rows, %d eval rows",
              cfg.chip, len(layers), len(train_rows), len(val_rows), 0 if evals is None else evals.n_rows)
+    tensors = sk_chips = None
     if cfg.chip == "logreg":
-        tensors, sk_chips, metrics, preds = None, *_train_logreg(train, evals, layers, train_rows, val_rows, C, cfg)
+        sk_chips, metrics, preds = _train_logreg(train, evals, layers, train_rows, val_rows, C, cfg)
     else:
-        sk_chips = None
         with torch_threads(choose_threads(cfg.threads)):
             tensors, metrics, preds = _train_torch(train, evals, layers, train_rows, val_rows, C, cfg,
                                                    progress=progress, callback=callback)
     zero_shot = None
     if evals is not None and getattr(evals, "has_lens", False) and getattr(train, "has_lens", False):
-        # The model's own answer at every layer, beside the chips' (no model run: from the caches).
+        # The model's own answer at every layer, beside the chips' (from the caches, no model run).
         lens = {row["layer"]: row for row in lens_curve(evals, train)}
         for row in metrics:
             row.update({k: v for k, v in lens.get(int(row["layer"]), {}).items() if k != "layer"})
@@ -268,27 +224,22 @@ def train_chips(
         model_stats=dict(getattr(train, "model_stats", None) or {}),
         majority_baseline=majority_baselines(eval=None if evals is None else evals.labels,
                                              val=np.asarray(train.labels)[val_rows] if len(val_rows) else None),
-        zero_shot=zero_shot,
-    )
-    eval_predictions = None
-    if evals is not None:
-        eval_predictions = {"layers": layers, "example_ids": [str(e) for e in evals.example_ids],
-                            "labels": np.asarray(evals.labels), "predictions": preds}
-    chips = ChipSet(record, tensors=tensors, sklearn_chips=sk_chips, metrics=metrics,
-                    eval_predictions=eval_predictions)
+        zero_shot=zero_shot)
+    eval_predictions = None if evals is None else {
+        "layers": layers, "example_ids": [str(e) for e in evals.example_ids], "labels": np.asarray(evals.labels),
+        "predictions": preds}
+    chips = ChipSet(record, tensors=tensors, sklearn_chips=sk_chips, metrics=metrics, eval_predictions=eval_predictions)
     if out is not None:
         chips.save(out, overwrite=overwrite)
     return chips
 
 
-#: Fewer optimizer steps than this in a whole run (at the epoch cap) and torch chips are very likely
-#: undertrained: a warning says so.
+#: Fewer optimizer steps than this in a whole run and torch chips are likely undertrained (a warning).
 FEW_STEPS = 100
 
 
 def warn_few_steps(n_train: int, batch_size: int, epochs: int) -> None:
-    """Warn when ``epochs`` passes over ``n_train`` rows at ``batch_size`` are few optimizer steps
-    (e.g. a sweep recipe sized for 20,000 rows run on 2,000: 4 steps per epoch)."""
+    """Warn when ``epochs`` passes over ``n_train`` rows at ``batch_size`` are few optimizer steps."""
     steps = epochs * math.ceil(n_train / batch_size)
     if steps < FEW_STEPS:
         log.warning("%d training rows at --batch-size %d for at most %d epochs is only %d optimizer steps: "
@@ -297,23 +248,19 @@ def warn_few_steps(n_train: int, batch_size: int, epochs: int) -> None:
 
 
 def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows: np.ndarray,
-              specs: list[ChipSpec], *, n_classes: int, batch_size: int, seed: int, standardize: bool = True,
-              center: bool = True,
-              device: str = "cpu", max_memory_mb: float = 2048, callback=None,
-              workspace: dict | None = None, warn: bool = True) -> dict:
-    """Train every spec's chips on a group of layers: each layer is read once, standardized with
-    its training statistics, and every setting trains on the same minibatches (one bank per chip
-    type, see :func:`~chiptuning.probe.bank.fit_banks`). ``center=False`` only scales the
-    features (mean 0 is saved), for bias-free linear chips (``--no-intercept``). Successive
-    groups given the same ``workspace`` dict reuse one feature buffer; ``warn=False`` leaves the
-    streaming warning to the first group.
+              specs: list[Hyperparams], *, n_classes: int, seed: int, device: str = "cpu",
+              max_memory_mb: float = 2048, callback=None, workspace: dict | None = None, warn: bool = True) -> dict:
+    """Train every setting's chips on a group of layers, on the same minibatches (one bank per chip
+    type, :func:`~chiptuning.probe.bank.fit_banks`): each layer is read once and standardized with
+    its training statistics (only scaled for bias-free chips). The settings share ``batch_size``,
+    ``standardize`` and ``fit_intercept``. Successive groups given the same ``workspace`` dict reuse
+    one feature buffer; ``warn=False`` leaves the streaming warning to the first group.
 
     Returns:
-        {"stats": [(mean, scale)] per layer, "results": fit_banks' results per spec,
-        "scores": per spec {"train" | "val" | "eval": (accuracy (G,), loss (G,), predictions (G, N))},
-        "streamed": whether the training rows were streamed from the cache}.
+        {"stats": [(mean, scale)] per layer, "results": fit_banks' per setting, "scores": per setting
+        {part: (accuracy (G,), loss (G,), predictions (G, N))}, "streamed": rows streamed from the cache}.
     """
-    C, H = n_classes, int(train.hidden_size)
+    C, H, first = n_classes, int(train.hidden_size), specs[0]
     y_all = torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
     mask_all = cache_class_mask(train, C)
     mask_all = None if mask_all is None else torch.from_numpy(mask_all)
@@ -321,36 +268,34 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
     def take(t, rows):
         return None if t is None else t[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
 
-    dtype = feature_dtype(train, specs, standardize)
+    dtype = feature_dtype(train, specs, first.standardize)
     stream = len(train_rows) * H * dtype.itemsize > max_memory_mb * 2**20
     if stream and warn:
         log.warning("one layer of training features (%.0f MB) exceeds --max-memory-mb %g; streaming from the cache",
                     len(train_rows) * H * dtype.itemsize / 2**20, max_memory_mb)
+    parts = {}
     if stream:
-        stats, data = stream_batches(train, layers, train_rows, y_all, mask_all, standardize, batch_size, seed,
-                                     max_memory_mb, center=center)
-        x_tr = None
+        stats, data = stream_batches(train, layers, train_rows, y_all, mask_all, first.standardize, first.batch_size,
+                                     seed, max_memory_mb, center=first.fit_intercept)
         x_val = read_standardized(train, layers, val_rows, stats, stream=True)
     else:
         x_tr, train_pos, (x_val,), stats = load_standardized(
-            train, layers, train_rows, [val_rows], standardize=standardize, center=center, dtype=dtype,
-            workspace=workspace)
-        data = InMemoryBatches(x_tr, take(y_all, train_rows), take(mask_all, train_rows), batch_size, seed,
+            train, layers, train_rows, [val_rows], standardize=first.standardize, center=first.fit_intercept,
+            dtype=dtype, workspace=workspace)
+        data = InMemoryBatches(x_tr, take(y_all, train_rows), take(mask_all, train_rows), first.batch_size, seed,
                                rows=train_pos)
-    val = (x_val, take(y_all, val_rows), take(mask_all, val_rows)) if len(val_rows) else None
-    results = fit_banks(data, specs, H, C, seed=seed, val=val, device=device, callback=callback)
-    parts = {}
-    if x_tr is not None:
         in_order = len(train_pos) == x_tr.shape[1]  # x_tr holds the training rows only, in order
         parts["train"] = (x_tr, take(y_all, train_rows), take(mask_all, train_rows), None if in_order else train_pos)
+    val = (x_val, take(y_all, val_rows), take(mask_all, val_rows)) if len(val_rows) else None
+    results = fit_banks(data, specs, H, C, seed=seed, val=val, device=device, callback=callback)
     if val is not None:
         parts["val"] = (*val, None)
     scores: list[dict] = [{} for _ in specs]
     for name, (xs, ys, ms, rows) in parts.items():
         # The training rows are scored in the precision they trained in; val / eval in float32.
-        compute = torch.bfloat16 if name == "train" and xs.dtype == torch.bfloat16 and all(
-            s.precision == "bfloat16" for s in specs) else torch.float32
-        for i, scored in enumerate(score_specs(specs, results, xs, ys, ms, compute, rows=rows)):
+        bf16 = name == "train" and xs.dtype == torch.bfloat16 and all(s.precision == "bfloat16" for s in specs)
+        for i, scored in enumerate(score_specs(specs, results, xs, ys, ms, torch.bfloat16 if bf16 else torch.float32,
+                                               rows=rows)):
             scores[i][name] = scored
     if evals is not None:
         for i, scored in enumerate(score_eval(evals, layers, stats, specs, results, C, stream)):
@@ -358,26 +303,18 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
     return {"stats": stats, "results": results, "scores": scores, "streamed": stream}
 
 
-def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig, *, progress=False,
-                 callback=None):
-    """Batched training of torch chips, one group of layers at a time.
-
-    Returns:
-        tensors (name -> (n_layers, ...)), metric rows, eval predictions (n_layers, N_eval) or None.
-    """
+def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig, *, progress=False, callback=None):
+    """Torch chips, one group of layers at a time: tensors (name -> (n_layers, ...)), metric rows,
+    eval predictions (n_layers, N_eval) or None."""
     spec = cfg.spec()
-    G = layers_per_group(train, [spec], cfg.standardize, len(train_rows), len(val_rows), len(layers),
-                         cfg.max_memory_mb)
+    G = layers_per_group(train, [spec], cfg.standardize, len(train_rows), len(val_rows), len(layers), cfg.max_memory_mb)
     warn_few_steps(len(train_rows), cfg.batch_size, cfg.epochs)
     tensors: dict[str, list[np.ndarray]] = {}
-    metrics, preds = [], []
+    metrics, preds, workspace = [], [], {}  # one feature buffer for every group
     groups = [layers[i:i + G] for i in range(0, len(layers), G)]
-    workspace: dict = {}  # one feature buffer for every group
     bar = progress_bar(len(groups), "chip groups", unit="group", enabled=progress)
     for i, group in enumerate(groups):
-        fitted = fit_group(train, evals, group, train_rows, val_rows, [spec], n_classes=C,
-                           batch_size=cfg.batch_size, seed=cfg.seed, standardize=cfg.standardize,
-                           center=cfg.fit_intercept,
+        fitted = fit_group(train, evals, group, train_rows, val_rows, [spec], n_classes=C, seed=cfg.seed,
                            device=cfg.device, max_memory_mb=cfg.max_memory_mb, callback=callback,
                            workspace=workspace, warn=i == 0)
         result, scored, stats = fitted["results"][0], fitted["scores"][0], fitted["stats"]
@@ -386,39 +323,31 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
         tensors.setdefault("mean", []).append(np.stack([s[0] for s in stats]))
         tensors.setdefault("scale", []).append(np.stack([s[1] for s in stats]))
         for j, layer in enumerate(group):
-            row = {"layer": layer, "chip": cfg.chip, "best_epoch": int(result["best_epoch"][j]),
-                   "epochs_run": int(result["chip_epochs"][j]), "n_train": len(train_rows),
-                   "n_val": len(val_rows), "n_eval": 0 if evals is None else int(evals.n_rows)}
-            row.update(chip_metrics(scored, j))
-            metrics.append(row)
+            metrics.append({"layer": layer, "chip": cfg.chip, "best_epoch": int(result["best_epoch"][j]),
+                            "epochs_run": int(result["chip_epochs"][j]), "n_train": len(train_rows),
+                            "n_val": len(val_rows), "n_eval": 0 if evals is None else int(evals.n_rows),
+                            **chip_metrics(scored, j)})
             if "eval" in scored:
                 preds.append(scored["eval"][2][j])
-        log.debug("layers %s: eval accuracy %s", group,
-                 [round(m["eval_accuracy"], 4) if m["eval_accuracy"] is not None else None for m in metrics[-len(group):]])
         bar.update(1)
     bar.close()
-    stacked = {name: np.concatenate(parts) for name, parts in tensors.items()}
-    return stacked, metrics, (np.stack(preds) if preds else None)
+    return {name: np.concatenate(parts) for name, parts in tensors.items()}, metrics, np.stack(preds) if preds else None
 
 
 # -- scikit-learn backend ---------------------------------------------------------------------------
 
 def _train_logreg(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig):
     """One LogRegChip per layer, in parallel with joblib (each job reads its own layer)."""
-    t_src, e_src = cache_source(train), cache_source(evals)
-    params = cfg.chip_params(C)
-    jobs = (delayed(_fit_logreg_layer)(t_src, e_src, layer, train_rows, val_rows, C, params) for layer in layers)
-    results = Parallel(n_jobs=cfg.n_jobs)(jobs)
-    chips = {layer: chip for layer, (chip, _, _) in zip(layers, results)}
-    metrics = [row for _, row, _ in results]
+    t_src, e_src, params = cache_source(train), cache_source(evals), cfg.chip_params(C)
+    results = Parallel(n_jobs=cfg.n_jobs)(delayed(_fit_logreg_layer)(t_src, e_src, layer, train_rows, val_rows, C,
+                                                                     params) for layer in layers)
     preds = np.stack([p for _, _, p in results]) if evals is not None else None
-    return chips, metrics, preds
+    return {layer: chip for layer, (chip, _, _) in zip(layers, results)}, [row for _, row, _ in results], preds
 
 
 def fit_logreg(params: dict, x: np.ndarray, y: np.ndarray) -> LogRegChip:
-    """A :class:`~chiptuning.probe.chips.LogRegChip` of ``params`` fitted on (x, y), with BLAS
-    threads sized like the torch trainer's (oversubscribed OpenMP pools next to torch's can make
-    lbfgs many times slower)."""
+    """A LogRegChip of ``params`` fitted on (x, y), with BLAS threads sized like the torch trainer's
+    (oversubscribed OpenMP pools beside torch's can make lbfgs many times slower)."""
     with threadpool_limits(limits=choose_threads(None)):
         return LogRegChip(**params).fit(x, y)
 
@@ -426,13 +355,13 @@ def fit_logreg(params: dict, x: np.ndarray, y: np.ndarray) -> LogRegChip:
 def _fit_logreg_layer(train_src, eval_src, layer, train_rows, val_rows, C, params):
     with opened(train_src, eval_src) as (train, evals):
         parts = read_parts(train, evals, layer, train_rows, val_rows, C)
-        chip = fit_logreg(params, *parts["train"][:2])
-        row = {"layer": layer, "chip": "logreg", "best_epoch": None, "epochs_run": int(chip.n_iter_),
-               "n_train": len(train_rows), "n_val": len(val_rows),
-               "n_eval": 0 if evals is None else int(evals.n_rows)}
+        n_eval = 0 if evals is None else int(evals.n_rows)
+    chip = fit_logreg(params, *parts["train"][:2])
     scores, pred_eval = score_logreg(chip, parts)
-    row.update(scores)
+    row = {"layer": layer, "chip": "logreg", "best_epoch": None, "epochs_run": int(chip.n_iter_),
+           "n_train": len(train_rows), "n_val": len(val_rows), "n_eval": n_eval, **scores}
     return chip, row, pred_eval
 
 
-__all__ = ["FEW_STEPS", "REGIMES", "TrainConfig", "fit_group", "fit_logreg", "train_chips", "warn_few_steps"]
+__all__ = ["FEW_STEPS", "PAPER_MAX_TRAIN_ROWS", "REGIMES", "TRAINED", "TrainConfig", "fit_group", "fit_logreg",
+           "train_chips", "warn_few_steps"]

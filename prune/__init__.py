@@ -1,36 +1,17 @@
-"""The prune stage: cut a model after the chip's layer, package it, serve it.
-
-* surgery: :func:`truncate_` (``truncate.py``) - blocks, config depth, per-layer config, layer ids;
-* packaging: :func:`prune` / :func:`save_pruned` (``checkpoint.py``), the provenance record
-  (``provenance.py``), the model card (``card.py``), export to ``*ForSequenceClassification``
-  (``export.py``) and :func:`push_to_hub` (``hub.py``);
-* serving: :class:`ChipModel` (``chip_model.py``), :func:`evaluate` (``evaluation.py``) and the
-  dense comparison (``dense.py``);
-* the depth-pruning baselines (``baselines/``).
-
-Names resolve lazily, so ``chiptuning.prune.truncate`` needs only torch and the registry (the
-benchmarks run it where the cache's h5py or the tasks' datasets are not installed).
-"""
+"""The prune stage: cut a model after the chip's layer (``truncate.py``), package it (:func:`prune`, its
+provenance record, card, export and :func:`push_to_hub`), serve it (:class:`ChipModel`, :func:`evaluate`);
+the depth-pruning baselines (``baselines/``). Names resolve lazily: ``truncate`` needs only torch."""
 
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {
-    "PROVENANCE_FILE": "provenance",
-    "ChipModel": "chip_model",
-    "CheckpointRecord": "provenance",
-    "TaskChip": "checkpoint",
-    "evaluate": "evaluation",
-    "load_record": "provenance",
-    "load_task_chips": "checkpoint",
-    "prune": "checkpoint",
-    "push_to_hub": "hub",
-    "read_provenance": "provenance",
-    "save_pruned": "checkpoint",
-    "truncate_": "truncate",
-    "verify_checksums": "provenance",
+_MODULES = {
+    "provenance": ("PROVENANCE_FILE", "CheckpointRecord", "load_record", "read_provenance", "verify_checksums"),
+    "checkpoint": ("TaskChip", "load_task_chips", "prune", "save_pruned"),
+    "chip_model": ("ChipModel",), "evaluation": ("evaluate",), "hub": ("push_to_hub",), "truncate": ("truncate_",),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = sorted(_EXPORTS)
 

@@ -1,18 +1,10 @@
 """Write a pruned checkpoint: truncated model + tokenizer + chip + provenance + model card.
 
-``prune()`` is the library function behind ``chiptuning prune``. It checks that the chips were
-trained on a cache of *this* model, truncates the model after the chosen layer, saves a Hugging
-Face directory that reloads with plain ``AutoModel.from_pretrained``, and proves, before handing
-the directory over, that the reloaded model gives the full model's feature(l) and the same chip
-predictions. Everything is written to a temporary sibling directory and renamed at the end
-(:func:`chiptuning.outputs.write_output`), so a failed or interrupted run leaves nothing
-half-written; an existing checkpoint is replaced only with ``overwrite``, and never when it holds
-files prune did not write.
-
-A vision-language model is cut inside its language model (the vision tower and projector stay),
-saved with its processor instead of a tokenizer, reloads with ``AutoModel`` (its own base class,
-e.g. ``LlavaModel``; ``AutoModelForImageTextToText`` with ``keep_lm_head``), and its parity check
-runs two synthetic images through the processor (:func:`parity_inputs`).
+:func:`prune` (``chiptuning prune``) checks that the chips were trained on a cache of *this* model,
+cuts the model after the chosen layer and saves a directory that reloads with ``AutoModel``, after
+proving that the reloaded model gives the full model's feature(l) and chip predictions. It is
+written beside its place and renamed at the end (:func:`chiptuning.outputs.write_output`). A
+vision-language model is cut inside its language model and saved with its processor.
 """
 
 from __future__ import annotations
@@ -74,69 +66,46 @@ log = logging.getLogger(__name__)
 
 CHIP_DIR = "chip"
 #: Prompts of the post-save parity check: any text exercises every kept block.
-CHECK_PROMPTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Chip-tuning keeps the blocks up to the chip's layer and removes the rest. Answer:",
-)
-#: Sizes (width, height) of the parity check's synthetic images (vision-language models): two
-#: sizes, so resizing, tiling and padding all take part.
+CHECK_PROMPTS = ("The quick brown fox jumps over the lazy dog.",
+                 "Chip-tuning keeps the blocks up to the chip's layer and removes the rest. Answer:")
+#: Sizes (width, height) of the parity check's images: two, so that resizing, tiling and padding take part.
 CHECK_IMAGE_SIZES = ((40, 48), (56, 32))
 CHECK_ATOL_FP32 = 1e-5
 #: Largest weight file of a pruned checkpoint: saving holds one file's bytes in memory.
 SHARD_SIZE = "2GB"
 
 
-def parity_images() -> list[Image.Image]:
-    """The parity check's images: seeded noise, one per :data:`CHECK_IMAGE_SIZES`."""
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in CHECK_IMAGE_SIZES]
-
-
 def parity_inputs(model, tokenizer) -> EncodedInputs:
-    """What the post-save parity check feeds the model: :data:`CHECK_PROMPTS`, or for a
-    vision-language model (``tokenizer`` is its processor) the synthetic :func:`parity_images` with
-    the paper's question in the chat template."""
-    if get_spec(model).images:
-        prompt = image_chat_prompt(tokenizer, DEFAULT_IMAGE_PROMPT)
-        return ImageInputs(tokenizer, [prompt] * len(CHECK_IMAGE_SIZES), parity_images())
-    return TextInputs(tokenizer, CHECK_PROMPTS)
+    """What the parity check feeds the model: :data:`CHECK_PROMPTS`, or for a vision-language model
+    (``tokenizer``: its processor) seeded noise images of :data:`CHECK_IMAGE_SIZES` with the paper's question."""
+    if not get_spec(model).images:
+        return TextInputs(tokenizer, CHECK_PROMPTS)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in CHECK_IMAGE_SIZES]
+    return ImageInputs(tokenizer, [image_chat_prompt(tokenizer, DEFAULT_IMAGE_PROMPT)] * len(images), images)
 
 
-# -- reading a chips directory --------------------------------------------------------------------
+# -- the chips of each task -----------------------------------------------------------------------
 
 def resolve_layer(chips: ChipSet, layer: int | None) -> tuple[int, str]:
-    """The pruning layer and how it was chosen: ``--layer``, else the chips' ``selection.json``.
-
-    Raises:
-        ChipTuningError: no layer given and none selected, or a layer without a chip.
-    """
+    """(layer, how it was chosen): ``layer`` (``--layer``), else the chips' selection; ChipTuningError
+    when there is neither, or no chip at that layer."""
     if layer is None:
         if chips.selection is None:
-            raise ChipTuningError(
-                "no layer to prune at: pass --layer L, or run `chiptuning select CHIPS_DIR` first"
-            )
+            raise ChipTuningError("no layer to prune at: pass --layer L, or run `chiptuning select CHIPS_DIR` first")
         layer, strategy = chips.selection.layer, chips.selection.strategy or "selected"
     else:
         strategy = f"fixed:{layer}"
     if layer not in list(chips.layers):
-        raise ChipTuningError(
-            f"no chip at layer {layer}; the chips cover layers {min(chips.layers)}..{max(chips.layers)}"
-        )
+        raise ChipTuningError(f"no chip at layer {layer}; the chips cover layers "
+                              f"{min(chips.layers)}..{max(chips.layers)}")
     return layer, strategy
 
 
 @dataclass
 class TaskChip:
-    """One task of a checkpoint: its chips, the layer its chip reads, and where they came from.
-
-    Attributes:
-        chips: the task's chips.
-        layer: the layer of the chip this task uses.
-        strategy: how that layer was chosen (``fixed:L``, ``validate``, ...).
-        chips_dir: where the chips came from (the layer curve image is copied from there).
-        name: the task's name in the checkpoint (``predict(..., task=name)``).
-        cascade: an early-exit cascade chosen by ``select --strategy cascade:DELTA``, or None.
-    """
+    """One task of a checkpoint: its chips, the layer its chip reads and how it was chosen, where the
+    chips came from (their plots are copied), its name (``predict(..., task=name)``), its cascade."""
 
     chips: ChipSet
     layer: int
@@ -147,18 +116,12 @@ class TaskChip:
 
     @property
     def exit_layers(self) -> list[tuple[int, float]]:
-        """(layer, threshold) of the cascade's exits, the last one (this task's layer) included;
-        [(layer, 0)] for a single chip."""
+        """(layer, threshold) of the cascade's exits, this task's layer last; [(layer, 0)] for one chip."""
         return [(self.layer, 0.0)] if self.cascade is None else self.cascade.exits
 
     @property
-    def cache_meta(self) -> CacheMeta:
-        """The meta of the cache the chips were trained on."""
+    def cache_meta(self) -> CacheMeta:  # of the cache the chips were trained on
         return self.chips.record.cache_meta
-
-    @property
-    def cache_fingerprint(self) -> str | None:
-        return self.chips.record.train_cache.fingerprint if self.chips.record.train_cache else None
 
     @property
     def feature_mode(self) -> str:
@@ -166,8 +129,7 @@ class TaskChip:
 
     @property
     def label_names(self) -> list[str]:
-        return list(self.cache_meta.label_names or self.cache_meta.task.get("label_names")
-                    or self.chips.label_names)
+        return list(self.cache_meta.label_names or self.cache_meta.task.get("label_names") or self.chips.label_names)
 
 
 def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
@@ -179,17 +141,14 @@ def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
     return None, Path(text)
 
 
-def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None,
+def load_task_chips(chips_dirs: Sequence[str | Path | ChipSet], layer: int | None = None,
                     allow_pickle: bool = False) -> list[TaskChip]:
-    """Read one or more chips directories (``DIR`` or ``NAME=DIR``) into named :class:`TaskChip`.
+    """The :class:`TaskChip` of chips directories (``DIR`` or ``NAME=DIR``) or ChipSets, named: NAME,
+    else the task's own name when it is unique and not "custom", else the directory's name.
 
-    Task names: the given NAME, else the task's own name when it is not the generic "custom" and
-    is unique, else the chips directory's name.
-
-    ``allow_pickle``: load pickled chips (:func:`~chiptuning.probe.load_chips`).
-
-    Raises:
-        ChipTuningError: ``layer`` with several chips directories, or duplicate task names.
+    Chips read from a directory must score on their eval cache what they record; a ChipSet was
+    checked where it was loaded or trained. ChipTuningError for ``layer`` with several chips, or
+    names that are not unique.
     """
     if not chips_dirs:
         raise ChipTuningError("give at least one --chips directory")
@@ -197,261 +156,237 @@ def load_task_chips(chips_dirs: Sequence[str | Path], layer: int | None = None,
         raise ChipTuningError("--layer applies to one --chips directory; with several, each uses its selection.json")
     tasks = []
     for entry in chips_dirs:
-        given, path = _parse_chips_arg(entry)
-        chips = load_chips(path, allow_pickle=allow_pickle)
+        given, path = (None, entry.path) if isinstance(entry, ChipSet) else _parse_chips_arg(entry)
+        chips = entry if isinstance(entry, ChipSet) else load_chips(path, allow_pickle=allow_pickle)
         chosen, strategy = resolve_layer(chips, layer)
         cascade = chips.selection.cascade if layer is None and chips.selection is not None else None
         task = TaskChip(chips, chosen, strategy, path, name=given or "", cascade=cascade)
         task.cache_meta  # noqa: B018 -- fails early, naming the fix, when the chips record no cache meta
-        check_chips_on_cache(chips, [lay for lay, _ in task.exit_layers])  # they score what they record
+        if not isinstance(entry, ChipSet):
+            check_chips_on_cache(chips, [lay for lay, _ in task.exit_layers])
         tasks.append(task)
     own = [t.cache_meta.task_name or "default" for t in tasks]
     for task, name in zip(tasks, own):
-        if task.name:
-            continue
-        if len(tasks) == 1 or (name != "custom" and own.count(name) == 1):
-            task.name = name
-        else:  # several generic "custom" tasks: tell them apart by their chips directory
-            task.name = Path(task.chips_dir).resolve().name
+        if not task.name:  # several generic "custom" tasks are told apart by their chips directory
+            unique = len(tasks) == 1 or (name != "custom" and own.count(name) == 1)
+            task.name = name if unique else Path(task.chips_dir).resolve().name
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ChipTuningError(f"task names {names} are not unique; name them with --chips NAME=DIR")
     return tasks
 
 
-# -- the parity check -----------------------------------------------------------------------------
-
-def inputs_features(model, inputs: EncodedInputs, layer: int, mode: str = "raw") -> np.ndarray:
-    """feature(layer) of encoded inputs (text or images) as one batch, float32 (B, H)."""
-    device = model_device(model)
-    feats = batch_features(model, inputs.batch(range(len(inputs)), device), layers=[layer], mode=mode)
-    return feats[:, 0].float().cpu().numpy()
-
-
-def _check_close(reference: np.ndarray, pruned: np.ndarray, dtype: torch.dtype, what: str) -> None:
-    atol = CHECK_ATOL_FP32 if dtype == torch.float32 else 1e-2
-    scale = max(1.0, float(np.abs(reference).max()))
-    err = float(np.abs(reference - pruned).max())
-    if not err <= atol * scale:
-        raise ChipTuningError(
-            f"parity check failed: the pruned checkpoint's {what} differs from the full model's "
-            f"by {err:.3g} (tolerance {atol * scale:.3g}); this is a bug, please report it"
-        )
+def check_options(tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
+    """Refuse option combinations no checkpoint can honour (named by their flags)."""
+    lengths = {t.cache_meta.max_length for t in tasks}
+    for refused, why in (
+        (export not in (None, *EXPORT_FORMATS), f"--export must be one of {EXPORT_FORMATS}, got {export!r}"),
+        (export and keep_lm_head, "--export sequence-classification replaces the LM head; drop --keep-lm-head"),
+        (export and len(tasks) > 1, "--export sequence-classification holds one task; give one --chips directory"),
+        (export and any(t.cascade for t in tasks), "--export sequence-classification holds one chip; an early-exit "
+         "cascade needs chiptuning's ChipModel (select another strategy to export)"),
+        (len(lengths) > 1, f"the tasks' caches were extracted with different max_length {sorted(lengths, key=str)}; "
+         "re-extract them with the same settings to pack them in one checkpoint"),
+    ):
+        if refused:
+            raise ChipTuningError(why)
 
 
-# -- the library function -------------------------------------------------------------------------
+# -- the library functions ------------------------------------------------------------------------
 
-def prune(
-    model_name_or_path: str,
-    chips_dir: str | Path | Sequence[str | Path],
-    out_dir: str | Path,
-    layer: int | None = None,
-    keep_lm_head: bool = False,
-    dtype: str | None = None,
-    adapter: str | None = None,
-    device: str = "cpu",
-    model_hash: str | None = None,
-    export: str | None = None,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    offload: str = "auto",
-) -> Path:
-    """Prune ``model_name_or_path`` after the chips' selected layer and save a checkpoint.
+def prune(model_name_or_path: str, chips_dir: str | Path | ChipSet | Sequence[str | Path | ChipSet],
+          out_dir: str | Path, layer: int | None = None, keep_lm_head: bool = False, dtype: str | None = None,
+          adapter: str | None = None, device: str = "cpu", model_hash: str | None = None, export: str | None = None,
+          overwrite: bool = False, allow_pickle: bool = False, offload: str = "auto", *, model=None,
+          tokenizer=None) -> Path:
+    """Prune ``model_name_or_path`` after the chips' selected layer and save a checkpoint at ``out_dir``.
 
     Only what is kept is read: the blocks after the layer never leave the model's files, and with
-    ``offload`` the kept blocks are streamed too (read one at a time for the parity check, one
-    shard at a time for the save), so a model larger than memory is pruned in the memory of one
-    checkpoint shard and one block.
+    ``offload`` the kept ones are streamed too (a model larger than memory is pruned in the memory
+    of one checkpoint shard and one block).
 
     Args:
-        model_name_or_path: hub id or local directory of the full model (the one the chips'
-            cache was extracted from).
-        chips_dir: directory written by ``chiptuning probe train`` (and ``select``); or several
-            (``DIR`` or ``NAME=DIR``), one per task, for a multi-task checkpoint truncated after
-            the deepest chip.
-        out_dir: the pruned checkpoint directory to write.
-        layer: the layer to prune at (``--layer``); default the chips' ``selection.json``.
-        keep_lm_head: keep the ``*ForCausalLM`` head (decoder models) so the checkpoint still
-            generates; by default only the backbone (``AutoModel``) is saved.
-        dtype: weights dtype of the saved checkpoint: fp32, bf16 or fp16 (default: the dtype the
-            cache was extracted in, so the checkpoint reproduces its chips).
-        adapter: PEFT adapter merged into the model before pruning (must match the cache's).
-        device: where to run the parity check.
-        model_hash: identity of the weights when it cannot be computed from the path.
-        export: "sequence-classification" to save a plain ``*ForSequenceClassification``
-            checkpoint (normed features, bias-free linear chip, one task, decoder models).
-        overwrite: replace the pruned checkpoint at ``out_dir`` (``--overwrite``).
-        allow_pickle: accept pickled chips (``--allow-pickle``); the checkpoint then holds a
-            pickle too, and its card says so.
-        offload: how the kept blocks are held: "none" (in memory), "stream" (read from the
-            model's files as needed), "auto" (stream when they do not fit in memory).
-
-    Returns:
-        ``out_dir``.
+        model_name_or_path: hub id, directory or GGUF file of the model the chips' cache came from.
+        chips_dir: a chips directory or ChipSet; or several (``DIR`` or ``NAME=DIR``), one per task,
+            for a multi-task checkpoint cut after the deepest chip.
+        layer: the layer to prune at (``--layer``); default the chips' selection.
+        keep_lm_head: keep the ``*ForCausalLM`` head (decoders): the checkpoint still generates.
+        dtype: fp32, bf16 or fp16 (default: the cache's, so that the checkpoint reproduces its chips).
+        adapter: a PEFT adapter merged into the model first (the cache's).
+        export: "sequence-classification": a plain ``*ForSequenceClassification`` checkpoint
+            (normed features, a bias-free linear chip, one task, decoders).
+        allow_pickle: accept pickled chips (the checkpoint then holds a pickle; its card says so).
+        offload: the kept blocks in memory ("none"), read from the files ("stream"), or streamed
+            when they do not fit ("auto").
+        model, tokenizer: the full model and its tokenizer (or processor), already loaded; the
+            model is cut in place.
 
     Raises:
         ProvenanceError: the chips were trained on a cache from another model.
         ChipTuningError: bad layer, output directory in the way, failed parity check.
     """
     check_output(out_dir, PRUNED, overwrite=overwrite)  # refused now, not after loading the model
-    dirs = [chips_dir] if isinstance(chips_dir, (str, Path)) else list(chips_dir)
-    tasks = load_task_chips(dirs, layer, allow_pickle)
+    tasks = load_task_chips([chips_dir] if isinstance(chips_dir, (str, Path, ChipSet)) else list(chips_dir),
+                            layer, allow_pickle)
     check_options(tasks, keep_lm_head, export)
     config = load_config(model_name_or_path)
-    # Architecture first, from the config alone: a wrong model fails before loading its weights.
-    for task in tasks:
+    for task in tasks:  # the architecture first, from the config: a wrong model fails before its weights load
         check_model_matches_cache(model_name_or_path, "", config, task.cache_meta, adapter)
-    spec = get_spec(config)
-    if keep_lm_head and not spec.decoder:
-        raise ChipTuningError(f"--keep-lm-head is for decoder models; {config.model_type} has no LM head to keep")
-    for task in tasks:
         check_layer(task.layer, num_blocks(config))
-    meta = tasks[0].cache_meta
-    depth = max(task.layer for task in tasks)
-    model = load_model(model_name_or_path, dtype=meta.dtype or "fp32" if dtype is None else dtype,
-                       device=device, adapter=adapter, causal_lm=keep_lm_head,
-                       offload="none" if adapter else offload, keep_blocks=None if adapter else depth)
+    if keep_lm_head and not get_spec(config).decoder:
+        raise ChipTuningError(f"--keep-lm-head is for decoder models; {config.model_type} has no LM head to keep")
+    if model is None:
+        depth = max(task.layer for task in tasks)
+        model = load_model(model_name_or_path, dtype=dtype or tasks[0].cache_meta.dtype or "fp32", device=device,
+                           adapter=adapter, causal_lm=keep_lm_head, offload="none" if adapter else offload,
+                           keep_blocks=None if adapter else depth)
     model_hash = model_hash or weights_hash(model_name_or_path, model)
     for task in tasks:
         check_model_matches_cache(model_name_or_path, model_hash, config, task.cache_meta, adapter)
-    tokenizer = load_preprocessor(model_name_or_path)
+    tokenizer = load_preprocessor(model_name_or_path) if tokenizer is None else tokenizer
     base = {"id": str(model_name_or_path), "hash": model_hash, "adapter": adapter,
             "source": model_source(model_name_or_path)}
-    # save_pruned frees the model before reloading the pruned checkpoint: no reference may stay here
-    handed = [model]
+    handed = [model]  # write_pruned frees the model before reloading the checkpoint: no reference stays here
     del model
-    return save_pruned(handed.pop(), tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export,
-                       overwrite=overwrite, allow_pickle=allow_pickle)
+    write_pruned(handed.pop(), tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export,
+                 overwrite=overwrite, allow_pickle=allow_pickle)
+    return Path(out_dir)
 
 
-def check_options(tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
-    """Refuse option combinations no checkpoint can honour (named by their flags)."""
-    if export is not None and export not in EXPORT_FORMATS:
-        raise ChipTuningError(f"--export must be one of {EXPORT_FORMATS}, got {export!r}")
-    if export and keep_lm_head:
-        raise ChipTuningError("--export sequence-classification replaces the LM head; drop --keep-lm-head")
-    if export and len(tasks) > 1:
-        raise ChipTuningError("--export sequence-classification holds one task; give one --chips directory")
-    if export and any(t.cascade for t in tasks):
-        raise ChipTuningError("--export sequence-classification holds one chip; an early-exit cascade needs "
-                              "chiptuning's ChipModel (select another strategy to export)")
-    lengths = {t.cache_meta.max_length for t in tasks}
-    if len(lengths) > 1:
-        raise ChipTuningError(
-            f"the tasks' caches were extracted with different max_length {sorted(lengths, key=str)}; "
-            "re-extract them with the same settings to pack them in one checkpoint"
-        )
+def save_pruned(model, tokenizer, tasks: Sequence[TaskChip], out_dir: str | Path, **options) -> Path:
+    """:func:`write_pruned` (``options``: its keywords), returning ``out_dir``."""
+    handed = [model]  # write_pruned frees the model before reloading the checkpoint: no reference stays here
+    del model
+    write_pruned(handed.pop(), tokenizer, tasks, out_dir, **options)
+    return Path(out_dir)
 
 
-def save_pruned(
-    model,
-    tokenizer,
-    tasks: Sequence[TaskChip],
-    out_dir: str | Path,
-    *,
-    base: dict[str, Any],
-    keep_lm_head: bool = False,
-    export: str | None = None,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-) -> Path:
-    """Truncate an already-loaded, already-checked ``model`` and write the checkpoint.
+def write_pruned(model, tokenizer, tasks: Sequence[TaskChip], out_dir: str | Path, *, base: dict[str, Any],
+                 keep_lm_head: bool = False, export: str | None = None, overwrite: bool = False,
+                 allow_pickle: bool = False) -> CheckpointRecord:
+    """Cut ``model`` (``AutoModel``, or ``*ForCausalLM``) in place after the deepest task's layer,
+    write the checkpoint, check its parity with the full model and return its record.
 
-    The part of :func:`prune` that works on objects (notebooks, tests, other pipelines). The
-    model keeps blocks up to the deepest task's layer; ``model`` is modified in place and released.
-
-    Args:
-        model: the full model (``AutoModel``, or ``*ForCausalLM`` with ``keep_lm_head``).
-        tokenizer: its tokenizer (a vision-language model: its processor).
-        tasks: the task(s) and their chips (see :class:`TaskChip`); the first is the default.
-        out_dir: the checkpoint directory.
-        base: ``{"id", "hash", "adapter", "source"}`` of the base model (``source``: a GGUF file's
-            record, :func:`chiptuning.models.model_source`).
-        keep_lm_head, export, overwrite, allow_pickle: as :func:`prune`.
+    ``tokenizer`` is the model's (a vision-language model's processor); ``tasks`` the task(s) and
+    their chips, the first the default; ``base`` ``{"id", "hash", "adapter", "source"}`` of the base
+    model; the other options as :func:`prune`. The model is released before the checkpoint is
+    reloaded for the parity check (the caller may hold it: it is then the pruned model).
     """
     tasks = list(tasks)
-    check_options(tasks, keep_lm_head, export)
-    out_dir = Path(out_dir)
-    L = num_blocks(model)
-    for task in tasks:
-        check_layer(task.layer, L)
+    check_model(model, tasks, keep_lm_head, export)
     depth = max(task.layer for task in tasks)
-    if keep_lm_head and model.get_output_embeddings() is None:
-        raise ChipTuningError(f"keep_lm_head needs the model with its head (*ForCausalLM), got {type(model).__name__}")
-    if export and get_spec(model).images:
-        raise ChipTuningError(f"--export sequence-classification is for text models; {model.config.model_type} "
-                              "reads images: leave --export out (ChipModel serves the checkpoint)")
     with write_output(out_dir, PRUNED, overwrite=overwrite) as tmp:
-        dtype = next(model.parameters()).dtype
-        model_type = model.config.model_type
-        hidden_size = int(text_config(model.config).hidden_size)
-        stats_before = param_stats(model)
-        probe = parity_inputs(model, tokenizer)
-        references = {(t.name, lay): inputs_features(model, probe, lay, t.feature_mode)
-                      for t in tasks for lay, _ in t.exit_layers}  # (task, layer) -> (B, H)
-        truncate_(model, depth)
-        if not is_streamed(model):  # only never-read blocks were offloaded, and they are gone
-            settle_(model)
-        elif export:
-            raise ChipTuningError("--export sequence-classification folds the chip into weights in memory; the kept "
-                                  "blocks are streamed here: use --offload none (they must fit in memory)")
-        if export:
-            to_save = to_sequence_classification(model, tokenizer, tasks[0].chips.chip(tasks[0].layer),
-                                                 tasks[0].label_names, tasks[0].feature_mode)
-            cls = AutoModelForSequenceClassification
-        else:
-            to_save = model if keep_lm_head else base_model(model)
-            cls = head_model_class(model) if keep_lm_head else AutoModel
+        base_record = BaseModel(id=str(base["id"]), hash=base.get("hash"), adapter=base.get("adapter"),
+                                model_type=model.config.model_type, num_blocks=num_blocks(model),
+                                hidden_size=int(text_config(model.config).hidden_size), source=base.get("source"))
+        dtype, device, before = next(model.parameters()).dtype, model_device(model), param_stats(model)
+        references = parity_references(model, tokenizer, tasks)
+        cut(model, depth, export)
+        to_save, cls = model_to_save(model, tokenizer, tasks[0], keep_lm_head, export)
         streamed = is_streamed(to_save)
         save_weights(to_save, tmp)
         tokenizer.save_pretrained(tmp)
-        stats_after = param_stats(to_save)
-        if not keep_lm_head:  # the config still describes a head (param_stats counts it); none ships
-            stats_after["total"] -= stats_after["lm_head"]
-            stats_after["lm_head"] = 0
-        if export:  # the score head is the chip, folded in: count it with the chip, not the model
-            stats_after["other"] -= to_save.score.weight.numel()
-            stats_after["total"] -= to_save.score.weight.numel()
-        architecture = type(to_save).__name__
-        device = model_device(model)
+        after, architecture = pruned_stats(to_save, keep_lm_head, export), type(to_save).__name__
         del model, to_save  # free the full model before reloading the pruned one
-
-        entries, images = {}, []
-        for task in tasks:
-            chip_dir = CHIP_DIR if len(tasks) == 1 else f"chips/{task.name}"
-            task.chips.save_layer(task.layer, tmp / chip_dir, allow_pickle=allow_pickle)
-            for lay, _ in task.exit_layers[:-1]:  # a cascade's earlier exits
-                task.chips.save_layer(lay, tmp / chip_dir / "exits" / f"layer-{lay}", allow_pickle=allow_pickle)
-            entries[task.name] = task_entry(task, chip_dir)
-            for picture in ("layer_accuracy.png", "cascade.png"):
-                source = Path(task.chips_dir) / picture if task.chips_dir is not None else None
-                if source is not None and source.is_file() and (picture != "cascade.png" or task.cascade):
-                    image = picture if len(tasks) == 1 else f"{Path(picture).stem}-{task.name}.png"
-                    shutil.copy2(source, tmp / image)
-                    images.append(image)
-        removed = {
-            "blocks": int(sum(stats_before["blocks"][depth:])),
-            "lm_head": 0 if keep_lm_head else int(stats_before["lm_head"]),
-        }
-        meta = tasks[0].cache_meta
+        entries, images = save_chips(tmp, tasks, allow_pickle)
         record = CheckpointRecord(
-            base_model=BaseModel(id=str(base["id"]), hash=base.get("hash"), adapter=base.get("adapter"),
-                                 model_type=model_type, num_blocks=L, hidden_size=hidden_size,
-                                 source=base.get("source")),
-            layer=depth, num_blocks=L, architecture=architecture, keep_lm_head=keep_lm_head, export=export,
-            dtype=str(dtype).replace("torch.", ""), feature_mode=tasks[0].feature_mode,
-            tokenizer=TokenizerSettings(padding_side="right", max_length=meta.max_length),
-            default_task=tasks[0].name, tasks=entries,
-            params=PruneParams(before=stats_before, after=stats_after, removed=removed,
-                               pruning_ratio=1 - stats_after["total"] / stats_before["total"]),
-            images=images,
+            base_model=base_record, layer=depth, num_blocks=base_record.num_blocks, architecture=architecture,
+            keep_lm_head=keep_lm_head, export=export, dtype=str(dtype).replace("torch.", ""),
+            feature_mode=tasks[0].feature_mode,
+            tokenizer=TokenizerSettings(padding_side="right", max_length=tasks[0].cache_meta.max_length),
+            default_task=tasks[0].name, tasks=entries, images=images,
+            params=PruneParams(before=before, after=after, pruning_ratio=1 - after["total"] / before["total"],
+                               removed={"blocks": int(sum(before["blocks"][depth:])),
+                                        "lm_head": 0 if keep_lm_head else int(before["lm_head"])}),
         )
         write_model_card(tmp, record)
         record = write_provenance(tmp, record)
         verify_checkpoint(tmp, tasks, references, depth, dtype, device, cls, stream=streamed)
     log.info("pruned checkpoint at layer %d of %d written to %s (%.1f%% of parameters removed)",
-             depth, L, out_dir, 100 * record.params.pruning_ratio)
-    return out_dir
+             depth, record.num_blocks, out_dir, 100 * record.params.pruning_ratio)
+    return record
+
+
+# -- the steps of write_pruned --------------------------------------------------------------------
+
+def check_model(model, tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
+    """Refuse what ``model`` cannot be pruned into: the options, each task's layer, a missing head."""
+    check_options(tasks, keep_lm_head, export)
+    for task in tasks:
+        check_layer(task.layer, num_blocks(model))
+    if keep_lm_head and model.get_output_embeddings() is None:
+        raise ChipTuningError(f"keep_lm_head needs the model with its head (*ForCausalLM), got {type(model).__name__}")
+    if export and get_spec(model).images:
+        raise ChipTuningError(f"--export sequence-classification is for text models; {model.config.model_type} "
+                              "reads images: leave --export out (ChipModel serves the checkpoint)")
+
+
+def inputs_features(model, inputs: EncodedInputs, layer: int, mode: str = "raw") -> np.ndarray:
+    """feature(layer) of encoded inputs (text or images) as one batch, float32 (B, H)."""
+    feats = batch_features(model, inputs.batch(range(len(inputs)), model_device(model)), layers=[layer], mode=mode)
+    return feats[:, 0].float().cpu().numpy()
+
+
+def parity_references(model, tokenizer, tasks: list[TaskChip]) -> dict[tuple[str, int], np.ndarray]:
+    """The full model's feature at each task's exit layers on :func:`parity_inputs`: (task, layer) -> (B, H)."""
+    check_inputs = parity_inputs(model, tokenizer)
+    return {(t.name, lay): inputs_features(model, check_inputs, lay, t.feature_mode)
+            for t in tasks for lay, _ in t.exit_layers}
+
+
+def cut(model, depth: int, export: str | None) -> None:
+    """Truncate ``model`` to ``depth`` blocks: an offloaded model whose kept blocks are in memory
+    becomes an ordinary one."""
+    truncate_(model, depth)
+    if not is_streamed(model):  # only never-read blocks were offloaded, and they are gone
+        settle_(model)
+    elif export:
+        raise ChipTuningError("--export sequence-classification folds the chip into weights in memory; the kept "
+                              "blocks are streamed here: use --offload none (they must fit in memory)")
+
+
+def model_to_save(model, tokenizer, task: TaskChip, keep_lm_head: bool, export: str | None):
+    """(the module to save, the class that reloads it): the backbone, the model with its head, or
+    the ``*ForSequenceClassification`` model holding the chip."""
+    if export:
+        chip = task.chips.chip(task.layer)
+        return (to_sequence_classification(model, tokenizer, chip, task.label_names, task.feature_mode),
+                AutoModelForSequenceClassification)
+    if keep_lm_head:
+        return model, head_model_class(model)
+    return base_model(model), AutoModel
+
+
+def pruned_stats(saved, keep_lm_head: bool, export: str | None) -> dict:
+    """:func:`~chiptuning.models.param_stats` of the saved model: a head only when one ships; an
+    exported score head counts with the chip."""
+    stats = param_stats(saved)
+    if not keep_lm_head:  # the config still describes a head (param_stats counts it); none ships
+        stats["total"] -= stats["lm_head"]
+        stats["lm_head"] = 0
+    if export:
+        stats["other"] -= saved.score.weight.numel()
+        stats["total"] -= saved.score.weight.numel()
+    return stats
+
+
+def save_chips(root: Path, tasks: list[TaskChip], allow_pickle: bool) -> tuple[dict[str, TaskEntry], list[str]]:
+    """Save each task's chip (and a cascade's earlier exits) and plots into ``root``: (the record's
+    task entries, the images)."""
+    entries, images = {}, []
+    for task in tasks:
+        chip_dir = CHIP_DIR if len(tasks) == 1 else f"chips/{task.name}"
+        task.chips.save_layer(task.layer, root / chip_dir, allow_pickle=allow_pickle)
+        for lay, _ in task.exit_layers[:-1]:
+            task.chips.save_layer(lay, root / chip_dir / "exits" / f"layer-{lay}", allow_pickle=allow_pickle)
+        entries[task.name] = task_entry(task, chip_dir)
+        for picture in ("layer_accuracy.png", "cascade.png"):
+            source = Path(task.chips_dir) / picture if task.chips_dir is not None else None
+            if source is not None and source.is_file() and (picture != "cascade.png" or task.cascade):
+                image = picture if len(tasks) == 1 else f"{Path(picture).stem}-{task.name}.png"
+                shutil.copy2(source, root / image)
+                images.append(image)
+    return entries, images
 
 
 def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
@@ -468,7 +403,8 @@ def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
     return TaskEntry(
         chip_dir=chip_dir, layer=task.layer, strategy=task.strategy, feature_mode=task.feature_mode,
         task=source, template=source.get("template"), text_column=source.get("text_column"),
-        label_names=task.label_names, cache_fingerprint=task.cache_fingerprint, cache_meta=task.cache_meta,
+        label_names=task.label_names, cache_meta=task.cache_meta,
+        cache_fingerprint=task.chips.record.train_cache.fingerprint if task.chips.record.train_cache else None,
         chips=task.chips.record, chip_metrics=MetricRow.from_dict(metrics, "metrics") if metrics else None,
         cascade=cascade,
     )
@@ -493,14 +429,19 @@ def save_weights(model, directory: Path) -> None:
         model.save_pretrained(directory, max_shard_size=SHARD_SIZE, state_dict=state_dict)
 
 
-def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[str, np.ndarray], depth: int,
-                      dtype: torch.dtype, device, cls, stream: bool = False) -> None:
-    """Reload ``path`` the way users will (streamed, when the pruned model was) and compare every
-    task's feature and chip predictions.
+def _check_close(reference: np.ndarray, pruned: np.ndarray, dtype: torch.dtype, what: str) -> None:
+    tolerance = (CHECK_ATOL_FP32 if dtype == torch.float32 else 1e-2) * max(1.0, float(np.abs(reference).max()))
+    err = float(np.abs(reference - pruned).max())
+    if not err <= tolerance:
+        raise ChipTuningError(f"parity check failed: the pruned checkpoint's {what} differs from the full model's by "
+                              f"{err:.3g} (tolerance {tolerance:.3g}); this is a bug, please report it")
 
-    Raises:
-        ChipTuningError: missing / unexpected / re-initialised weights, or a feature that differs.
-    """
+
+def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[tuple[str, int], np.ndarray],
+                      depth: int, dtype: torch.dtype, device, cls, stream: bool = False) -> None:
+    """Reload ``path`` as users will (streamed, when the pruned model was) and compare every task's
+    feature and chip predictions with the full model's ``references``; ChipTuningError for missing,
+    unexpected or re-initialised weights, or a feature that differs."""
     kwargs = {}
     if stream:
         skeleton = empty_model(AutoConfig.from_pretrained(path), cls is not AutoModel)
@@ -515,29 +456,22 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[st
         raise ChipTuningError(f"the pruned checkpoint does not reload cleanly: {bad}; this is a bug, please report it")
     model = (model if stream else model.to(device)).eval()
     tokenizer = load_preprocessor(str(path))
-    if num_blocks(model) != depth:
-        raise ChipTuningError(f"the reloaded checkpoint has {num_blocks(model)} blocks, expected {depth}")
-    probe = parity_inputs(model, tokenizer)
+    check_inputs = parity_inputs(model, tokenizer)
     for task in tasks:
         for lay, _ in task.exit_layers:
             reference = references[(task.name, lay)]
-            pruned = inputs_features(model, probe, lay, task.feature_mode)
+            pruned = inputs_features(model, check_inputs, lay, task.feature_mode)
             _check_close(reference, pruned, dtype, f"feature({lay})")
             chip = task.chips.chip(lay)
             if dtype == torch.float32 and not np.array_equal(chip.predict(reference), chip.predict(pruned)):
-                raise ChipTuningError("parity check failed: the chip predicts differently on the pruned model's feature")
-        reference = references[(task.name, task.layer)]
-        chip = task.chips.chip(task.layer)
+                raise ChipTuningError("parity check failed: the chip predicts differently on the pruned model's "
+                                      "feature")
         if cls is AutoModelForSequenceClassification:
             with torch.no_grad():  # one prompt at a time: HF pooling, no padding involved
-                logits = torch.cat([model(**tokenizer(p, return_tensors="pt").to(device)).logits
-                                    for p in CHECK_PROMPTS]).float().cpu().numpy()  # (B, C)
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-            _check_close(np.asarray(chip.predict_proba(reference)), probs, dtype,
-                         "sequence-classification probabilities")
+                probs = torch.cat([model(**tokenizer(p, return_tensors="pt").to(device)).logits
+                                   for p in CHECK_PROMPTS]).float().softmax(-1).cpu().numpy()  # (B, C)
+            expected = task.chips.chip(task.layer).predict_proba(references[(task.name, task.layer)])
+            _check_close(np.asarray(expected), probs, dtype, "sequence-classification probabilities")
 
 
-__all__ = ["CHECK_IMAGE_SIZES", "CHECK_PROMPTS", "TaskChip", "parity_images", "parity_inputs", "check_options",
-           "inputs_features", "load_task_chips", "prune",
-           "resolve_layer", "save_pruned", "task_entry", "verify_checkpoint"]
+__all__ = ["TaskChip", "load_task_chips", "prune", "resolve_layer", "save_pruned", "save_weights", "write_pruned"]

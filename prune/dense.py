@@ -1,18 +1,14 @@
 """The dense (unpruned) model on the same data: speed, the chip on it, and the zero-shot baseline.
 
-``chiptuning eval --dense`` runs the base model recorded in the checkpoint over the same prompts,
-batches and hardware as the pruned one. One full-depth pass gives three things:
-
-* the time a dense model takes (every block runs), for the speedup against the pruned model;
-* feature(l) of the dense model, on which the chip must predict what it predicts on the pruned
-  model (a live parity check);
-* for decoder models, the paper's dense zero-shot baseline (:mod:`chiptuning.zeroshot`): the LM
-  head's scores of each label's first token at the last prompt token.
+``eval --dense`` (and ``run``) run the base model over the same inputs, batches and hardware as the
+pruned one. One full-depth pass gives the time every block takes (for the speedup), feature(l) of
+the dense model, on which the chip must predict what it predicts on the pruned one (a live parity
+check), and for decoders the paper's zero-shot baseline (:mod:`chiptuning.zeroshot`): the LM head's
+scores of each label's first token at the last prompt token.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -28,29 +24,21 @@ from chiptuning.prune.provenance import CheckpointRecord
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.zeroshot import label_scores, label_words, lens_logits, predict_from_scores
 
-log = logging.getLogger(__name__)
-
 
 def load_dense(record: CheckpointRecord, dense_model: str | None = None, device: str = "cpu"):
-    """The base model a checkpoint was pruned from (``*ForCausalLM`` for decoders), checked.
-
-    Raises:
-        ProvenanceError: its weights are not the ones the checkpoint records.
-    """
+    """The base model a checkpoint was pruned from (``*ForCausalLM`` for decoders), or
+    ``dense_model``; ProvenanceError when its weights or depth are not the ones the record names."""
     base = record.base_model
     path = dense_model or base.id
     model = load_model(path, dtype=record.dtype, device=device, adapter=base.adapter,
                        causal_lm=get_spec(base.model_type).decoder)
     found = weights_hash(path, model)
     if base.hash and found.split(":")[0] == base.hash.split(":")[0] and found != base.hash:
-        raise ProvenanceError(
-            f"dense model {path!r} has weights {found}, but the checkpoint was pruned from {base.hash}; "
-            "give the base model with --dense-model"
-        )
+        raise ProvenanceError(f"dense model {path!r} has weights {found}, but the checkpoint was pruned from "
+                              f"{base.hash}; give the base model with --dense-model")
     if num_blocks(model) != record.num_blocks:
-        raise ProvenanceError(
-            f"dense model {path!r} has {num_blocks(model)} blocks, the checkpoint's base had {record.num_blocks}"
-        )
+        raise ProvenanceError(f"dense model {path!r} has {num_blocks(model)} blocks, the checkpoint's base had "
+                              f"{record.num_blocks}")
     return model
 
 
@@ -59,23 +47,17 @@ def dense_pass(model, tokenizer, prompts: list[str] | None, layer: int, mode: st
                max_length: int | None, batch_size: int | None = None, class_mask: np.ndarray | None = None,
                max_tokens_per_batch: int | str = "auto", progress: bool = False,
                inputs: EncodedInputs | None = None) -> dict[str, Any]:
-    """Run the dense model over ``prompts``: chip predictions at ``layer``, zero-shot, timing.
+    """Run the dense model over ``prompts`` (or encoded ``inputs``; ``tokenizer`` is the text tokenizer,
+    for the label words): ``{"chip_predictions" (N,), "zero_shot_predictions" (N,) or None, "elapsed_s"}``.
 
-    Batched as the pruned model is (:meth:`~chiptuning.prune.ChipModel.features_of_prompts`), so
-    the two timings compare the models, not their batching. ``class_mask`` (N, C) bool limits both
-    predictions to each prompt's options (None: all valid). ``inputs``: already encoded inputs
-    instead of ``prompts`` (images for a vision-language model; ``tokenizer`` then is its text
-    tokenizer, for the label words).
-
-    Returns:
-        {"chip_predictions" (N,), "zero_shot_predictions" (N,) or None, "elapsed_s"}.
+    Batched as the pruned model is (:meth:`~chiptuning.prune.ChipModel.features_of_inputs`), so the
+    timings compare the models, not their batching. ``class_mask`` (N, C) bool limits both
+    predictions to each prompt's options (None: all valid).
     """
-    L = num_blocks(model)
-    device = model_device(model)
+    L, device = num_blocks(model), model_device(model)
     words = label_words(tokenizer, label_names) if get_spec(model).decoder else None
-    H = int(text_config(model.config).hidden_size)
     inputs = inputs if inputs is not None else TextInputs(tokenizer, prompts, max_length)
-    feats_l = np.empty((len(inputs), H), dtype=np.float32)
+    feats_l = np.empty((len(inputs), int(text_config(model.config).hidden_size)), dtype=np.float32)
     scores = np.empty((len(inputs), len(label_names)), dtype=np.float32)
     budget = resolve_token_budget(max_tokens_per_batch, model, device)
     bar = progress_bar(len(inputs), "dense model", enabled=progress)

@@ -1,17 +1,18 @@
-"""Run a pruned checkpoint end to end, from raw text, on a labelled file (``chiptuning eval``)."""
+"""Run a pruned checkpoint end to end, from raw inputs, on labelled data (``chiptuning eval``)."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from chiptuning import __version__
+from chiptuning.encoding import EncodedInputs
 from chiptuning.errors import DataError
 from chiptuning.models import model_device
 from chiptuning.outputs import EVAL, check_output, write_output, written_files
@@ -83,171 +84,182 @@ class EvalMetrics(Record):
     chiptuning_version: str = __version__
 
 
-def evaluate(
-    pruned_dir: str | Path,
-    data: str | Path | TaskData,
-    *,
-    out_dir: str | Path | None = None,
-    text_column: str | None = None,
-    template: str | None = None,
-    label_column: str = "label",
-    labels: list[str] | None = None,
-    limit: int | None = None,
-    seed: int = 42,
-    split: str | None = None,
-    task: str | None = None,
-    batch_size: int | None = None,
-    max_tokens_per_batch: int | str = "auto",
-    device: str = "cpu",
-    model: ChipModel | None = None,
-    dense: bool | str = False,
-    repeats: int = 1,
-    progress: bool = False,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-) -> dict[str, Any]:
-    """Accuracy of a pruned checkpoint on a labelled file, predicting from raw text (or raw images,
-    for a vision-language checkpoint).
+@dataclass
+class EvalConfig:
+    """Settings of :func:`evaluate` (``chiptuning eval``). A data file is read as ``load_task`` reads
+    it, the checkpoint's own prompt format and label names by default (``ChipModel.data_options``)."""
 
-    The file is read with :func:`chiptuning.tasks.load_task` and the same options as
-    ``chiptuning extract``; the prompt template (or text column) and the label names default to
-    the ones saved in the checkpoint (:meth:`ChipModel.data_options`), so the label indices mean
-    what the chip learned.
+    text_column: str | None = None
+    template: str | None = None
+    label_column: str = "label"
+    labels: list[str] | None = None
+    limit: int | None = None
+    seed: int = 42
+    split: str | None = None
+    task: str | None = None  # which of the checkpoint's tasks (default: its default task)
+    batch_size: int | None = None  # None: what the token budget takes
+    max_tokens_per_batch: int | str = "auto"  # budget of length-sorted batches; 0: fixed batches in input order
+    device: str = "cpu"
+    dense: bool | str = False  # also run the dense model: True the checkpoint's base model, a str that model
+    repeats: int = 1  # timed passes per model, the fastest reported (noise only ever slows a pass down)
+    progress: bool = False
+    overwrite: bool = False  # replace the results of an earlier eval in out_dir
+    allow_pickle: bool = False  # load a checkpoint whose chip is a pickle
+
+
+def time_dense(model, inputs: EncodedInputs, repeats: int = 1, progress: bool = False, **run) -> list[dict]:
+    """The timed passes (:func:`~chiptuning.prune.dense.dense_pass` results) of ``model`` over ``inputs``
+    after one untimed pass; ``run`` holds dense_pass's other arguments."""
+    dense_pass(model, prompts=None, inputs=inputs, **run)  # warm-up, untimed
+    return [dense_pass(model, prompts=None, inputs=inputs, progress=progress, **run) for _ in range(repeats)]
+
+
+def evaluate(pruned_dir: str | Path, data: str | Path | TaskData, config: EvalConfig | None = None, *,
+             out_dir: str | Path | None = None, model: ChipModel | None = None,
+             dense_passes: list[dict] | None = None, **settings) -> dict[str, Any]:
+    """The metrics (as ``metrics.json`` holds them) of the checkpoint ``pruned_dir`` on labelled
+    ``data`` (a file or a TaskData), predicting from raw text, or images, with prompts built as
+    extraction built the cache's. DataError for bad data or labels other than the checkpoint's.
 
     Args:
-        pruned_dir: checkpoint written by ``chiptuning prune``.
-        data: labelled JSONL / JSON / CSV / TSV file, or an already-loaded TaskData.
-        out_dir: where to write ``metrics.json`` and ``predictions.csv`` (nothing written if None).
-        text_column, template, label_column, labels, limit, seed, split: as ``load_task``.
-        task: which of the checkpoint's tasks to evaluate (default: its default task).
-        batch_size: most examples per forward pass (default: what the token budget takes).
-        max_tokens_per_batch: token budget per batch of length-sorted prompts ("auto", or 0 for
-            fixed batches in input order), as in extraction; predictions come in input order.
-        device: cpu, cuda, cuda:N or auto.
-        model: an already-loaded :class:`~chiptuning.prune.ChipModel` (skips loading).
-        dense: also run the dense base model (True: the one recorded in the checkpoint; a str:
-            that model) on the same data and hardware: its speed, the chip on its feature, and
-            for decoders the zero-shot baseline from the LM head's scores of the label tokens.
-        repeats: timed passes per model; the fastest one is reported (a shared machine's noise
-            only ever slows a pass down). Every pass is recorded in ``timed_passes_s``.
-        progress: show progress bars.
-        overwrite: replace the results of an earlier eval in ``out_dir`` (anything else there is
-            refused before running the model).
-        allow_pickle: load a checkpoint whose chip is a pickle (see :meth:`ChipModel.from_pretrained`).
-
-    Returns:
-        The metrics (also written to ``metrics.json``).
-
-    Raises:
-        DataError: bad data, or labels that differ from the checkpoint's.
+        config, settings: the settings (:class:`EvalConfig`); ``settings`` override its fields by name.
+        out_dir: where to write ``metrics.json`` and ``predictions.csv`` (None: nothing written);
+            anything else there is refused before the model runs.
+        model: the checkpoint, already loaded (a ChipModel).
+        dense_passes: the dense model's timed passes over the same inputs (:func:`time_dense`), measured
+            already (``chiptuning run`` times the full model before it is pruned); implies ``dense``.
     """
-    if repeats < 1:
-        raise DataError(f"repeats must be at least 1, got {repeats}")
+    cfg = replace(config or EvalConfig(), **settings)
+    if cfg.repeats < 1:
+        raise DataError(f"repeats must be at least 1, got {cfg.repeats}")
     if out_dir is not None:
-        check_output(out_dir, EVAL, overwrite=overwrite)  # refused now, not after running the model
-    clf = model if model is not None else ChipModel.from_pretrained(pruned_dir, device=device,
-                                                                    allow_pickle=allow_pickle)
-    name, entry = clf.task(task)
-    saved_labels = list(entry.label_names)
-    if labels is not None and [str(x) for x in labels] != saved_labels:
-        raise DataError(
-            f"--labels {list(labels)} differ from the checkpoint's label names {saved_labels}; "
-            "the chip's classes are fixed, leave --labels out or give them in that order"
-        )
-    if isinstance(data, TaskData):
-        data_task = data
-        if data_task.label_names != saved_labels:
-            raise DataError(f"the data's labels {data_task.label_names} differ from the checkpoint's "
-                            f"{saved_labels}; pass --labels {','.join(saved_labels)}")
-    else:
-        options = clf.data_options(name, text_column=text_column, template=template, labels=labels)
-        data_task = load_task(data, split=split, label_column=label_column, limit=limit, seed=seed, **options)
-    if (data_task.template, data_task.text_column) != (entry.template, entry.text_column):
-        log.warning("evaluating with another prompt format than the chip was trained with "
-                    "(template %r, text column %r)", data_task.template, data_task.text_column)
-    # The same prompt builder as extraction (text, or images through the processor), so the chip
-    # sees what it saw on the cache.
+        check_output(out_dir, EVAL, overwrite=cfg.overwrite)  # refused now, not after running the model
+    clf = model if model is not None else ChipModel.from_pretrained(pruned_dir, device=cfg.device,
+                                                                    allow_pickle=cfg.allow_pickle)
+    name, entry = clf.task(cfg.task)
+    data_task = eval_data(clf, name, data, cfg)
     inputs = clf.encode_task(data_task)
     y_true = np.array([ex.label for ex in data_task.examples], dtype=np.int64)
-
-    batching = dict(batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
-    # Untimed warm-up. With `dense` both models first run every input once: CPU kernels built per
-    # matrix shape (oneDNN's bf16 matmuls on AMX) make the first pass over a set of batch shapes up
-    # to 20% slower, and that cost would land on whichever model is timed first.
-    warm = inputs if dense else inputs.subset(range(min(8, len(inputs))))
-    mask = optional_class_mask([ex.n_choices for ex in data_task.examples], len(saved_labels))
-    cascade = name in clf.cascades
-    timings = []
-    if cascade:  # early exit: each example stops at its cascade's first confident chip
-        clf.cascade_of_inputs(warm, name, None if mask is None else mask[:len(warm)], **batching)  # warm-up
-        for _ in range(repeats):
-            started = time.perf_counter()
-            y_pred, exit_layer, _ = clf.cascade_of_inputs(inputs, name, mask, progress=progress, **batching)
-            timings.append(time.perf_counter() - started)
-    else:
-        clf.features_of_inputs(warm, task=name, **batching)  # warm-up, untimed
-        for _ in range(repeats):
-            started = time.perf_counter()
-            features = clf.features_of_inputs(inputs, task=name, progress=progress, **batching)  # (N, H)
-            y_pred = np.asarray(clf.chips[name].predict(features, class_mask=mask)).astype(np.int64)
-            timings.append(time.perf_counter() - started)
-        exit_layer = None
-    elapsed = min(timings)
-    n = len(y_true)
+    mask = optional_class_mask([ex.n_choices for ex in data_task.examples], len(entry.label_names))
+    dense = dense_passes is not None or bool(cfg.dense)
+    y_pred, exit_layer, timings = time_pruned(clf, name, inputs, mask, cfg, warm_all=dense)
+    elapsed, n = min(timings), len(y_true)
     metrics = EvalMetrics(
         accuracy=float((y_pred == y_true).mean()), n_examples=n, task=name, layer=entry.layer,
         num_blocks=clf.record.num_blocks, checkpoint=str(pruned_dir), checkpoint_sha256=clf.record.record_sha256,
-        data=data_task.describe(), batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
+        data=data_task.describe(), batch_size=cfg.batch_size, max_tokens_per_batch=cfg.max_tokens_per_batch,
         device=str(model_device(clf.model)), elapsed_s=elapsed, timed_passes_s=timings,
         examples_per_s=n / elapsed if elapsed > 0 else None, latency_ms_per_example=1000 * elapsed / n,
     )
-    if cascade:
+    if exit_layer is not None:
         layers, counts = np.unique(exit_layer, return_counts=True)
         metrics.cascade = ExitStats(mean_exit_layer=float(exit_layer.mean()),
                                     exits={str(lay): int(c) for lay, c in zip(layers, counts)},
                                     block_ratio=entry.layer / float(exit_layer.mean()))
     log.info("pruned model: accuracy %.1f%% on %d examples, %.1f examples/s", 100 * metrics.accuracy, n,
              metrics.examples_per_s or 0)
-    dense_pred = zero_shot = None
+    columns = {"exit_layer": exit_layer}
     if dense:
-        dense_net = load_dense(clf.record, dense if isinstance(dense, str) else None, device=device)
-        run = dict(tokenizer=clf.tokenizer, layer=entry.layer, mode=entry.feature_mode, chip=clf.chips[name],
-                   label_names=saved_labels, max_length=clf.record.max_length, **batching)
-        warm_mask = mask[:len(warm)] if mask is not None else None
-        dense_pass(dense_net, prompts=None, inputs=warm, class_mask=warm_mask, **run)  # warm-up, untimed
-        passes = [dense_pass(dense_net, prompts=None, inputs=inputs, class_mask=mask, progress=progress, **run)
-                  for _ in range(repeats)]
-        result = min(passes, key=lambda p: p["elapsed_s"])
-        del dense_net
-        dense_pred, zero_shot = result["chip_predictions"], result["zero_shot_predictions"]
-        if not cascade and not np.array_equal(dense_pred, y_pred):
-            log.warning("the chip predicts differently on %d of %d examples on the dense model's feature",
-                        int((dense_pred != y_pred).sum()), n)
-        metrics.dense = DenseRun(
-            model=clf.record.base_model.id if not isinstance(dense, str) else dense,
-            num_blocks=clf.record.num_blocks, elapsed_s=result["elapsed_s"],
-            timed_passes_s=[p["elapsed_s"] for p in passes], examples_per_s=n / result["elapsed_s"],
-            latency_ms_per_example=1000 * result["elapsed_s"] / n, chip_accuracy=float((dense_pred == y_true).mean()),
-            chip_agreement_with_pruned=float((dense_pred == y_pred).mean()),
-            zero_shot_accuracy=float((zero_shot == y_true).mean()) if zero_shot is not None else None,
-        )
-        metrics.speedup = result["elapsed_s"] / elapsed
-        metrics.ideal_speedup = clf.record.num_blocks / (float(exit_layer.mean()) if cascade else entry.layer)
-        zero_shot_text = ("" if metrics.dense.zero_shot_accuracy is None
-                          else f", its own zero-shot answer {100 * metrics.dense.zero_shot_accuracy:.1f}%")
-        log.info("dense model: %.1f examples/s%s; the pruned one is %.2fx faster (block ratio %.2fx)",
-                 metrics.dense.examples_per_s, zero_shot_text, metrics.speedup, metrics.ideal_speedup)
+        if dense_passes is None:
+            dense_net = load_dense(clf.record, cfg.dense if isinstance(cfg.dense, str) else None, device=cfg.device)
+            dense_passes = time_dense(
+                dense_net, inputs, cfg.repeats, cfg.progress, tokenizer=clf.tokenizer, layer=entry.layer,
+                mode=entry.feature_mode, chip=clf.chips[name], label_names=list(entry.label_names),
+                max_length=clf.record.max_length, class_mask=mask, batch_size=cfg.batch_size,
+                max_tokens_per_batch=cfg.max_tokens_per_batch)
+            del dense_net
+        model_name = cfg.dense if isinstance(cfg.dense, str) else clf.record.base_model.id
+        best = add_dense(metrics, model_name, dense_passes, y_true, y_pred, exit_layer)
+        columns.update(dense_prediction=best["chip_predictions"], dense_zero_shot=best["zero_shot_predictions"])
     if out_dir is not None:
-        with write_output(out_dir, EVAL, overwrite=overwrite) as out:
-            with open(out / PREDICTIONS, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                header = ["example_id", "label", "prediction", "label_name", "prediction_name"]
-                extra = {"exit_layer": exit_layer, "dense_prediction": dense_pred, "dense_zero_shot": zero_shot}
-                extra = {key: values for key, values in extra.items() if values is not None}
-                writer.writerow(header + list(extra))
-                for i, (ex, truth, pred) in enumerate(zip(data_task.examples, y_true, y_pred)):
-                    writer.writerow([ex.id, int(truth), int(pred), saved_labels[truth], saved_labels[pred]]
-                                    + [int(values[i]) for values in extra.values()])
-            metrics.files = written_files(out, METRICS)
-            metrics.write(out / METRICS)
+        write_eval(out_dir, metrics, data_task, y_pred, columns, list(entry.label_names), cfg.overwrite)
     return metrics.to_dict()
+
+
+def eval_data(clf: ChipModel, name: str, data: str | Path | TaskData, cfg: EvalConfig) -> TaskData:
+    """``data`` as a TaskData with task ``name``'s labels: itself, or the file read with the
+    checkpoint's own prompt format where ``cfg`` leaves it open."""
+    _, entry = clf.task(name)
+    saved = list(entry.label_names)
+    if cfg.labels is not None and [str(x) for x in cfg.labels] != saved:
+        raise DataError(f"--labels {list(cfg.labels)} differ from the checkpoint's label names {saved}; "
+                        "the chip's classes are fixed, leave --labels out or give them in that order")
+    if isinstance(data, TaskData):
+        if data.label_names != saved:
+            raise DataError(f"the data's labels {data.label_names} differ from the checkpoint's "
+                            f"{saved}; pass --labels {','.join(saved)}")
+    else:
+        options = clf.data_options(name, text_column=cfg.text_column, template=cfg.template, labels=cfg.labels)
+        data = load_task(data, split=cfg.split, label_column=cfg.label_column, limit=cfg.limit, seed=cfg.seed,
+                         **options)
+    if (data.template, data.text_column) != (entry.template, entry.text_column):
+        log.warning("evaluating with another prompt format than the chip was trained with "
+                    "(template %r, text column %r)", data.template, data.text_column)
+    return data
+
+
+def time_pruned(clf: ChipModel, name: str, inputs: EncodedInputs, mask: np.ndarray | None, cfg: EvalConfig,
+                warm_all: bool) -> tuple[np.ndarray, np.ndarray | None, list[float]]:
+    """(predictions, a cascade's exit layers or None, seconds of each timed pass) of the pruned model.
+
+    An untimed warm-up comes first, on every input when the dense model is timed too: CPU kernels
+    built per matrix shape (oneDNN's bf16 matmuls) slow the first pass over a set of batch shapes,
+    a cost that would land on whichever model is timed first.
+    """
+    batching = dict(batch_size=cfg.batch_size, max_tokens_per_batch=cfg.max_tokens_per_batch)
+
+    def predict(rows: EncodedInputs, rows_mask, progress=False):
+        if name in clf.cascades:  # early exit: each example stops at its cascade's first confident chip
+            pred, exit_layer, _ = clf.cascade_of_inputs(rows, name, rows_mask, progress=progress, **batching)
+            return pred, exit_layer
+        features = clf.features_of_inputs(rows, task=name, progress=progress, **batching)  # (N, H)
+        return np.asarray(clf.chips[name].predict(features, class_mask=rows_mask)).astype(np.int64), None
+
+    warm = inputs if warm_all else inputs.subset(range(min(8, len(inputs))))
+    predict(warm, None if mask is None else mask[:len(warm)])
+    timings = []
+    for _ in range(cfg.repeats):
+        started = time.perf_counter()
+        y_pred, exit_layer = predict(inputs, mask, cfg.progress)
+        timings.append(time.perf_counter() - started)
+    return y_pred, exit_layer, timings
+
+
+def add_dense(metrics: EvalMetrics, model: str, passes: list[dict], y_true: np.ndarray, y_pred: np.ndarray,
+              exit_layer: np.ndarray | None) -> dict:
+    """Record the dense model's fastest pass in ``metrics`` and return it: its speed, the chip on its
+    feature, its own zero-shot answer, the pruned model's speedup and block ratio."""
+    best = min(passes, key=lambda p: p["elapsed_s"])
+    elapsed, chip, zero_shot = best["elapsed_s"], best["chip_predictions"], best["zero_shot_predictions"]
+    n = len(y_true)
+    if exit_layer is None and not np.array_equal(chip, y_pred):
+        log.warning("the chip predicts differently on %d of %d examples on the dense model's feature",
+                    int((chip != y_pred).sum()), n)
+    metrics.dense = DenseRun(
+        model=model, num_blocks=metrics.num_blocks, elapsed_s=elapsed, timed_passes_s=[p["elapsed_s"] for p in passes],
+        examples_per_s=n / elapsed, latency_ms_per_example=1000 * elapsed / n,
+        chip_accuracy=float((chip == y_true).mean()), chip_agreement_with_pruned=float((chip == y_pred).mean()),
+        zero_shot_accuracy=None if zero_shot is None else float((zero_shot == y_true).mean()),
+    )
+    metrics.speedup = elapsed / metrics.elapsed_s
+    metrics.ideal_speedup = metrics.num_blocks / (metrics.layer if exit_layer is None else float(exit_layer.mean()))
+    said = "" if zero_shot is None else f", its own zero-shot answer {100 * metrics.dense.zero_shot_accuracy:.1f}%"
+    log.info("dense model: %.1f examples/s%s; the pruned one is %.2fx faster (block ratio %.2fx)",
+             metrics.dense.examples_per_s, said, metrics.speedup, metrics.ideal_speedup)
+    return best
+
+
+def write_eval(out_dir: str | Path, metrics: EvalMetrics, data: TaskData, y_pred: np.ndarray,
+               columns: dict[str, np.ndarray | None], labels: list[str], overwrite: bool) -> None:
+    """Write ``predictions.csv`` (one row per example, ``columns`` that are not None added) and
+    ``metrics.json`` listing it, replacing an earlier eval's only with ``overwrite``."""
+    columns = {key: values for key, values in columns.items() if values is not None}
+    with write_output(out_dir, EVAL, overwrite=overwrite) as out:
+        with open(out / PREDICTIONS, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["example_id", "label", "prediction", "label_name", "prediction_name", *columns])
+            for i, (ex, pred) in enumerate(zip(data.examples, y_pred)):
+                writer.writerow([ex.id, ex.label, int(pred), labels[ex.label], labels[pred],
+                                 *(int(values[i]) for values in columns.values())])
+        metrics.files = written_files(out, METRICS)
+        metrics.write(out / METRICS)

@@ -1,11 +1,5 @@
-"""Provenance of a pruned checkpoint: where it came from and proof that nothing changed since.
-
-``chiptuning.json`` in a pruned directory records the base model (id + weights hash), the layer,
-the task each chip serves (template, label names, cache fingerprint and meta, chips config) and a
-sha256 of every file written next to it. :func:`verify_checksums` refuses a directory whose files
-were edited; :func:`check_model_matches_cache` refuses to prune a model with chips trained on
-another model's cache.
-"""
+"""Provenance of a pruned checkpoint (``chiptuning.json``): where it came from, each task's chip and
+prompt format, and the sha256 of every file beside it, so that nothing changed since can be proven."""
 
 from __future__ import annotations
 
@@ -30,32 +24,29 @@ from chiptuning.registry import num_blocks, text_config
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "chiptuning.json"
-FORMAT = "chiptuning-pruned"
-FORMAT_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-#: Files a checkpoint may hold without a record of them: what git and the hub's downloader leave
-#: beside a model, which neither chip-tuning nor transformers reads.
+#: Files a checkpoint may hold unrecorded: what git and the hub's downloader leave, which nothing reads.
 INERT = (".gitattributes", ".git/*", ".cache/huggingface/*", ".DS_Store", "*/.DS_Store")
-#: Files chip-tuning never writes into a checkpoint and transformers would act on (an adapter it
-#: applies, code, pickled or other framework weights): refused even when a record lists them.
+#: Files chip-tuning never writes and transformers would act on (adapters, code, pickles): always refused.
 NEVER_WRITTEN = ("adapter_config.json", "adapter_model.*", "*.py", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.ckpt.*",
                  "*.h5", "*.msgpack", "*.pkl", "*.pickle")
 
 
-def inside(rel: str, where: str) -> str:
+def inside(rel: str, where: str) -> None:
     """A path a record names inside the checkpoint; :class:`Invalid` if it points outside."""
     if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel:
         raise Invalid(where, f"{rel!r} points outside the checkpoint")
-    return rel
 
 
-# -- the record -----------------------------------------------------------------------------------
-
-@dataclass
-class BaseModel(Record):
-    """The full model a checkpoint was pruned from."""
+class CheckpointPart(Record):
+    """A checkpoint record or a part of one: a malformed one is a ProvenanceError."""
 
     ERROR = ProvenanceError
+
+
+@dataclass
+class BaseModel(CheckpointPart):
+    """The full model a checkpoint was pruned from (``source``: the GGUF file it was read from)."""
 
     id: str
     model_type: str
@@ -63,14 +54,12 @@ class BaseModel(Record):
     hash: str | None = None
     hidden_size: int | None = rule(None, ge=1)
     adapter: str | None = None
-    source: dict[str, Any] | None = rule(None, omit_none=True)  # a GGUF file: name, sha256, architecture, quantization
+    source: dict[str, Any] | None = rule(None, omit_none=True)  # name, sha256, architecture, quantization
 
 
 @dataclass
-class CascadeExit(Record):
+class CascadeExit(CheckpointPart):
     """One exit of a checkpoint's early-exit cascade: its layer, threshold and chip directory."""
-
-    ERROR = ProvenanceError
 
     layer: int = rule(ge=1)
     threshold: float = rule(ge=0, le=1)
@@ -81,10 +70,8 @@ class CascadeExit(Record):
 
 
 @dataclass
-class CascadeEntry(Record):
+class CascadeEntry(CheckpointPart):
     """A task's early-exit cascade in a checkpoint (``select --strategy cascade:DELTA``)."""
-
-    ERROR = ProvenanceError
 
     exits: list[CascadeExit]
     delta: float | None = rule(None, ge=0, le=1)
@@ -99,39 +86,22 @@ class CascadeEntry(Record):
 
 
 @dataclass
-class TaskEntry(Record):
-    """One task of a checkpoint: its chip, the layer it reads and the prompt format it was trained on.
-
-    Attributes:
-        chip_dir: the chip's directory inside the checkpoint.
-        layer: the layer the chip reads.
-        strategy: how the layer was chosen.
-        feature_mode: "raw" or "normed".
-        task: the training task's description (:meth:`chiptuning.tasks.TaskData.describe`).
-        template, text_column: its prompt format.
-        label_names: class names, in class-index order.
-        cache_fingerprint, cache_meta: the training cache.
-        chips: the chips record the chip was taken from.
-        chip_metrics: the chip's metric row.
-        cascade: an early-exit cascade (its exits, ascending; the last is this entry's own chip),
-            or None for a single chip.
-    """
-
-    ERROR = ProvenanceError
+class TaskEntry(CheckpointPart):
+    """One task of a checkpoint: its chip, the layer it reads and the prompt format it was trained on."""
 
     chip_dir: str
     layer: int = rule(ge=1)
-    label_names: list[str] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)  # in class-index order
     strategy: str = ""
     feature_mode: Literal["raw", "normed"] = "raw"
-    task: dict[str, Any] = field(default_factory=dict)
+    task: dict[str, Any] = field(default_factory=dict)  # the training task's TaskData.describe()
     template: str | None = None
     text_column: str | None = None
     cache_fingerprint: str | None = None
     cache_meta: CacheMeta = field(default_factory=CacheMeta)
-    chips: ChipsRecord | None = rule(None, key="chips_config")
+    chips: ChipsRecord | None = rule(None, key="chips_config")  # the chips the chip was taken from
     chip_metrics: MetricRow | None = None
-    cascade: CascadeEntry | None = rule(None, omit_none=True)
+    cascade: CascadeEntry | None = rule(None, omit_none=True)  # its last exit is this entry's chip
 
     def check(self) -> None:
         inside(self.chip_dir, "chip_dir")
@@ -155,7 +125,7 @@ class TaskEntry(Record):
 
 
 @dataclass
-class TokenizerSettings(Record):
+class TokenizerSettings(CheckpointPart):
     """How prompts are tokenized (as for the cache)."""
 
     padding_side: Literal["left", "right"] = "right"
@@ -163,10 +133,8 @@ class TokenizerSettings(Record):
 
 
 @dataclass
-class PruneParams(Record):
+class PruneParams(CheckpointPart):
     """Parameter counts before and after pruning, what was removed, the pruning ratio."""
-
-    ERROR = ProvenanceError
 
     before: dict[str, Any]
     after: dict[str, Any]
@@ -178,47 +146,26 @@ class PruneParams(Record):
 
 
 @dataclass
-class CheckpointRecord(Record):
-    """``chiptuning.json``: what a pruned checkpoint is, where it came from, and its files' sha256.
+class CheckpointRecord(CheckpointPart):
+    """``chiptuning.json``: what a pruned checkpoint is, where it came from, and its files' sha256."""
 
-    Attributes:
-        base_model: the full model.
-        layer: the depth of the pruned backbone (the deepest chip's layer).
-        num_blocks: L of the full model.
-        architecture: the transformers class the checkpoint saves as.
-        keep_lm_head: whether the LM head was kept.
-        export: "sequence-classification" for an exported classifier, else None.
-        dtype: the weights' dtype.
-        feature_mode: "raw" or "normed".
-        tokenizer: how prompts are tokenized (``padding_side``, ``max_length``).
-        default_task: the task ``predict`` uses when none is named.
-        tasks: task name -> :class:`TaskEntry`.
-        params: parameter counts before and after, what was removed, the pruning ratio.
-        images: layer-curve images in the checkpoint.
-        checksums: sha256 of every file written (relative path -> hex): the checkpoint is exactly
-            these files (besides this record).
-        record_sha256: sha256 of this record itself.
-        chiptuning_version: the version that wrote it.
-    """
-
-    FORMAT = FORMAT
-    VERSION = FORMAT_VERSION
-    ERROR = ProvenanceError
+    FORMAT = "chiptuning-pruned"
+    VERSION = 1
 
     base_model: BaseModel
-    layer: int = rule(ge=1)
+    layer: int = rule(ge=1)  # the pruned depth: the deepest chip's layer
     num_blocks: int = rule(ge=1)
-    default_task: str = ""
+    default_task: str = ""  # what predict uses when no task is named
     tasks: dict[str, TaskEntry] = field(default_factory=dict)
     params: PruneParams | None = None
-    architecture: str = ""
+    architecture: str = ""  # the transformers class it saves as
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     feature_mode: Literal["raw", "normed"] = "raw"
     keep_lm_head: bool = False
-    export: Literal["sequence-classification"] | None = None
+    export: Literal["sequence-classification"] | None = None  # set for an exported classifier
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
-    images: list[str] = field(default_factory=list)
-    checksums: dict[str, str] = field(default_factory=dict)
+    images: list[str] = field(default_factory=list)  # layer-curve images in the checkpoint
+    checksums: dict[str, str] = field(default_factory=dict)  # every other file: the checkpoint is exactly these
     record_sha256: str | None = rule(None, omit_none=True)
     chiptuning_version: str = __version__
 
@@ -236,13 +183,12 @@ class CheckpointRecord(Record):
                                    f"{self.base_model.num_blocks}) is not a pruning of that model")
         if not self.tasks or self.default_task not in self.tasks:
             raise Invalid("default_task", f"{self.default_task!r} is not one of the tasks {sorted(self.tasks)}")
-        deepest = max(max(e.layer for e in (t.cascade.exits if t.cascade else [])) if t.cascade else t.layer
-                      for t in self.tasks.values())
+        deepest = max(e.layer for t in self.tasks.values() for e in (t.cascade.exits if t.cascade else [t]))
         if deepest != self.layer:
             raise Invalid("layer", f"{self.layer} is not the deepest chip's layer ({deepest})")
         for rel, digest in self.checksums.items():
             inside(rel, "checksums")
-            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            if not _SHA256.fullmatch(digest):
                 raise Invalid(f"checksums.{rel}", "is not a sha256 (64 hex digits)")
         for image in self.images:
             if image not in self.checksums:
@@ -253,21 +199,17 @@ class CheckpointRecord(Record):
                     raise Invalid(f"tasks.{name}.chip_dir", f"{rel!r} holds none of the checkpoint's files")
 
 
-# -- files and checksums --------------------------------------------------------------------------
-
 def record_hash(record: dict[str, Any]) -> str:
     """sha256 of the record itself (minus this field), so edits to chiptuning.json show too."""
     return canonical_hash({k: v for k, v in record.items() if k != "record_sha256"})
 
 
 def write_provenance(root: Path, record: CheckpointRecord | dict[str, Any]) -> CheckpointRecord:
-    """Stamp ``record`` (typed, or its JSON) with the version and the checksums of ``root`` and
-    write it (last)."""
+    """Stamp ``record`` (typed, or its JSON) with the version and ``root``'s checksums; write it there, last."""
+    checksums = written_files(Path(root), PROVENANCE_FILE)
     if isinstance(record, dict):
-        record = CheckpointRecord.from_dict(dict(record, checksums=written_files(Path(root), PROVENANCE_FILE)),
-                                            "checkpoint record")
-    record = dataclasses.replace(record, chiptuning_version=__version__,
-                                 checksums=written_files(Path(root), PROVENANCE_FILE), record_sha256=None)
+        record = CheckpointRecord.from_dict(dict(record, checksums=checksums), "checkpoint record")
+    record = dataclasses.replace(record, chiptuning_version=__version__, checksums=checksums, record_sha256=None)
     data = record.to_dict()
     record.record_sha256 = data["record_sha256"] = record_hash(data)
     write_json_atomic(Path(root) / PROVENANCE_FILE, data)
@@ -275,153 +217,98 @@ def write_provenance(root: Path, record: CheckpointRecord | dict[str, Any]) -> C
 
 
 def read_provenance(root: str | Path) -> dict[str, Any]:
-    """``chiptuning.json`` as stored (the JSON object), its format and version checked;
-    ProvenanceError if it is missing or not a pruned checkpoint's. :func:`load_record` also
-    verifies and types it."""
-    root = Path(root)
-    path = root / PROVENANCE_FILE
-    if not root.exists():
-        raise ProvenanceError(f"{root}: no such directory; give a pruned checkpoint written by `chiptuning prune`")
+    """``chiptuning.json`` as stored, its format and version checked; ProvenanceError if not a checkpoint's."""
+    root, path = Path(root), Path(root) / PROVENANCE_FILE
+    hint = "give a pruned checkpoint written by `chiptuning prune`"
     if not root.is_dir():
-        raise ProvenanceError(f"{root} is not a directory; give a pruned checkpoint written by `chiptuning prune`")
+        raise ProvenanceError(f"{root} is not a directory; {hint}" if root.exists() else
+                              f"{root}: no such directory; {hint}")
     if not path.is_file():
         raise ProvenanceError(
-            f"{root} has no {PROVENANCE_FILE}: not a chip-tuning checkpoint (write one with `chiptuning prune`)"
-        )
+            f"{root} has no {PROVENANCE_FILE}: not a chip-tuning checkpoint (write one with `chiptuning prune`)")
     record = read_json(path, ProvenanceError)
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
+    if not isinstance(record, dict) or record.get("format") != CheckpointRecord.FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise ProvenanceError(f"{path} is not a chip-tuning pruned checkpoint record (format {found!r})")
     version = record.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CheckpointRecord.VERSION:
         raise ProvenanceError(f"{path}: format_version {version!r} is not one this chip-tuning reads "
-                              f"(1..{FORMAT_VERSION}); upgrade chip-tuning")
+                              f"(1..{CheckpointRecord.VERSION}); upgrade chip-tuning")
     return record
 
 
 def load_record(root: str | Path) -> CheckpointRecord:
-    """Read, verify (the directory holds exactly the recorded files, each with its sha256, and the
-    record its own) and type a checkpoint's record.
-
-    Raises:
-        ProvenanceError: not a checkpoint, edited, missing or unrecorded files, a malformed record.
-    """
+    """Read, verify (:func:`verify_checksums`) and type a checkpoint's record; ProvenanceError if any fails."""
     raw = read_provenance(root)
     verify_checksums(root, raw)
     return CheckpointRecord.from_dict(raw, str(Path(root) / PROVENANCE_FILE), file=True)
 
 
 def unrecorded_files(root: Path, recorded: dict[str, Any], record_file: str = PROVENANCE_FILE) -> list[str]:
-    """Files under ``root`` that the record does not list (besides the record itself and the
-    :data:`INERT` ones), and links, which a checkpoint never holds."""
+    """Files under ``root`` its record does not list (but itself and :data:`INERT` ones), and any link."""
     found = []
     for folder, dirs, files in os.walk(root):
         rel_dir = Path(folder).relative_to(root)
         for name in [*files, *(d for d in dirs if os.path.islink(os.path.join(folder, d)))]:
             rel = (rel_dir / name).as_posix()
-            if rel == record_file or any(fnmatch.fnmatchcase(rel, p) for p in INERT):
-                continue
-            if rel not in recorded or os.path.islink(os.path.join(folder, name)):
+            inert = rel == record_file or any(fnmatch.fnmatchcase(rel, p) for p in INERT)
+            if not inert and (rel not in recorded or os.path.islink(os.path.join(folder, name))):
                 found.append(rel)
     return sorted(found)
 
 
 def verify_checksums(root: str | Path, record: dict[str, Any], record_file: str = PROVENANCE_FILE) -> None:
-    """Refuse a checkpoint that is not exactly what was pruned: a record edited after pruning, a
-    recorded file missing or changed, a file the record does not list (transformers could act on
-    it: an adapter, extra weights, code), or a file chip-tuning never writes (:data:`NEVER_WRITTEN`).
-
-    Args:
-        root: the checkpoint.
-        record: its record as stored (``chiptuning.json``, or a depth-pruned one's ``pruning.json``).
-        record_file: the record's file name.
-
-    Raises:
-        ProvenanceError: naming the first such file.
-    """
+    """ProvenanceError, naming the first culprit, unless ``root`` is exactly what was pruned: ``record`` (as
+    stored in ``record_file``) and every file it lists unchanged, no other file, none :data:`NEVER_WRITTEN`."""
     root = Path(root)
+    rerun = "refusing to load it, re-run `chiptuning prune` to rebuild the checkpoint"
     if record.get("record_sha256") != record_hash(record):
-        raise ProvenanceError(
-            f"{root}: {record_file} was modified after pruning (its own checksum does not match); "
-            "refusing to load it, re-run `chiptuning prune` to rebuild the checkpoint"
-        )
+        raise ProvenanceError(f"{root}: {record_file} was modified after pruning (its own checksum does not "
+                              f"match); {rerun}")
     expected = record.get("checksums")
     if not isinstance(expected, dict) or not expected:
         raise ProvenanceError(f"{root}/{record_file} records no checksums; re-run `chiptuning prune`")
-    extra = unrecorded_files(root, expected, record_file)
-    if extra:
+    if extra := unrecorded_files(root, expected, record_file):
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         raise ProvenanceError(f"{root}: {shown} {'is' if len(extra) == 1 else 'are'} not among the files "
                               f"{record_file} records; a checkpoint is exactly what was pruned (transformers could "
                               "act on anything else): remove it, or re-run `chiptuning prune`")
     for rel, digest in sorted(expected.items()):
-        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise ProvenanceError(f"{root}: {record_file} lists {rel!r}, a path outside the checkpoint")
-        if any(fnmatch.fnmatchcase(Path(rel).name, p) for p in NEVER_WRITTEN) and not rel.endswith("chip.joblib"):
+        if any(fnmatch.fnmatchcase(Path(rel).name, p) for p in NEVER_WRITTEN):
             raise ProvenanceError(f"{root}: {rel} is a file chip-tuning never writes into a checkpoint (transformers "
                                   "would act on it); refusing the checkpoint")
-        path = root / rel
-        if not path.is_file():
+        if not (root / rel).is_file():
             raise ProvenanceError(f"{root}: file {rel} listed in {record_file} is missing; re-run `chiptuning prune`")
-        if sha256_file(path) != digest:
-            raise ProvenanceError(
-                f"{root}: file {rel} was modified after pruning (checksum mismatch); "
-                "refusing to load it, re-run `chiptuning prune` to rebuild the checkpoint"
-            )
-
-
-def _adapter_name(adapter: str | None) -> str | None:
-    # Paths are recorded as given (relative to wherever extract ran): compare the directory name.
-    return Path(str(adapter).rstrip("/")).name if adapter else None
+        if sha256_file(root / rel) != digest:
+            raise ProvenanceError(f"{root}: file {rel} was modified after pruning (checksum mismatch); {rerun}")
 
 
 def check_model_matches_cache(model_id: str, model_hash: str, config, cache_meta: CacheMeta | dict[str, Any],
                               adapter: str | None = None, what: str = "chips") -> None:
-    """Refuse to combine a model with chips (or a cache) made from another model.
-
-    Architecture facts (model type, number of blocks, hidden size) must match; the weights hash
-    must match whenever both sides identify the weights the same way (both file hashes, or both
-    hub commits). When they cannot be compared (a hub id at extraction, a local copy now) the
-    architecture check stands alone and a warning says so.
-
-    Args:
-        model_id: the model given now (hub id or directory).
-        model_hash: :func:`chiptuning.models.weights_hash` of it.
-        config: its (full, untruncated) config.
-        cache_meta: the ``meta`` of the cache the chips were trained on.
-        adapter: the PEFT adapter merged now, if any.
-        what: how to call the other side in messages.
-
-    Raises:
-        ProvenanceError: "cache from another model", with both identities.
-    """
+    """ProvenanceError ("cache from another model") unless the model (``model_id``, its weights hash and
+    full config, the ``adapter`` merged now) is the one ``what`` were trained on: model type, depth, width
+    and adapter as in the cache's meta, and weights hash too when both are of the same kind (else a warning)."""
     meta = cache_meta if isinstance(cache_meta, CacheMeta) else CacheMeta.from_dict(cache_meta, "cache meta")
 
     def refuse(detail: str) -> None:
-        raise ProvenanceError(
-            f"{what} were trained on a cache from another model: {detail} "
-            f"(cache model {meta.model!r}, given {model_id!r}); "
-            "prune the model the cache was extracted from, or re-extract and re-train the chips"
-        )
+        raise ProvenanceError(f"{what} were trained on a cache from another model: {detail} (cache model "
+                              f"{meta.model!r}, given {model_id!r}); prune the model the cache was extracted from, "
+                              "or re-extract and re-train the chips")
 
-    text = text_config(config)
-    facts = {
-        "model_type": getattr(config, "model_type", None),
-        "num_blocks": num_blocks(config),
-        "hidden_size": int(text.hidden_size),
-    }
+    facts = {"model_type": getattr(config, "model_type", None), "num_blocks": num_blocks(config),
+             "hidden_size": int(text_config(config).hidden_size)}
     for key, value in facts.items():
-        recorded = getattr(meta, key)
-        if recorded is not None and recorded != value:
-            refuse(f"{key} {recorded!r} in the cache, {value!r} in the model")
-    recorded_hash = meta.model_hash
-    if recorded_hash and model_hash and recorded_hash != model_hash:
-        kind_then, kind_now = recorded_hash.split(":", 1)[0], model_hash.split(":", 1)[0]
+        if getattr(meta, key) is not None and getattr(meta, key) != value:
+            refuse(f"{key} {getattr(meta, key)!r} in the cache, {value!r} in the model")
+    if meta.model_hash and model_hash and meta.model_hash != model_hash:
+        kind_then, kind_now = meta.model_hash.split(":", 1)[0], model_hash.split(":", 1)[0]
         if kind_then == kind_now and kind_then != "unknown":
-            refuse(f"weights hash {recorded_hash} in the cache, {model_hash} now")
-        log.warning(
-            "cannot compare weights of %s (%s) with the cache's %s (%s); checked the architecture only",
-            model_id, model_hash, meta.model, recorded_hash,
-        )
-    if _adapter_name(meta.adapter) != _adapter_name(adapter):
+            refuse(f"weights hash {meta.model_hash} in the cache, {model_hash} now")
+        log.warning("cannot compare weights of %s (%s) with the cache's %s (%s); checked the architecture only",
+                    model_id, model_hash, meta.model, meta.model_hash)
+    # Adapter paths are recorded as given (relative to wherever extract ran): compare directory names.
+    then, now = (Path(str(a).rstrip("/")).name if a else None for a in (meta.adapter, adapter))
+    if then != now:
         refuse(f"adapter {meta.adapter!r} in the cache, {adapter!r} now (--adapter)")

@@ -1,14 +1,13 @@
 """Model surgery: keep blocks 1..l of a model, with its config made to agree.
 
 Pruning at layer l (the layer convention of :mod:`chiptuning.features`) keeps blocks 1..l, so a
-pruned model's feature(l) is exactly the full model's feature(l). Deleting blocks alone is not
-enough for a checkpoint that reloads and generates correctly (REFERENCE.md, "Hugging Face facts
-that bite"): the config depth, per-layer config lists and every attention module's ``layer_idx``
-must change with the weights, in one place. That place is :func:`truncate_`.
+pruned model's feature(l) is exactly the full model's. Deleting blocks is not enough for a
+checkpoint that reloads and generates correctly: transformers sizes the KV cache and per-layer
+settings from the config, so the config depth, per-layer config lists and every attention module's
+``layer_idx`` must change with the weights, in one place: :func:`truncate_`.
 
-The final norm stays in the module tree on purpose: the saved checkpoint must reload with plain
-``AutoModel.from_pretrained`` without newly initialised weights, and chips read the raw stream
-through hooks on the blocks, so the norm never touches their feature.
+The final norm stays: the checkpoint must reload with ``AutoModel.from_pretrained`` without newly
+initialised weights, and chips read the raw stream through hooks on the blocks, before the norm.
 """
 
 from __future__ import annotations
@@ -19,15 +18,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from chiptuning.errors import ChipTuningError
-from chiptuning.registry import (
-    base_model,
-    get_blocks,
-    get_language_model,
-    get_spec,
-    num_blocks,
-    set_blocks,
-    text_config,
-)
+from chiptuning.registry import base_model, get_blocks, get_language_model, num_blocks, set_blocks, text_config
 
 log = logging.getLogger(__name__)
 
@@ -35,80 +26,51 @@ log = logging.getLogger(__name__)
 #: attribute of length L whose name mentions "layer" is sliced too; lists that only happen to be
 #: L long (token ids, architectures) are left alone.
 PER_LAYER_CONFIG_KEYS = frozenset({"layer_types", "no_rope_layers", "mlp_only_layers", "block_types"})
-_NOT_PER_LAYER = frozenset({
-    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "bad_words_ids",
-    "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids",
-})
+_NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "bad_words_ids",
+                            "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids"})
 
 
 def check_layer(layer: int, n_blocks: int) -> int:
-    """Validate a pruning layer against a model of ``n_blocks`` blocks.
-
-    Raises:
-        ChipTuningError: ``layer`` is not in 1..n_blocks (layer 0, the embeddings, has no block
-            to keep and is not a pruning point).
-    """
+    """``layer`` when it is a pruning point of a model of ``n_blocks`` blocks (1..n_blocks; layer 0,
+    the embeddings, keeps no block), else ChipTuningError."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n_blocks:
-        raise ChipTuningError(
-            f"cannot prune at layer {layer!r}: the model has {n_blocks} blocks, so the layer must "
-            f"be in 1..{n_blocks} (layer l keeps blocks 1..l; pick another --layer)"
-        )
+        raise ChipTuningError(f"cannot prune at layer {layer!r}: the model has {n_blocks} blocks, so the layer must be "
+                              f"in 1..{n_blocks} (layer l keeps blocks 1..l; pick another --layer)")
     return layer
 
 
 def per_layer_keys(config, n_blocks: int) -> list[str]:
     """Config fields holding one entry per block (e.g. Gemma-2's ``layer_types``): what cutting
     or reordering the blocks must cut or reorder too."""
-    keys = []
-    for key, value in vars(config).items():
-        if not isinstance(value, (list, tuple)) or len(value) != n_blocks or key in _NOT_PER_LAYER:
-            continue
-        if key in PER_LAYER_CONFIG_KEYS or "layer" in key:
-            keys.append(key)
-    return sorted(keys)
+    return sorted(key for key, value in vars(config).items()
+                  if isinstance(value, (list, tuple)) and len(value) == n_blocks and key not in _NOT_PER_LAYER
+                  and (key in PER_LAYER_CONFIG_KEYS or "layer" in key))
 
 
 def model_configs(model) -> list:
-    """Every distinct config object of a model (the model's, its backbone's, its text config, and a
-    vision-language model's language model's own copy of it): depth and per-layer fields must
-    agree in all of them."""
+    """Every distinct config object of a model (its own, its backbone's, its text config, a
+    vision-language model's language model's copy): depth and per-layer fields must agree in all."""
     configs = (model.config, base_model(model).config, text_config(model.config), get_language_model(model).config)
-    found = {id(c): c for c in configs}
-    return list(found.values())
+    return list({id(c): c for c in configs}.values())
 
 
 def truncate_(model: nn.Module, layer: int) -> nn.Module:
-    """Keep blocks 1..``layer`` of ``model`` in place and update its config to match.
+    """Keep blocks 1..``layer`` (1..L; L removes nothing) of ``model`` (base or with a head) in place
+    and return it.
 
-    Edits, together: the block ``ModuleList`` (via the registry), the config depth
-    (``num_hidden_layers``; GPT-2's ``n_layer`` follows through its attribute map), every per-layer
-    config list (``layer_types`` and the like), and the integer ``layer_idx`` of every submodule
-    of each kept block (the KV cache is indexed by it). The embeddings, the final norm and any
-    head are untouched.
-
-    Args:
-        model: a model of a registered architecture, base (``AutoModel``) or with a head.
-        layer: the chip's layer l, in 1..L. ``layer == L`` removes nothing.
-
-    Returns:
-        ``model`` itself, truncated.
-
-    Raises:
-        ChipTuningError: ``layer`` out of range.
-        UnsupportedModelError: an architecture missing from the registry.
+    Edits together: the block list, the config depth (``num_hidden_layers``; GPT-2's ``n_layer``
+    follows through its attribute map), every per-layer config list, and the ``layer_idx`` of every
+    submodule of each kept block (the KV cache is indexed by it). Embeddings, final norm and head
+    stay. ChipTuningError for a layer out of range, UnsupportedModelError for an unknown architecture.
     """
-    get_spec(model)
     blocks = get_blocks(model)
     n_blocks = len(blocks)
     check_layer(layer, n_blocks)
     if num_blocks(model) != n_blocks:
-        raise ChipTuningError(
-            f"model config says {num_blocks(model)} blocks but the model holds {n_blocks}; "
-            "was it already truncated by other means?"
-        )
+        raise ChipTuningError(f"model config says {num_blocks(model)} blocks but the model holds {n_blocks}; "
+                              "was it already truncated by other means?")
     kept = nn.ModuleList(list(blocks)[:layer])
     set_blocks(model, kept)
-
     for config in model_configs(model):
         for key in per_layer_keys(config, n_blocks):
             value = getattr(config, key)
@@ -116,7 +78,6 @@ def truncate_(model: nn.Module, layer: int) -> nn.Module:
             log.debug("sliced config.%s to %d entries", key, layer)
         if getattr(config, "num_hidden_layers", None) is not None:
             config.num_hidden_layers = layer
-
     for index, block in enumerate(kept):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
@@ -127,15 +88,10 @@ def truncate_(model: nn.Module, layer: int) -> nn.Module:
 
 
 def rebuild_blocks_(model, plan: Sequence[tuple[nn.Module, int]]) -> nn.Module:
-    """Make ``model``'s blocks exactly ``plan`` (in order), with the config made to agree.
-
-    Args:
-        plan: (block module, original 0-based index whose per-layer config entries it takes) for
-            each block of the result; modules may be original blocks, merged or new ones.
-
-    The original blocks are reordered so the result comes first, per-layer config lists are
-    permuted the same way, and :func:`truncate_` cuts the rest (depth, lists, ``layer_idx``).
-    """
+    """Make ``model``'s blocks exactly ``plan``: (block module, the original 0-based index whose
+    per-layer config entries it takes) for each block of the result, in order; modules may be
+    original blocks, merged or new ones. The per-layer config lists are permuted the same way and
+    :func:`truncate_` cuts the rest."""
     blocks = list(get_blocks(model))
     L = len(blocks)
     if not 1 <= len(plan) <= L:
@@ -153,9 +109,8 @@ def rebuild_blocks_(model, plan: Sequence[tuple[nn.Module, int]]) -> nn.Module:
 
 def remove_blocks_(model, remove: Sequence[int]) -> nn.Module:
     """Delete blocks ``remove`` (1-based, any subset, not all) in place, config and layer ids updated."""
-    blocks = list(get_blocks(model))
-    bad = sorted(set(int(i) for i in remove) - set(range(1, len(blocks) + 1)))
+    blocks, gone = list(get_blocks(model)), {int(i) for i in remove}
+    bad = sorted(gone - set(range(1, len(blocks) + 1)))
     if bad:
         raise ChipTuningError(f"blocks {bad} do not exist (the model has blocks 1..{len(blocks)})")
-    gone = set(int(i) for i in remove)
     return rebuild_blocks_(model, [(b, i) for i, b in enumerate(blocks) if i + 1 not in gone])

@@ -168,6 +168,41 @@ def test_run_on_user_data_with_an_eval_split(tmp_path, tiny_models, sentiment_fi
     assert (out / "pruned" / "chiptuning.json").is_file()
 
 
+def test_run_loads_the_full_model_once(tmp_path, tiny_models, sentiment_file, monkeypatch):
+    """Both extractions, the dense model's passes and prune share one load of the full model; the
+    pruned model this run cut scores what the checkpoint reloaded from disk scores."""
+    import sys
+
+    from chiptuning.models import load_model
+    from chiptuning.prune import ChipModel
+
+    loads = []
+
+    def counting(path, *args, **kwargs):
+        loads.append(str(path))
+        return load_model(path, *args, **kwargs)
+
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("chiptuning")]:
+        if getattr(module, "load_model", None) is load_model:
+            monkeypatch.setattr(module, "load_model", counting)
+    out = tmp_path / "run"
+    result = cli("run", "--model", tiny_models["gpt2"], "--data", sentiment_file, "--text-column", "text",
+                 "--val-size", "4", "--device", "cpu", "--out", out, "--strategy", "fixed:2")
+    assert result.exit_code == 0, result.output
+    assert loads == [tiny_models["gpt2"]]
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["made"] == ["train cache", "eval cache", "chips", "pruned checkpoint", "eval"]
+    assert summary["speed"]["dense_examples_per_s"] > 0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["dense"]["chip_agreement_with_pruned"] == 1.0
+    clf = ChipModel.from_pretrained(out / "pruned")
+    ids = list(CacheReader(out / "cache" / "eval").example_ids)
+    by_id = {row["id"]: row for row in map(json.loads, Path(sentiment_file).read_text().splitlines())}
+    predicted = clf.predict_index([by_id[i]["text"] for i in ids])
+    assert np.mean(predicted == np.array([clf.label_names().index(by_id[i]["label"]) for i in ids])) == \
+        pytest.approx(summary["pruned_eval_accuracy"])
+
+
 # -- bad input through the CLI ------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ wheel from the tree here.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -71,8 +72,16 @@ def test_the_installed_wheel_holds_every_module_and_the_demo_data():
 
 
 def test_a_wheel_built_from_the_tree_holds_every_module_and_the_demo_data(tmp_path):
+    # Built from a copy: a build writes build/ and *.egg-info beside its setup.py, and an egg-info in
+    # the tree would shadow the installed distribution's metadata for every later test.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for folder in INSTALLS_AS:
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, cwd=tmp_path)
+                           "-w", str(tmp_path), str(source)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheel = next(tmp_path.glob("chip_tuning-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())

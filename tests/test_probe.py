@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from chiptuning.cache import CacheMeta
 from chiptuning.errors import ChipTuningError, ProvenanceError
 from chiptuning.probe import ChipSet, LinearChip, LogRegChip, MLPChip, load_chip, load_chips, select_layer, train_chips
-from chiptuning.probe.bank import ChipSpec, fit_banks
+from chiptuning.probe.bank import Hyperparams, fit_banks
 from chiptuning.probe.data import InMemoryBatches, carve_rows
 from tests.conftest import require_extra
 
@@ -190,7 +190,7 @@ def test_batched_early_stopping_equals_single_layer():
     x = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2)))  # (G, N, H)
     y_t = torch.from_numpy(y)
     tr, va = np.arange(200), np.arange(200, 300)
-    spec = ChipSpec(kind="linear", lr=5e-2, epochs=40, early_stopping=True, n_iter_no_change=2)
+    spec = Hyperparams(kind="linear", lr=5e-2, epochs=40, early_stopping=True, n_iter_no_change=2)
 
     def run(layers):
         data = InMemoryBatches(x[layers][:, tr], y_t[tr], None, batch_size=16, seed=0)
@@ -217,7 +217,7 @@ def test_min_patience_steps_lengthens_the_patience_of_short_epochs():
     tr, va = np.arange(200), np.arange(200, 300)
 
     def run(min_steps):
-        spec = ChipSpec(kind="linear", lr=5e-2, epochs=40, early_stopping=True, n_iter_no_change=2,
+        spec = Hyperparams(kind="linear", lr=5e-2, epochs=40, early_stopping=True, n_iter_no_change=2,
                         min_patience_steps=min_steps)
         data = InMemoryBatches(x[:, tr], y_t[tr], None, batch_size=16, seed=0)
         return fit_banks(data, [spec], 12, 3, seed=0, val=(x[:, va], y_t[va], None))[0]
@@ -236,7 +236,7 @@ def test_settings_in_one_bank_equal_each_setting_alone(kind, precision):
     feats, y = planted_features(240, 3, 16, 3, seed=8)
     x = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2)))
     y_t = torch.from_numpy(y)
-    specs = [ChipSpec(kind=kind, lr=1e-2, weight_decay=wd, epochs=4, hidden=8, early_stopping=False,
+    specs = [Hyperparams(kind=kind, lr=1e-2, weight_decay=wd, epochs=4, hidden=8, early_stopping=False,
                       precision=precision) for wd in (0.0, 0.5, 5.0)]
 
     def run(chosen):
@@ -265,7 +265,7 @@ def test_a_bank_trains_what_torch_nn_and_adamw_train(kind, fit_intercept):
     y = torch.randint(0, 2, (N,), generator=gen)
     mask = torch.ones(N, C, dtype=torch.bool)
     mask[::3, 2:] = False  # some rows have two options only (their labels are 0 or 1)
-    specs = [ChipSpec(kind=kind, lr=2e-2, weight_decay=wd, epochs=3, hidden=D, early_stopping=False,
+    specs = [Hyperparams(kind=kind, lr=2e-2, weight_decay=wd, epochs=3, hidden=D, early_stopping=False,
                       fit_intercept=fit_intercept, lr_decay=0.5) for wd in (0.0, 0.3)]
     data = InMemoryBatches(x, y, mask, batch_size=16, seed=4)
     results = fit_banks(data, specs, H, C, seed=9)
@@ -308,7 +308,7 @@ def test_layers_stepped_in_slices_train_what_one_slice_trains(monkeypatch, preci
     feats, y = planted_features(200, 5, 16, 3, seed=2)
     dtype = bank.DTYPES[precision]
     x = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2))).to(dtype)
-    specs = [ChipSpec(kind="mlp", hidden=8, lr=1e-2, weight_decay=wd, epochs=2, early_stopping=False,
+    specs = [Hyperparams(kind="mlp", hidden=8, lr=1e-2, weight_decay=wd, epochs=2, early_stopping=False,
                       precision=precision) for wd in (0.0, 0.1)]
 
     def run():
@@ -330,7 +330,7 @@ def test_the_trainer_steps_with_torch_optim_adamw(monkeypatch):
     monkeypatch.setattr(bank, "adamw", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
     feats, y = planted_features(64, 2, 8, 2, seed=0)
     x = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2)))
-    fit_banks(InMemoryBatches(x, torch.from_numpy(y), None, batch_size=16, seed=0), [ChipSpec(epochs=1)], 8, 2, seed=0)
+    fit_banks(InMemoryBatches(x, torch.from_numpy(y), None, batch_size=16, seed=0), [Hyperparams(epochs=1)], 8, 2, seed=0)
     (optimizer,) = made
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"]
 

@@ -11,7 +11,7 @@ import sys
 import click
 
 from chiptuning import __version__
-from chiptuning.errors import ChipTuningError, is_hub_error
+from chiptuning.errors import ChipTuningError, first_line, is_hub_error
 
 #: Exit status of an interrupted command, by signal (the shell's 128 + signal number).
 _INTERRUPTED_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -21,17 +21,12 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _DISK_FULL = ("No space left on device", "os error 28", "errno = 28", "Disk quota exceeded")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def describe_error(err: BaseException) -> str | None:
     """The one line a user sees for an error they can cause or meet, or None for a bug (which keeps
     its traceback): chip-tuning's own errors, a full disk anywhere, other OS errors (files,
     permissions, network), safetensors and Hugging Face Hub errors."""
     if isinstance(err, ChipTuningError):
-        return _first_line(err)
+        return first_line(err)
     text = str(err)
     if (isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS) or any(s in text for s in _DISK_FULL):
         where = f" (writing {err.filename})" if isinstance(err, OSError) and err.filename else ""
@@ -39,22 +34,14 @@ def describe_error(err: BaseException) -> str | None:
                 "(finished work is kept, nothing half-written stays)")
     if is_hub_error(err):
         return (f"the Hugging Face Hub could not be reached or refused the request ({type(err).__name__}: "
-                f"{_first_line(err)}); check the network, HF_HUB_OFFLINE and your token")
+                f"{first_line(err)}); check the network, HF_HUB_OFFLINE and your token")
     if type(err).__name__ == "SafetensorError":
-        return f"a safetensors file could not be read or written ({_first_line(err)})"
+        return f"a safetensors file could not be read or written ({first_line(err)})"
     if isinstance(err, OSError):
         if err.strerror and err.filename:
             return f"{err.strerror}: {err.filename}"
-        return _first_line(err)
+        return first_line(err)
     return None
-
-
-class _OneLine(click.ClickException):
-    """``Error: message`` and ``exit_code``, nothing else (no usage block)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -77,7 +64,9 @@ class _Group(click.Group):
             if debug:
                 raise
             hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
-            raise _OneLine(err.format_message() + hint, exit_code=2) from None
+            one_line = click.ClickException(err.format_message() + hint)  # no usage block
+            one_line.exit_code = 2
+            raise one_line from None
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt as err:
@@ -114,9 +103,9 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 
 def _register() -> None:
     # the commands' modules; each keeps its heavy imports inside its commands
-    from chiptuning.cli import cache, compare, extract, probe, prune, run, tasks
+    from chiptuning.cli import baselines, cache, compare, extract, probe, prune, run, tasks
 
-    for module in (tasks, extract, cache, probe, prune, run, compare):
+    for module in (tasks, extract, cache, probe, prune, baselines, run, compare):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -28,12 +28,8 @@ def info_cmd(cache_dir, as_json):
         return
     width = max(map(len, info))
     for key, value in info.items():
-        if isinstance(value, list) and value and key == "chip_reads":
-            click.echo(f"{key:<{width}}  {value[0]}")
-            for more in value[1:]:
-                click.echo(f"{'':<{width}}  {more}")
-        else:
-            click.echo(f"{key:<{width}}  {value}")
+        for i, line in enumerate(value if key == "chip_reads" and value else [value]):
+            click.echo(f"{key if i == 0 else '':<{width}}  {line}")
 
 
 @cache_group.command("verify", short_help="Check every shard of a cache.")

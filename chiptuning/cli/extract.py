@@ -44,12 +44,10 @@ def extract_cmd(model, out, device, dtype, batch_size, max_tokens_per_batch, max
     from chiptuning.extract import ExtractConfig, extract
 
     task = load_task_from_options(**task_opts)
-    config = ExtractConfig(
-        out=out, model=model, dtype=dtype, device=device, batch_size=batch_size,
-        max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, padding_side=padding_side,
-        storage_dtype=storage_dtype, feature_mode=feature_mode, shard_size=shard_size,
-        device_map=device_map, offload=offload, adapter=adapter, lens=lens, progress=True,
-    )
+    config = ExtractConfig(out=out, model=model, dtype=dtype, device=device, batch_size=batch_size,
+                           max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, padding_side=padding_side,
+                           storage_dtype=storage_dtype, feature_mode=feature_mode, shard_size=shard_size,
+                           device_map=device_map, offload=offload, adapter=adapter, lens=lens, progress=True)
     path = extract(config, task)
     info = cache_info(path)
     click.echo(f"cache {path}: {info['rows']} rows, layers {info['layers']}, fingerprint {info['fingerprint']}")

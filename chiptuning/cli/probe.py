@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from chiptuning.errors import ChipTuningError
@@ -19,6 +21,25 @@ def _layers(value: str | None) -> list[int] | None:
     except ValueError:
         raise ChipTuningError(f"--layers takes '4,8,12' or '10-20', got {value!r}") from None
     return out
+
+
+def _floats(flag: str, text: str) -> list[float]:
+    """'0,1e-4' -> [0.0, 1e-4]."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ChipTuningError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _per_chip(flag: str, text: str, cast) -> tuple[list, dict[str, list]]:
+    """'1e-3,mlp:5e-4' -> ([1e-3], {"mlp": [5e-4]})."""
+    shared, chips = [], {}
+    for item in (v.strip() for v in text.split(",")):
+        if item:
+            kind, _, value = item.rpartition(":")
+            values = chips.setdefault(kind.strip(), []) if kind else shared
+            values.extend(cast(v) for v in _floats(flag, value))
+    return shared, chips
 
 
 @click.group("probe", short_help="Train chips (per-layer classifiers) from a cache.")
@@ -48,7 +69,7 @@ def probe_group():
               help="AdamW weight decay (default: the regime's).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Most epochs (default: the regime's).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Rows per step (default: the regime's).")
-@click.option("--patience", type=click.IntRange(min=1), default=None,
+@click.option("--patience", "n_iter_no_change", type=click.IntRange(min=1), default=None,
               help="Early-stopping patience in epochs (default regime: 2, and never fewer than 150 steps).")
 @click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True, help="MLP hidden width.")
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -66,31 +87,23 @@ def probe_group():
 @click.option("--no-intercept", is_flag=True, default=False,
               help="Linear chips without a bias (features scaled, not centered): what "
                    "`chiptuning prune --export sequence-classification` needs.")
-def train_cmd(train_cache, eval_cache, chip, out, overwrite, regime, val_size, seed, lr, weight_decay, epochs,
-              batch_size, patience, hidden, C, layers, n_jobs, device, max_memory_mb, precision, threads,
-              no_intercept):
+def train_cmd(train_cache, eval_cache, out, overwrite, layers, no_intercept, **settings):
     """Train a chip at every layer of TRAIN_CACHE; write metrics, eval predictions and a plot.
 
     Every shard's checksum is verified before training (one more read of the cache); a corrupt
     shard is refused, naming it.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.probe import TrainConfig, train_chips
+    from chiptuning.probe import TrainConfig, train_chips  # here: `chiptuning --help` stays free of torch
 
-    config = TrainConfig(chip=chip, regime=regime, val_size=val_size, seed=seed, lr=lr,
-                         weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
-                         n_iter_no_change=patience, hidden=hidden, C=C, layers=_layers(layers),
-                         n_jobs=n_jobs, device=device, max_memory_mb=max_memory_mb, precision=precision,
-                         threads=threads, fit_intercept=not no_intercept)
+    config = TrainConfig(**settings, layers=_layers(layers), fit_intercept=not no_intercept)
     chips = train_chips(train_cache, eval_cache, out=out, config=config, progress=True, overwrite=overwrite)
     key = "eval_accuracy" if eval_cache else "val_accuracy"
     scored = [m for m in chips.metrics if m.get(key) is not None]
+    summary = f"{settings['chip']} chips at {len(chips.layers)} layers -> {out}"
     if scored:
         best = max(scored, key=lambda m: m[key])
-        click.echo(f"{chip} chips at {len(chips.layers)} layers -> {out}; best {key.replace('_', ' ')} "
-                   f"{best[key]:.4f} at layer {best['layer']}")
-    else:
-        click.echo(f"{chip} chips at {len(chips.layers)} layers -> {out}")
+        summary += f"; best {key.replace('_', ' ')} {best[key]:.4f} at layer {best['layer']}"
+    click.echo(summary)
     lens = [m for m in chips.metrics if m.get("lens_accuracy") is not None]
     if lens:
         said = max(lens, key=lambda m: (m["lens_accuracy"], -m["layer"]))
@@ -119,7 +132,7 @@ def train_cmd(train_cache, eval_cache, chip, out, overwrite, regime, val_size, s
 @click.option("--epochs", "epochs", default="30", show_default=True,
               help="Most epochs, comma-separated (early stopping on validation loss, see --patience); "
                    "'mlp:2' sets one chip type's.")
-@click.option("--patience", type=int, default=2, show_default=True,
+@click.option("--patience", "n_iter_no_change", type=int, default=2, show_default=True,
               help="Early-stopping patience in epochs (and never fewer than 150 optimizer steps).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Rows per optimizer step of the torch chips.")
@@ -141,39 +154,17 @@ def train_cmd(train_cache, eval_cache, chip, out, overwrite, regime, val_size, s
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Precision of the products with the features of the torch chips.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per task (default: timed once).")
-def sweep_cmd(train_cache, eval_cache, out, overwrite, chip_kinds, weight_decays, Cs, lrs, epochs, patience, batch_size,
-              layers, val_size, seed, n_jobs, backend, scheduler, max_memory_mb, precision, threads):
+def sweep_cmd(train_cache, eval_cache, out, overwrite, chip_kinds, weight_decays, Cs, lrs, epochs, layers, **settings):
     """Grid over chip type, regularization, learning rate, epochs and layers on TRAIN_CACHE."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.probe.sweep import SweepConfig, sweep
+    from chiptuning.probe.sweep import SweepConfig, sweep  # here: `chiptuning --help` stays free of torch
 
-    def floats(flag, text):
-        try:
-            return [float(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ChipTuningError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-
-    def per_chip(flag, text, cast):
-        """'1e-3,mlp:5e-4' -> ([1e-3], {"mlp": [5e-4]})."""
-        shared, chips = [], {}
-        for item in (v.strip() for v in text.split(",")):
-            if not item:
-                continue
-            kind, _, value = item.rpartition(":")
-            values = chips.setdefault(kind.strip(), []) if kind else shared
-            values.extend(cast(v) for v in floats(flag, value))
-        return shared, chips
-
-    lr_values, chip_lrs = per_chip("--lr", lrs, float)
-    epoch_values, chip_epochs = per_chip("--epochs", epochs, int)
+    lr_values, chip_lrs = _per_chip("--lr", lrs, float)
+    epoch_values, chip_epochs = _per_chip("--epochs", epochs, int)
     config = SweepConfig(
         chips=[c.strip() for c in chip_kinds.split(",") if c.strip()],
-        weight_decays=floats("--weight-decay", weight_decays), Cs=floats("--C", Cs),
+        weight_decays=_floats("--weight-decay", weight_decays), Cs=_floats("--C", Cs),
         lrs=lr_values or SweepConfig().lrs, epochs=epoch_values or SweepConfig().epochs,
-        chip_lrs=chip_lrs, chip_epochs=chip_epochs, n_iter_no_change=patience,
-        batch_size=batch_size, layers=_layers(layers), val_size=val_size, seed=seed, n_jobs=n_jobs,
-        backend=backend, scheduler=scheduler, max_memory_mb=max_memory_mb, precision=precision,
-        threads=threads,
+        chip_lrs=chip_lrs, chip_epochs=chip_epochs, layers=_layers(layers), **settings,
     )
     result = sweep(train_cache, eval_cache, out=out, config=config, progress=True, overwrite=overwrite)
     best = result["best"]
@@ -193,8 +184,7 @@ def sweep_cmd(train_cache, eval_cache, out, overwrite, chip_kinds, weight_decays
               help="Load chips stored as a pickle (runs code from the file: only chips you made).")
 def select(chips_dir, strategy, allow_pickle):
     """Pick the pruning layer of CHIPS_DIR; write selection.json and report.md there."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.probe import select_layer
+    from chiptuning.probe import select_layer  # here: `chiptuning --help` stays free of torch
 
     s = select_layer(chips_dir, strategy, allow_pickle=allow_pickle)
     acc = s.expected_accuracy
@@ -223,8 +213,6 @@ def zeroshot_cmd(eval_cache, prior_cache, as_json):
     """The decoder's own answer on EVAL_CACHE: zero-shot accuracy (plain and prior-calibrated)
     and the logit-lens curve, from the label-word logits stored at extraction (no model run)."""
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    import json
-
     from chiptuning.cache import CacheReader
     from chiptuning.probe.lens import lens_curve, zero_shot_report
 

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import click
 
+from chiptuning.cli.baselines import baseline_cmd, baseline_options
 from chiptuning.cli.tasks import batching_options, load_task_from_options, offload_option, parse_labels, task_options
+from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import EVAL, check_output
-
-# chiptuning.prune.baselines.METHODS, repeated here so `--help` does not import torch (a test keeps them equal).
-BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
+from chiptuning.prune.baselines import METHODS
 
 
 @click.command("prune", short_help="Cut the model after the chip's layer; save it.")
 @click.option("--model", required=True, help="The full model (hub id or directory) the chips' cache came from.")
-@click.option("--method", type=click.Choice(("chip",) + BASELINE_METHODS), default="chip", show_default=True,
-              help="chip: chip-tuning (needs --chips). Others: depth-pruning baselines (no chip): tail, "
-                   "shortgpt, angular, streamline (LLM-Streamline), slm (sliding layer merging), laco.")
+@click.option("--method", type=click.Choice(("chip", *METHODS)), default="chip", show_default=True,
+              help="chip: chip-tuning. The depth-pruning baselines moved to `chiptuning baseline --method`.")
 @click.option("--chips", "chips_dirs", multiple=True,
-              help="Chips directory from `chiptuning probe train` (and `select`); --method chip only. Repeat it "
-                   "(as DIR or NAME=DIR) to pack several tasks in one checkpoint, cut after the deepest chip.")
+              help="Chips directory from `chiptuning probe train` (and `select`). Repeat it (as DIR or "
+                   "NAME=DIR) to pack several tasks in one checkpoint, cut after the deepest chip.")
 @click.option("--layer", type=click.IntRange(min=0), default=None,
               help="Layer to prune at (default: the chips' selection.json).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -29,109 +28,45 @@ BASELINE_METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
                    "checkpoint then holds a pickle and its card says so.")
 @click.option("--keep-lm-head", is_flag=True, help="Keep the LM head so the checkpoint still generates.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Weights dtype of the saved checkpoint [default: a chip checkpoint keeps the dtype its "
-                   "cache was extracted in, so it reproduces its chips; a baseline fp32].")
+              help="Weights dtype of the saved checkpoint [default: the dtype the chips' cache was extracted "
+                   "in, so it reproduces its chips].")
 @click.option("--adapter", default=None, help="PEFT/LoRA adapter merged first (as given to extract).")
 @click.option("--export", type=click.Choice(["sequence-classification"]), default=None,
               help="Save a plain *ForSequenceClassification checkpoint (normed features, bias-free "
                    "linear chip): it serves without chip-tuning.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the parity check.")
 @offload_option
-@click.option("--n-layers", type=click.IntRange(min=1), default=None, help="Baselines: number of blocks to remove.")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Baselines: fraction of the blocks to remove.")
-@click.option("--calibration-task", default=None,
-              help="Baselines: calibration text from a built-in task or hub dataset (its prompts).")
-@click.option("--calibration-data", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="Baselines: calibration text from a labelled file (JSONL/CSV/...).")
-@click.option("--calibration-data-dir", default=None, type=click.Path(file_okay=False),
-              help="Built-in --calibration-task: directory of its release files (offline).")
-@click.option("--calibration-split", default=None, help="Split of the calibration data (default: its train split).")
-@click.option("--calibration-text-column", default=None, help="Text field of --calibration-data.")
-@click.option("--calibration-template", default=None, help="Prompt template of --calibration-data.")
-@click.option("--n-calibration", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Calibration examples (seeded draw).")
-@click.option("--calibration-max-length", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Longest calibration prompt, in tokens.")
-@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, exists=True),
-              help="shortgpt: last-token Block Influence from this cache of MODEL; angular: exact from it.")
-@click.option("--replacement", type=click.Choice(["layer", "mlp"]), default="layer", show_default=True,
-              help="streamline: one transformer layer (initialised from the first removed one) or a single MLP.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="streamline: training epochs.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
-              help="streamline: AdamW learning rate.")
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
-              help="slm / laco: output cosine a merge must keep (lowered when the target needs it).")
-@click.option("--merge-layers", type=click.IntRange(min=2), default=4, show_default=True,
-              help="laco: layers merged per step.")
-@click.option("--interval", type=click.IntRange(min=1), default=2, show_default=True,
-              help="laco: layers skipped after a merge.")
-def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, keep_lm_head, dtype, adapter, export, device,
-              offload, n_layers, ratio,
-              calibration_task, calibration_data, calibration_data_dir, calibration_split, calibration_text_column,
-              calibration_template, n_calibration, calibration_max_length, cache_dir, replacement, epochs, lr,
-              threshold, merge_layers, interval):
-    """Truncate MODEL after the chip's layer and save a checkpoint with the chip; or, with
-    --method, prune it with a depth-pruning baseline.
+@baseline_options(hidden=True)
+def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, keep_lm_head, dtype, adapter, export,
+              device, offload, **baseline):
+    """Truncate MODEL after the chip's layer and save a checkpoint with the chip.
 
     The checkpoint loads with `transformers.AutoModel.from_pretrained(OUT)` (backbone) or
-    `chiptuning.ChipModel.from_pretrained(OUT)` (classifier from raw text). A baseline checkpoint
-    is a plain HF model (with its LM head for decoders) plus pruning.json (method, blocks removed
-    or merged, scores, calibration source and size).
+    `chiptuning.ChipModel.from_pretrained(OUT)` (classifier from raw text).
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.errors import ChipTuningError
-    from chiptuning.models import resolve_device
-
-    resolve_device(device)  # refuse --device cuda without a GPU before loading anything
     if method != "chip":
-        # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-        from chiptuning.prune.baselines import prune_with_method, read_record
-        from chiptuning.tasks import load_task
-
+        click.echo(f"Deprecated: `chiptuning prune --method {method}` is now `chiptuning baseline --method "
+                   f"{method}` (same options).", err=True)
         if chips_dirs or layer is not None or export or adapter or allow_pickle:
             raise ChipTuningError(f"--chips, --layer, --export, --adapter and --allow-pickle go with --method chip, "
                                   f"not {method}")
-        if calibration_task and calibration_data:
-            raise ChipTuningError("give one of --calibration-task or --calibration-data")
-        source = calibration_task or calibration_data
-        calibration = None
-        if source is not None:
-            calibration = load_task(source, split=calibration_split, text_column=calibration_text_column,
-                                    template=calibration_template, data_dir=calibration_data_dir)
-        elif method in ("streamline", "slm", "laco") or (method in ("shortgpt", "angular") and cache_dir is None):
-            raise ChipTuningError(f"--method {method} needs calibration text: --calibration-task or --calibration-data"
-                                  + (" (or --cache)" if method in ("shortgpt", "angular") else ""))
-        options = {"streamline": {"replacement": replacement, "epochs": epochs, "lr": lr},
-                   "slm": {"threshold": threshold},
-                   "laco": {"threshold": threshold, "merge_layers": merge_layers, "interval": interval}}.get(method, {})
-        path = prune_with_method(model, method, out, n_layers=n_layers, ratio=ratio, calibration_task=calibration,
-                                 n_calibration=n_calibration, max_length=calibration_max_length, cache=cache_dir,
-                                 dtype=dtype or "fp32", device=device, overwrite=overwrite, offload=offload,
-                                 **options)
-        record = read_record(path)
-        params = record.params
-        click.echo(
-            f"pruned {model} with {method}: {record.base_model.num_blocks} -> {record.num_blocks} blocks, "
-            f"{params.before:,} -> {params.after:,} parameters "
-            f"({100 * params.pruning_ratio:.1f}% removed) -> {path}"
-        )
+        click.get_current_context().invoke(baseline_cmd, model=model, method=method, out=out, overwrite=overwrite,
+                                           dtype=dtype or "fp32", device=device, offload=offload, **baseline)
         return
-    if not chips_dirs:
-        raise ChipTuningError("--method chip needs --chips DIR (from `chiptuning probe train`)")
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
+    from chiptuning.models import resolve_device
     from chiptuning.prune import load_record, prune
 
+    resolve_device(device)  # refuse --device cuda without a GPU before loading anything
+    if not chips_dirs:
+        raise ChipTuningError("--method chip needs --chips DIR (from `chiptuning probe train`)")
     path = prune(model, list(chips_dirs), out, layer=layer, keep_lm_head=keep_lm_head, dtype=dtype,
                  adapter=adapter, device=device, export=export, overwrite=overwrite, allow_pickle=allow_pickle,
                  offload=offload)
     record = load_record(path)
     params = record.params
-    click.echo(
-        f"pruned {model} at layer {record.layer} of {record.num_blocks}: "
-        f"{params.before['total']:,} -> {params.after['total']:,} parameters "
-        f"({100 * params.pruning_ratio:.1f}% removed) -> {path}"
-    )
+    click.echo(f"pruned {model} at layer {record.layer} of {record.num_blocks}: {params.before['total']:,} -> "
+               f"{params.after['total']:,} parameters ({100 * params.pruning_ratio:.1f}% removed) -> {path}")
 
 
 @click.command("eval", short_help="Run a pruned checkpoint on labelled data.")
@@ -172,19 +107,13 @@ def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, ma
     metrics = evaluate(pruned_dir, data, out_dir=out, task=name, batch_size=batch_size,
                        max_tokens_per_batch=max_tokens_per_batch, device=device, model=clf,
                        dense=dense_model or compare_dense, repeats=repeats, progress=True, overwrite=overwrite)
-    click.echo(
-        f"accuracy {metrics['accuracy']:.4f} on {metrics['n_examples']} examples "
-        f"(layer {metrics['layer']} of {metrics['num_blocks']}, "
-        f"{metrics['examples_per_s']:.1f} examples/s) -> {out}"
-    )
+    click.echo(f"accuracy {metrics['accuracy']:.4f} on {metrics['n_examples']} examples (layer {metrics['layer']} "
+               f"of {metrics['num_blocks']}, {metrics['examples_per_s']:.1f} examples/s) -> {out}")
     if "dense" in metrics:
-        dense = metrics["dense"]
-        zero_shot = dense["zero_shot_accuracy"]
-        click.echo(
-            f"dense model: {dense['examples_per_s']:.1f} examples/s; pruned is {metrics['speedup']:.2f}x "
-            f"faster (ideal {metrics['ideal_speedup']:.2f}x); dense zero-shot accuracy "
-            + (f"{zero_shot:.4f}" if zero_shot is not None else "n/a")
-        )
+        dense, zero_shot = metrics["dense"], metrics["dense"]["zero_shot_accuracy"]
+        click.echo(f"dense model: {dense['examples_per_s']:.1f} examples/s; pruned is {metrics['speedup']:.2f}x "
+                   f"faster (ideal {metrics['ideal_speedup']:.2f}x); dense zero-shot accuracy "
+                   + (f"{zero_shot:.4f}" if zero_shot is not None else "n/a"))
 
 
 @click.command("push", short_help="Verify a pruned checkpoint and upload it.")

@@ -50,9 +50,8 @@ def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, dev
     from chiptuning.errors import DataError
     from chiptuning.pipeline import RunConfig, run_pipeline
 
-    given = task_opts.get("task") is not None or task_opts.get("data") is not None
     train_task = eval_task = None
-    if given:
+    if task_opts.get("task") is not None or task_opts.get("data") is not None:
         train_task = load_task_from_options(**task_opts)
         if eval_split is not None:
             eval_task = load_other_split(eval_split, task_opts)
@@ -76,20 +75,16 @@ def format_summary(summary) -> str:
         mark = "  <- selected" if point.layer == summary.layer else ""
         said = f"  {_pct(point.lens_accuracy):>10}" if lens else ""
         lines.append(f"{point.layer:>5}  {_pct(point.val_accuracy):>8}  {_pct(point.eval_accuracy):>8}{said}{mark}")
-    params = summary.params
-    lines += [
-        "",
-        f"selected layer {summary.layer} of {summary.num_blocks} ({summary.strategy}): {summary.selection.why}",
-        f"pruned model accuracy on eval: {_pct(summary.pruned_eval_accuracy)} "
-        f"(majority class {_pct(summary.majority_baseline)})",
-    ]
-    zero_shot = summary.zero_shot
+    params, zero_shot, speed = summary.params, summary.zero_shot, summary.speed
+    lines += ["", f"selected layer {summary.layer} of {summary.num_blocks} ({summary.strategy}): "
+                  f"{summary.selection.why}",
+              f"pruned model accuracy on eval: {_pct(summary.pruned_eval_accuracy)} "
+              f"(majority class {_pct(summary.majority_baseline)})"]
     if zero_shot is not None:
         lines.append(f"dense model's own answer (zero-shot, label words at layer {zero_shot.layer}): "
                      f"{_pct(zero_shot.accuracy)}, prior-calibrated {_pct(zero_shot.calibrated_accuracy)}")
     lines.append(f"parameters {params.before['total']:,} -> {params.after['total']:,} "
                  f"({100 * params.pruning_ratio:.1f}% removed)")
-    speed = summary.speed
     if speed is not None:
         lines.append(f"speed on eval: pruned {speed.pruned_examples_per_s:.1f} examples/s, dense "
                      f"{speed.dense_examples_per_s:.1f}: {speed.speedup:.2f}x faster (block ratio "

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-# The click parameter names task_options adds; load_task_from_options reads only these.
+# The click parameter names task_options adds: the data (task or data), then TaskOptions fields.
 TASK_PARAMS = (
     "task", "data", "data_dir", "subset", "split", "text_column", "template", "label_column", "labels",
     "truncate_field", "strip_trailing_space", "chat_template", "limit", "seed", "image_column",
@@ -16,11 +16,8 @@ TASK_PARAMS = (
 
 
 def task_options(func):
-    """Options that say which examples to read and how to turn them into prompts (shared).
-
-    The command receives them as keyword arguments named as in :data:`TASK_PARAMS`; pass them
-    on with ``load_task_from_options(**params)``.
-    """
+    """Options that say which examples to read and how to make prompts of them (shared): the command
+    receives them as the keyword arguments :data:`TASK_PARAMS`, for ``load_task_from_options(**params)``."""
     options = [
         click.option("--task", "task", default=None, metavar="NAME",
                      help="Built-in task (boolq, race-high, race-middle, c3, mmlu; see `chiptuning tasks`) "
@@ -112,36 +109,25 @@ def parse_labels(text: str | None) -> list[str] | None:
 
 
 def load_task_from_options(**options: Any):
-    """Load the task the :func:`task_options` parameters describe.
-
-    Args:
-        **options: the command's click parameters (others than :data:`TASK_PARAMS` are ignored).
-
-    Raises:
-        DataError: not exactly one of --task / --data, or anything :func:`load_task` refuses.
-    """
+    """Load the task the :func:`task_options` parameters describe (others are ignored); DataError for
+    not exactly one of --task / --data, or anything :func:`load_task` refuses."""
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.errors import DataError
-    from chiptuning.tasks import load_task
+    from chiptuning.tasks import TaskOptions, load_task
 
-    opts = {key: options.get(key) for key in TASK_PARAMS}
-    if (opts["task"] is None) == (opts["data"] is None):
+    task, data = options.get("task"), options.get("data")
+    if (task is None) == (data is None):
         raise DataError("give exactly one of --task NAME (built-in or hub dataset) or --data FILE")
-    if opts["data"] is not None and opts["data_dir"] is not None:
+    if data is not None and options.get("data_dir") is not None:
         raise DataError("--data-dir goes with a built-in --task NAME, not with --data FILE")
-    if opts["data"] is not None and not (Path(opts["data"]).is_file() or Path(opts["data"]).is_dir()):
-        raise DataError(f"--data {opts['data']} does not exist; give a local data file or image folder, or a hub "
+    if data is not None and not (Path(data).is_file() or Path(data).is_dir()):
+        raise DataError(f"--data {data} does not exist; give a local data file or image folder, or a hub "
                         "dataset with --task NAME")
-    template = _unescape(opts["template"]) if opts["template"] is not None else None
-    labels = parse_labels(opts["labels"])
-    return load_task(
-        opts["task"] if opts["task"] is not None else opts["data"],
-        split=opts["split"], text_column=opts["text_column"], template=template,
-        label_column=opts["label_column"], labels=labels, limit=opts["limit"],
-        seed=42 if opts["seed"] is None else opts["seed"], data_dir=opts["data_dir"], subset=opts["subset"],
-        truncate_field=opts["truncate_field"], strip_trailing_space=bool(opts["strip_trailing_space"]),
-        chat_template=bool(opts["chat_template"]), image_column=opts["image_column"],
-    )
+    settings = {key: options[key] for key in TASK_PARAMS[2:] if options.get(key) is not None}
+    if "template" in settings:
+        settings["template"] = _unescape(settings["template"])
+    settings["labels"] = parse_labels(settings.get("labels"))
+    return load_task(task if task is not None else data, TaskOptions(**settings))
 
 
 def load_other_split(split: str, options: dict):
@@ -165,20 +151,16 @@ def tasks_cmd(as_json: bool) -> None:
         click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
         return
     for entry in entries:
-        splits = ", ".join(
-            s + (" (train)" if s == entry["train_split"] else " (eval)" if s == entry["eval_split"] else "")
-            for s in entry["splits"]
-        )
+        roles = {entry["eval_split"]: " (eval)", entry["train_split"]: " (train)"}
+        shortened = f" (shortened to fit: {entry['truncate_field']})" if entry["truncate_field"] else ""
         click.echo(f"{entry['name']}: {entry['description']}")
         click.echo(f"  hub:        {entry['hub']}")
         click.echo(f"  data-dir:   {entry['local_files']}")
-        click.echo(f"  splits:     {splits}")
+        click.echo(f"  splits:     {', '.join(s + roles.get(s, '') for s in entry['splits'])}")
         click.echo(f"  labels:     {', '.join(entry['labels'])}")
-        click.echo(f"  fields:     {', '.join(entry['fields'])}"
-                   + (f" (shortened to fit: {entry['truncate_field']})" if entry["truncate_field"] else ""))
+        click.echo(f"  fields:     {', '.join(entry['fields'])}{shortened}")
         # JSON quoting shows the newlines and the trailing space the chip reads.
-        click.echo(f"  template:   {json.dumps(entry['template'], ensure_ascii=False)}")
-        click.echo("")
+        click.echo(f"  template:   {json.dumps(entry['template'], ensure_ascii=False)}\n")
 
 
 COMMANDS: list = [tasks_cmd]

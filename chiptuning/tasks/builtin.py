@@ -1,43 +1,27 @@
 """The paper's benchmarks as built-in tasks: BoolQ, RACE (high, middle), C3, MMLU.
 
-Each task has the prompt template of the Chip-Tuning reference code (no answer appended), its
-label mapping and its default train / eval splits, and loads two ways:
-
-- from the Hugging Face hub through ``datasets`` (google/boolq, ehovy/race, dataset-org/c3,
-  cais/mmlu), or
-- offline from a directory holding the original release files (``data_dir``):
-
-  ======== ===================================================================================
-  boolq    ``train.jsonl``, ``dev.jsonl`` (Google release; ``val.jsonl`` of SuperGLUE also read)
-  race     ``{train,dev,test}_{high,middle}.jsonl[.gz]`` (one passage per line), or the CMU
-           layout ``{train,dev,test}/{high,middle}/<n>.txt``
-  c3       ``c3-{m,d}-{train,dev,test}.json``
-  mmlu     ``{auxiliary_train,dev,val,test}/*.csv`` (hendrycks ``data.tar``: no header,
-           question, A, B, C, D, answer letter; the subject is the file name)
-  ======== ===================================================================================
-
-  ``data_dir`` may also be a parent directory holding these as ``boolq/``, ``race/``, ``c3/``,
-  ``mmlu/`` (the layout of ``shared/data``).
-
-Both ways give the same examples, fields and ids (``validation#17`` for BoolQ, ``high10024.txt#2``
-for RACE, ``mixed/11-67#0`` for C3, ``abstract_algebra#3`` for MMLU), except the ids of MMLU's
-auxiliary_train, whose hub rows do not name their source file. Multiple-choice tasks store their
-options as a list field ``options`` that the template renders as ``A. ...`` lines.
+Each has the prompt template of the Chip-Tuning reference code (no answer appended), its labels
+and default splits, and loads from the Hugging Face hub or offline from the original release files
+(each task's ``local_files``; MMLU's are hendrycks' ``data.tar``) in ``data_dir`` or in its
+``boolq/``, ``race/``, ``c3/``, ``mmlu/``. Both give the same examples, fields and ids
+(``validation#17``, ``high10024.txt#2``, ``mixed/11-67#0``, ``abstract_algebra#3``; not MMLU's
+auxiliary_train, whose hub rows do not name their file). Options are a list field ``options``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from chiptuning.errors import DataError
-from chiptuning.tasks.base import LETTERS, Example
+from chiptuning.tasks.base import LETTERS, Example, TaskData, TaskOptions, template_fields, truncate_field_of
 from chiptuning.tasks.files import load_hub_dataset, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -56,47 +40,30 @@ Loader = Callable[..., list[Example]]
 
 @dataclass(frozen=True)
 class BuiltinTask:
-    """A benchmark the toolkit knows: its prompt, labels, splits and where its data lives.
+    """A benchmark the toolkit knows: its prompt, labels, splits and where its data lives."""
 
-    Attributes:
-        name: the ``--task`` name.
-        description: one line for ``chiptuning tasks``.
-        template: prompt template over :attr:`fields` (the reference code's).
-        fields: the fields every example has (what a ``--template`` override may use).
-        label_names: class names; a multiple-choice example uses the first ``n_choices``.
-        splits: canonical split names.
-        train_split: the split chips are trained on by default.
-        eval_split: the split results are reported on.
-        truncate_field: the long field shortened to fit ``--max-length`` (None: none).
-        hub: (dataset id, configurations concatenated in order) on the Hugging Face hub.
-        local_files: the release files a ``--data-dir`` must hold, for messages and listings.
-        folder: the usual name of the release's folder; a ``--data-dir`` holding such a folder
-            (e.g. ``data/`` with ``data/race/``) reads from it.
-        split_aliases: other names accepted for a split (``dev`` -> ``validation``).
-    """
-
-    name: str
-    description: str
-    template: str
-    fields: tuple[str, ...]
-    label_names: tuple[str, ...]
-    splits: tuple[str, ...]
-    train_split: str
-    eval_split: str
-    truncate_field: str | None
-    hub: tuple[str, tuple[str | None, ...]]
-    local_files: str
-    load_local: Loader
-    load_hub: Loader
-    folder: str
+    name: str  # the --task name
+    description: str  # one line for `chiptuning tasks`
+    template: str  # the reference code's prompt over `fields`
+    fields: tuple[str, ...]  # every example's fields (what a --template override may use)
+    hub: tuple[str, tuple[str | None, ...]]  # dataset id, configurations concatenated in order
+    local_files: str  # the release files a --data-dir holds, for messages and listings
+    load_local: Loader  # (data_dir, split) -> examples
+    load_hub: Loader  # split -> examples
+    eval_split: str = "test"  # the split results are reported on
+    truncate_field: str | None = None  # the long field shortened to fit --max-length
+    label_names: tuple[str, ...] = ("A", "B", "C", "D")  # a multiple-choice example uses the first n_choices
+    splits: tuple[str, ...] = ("train", "validation", "test")
+    train_split: str = "train"  # the default split
     split_aliases: tuple[tuple[str, str], ...] = (("dev", "validation"), ("val", "validation"))
 
-    def resolve_split(self, split: str | None) -> str:
-        """The canonical split name (default: :attr:`train_split`).
+    @property
+    def folder(self) -> str:
+        """The release's usual folder name: a ``--data-dir`` holding it (``data/race/``) reads from it."""
+        return self.name.split("-")[0]
 
-        Raises:
-            DataError: a split the task does not have.
-        """
+    def resolve_split(self, split: str | None) -> str:
+        """The canonical split name (default :attr:`train_split`); DataError for one the task lacks."""
         if split is None:
             log.info("%s: no --split given, using the train split %r", self.name, self.train_split)
             return self.train_split
@@ -107,30 +74,19 @@ class BuiltinTask:
 
     def summary(self) -> dict[str, Any]:
         """JSON-able listing entry (``chiptuning tasks --json``)."""
+        configs = [c for c in self.hub[1] if c]
         return {
-            "name": self.name,
-            "description": self.description,
-            "hub": self.hub[0] + (f" ({', '.join(c for c in self.hub[1] if c)})" if any(self.hub[1]) else ""),
-            "splits": list(self.splits),
-            "train_split": self.train_split,
-            "eval_split": self.eval_split,
-            "labels": list(self.label_names),
-            "fields": list(self.fields),
-            "template": self.template,
-            "truncate_field": self.truncate_field,
-            "local_files": self.local_files,
+            "name": self.name, "description": self.description,
+            "hub": self.hub[0] + (f" ({', '.join(configs)})" if configs else ""),
+            "splits": list(self.splits), "train_split": self.train_split, "eval_split": self.eval_split,
+            "labels": list(self.label_names), "fields": list(self.fields), "template": self.template,
+            "truncate_field": self.truncate_field, "local_files": self.local_files,
         }
 
 
-# -- helpers ---------------------------------------------------------------------------------------
-
-
-def _missing(task: str, data_dir: Path, wanted: Iterable[str], split: str) -> DataError:
-    names = ", ".join(wanted)
-    return DataError(
-        f"{task}: no data for split {split!r} in {data_dir} (looked for {names}); "
-        "point --data-dir at the release files or pick another --split"
-    )
+def _missing(task: str, data_dir: Path, wanted: list[str], split: str) -> DataError:
+    return DataError(f"{task}: no data for split {split!r} in {data_dir} (looked for {', '.join(wanted)}); "
+                     "point --data-dir at the release files or pick another --split")
 
 
 def _letter_index(answer: Any, n_options: int, where: str) -> int:
@@ -140,18 +96,14 @@ def _letter_index(answer: Any, n_options: int, where: str) -> int:
     return LETTERS.index(letter)
 
 
-def _check_data_dir(data_dir: str | Path) -> Path:
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise DataError(f"--data-dir {path} is not a directory")
-    return path
+def _choice_example(ex_id: str, fields: dict[str, Any], label: int) -> Example:
+    """A multiple-choice example: its ``options`` field sets its number of valid classes."""
+    return Example(id=ex_id, fields=fields, label=label, n_choices=len(fields["options"]))
 
 
-def _load_dataset(task: str, split: str, config: str | None = None):
-    return load_hub_dataset(task, config, split=split)
+# A release names the validation split "dev" (MMLU: "val").
+_FILE_SPLIT = {"train": "train", "validation": "dev", "test": "test"}
 
-
-# -- BoolQ -----------------------------------------------------------------------------------------
 
 
 def _boolq_example(record: dict[str, Any], n: int, split: str, where: str) -> Example:
@@ -169,78 +121,62 @@ def _boolq_local(data_dir: Path, split: str) -> list[Example]:
         if path.exists():
             return [_boolq_example(r, n, split, str(path)) for n, r in enumerate(read_jsonl(path))]
     if split == "train" and (data_dir / "train_questions_only.jsonl").exists():
-        raise DataError(
-            f"boolq: {data_dir} has train_questions_only.jsonl, the train split without passages, which "
-            "the boolq template needs; train and evaluate on disjoint parts of the validation split "
-            "(--split 'validation[:2000]', then --split 'validation[2000:]'), or read that file as your own "
-            "question-only data: --data FILE --template 'Question: {subject}\\nAnswer: ' "
-            "--label-column target_new.str"
-        )
+        raise DataError(f"boolq: {data_dir} has train_questions_only.jsonl, the train split without passages, which "
+                        "the boolq template needs; train and evaluate on disjoint parts of the validation split "
+                        "(--split 'validation[:2000]', then --split 'validation[2000:]'), or read that file as your "
+                        "own question-only data: --data FILE --template 'Question: {subject}\\nAnswer: ' "
+                        "--label-column target_new.str")
     raise _missing("boolq", data_dir, names, split)
 
 
 def _boolq_hub(split: str) -> list[Example]:
-    rows = _load_dataset("google/boolq", split)
+    rows = load_hub_dataset("google/boolq", None, split)
     return [_boolq_example(r, n, split, "google/boolq") for n, r in enumerate(rows)]
 
 
-# -- RACE ------------------------------------------------------------------------------------------
 
-_RACE_FILE_SPLIT = {"train": "train", "validation": "dev", "test": "test"}
+def _race_example(passage_id: str, q: int, article: str, question: str, options: list[str], answer: Any,
+                  where: str) -> Example:
+    ex_id = f"{passage_id}#{q}"
+    return _choice_example(ex_id, {"article": article, "question": question, "options": list(options)},
+                           _letter_index(answer, len(options), f"{where} {ex_id}"))
 
 
-def _race_examples(passage: dict[str, Any], where: str) -> list[Example]:
+def _race_passage(passage: dict[str, Any], where: str) -> list[Example]:
     """One example per question of a RACE passage (original JSON: article, questions, options, answers, id)."""
     questions, options, answers = passage["questions"], passage["options"], passage["answers"]
     if not len(questions) == len(options) == len(answers):
         raise DataError(f"{where}: passage {passage.get('id')!r} has unequal numbers of questions, options, answers")
-    return [
-        Example(
-            id=f"{passage['id']}#{q}",
-            fields={"article": passage["article"], "question": question, "options": list(opts)},
-            label=_letter_index(answer, len(opts), f"{where} {passage['id']}#{q}"),
-            n_choices=len(opts),
-        )
-        for q, (question, opts, answer) in enumerate(zip(questions, options, answers))
-    ]
+    return [_race_example(passage["id"], q, passage["article"], question, opts, answer, where)
+            for q, (question, opts, answer) in enumerate(zip(questions, options, answers))]
 
 
 def _race_local(data_dir: Path, split: str, level: str) -> list[Example]:
-    stem = f"{_RACE_FILE_SPLIT[split]}_{level}.jsonl"
+    stem = f"{_FILE_SPLIT[split]}_{level}.jsonl"
     for path in (data_dir / stem, data_dir / f"{stem}.gz"):
         if path.exists():
-            return [ex for passage in read_jsonl(path) for ex in _race_examples(passage, str(path))]
-    folder = data_dir / _RACE_FILE_SPLIT[split] / level  # the CMU release: one JSON file per passage
-    if folder.is_dir():
-        files = sorted(folder.glob("*.txt"), key=lambda p: (len(p.stem), p.stem))
-        examples = []
-        for path in files:
-            passage = json.loads(path.read_text(encoding="utf-8"))
-            passage.setdefault("id", f"{level}{path.name}")
-            examples.extend(_race_examples(passage, str(path)))
-        return examples
-    raise _missing(f"race-{level}", data_dir, [stem, f"{stem}.gz", f"{folder.relative_to(data_dir)}/*.txt"], split)
-
-
-def _race_hub(split: str, level: str) -> list[Example]:
-    rows = _load_dataset("ehovy/race", split, level)
-    examples, seen = [], {}
-    for row in rows:
-        q = seen[row["example_id"]] = seen.get(row["example_id"], -1) + 1  # question number in its passage
-        where = f"ehovy/race {row['example_id']}#{q}"
-        examples.append(Example(
-            id=f"{row['example_id']}#{q}",
-            fields={"article": row["article"], "question": row["question"], "options": list(row["options"])},
-            label=_letter_index(row["answer"], len(row["options"]), where),
-            n_choices=len(row["options"]),
-        ))
+            return [ex for passage in read_jsonl(path) for ex in _race_passage(passage, str(path))]
+    folder = data_dir / _FILE_SPLIT[split] / level  # the CMU release: one JSON file per passage
+    if not folder.is_dir():
+        raise _missing(f"race-{level}", data_dir, [stem, f"{stem}.gz", f"{folder.relative_to(data_dir)}/*.txt"], split)
+    examples = []
+    for path in sorted(folder.glob("*.txt"), key=lambda p: (len(p.stem), p.stem)):
+        passage = json.loads(path.read_text(encoding="utf-8"))
+        passage.setdefault("id", f"{level}{path.name}")
+        examples += _race_passage(passage, str(path))
     return examples
 
 
-# -- C3 --------------------------------------------------------------------------------------------
+def _race_hub(split: str, level: str) -> list[Example]:
+    examples, seen = [], {}
+    for row in load_hub_dataset("ehovy/race", level, split):
+        q = seen[row["example_id"]] = seen.get(row["example_id"], -1) + 1  # question number in its passage
+        examples.append(_race_example(row["example_id"], q, row["article"], row["question"], row["options"],
+                                      row["answer"], "ehovy/race"))
+    return examples
+
 
 _C3_KINDS = (("m", "mixed"), ("d", "dialog"))  # mixed first, then dialogue (as the paper counts them)
-_C3_FILE_SPLIT = {"train": "train", "validation": "dev", "test": "test"}
 
 
 def _c3_examples(documents: list[str], questions: list[dict[str, Any]], doc_id: str, kind: str,
@@ -253,46 +189,34 @@ def _c3_examples(documents: list[str], questions: list[dict[str, Any]], doc_id: 
             raise DataError(f"{where} {ex_id}: {len(choices)} options; C3 questions have 2 to 4")
         if item["answer"] not in choices:
             raise DataError(f"{where} {ex_id}: answer {item['answer']!r} is not one of its options {choices}")
-        examples.append(Example(
-            id=ex_id,
-            fields={"documents": list(documents), "question": item["question"], "options": choices},
-            label=choices.index(item["answer"]),
-            n_choices=len(choices),
-        ))
+        fields = {"documents": list(documents), "question": item["question"], "options": choices}
+        examples.append(_choice_example(ex_id, fields, choices.index(item["answer"])))
     return examples
 
 
 def _c3_local(data_dir: Path, split: str) -> list[Example]:
-    paths = [data_dir / f"c3-{short}-{_C3_FILE_SPLIT[split]}.json" for short, _ in _C3_KINDS]
+    paths = [data_dir / f"c3-{short}-{_FILE_SPLIT[split]}.json" for short, _ in _C3_KINDS]
     if not all(p.exists() for p in paths):
         raise _missing("c3", data_dir, [p.name for p in paths], split)
     examples = []
     for path, (_, kind) in zip(paths, _C3_KINDS):
         for documents, questions, doc_id in json.loads(path.read_text(encoding="utf-8")):
-            examples.extend(_c3_examples(documents, questions, doc_id, kind, str(path)))
+            examples += _c3_examples(documents, questions, doc_id, kind, str(path))
     return examples
 
 
 def _c3_hub(split: str) -> list[Example]:
     examples = []
     for _, kind in _C3_KINDS:
-        for row in _load_dataset("dataset-org/c3", split, kind):
+        for row in load_hub_dataset("dataset-org/c3", kind, split):
             questions = row["questions"]
             if isinstance(questions, dict):  # a Sequence of dicts arrives as a dict of lists
-                questions = [dict(zip(("question", "answer", "choice"), t))
-                             for t in zip(questions["question"], questions["answer"], questions["choice"])]
-            examples.extend(_c3_examples(row["documents"], questions, row["document_id"], kind, "dataset-org/c3"))
+                questions = [dict(zip(questions, values)) for values in zip(*questions.values())]
+            examples += _c3_examples(row["documents"], questions, row["document_id"], kind, "dataset-org/c3")
     return examples
 
 
-# -- MMLU ------------------------------------------------------------------------------------------
-
 _MMLU_DIRS = {"auxiliary_train": "auxiliary_train", "dev": "dev", "validation": "val", "test": "test"}
-
-
-def _mmlu_example(subject: str, question: str, options: list[str], label: int, ex_id: str) -> Example:
-    return Example(id=ex_id, fields={"subject": subject, "question": question, "options": options},
-                   label=label, n_choices=len(options))
 
 
 def _mmlu_local(data_dir: Path, split: str) -> list[Example]:
@@ -300,71 +224,54 @@ def _mmlu_local(data_dir: Path, split: str) -> list[Example]:
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     if not files:
         raise _missing("mmlu", data_dir, [f"{_MMLU_DIRS[split]}/*.csv"], split)
-    suffix = f"_{_MMLU_DIRS[split]}"
     examples = []
     for path in files:
         # The auxiliary training files (ARC, OBQA, ...) are not MMLU subjects: no subject, as on the hub.
-        subject = "" if split == "auxiliary_train" else path.stem.removesuffix(suffix)
+        subject = "" if split == "auxiliary_train" else path.stem.removesuffix(f"_{_MMLU_DIRS[split]}")
         with open(path, encoding="utf-8", newline="") as f:
             for n, row in enumerate(csv.reader(f)):
                 if len(row) != 6:
                     raise DataError(f"{path}:{n + 1}: {len(row)} columns; expected question, A, B, C, D, answer")
                 label = _letter_index(row[5], 4, f"{path}:{n + 1}")
-                examples.append(_mmlu_example(subject, row[0], row[1:5], label, f"{subject or path.stem}#{n}"))
+                fields = {"subject": subject, "question": row[0], "options": row[1:5]}
+                examples.append(_choice_example(f"{subject or path.stem}#{n}", fields, label))
     log.info("mmlu/%s: %d questions from %d files in %s", split, len(examples), len(files), folder)
     return examples
 
 
 def _mmlu_hub(split: str) -> list[Example]:
-    rows = _load_dataset("cais/mmlu", split, "all")
     examples, seen = [], {}
-    for i, row in enumerate(rows):
-        row = row.get("train", row)  # older auxiliary_train exports nest each row under "train"
+    for i, row in enumerate(load_hub_dataset("cais/mmlu", "all", split)):
+        row = row.get("train", row)  # some auxiliary_train exports nest each row under "train"
         subject = row.get("subject") or ""
         n = seen[subject] = seen.get(subject, -1) + 1
         answer = row["answer"]
         label = answer if isinstance(answer, int) else _letter_index(answer, 4, f"cais/mmlu row {i}")
-        examples.append(_mmlu_example(subject, row["question"], list(row["choices"]), label,
-                                      f"{subject}#{n}" if subject else f"{split}#{i}"))
+        fields = {"subject": subject, "question": row["question"], "options": list(row["choices"])}
+        examples.append(_choice_example(f"{subject}#{n}" if subject else f"{split}#{i}", fields, label))
     return examples
 
 
 def mmlu_template(examples: list[Example]) -> str:
-    """The MMLU template for these examples: with the subject when every example has one.
-
-    Raises:
-        DataError: some examples have a subject and some do not.
-    """
+    """The MMLU template for these examples: with the subject when every example has one, without
+    when none has (DataError for a mix)."""
     with_subject = sum(bool(ex.fields["subject"]) for ex in examples)
     if with_subject == len(examples):
         return MMLU_TEMPLATE
     if with_subject == 0:
         return MMLU_TEMPLATE_NO_SUBJECT
-    raise DataError(
-        f"mmlu: {with_subject} of {len(examples)} questions have a subject; one prompt template needs all "
-        "or none (load subject splits and auxiliary_train separately)"
-    )
-
-
-# -- the registry ----------------------------------------------------------------------------------
+    raise DataError(f"mmlu: {with_subject} of {len(examples)} questions have a subject; one prompt template needs all "
+                    "or none (load subject splits and auxiliary_train separately)")
 
 
 def _race(level: str) -> BuiltinTask:
     return BuiltinTask(
         name=f"race-{level}",
         description=f"RACE-{level[0].upper()}: English exam reading comprehension ({level} school), 4 options",
-        template=RACE_TEMPLATE,
-        fields=("article", "question", "options"),
-        label_names=("A", "B", "C", "D"),
-        splits=("train", "validation", "test"),
-        train_split="train",
-        eval_split="test",
-        truncate_field="article",
-        hub=("ehovy/race", (level,)),
+        template=RACE_TEMPLATE, fields=("article", "question", "options"), hub=("ehovy/race", (level,)),
         local_files=f"{{train,dev,test}}_{level}.jsonl[.gz] or {{train,dev,test}}/{level}/*.txt",
-        load_local=partial(_race_local, level=level),
-        load_hub=partial(_race_hub, level=level),
-        folder="race",
+        load_local=partial(_race_local, level=level), load_hub=partial(_race_hub, level=level),
+        truncate_field="article",
     )
 
 
@@ -372,55 +279,30 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
     task.name: task
     for task in (
         BuiltinTask(
-            name="boolq",
-            description="BoolQ: yes/no questions about a Wikipedia passage",
-            template=BOOLQ_TEMPLATE,
-            fields=("passage", "question", "title"),
-            label_names=("False", "True"),
+            name="boolq", description="BoolQ: yes/no questions about a Wikipedia passage",
+            template=BOOLQ_TEMPLATE, fields=("passage", "question", "title"), hub=("google/boolq", (None,)),
+            local_files="train.jsonl, dev.jsonl (validation)", load_local=_boolq_local, load_hub=_boolq_hub,
+            eval_split="validation", truncate_field="passage", label_names=("False", "True"),
             splits=("train", "validation"),
-            train_split="train",
-            eval_split="validation",
-            truncate_field="passage",
-            hub=("google/boolq", (None,)),
-            local_files="train.jsonl, dev.jsonl (validation)",
-            load_local=_boolq_local,
-            load_hub=_boolq_hub,
-            folder="boolq",
         ),
         _race("high"),
         _race("middle"),
         BuiltinTask(
             name="c3",
             description="C3: Chinese multiple-choice reading comprehension, mixed-genre + dialogue, 2-4 options",
-            template=C3_TEMPLATE,
-            fields=("documents", "question", "options"),
-            label_names=("A", "B", "C", "D"),
-            splits=("train", "validation", "test"),
-            train_split="train",
-            eval_split="validation",
-            truncate_field="documents",
+            template=C3_TEMPLATE, fields=("documents", "question", "options"),
             hub=("dataset-org/c3", ("mixed", "dialog")),
-            local_files="c3-{m,d}-{train,dev,test}.json",
-            load_local=_c3_local,
-            load_hub=_c3_hub,
-            folder="c3",
+            local_files="c3-{m,d}-{train,dev,test}.json", load_local=_c3_local, load_hub=_c3_hub,
+            eval_split="validation", truncate_field="documents",
         ),
         BuiltinTask(
             name="mmlu",
             description="MMLU: 57-subject multiple-choice exam questions, 4 options "
                         "(auxiliary_train has no subject: 'about {subject}' is dropped)",
-            template=MMLU_TEMPLATE,
-            fields=("subject", "question", "options"),
-            label_names=("A", "B", "C", "D"),
-            splits=("auxiliary_train", "dev", "validation", "test"),
-            train_split="auxiliary_train",
-            eval_split="test",
+            template=MMLU_TEMPLATE, fields=("subject", "question", "options"), hub=("cais/mmlu", ("all",)),
+            local_files="{auxiliary_train,dev,val,test}/*.csv", load_local=_mmlu_local, load_hub=_mmlu_hub,
             truncate_field=None,  # no passage: the long part of a question is the question
-            hub=("cais/mmlu", ("all",)),
-            local_files="{auxiliary_train,dev,val,test}/*.csv",
-            load_local=_mmlu_local,
-            load_hub=_mmlu_hub,
-            folder="mmlu",
+            splits=("auxiliary_train", "dev", "validation", "test"), train_split="auxiliary_train",
             split_aliases=(("val", "validation"),),
         ),
     )
@@ -432,17 +314,51 @@ def get_builtin(name: str) -> BuiltinTask | None:
     return BUILTIN_TASKS.get(name.lower())
 
 
-def load_builtin_examples(task: BuiltinTask, split: str, data_dir: str | Path | None) -> tuple[list[Example], dict]:
-    """Examples of one split, from ``data_dir`` or the hub, and the source record."""
-    if data_dir is not None:
-        path = _check_data_dir(data_dir)
-        if (path / task.folder).is_dir():
-            path = path / task.folder
-        examples = task.load_local(path, split)
-        source = {"data_dir": str(path.resolve()), "format": "release files"}
+def _check_options(spec: BuiltinTask, opts: TaskOptions) -> None:
+    if opts.image_column is not None:
+        raise DataError(f"--image-column does not apply to the built-in task {spec.name} (it is text)")
+    if opts.text_column is not None:
+        raise DataError(f"--text-column does not apply to the built-in task {spec.name}; use --template to change its prompt")
+    if opts.label_column != "label":
+        raise DataError(f"--label-column does not apply to the built-in task {spec.name} (its labels: {', '.join(spec.label_names)})")
+    if opts.labels is not None and opts.labels != list(spec.label_names):
+        raise DataError(f"--labels {','.join(opts.labels)} differ from {spec.name}'s labels {','.join(spec.label_names)}; leave --labels out")
+    if opts.subset is not None:
+        raise DataError(f"--subset does not apply to the built-in task {spec.name} (it reads {spec.hub[0]} itself)")
+    unknown = template_fields(opts.template) - set(spec.fields) if opts.template is not None else set()
+    if unknown:
+        raise DataError(f"--template field(s) {sorted(unknown)} are not fields of {spec.name} (fields: {', '.join(spec.fields)})")
+
+
+def load_builtin_task(name: str, opts: TaskOptions) -> TaskData:
+    """A built-in task's split (or a union ``a+b`` of splits), with its reference template unless
+    ``opts.template`` replaces it; options that do not apply are a DataError."""
+    spec = get_builtin(name)
+    _check_options(spec, opts)
+    splits = [spec.resolve_split(split) for split in (opts.split.split("+") if opts.split else [None])]
+    data_dir = None if opts.data_dir is None else Path(opts.data_dir)
+    if data_dir is None:
+        source = {"hub": spec.hub[0], "configs": [c for c in spec.hub[1] if c]}
+    elif not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is not a directory")
     else:
-        examples = task.load_hub(split)
-        source = {"hub": task.hub[0], "configs": [c for c in task.hub[1] if c]}
-    if not examples:
-        raise DataError(f"{task.name}/{split}: no examples found")
-    return examples, source
+        data_dir = data_dir / spec.folder if (data_dir / spec.folder).is_dir() else data_dir
+        source = {"data_dir": str(data_dir.resolve()), "format": "release files"}
+    examples = []
+    for split in splits:
+        part = spec.load_hub(split) if data_dir is None else spec.load_local(data_dir, split)
+        if not part:
+            raise DataError(f"{spec.name}/{split}: no examples found")
+        # a union of splits ("auxiliary_train+validation"): ids get their split, to stay unique
+        examples += part if len(splits) == 1 else [dataclasses.replace(ex, id=f"{split}:{ex.id}") for ex in part]
+    if len(splits) > 1:
+        source["splits"] = splits
+    source["template"] = "reference" if opts.template is None else "custom"
+    template = opts.template
+    if template is None:
+        template = mmlu_template(examples) if spec.name == "mmlu" else spec.template
+    truncate = truncate_field_of(template, opts.truncate_field, spec.truncate_field)
+    return TaskData(name=spec.name, split="+".join(splits), label_names=list(spec.label_names), examples=examples,
+                    template=template.rstrip(" ") if opts.strip_trailing_space else template, source=source,
+                    truncate_field=truncate, chat_template=opts.chat_template,
+                    strip_trailing_space=opts.strip_trailing_space)

@@ -1,15 +1,10 @@
 """User datasets: local JSONL / JSON / CSV / TSV / Parquet files, hub datasets, ``datasets.Dataset``.
 
-Each record becomes an :class:`~chiptuning.tasks.base.Example`: the prompt comes from
-``text_column`` or a template over the record's fields; the label from ``label_column``
-(a dotted name such as ``target_new.str`` reaches into nested records). Label names, in class
-order, are taken from the first of:
-
-1. ``labels`` (``--labels a,b,c``). Integer label values index into them when no name is a number.
-2. The label column's ``ClassLabel`` feature (hub datasets, ``datasets`` objects, Parquet files
-   written by ``datasets``).
-3. Inferred from the values, in a stable order: booleans ``False, True``; integers (or strings
-   that all spell integers) ascending; anything else sorted as text.
+A record's prompt is its ``text_column`` or a template over its fields; its label is its
+``label_column`` (``target_new.str`` reaches into nested records). Label names, in class order, are
+``labels`` (integer values index them when no name is a number), else the label column's
+``ClassLabel`` names, else the values in a stable order: ``False, True``; integers (or strings that
+all spell integers) ascending; anything else sorted as text.
 """
 
 from __future__ import annotations
@@ -18,19 +13,18 @@ import csv
 import gzip
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chiptuning.errors import DataError
+from chiptuning.io import sha256_file
 from chiptuning.records import name_clash
-from chiptuning.tasks.base import Example, TaskData, choice_field, render_field, template_fields
+from chiptuning.tasks.base import Example, TaskData, TaskOptions, choice_field, template_fields, truncate_field_of
 
 log = logging.getLogger(__name__)
 
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
-
-
-# -- reading ---------------------------------------------------------------------------------------
 
 
 def _open_text(path: Path):
@@ -41,10 +35,14 @@ def _open_text(path: Path):
 
 
 def _data_suffix(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
     return suffixes[-1] if suffixes else ""
+
+
+def looks_like_file(data: Any) -> bool:
+    """Whether a name is meant as a local file (a data file's suffix, or a relative path)."""
+    name = str(data).lower()
+    return any(name.endswith(s) or name.endswith(s + ".gz") for s in FILE_TYPES) or name.startswith((".", "~"))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -60,60 +58,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_table(path: str | Path) -> tuple[list[dict[str, Any]], Any]:
-    """Rows of a local data file as dicts, and its ``datasets.Features`` where the file has them.
-
-    Reads JSONL / NDJSON, JSON (a list of records), CSV, TSV (a header row), each optionally
-    gzip-compressed, and Parquet (with ``ClassLabel`` features when ``datasets`` wrote it).
-
-    Raises:
-        DataError: a missing, unreadable or unsupported file.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; pass a data file, or a built-in task with --task NAME --data-dir DIR")
-    suffix = _data_suffix(path)
+def _read_json(path: Path) -> tuple[list[dict[str, Any]], None]:
     try:
-        if suffix in (".jsonl", ".ndjson"):
+        with _open_text(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # JSON Lines under a .json name
             return read_jsonl(path), None
-        if suffix == ".json":
-            with _open_text(path) as f:
-                text = f.read()
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as err:
-                if err.msg == "Extra data":  # JSON Lines under a .json name
-                    return read_jsonl(path), None
-                raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise DataError(f"{path}: expected a JSON list of records (objects)")
-            return data, None
-        if suffix in (".csv", ".tsv"):
-            with _open_text(path) as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")), None
-        if suffix == ".parquet":
-            return _read_parquet(path)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason})") from None
-    except (OSError, EOFError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise DataError(f"cannot read {path}: {err}") from None
-    raise DataError(f"unsupported data file type {suffix!r} ({path}); use one of {', '.join(FILE_TYPES)}")
+        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of records (objects)")
+    return data, None
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local data file as dicts (see :func:`read_table`)."""
-    return read_table(path)[0]
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], None]:
+    with _open_text(path) as f:
+        return list(csv.DictReader(f, delimiter="\t" if _data_suffix(path) == ".tsv" else ",")), None
 
 
 def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], Any]:
     import pyarrow.parquet as pq  # optional reader (comes with datasets): only for .parquet files
-
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises its own error types for corrupt files
@@ -122,40 +88,90 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], Any]:
     if table.schema.metadata and b"huggingface" in table.schema.metadata:
         # datasets is heavy (~1 s) and optional offline: imported on use
         from datasets import Features
-
         features = Features.from_arrow_schema(table.schema)
     return table.to_pylist(), features
+
+
+_READERS = {".jsonl": lambda path: (read_jsonl(path), None), ".ndjson": lambda path: (read_jsonl(path), None),
+            ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_table(path: str | Path) -> tuple[list[dict[str, Any]], Any]:
+    """Rows of a JSONL, JSON (a list of records), CSV or TSV file (gzipped or not) or a Parquet file as
+    dicts, and its ``datasets.Features`` where it has them; DataError for a file it cannot read."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass a data file, or a built-in task with --task NAME --data-dir DIR")
+    suffix = _data_suffix(path)
+    if suffix not in _READERS:
+        raise DataError(f"unsupported data file type {suffix!r} ({path}); use one of {', '.join(FILE_TYPES)}")
+    try:
+        return _READERS[suffix](path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason})") from None
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read {path}: {err}") from None
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local data file as dicts (see :func:`read_table`)."""
+    return read_table(path)[0]
 
 
 def load_hub_dataset(name: str, subset: str | None = None, split: str = "train"):
     """``datasets.load_dataset(name, subset, split=split)`` with errors turned into DataError."""
     import datasets  # heavy (~1 s) and only for hub datasets: imported on use
-
     try:
         return datasets.load_dataset(name, subset, split=split)
     except Exception as err:  # network, missing dataset, bad config / split: all user-fixable
-        raise DataError(
-            f"cannot load dataset {name!r}"
-            + (f" (subset {subset!r})" if subset else "")
-            + f", split {split!r} from the Hugging Face hub: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            "; check the name, --subset and --split (or use --data FILE for a local file)"
-        ) from None
+        named = f"{name!r}" + (f" (subset {subset!r})" if subset else "")
+        raise DataError(f"cannot load dataset {named}, split {split!r} from the Hugging Face hub: "
+                        f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}; check the name, --subset and "
+                        "--split (or use --data FILE for a local file)") from None
 
 
-def hub_records(dataset) -> tuple[list[dict[str, Any]], Any]:
-    """Records and features of a ``datasets.Dataset``."""
-    return dataset.to_list(), dataset.features
+@dataclass
+class Source:
+    """Rows of a local file, a ``datasets`` object or a hub dataset, and how to name them."""
+
+    where: str  # the data's name in messages: a path, ``hub:NAME`` or ``dataset NAME``
+    split: str
+    provenance: dict[str, Any]  # the task's ``source``
+    records: list[dict[str, Any]] | None = None  # a file's rows
+    features: Any = None  # a file's datasets.Features, when it has them
+    dataset: Any = None  # a datasets.Dataset, whose rows the caller reads
+    base_dir: Path | None = None  # a file's folder: what relative image paths are relative to
 
 
-# -- labels ----------------------------------------------------------------------------------------
+def read_source(data: Any, opts: TaskOptions) -> Source:
+    """The rows of a local file, a ``datasets.Dataset`` / ``DatasetDict`` or a hub dataset's name
+    (DataError for a missing file or split, ``subset`` for a file, a hub dataset that fails to load)."""
+    split = opts.split or "train"
+    if not isinstance(data, (str, Path)):  # a datasets.Dataset, or a DatasetDict to take the split from
+        if not hasattr(data, "to_list"):
+            if split not in data:
+                raise DataError(f"the dataset has no split {split!r}; use one of {', '.join(data)}")
+            data = data[split]
+        name = getattr(getattr(data, "info", None), "dataset_name", None) or "dataset"
+        return Source(f"dataset {name}", split, {"dataset": name, "rows": len(data)}, dataset=data)
+    path = Path(data)
+    if path.exists():
+        if opts.subset is not None:
+            raise DataError("--subset is for hub datasets, not local files")
+        records, features = read_table(path)
+        stem = Path(path.stem).stem if path.suffix.lower() == ".gz" else path.stem
+        return Source(str(path), opts.split or stem, {"file": path.name, "sha256": sha256_file(path)},
+                      records=records, features=features, base_dir=path.parent.resolve())
+    if looks_like_file(data):
+        raise DataError(f"data file {path} does not exist")
+    return Source(f"hub:{data}", split, {"hub": str(data), "subset": opts.subset},
+                  dataset=load_hub_dataset(str(data), opts.subset, split))
 
 
 def get_value(record: dict[str, Any], column: str) -> Any:
-    """``record[column]``, or a nested value for a dotted name (``target_new.str``).
-
-    Raises:
-        KeyError: the column is not there.
-    """
+    """``record[column]``, or a nested value for a dotted name (``target_new.str``); KeyError if absent."""
     if column in record:
         return record[column]
     value: Any = record
@@ -187,191 +203,119 @@ def infer_label_names(values: list[Any]) -> list[str]:
     return sorted(texts)
 
 
-def class_label_names(features: Any, column: str) -> list[str] | None:
-    """Names of a ``ClassLabel`` feature of ``column``, else None."""
-    if features is None or column not in features:
-        return None
-    names = getattr(features[column], "names", None)
-    return [str(n) for n in names] if names else None
-
-
-def label_mapping(values: list[Any], labels: list[str] | None, class_names: list[str] | None):
-    """Label names and a function value -> class index (None if the value is not a label)."""
-    if class_names is not None:
-        # ClassLabel values are indices into its names; compare by name so --labels can reorder.
-        def to_name(v: Any) -> Any:
-            return class_names[v] if _is_int(v) and 0 <= v < len(class_names) else v
-
-        values = [to_name(v) for v in values]
-    else:
-        def to_name(v: Any) -> Any:
-            return v
-
-    label_names = [str(x) for x in labels] if labels is not None else (class_names or infer_label_names(values))
-    lookup = {name: i for i, name in enumerate(label_names)}
-    positional = not any(_spells_int(name) for name in label_names)
-
-    def index(value: Any) -> int | None:
-        value = to_name(value)
-        if isinstance(value, str) and value in lookup:
-            return lookup[value]
-        if str(value) in lookup:
-            return lookup[str(value)]
-        if positional and _is_int(value) and 0 <= value < len(label_names):
-            return value  # integer labels of a dataset without ClassLabel index into --labels
-        return None
-
-    return label_names, index
-
-
-# -- building a task -------------------------------------------------------------------------------
-
-
-def longest_field(template: str, records: list[dict[str, Any]]) -> str | None:
-    """The template field with the most characters over all records (the default truncate field)."""
-    names = sorted(template_fields(template))
-    if not names:
-        return None
-    totals = {name: sum(len(render_field(r[name])) for r in records if name in r) for name in names}
-    return max(names, key=lambda name: (totals[name], name))
-
-
-def record_labels(records: list[dict[str, Any]], *, where: str, needed: set[str], label_column: str,
-                  labels: list[str] | None, features: Any, options: str) -> tuple[list[str], list[int]]:
-    """Check that every record has the ``needed`` columns and a label, and map the labels to
-    classes (see the module docstring).
-
-    Args:
-        options: the command-line options that name the columns (for the message).
-
-    Returns:
-        (label names in class order, the class index of each record).
-
-    Raises:
-        DataError: a missing column, one label only, a label outside the label set.
-    """
+def _label_values(records: list[dict[str, Any]], column: str, needed: set[str], where: str, options: str) -> list:
+    """Each record's label, once every record has the ``needed`` columns and a label."""
     for n, record in enumerate(records):
         missing = needed - set(record)
         try:
-            get_value(record, label_column)
+            get_value(record, column)
         except KeyError:
-            missing.add(label_column)
+            missing.add(column)
         if missing:
-            raise DataError(
-                f"{where}: record {n} has no column {sorted(missing)[0]!r} (columns: {', '.join(sorted(record))}); "
-                f"check {options}"
-            )
-    values = [get_value(r, label_column) for r in records]
+            raise DataError(f"{where}: record {n} has no column {sorted(missing)[0]!r} (columns: "
+                            f"{', '.join(sorted(record))}); check {options}")
+    values = [get_value(r, column) for r in records]
     for n, value in enumerate(values):
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{where}: record {n} has no label ({'null' if value is None else 'empty'}) in column "
-                            f"{label_column!r}; fill it in or drop the record")
-    label_names, index = label_mapping(values, labels, class_label_names(features, label_column))
+                            f"{column!r}; fill it in or drop the record")
+    return values
+
+
+def record_labels(records: list[dict[str, Any]], opts: TaskOptions, *, where: str, needed: set[str],
+                  features: Any, options: str) -> tuple[list[str], list[int]]:
+    """(label names in class order, each record's class), labels as in the module docstring. DataError
+    for a missing column, a null or empty label, labels equal up to case or space, one label only, a
+    label outside the label set; ``options`` names the columns' options in messages."""
+    column = opts.label_column
+    values = _label_values(records, column, needed, where, options)
+    class_names = getattr(features[column], "names", None) if features is not None and column in features else None
+    class_names = [str(name) for name in class_names] if class_names else None
+    named = values  # ClassLabel values index its names: compared by name, so --labels can reorder them
+    if class_names is not None:
+        named = [class_names[v] if _is_int(v) and 0 <= v < len(class_names) else v for v in values]
+    label_names = opts.labels if opts.labels is not None else (class_names or infer_label_names(values))
     clash = name_clash(label_names)
     if clash is not None:
         raise DataError(f"{where}: labels {clash[0]!r} and {clash[1]!r} differ only by case or surrounding space, so "
                         "they would be two classes; clean the data (or give the classes with --labels)")
     if len(label_names) < 2:
-        raise DataError(f"{where}: only one label {label_names} in column {label_column!r}; a classifier needs two or more")
+        raise DataError(f"{where}: only one label {label_names} in column {column!r}; a classifier needs two or more")
+    lookup = {name: i for i, name in enumerate(label_names)}
+    positional = not any(_spells_int(name) for name in label_names)  # then integers index the labels
     classes = []
-    for n, value in enumerate(values):
-        label = index(value)
+    for n, (value, name) in enumerate(zip(values, named)):
+        label = lookup.get(str(name))
+        if label is None and positional and _is_int(name) and 0 <= name < len(label_names):
+            label = name
         if label is None:
-            near = [name for name in label_names if name.strip().casefold() == str(value).strip().casefold()]
-            raise DataError(
-                f"{where}: record {n} has label {value!r}, not in the label set {label_names}"
-                + (f" (it differs from {near[0]!r} only by case or surrounding space)" if near else "")
-                + "; fix the data or pass --labels"
-            )
+            near = [x for x in label_names if x.strip().casefold() == str(name).strip().casefold()]
+            raise DataError(f"{where}: record {n} has label {value!r}, not in the label set {label_names}"
+                            + (f" (it differs from {near[0]!r} only by case or surrounding space)" if near else "")
+                            + "; fix the data or pass --labels")
         classes.append(label)
     return label_names, classes
 
 
-def build_user_task(
-    records: list[dict[str, Any]],
-    *,
-    where: str,
-    name: str,
-    split: str,
-    source: dict[str, Any],
-    features: Any = None,
-    text_column: str | None = None,
-    template: str | None = None,
-    label_column: str = "label",
-    labels: list[str] | None = None,
-    id_column: str = "id",
-    truncate_field: str | None = None,
-    strip_trailing_space: bool = False,
-    chat_template: bool = False,
-) -> TaskData:
-    """Turn records into a task (see the module docstring for labels).
+def example_ids(records: list[dict[str, Any]], id_column: str, where: str) -> list[str]:
+    """Each record's ``id_column`` value, else its row number; row numbers for all when two share one."""
+    ids = [str(n) if r.get(id_column) in (None, "") else str(r[id_column]) for n, r in enumerate(records)]
+    if len(set(ids)) == len(ids):
+        return ids
+    log.warning("%s: column %r has duplicate values; using row numbers as example ids", where, id_column)
+    return [str(n) for n in range(len(records))]
 
-    Args:
-        records: the rows, as dicts.
-        where: how to name the data in messages (a path or ``hub:name``).
-        name, split, source: recorded in :meth:`TaskData.describe`.
-        features: ``datasets.Features`` of the records, for ``ClassLabel`` names.
-        truncate_field: the field to shorten in over-long prompts; default the template's longest
-            field; ``"none"`` never shortens.
-        Others: as :func:`chiptuning.tasks.load_task`.
 
-    Raises:
-        DataError: no records, a missing column, a label outside the label set, an empty text.
-    """
+def checked_task(where: str, **task_fields: Any) -> TaskData:
+    """``TaskData(**task_fields)``, refused when an example's prompt is empty."""
+    task = TaskData(**task_fields)
+    for ex in task.examples:
+        if not task.format(ex.fields).strip():
+            raise DataError(f"{where}: example {ex.id!r} has an empty prompt")
+    return task
+
+
+def _text_examples(records: list[dict[str, Any]], classes: list[int], label_names: list[str], needed: set[str],
+                   opts: TaskOptions, where: str) -> list[Example]:
+    """The records as examples, refused where the text is empty or a field null, or the options are
+    more than the labels or do not include the answer."""
+    examples, column, ids = [], opts.text_column, example_ids(records, opts.id_column, where)
+    for n, (record, label) in enumerate(zip(records, classes)):
+        if column is not None and (record[column] is None or not str(record[column]).strip()):
+            raise DataError(f"{where}: record {n} has empty text in column {column!r}; drop it or fill it in")
+        for name in needed:
+            if record[name] is None:
+                raise DataError(f"{where}: record {n} has no value (null) in field {name!r}; drop it or fill it in")
+        choices = choice_field(opts.template, record)
+        n_choices = len(record[choices]) if choices is not None else len(label_names)
+        if choices is not None and (not 1 <= n_choices <= len(label_names) or label >= n_choices):
+            raise DataError(f"{where}: record {n} has {n_choices} options in {choices!r} and label "
+                            f"{get_value(record, opts.label_column)!r}; labels {label_names} allow at most "
+                            f"{len(label_names)} options, and the answer must be one of them")
+        examples.append(Example(id=ids[n], fields=dict(record), label=label, n_choices=n_choices))
+    return examples
+
+
+def load_user_data(data: Any, opts: TaskOptions) -> TaskData:
+    """Text data (a local file, a ``datasets`` object or a hub dataset's name) as a task. DataError
+    for not exactly one of text column and template, no records, and what :func:`read_source`,
+    :func:`record_labels` and the records' checks refuse."""
+    text_column, template = opts.text_column, opts.template
     if (text_column is None) == (template is None):
         raise DataError("give exactly one of --text-column or --template")
+    source = read_source(data, opts)
+    records, features = source.records, source.features
+    if source.dataset is not None:
+        records, features = source.dataset.to_list(), source.dataset.features
     if not records:
-        raise DataError(f"{where} holds no records")
-    if template is not None and strip_trailing_space:
+        raise DataError(f"{source.where} holds no records")
+    if template is not None and opts.strip_trailing_space:
         template = template.rstrip(" ")
     needed = {text_column} if text_column else template_fields(template)
-    label_names, label_of = record_labels(records, where=where, needed=needed, label_column=label_column,
-                                          labels=labels, features=features,
-                                          options="--text-column / --template / --label-column")
-    examples = []
-    for n, (record, label) in enumerate(zip(records, label_of)):
-        value = get_value(record, label_column)
-        if text_column is not None and (record[text_column] is None or not str(record[text_column]).strip()):
-            raise DataError(f"{where}: record {n} has empty text in column {text_column!r}; drop it or fill it in")
-        for field_name in needed:
-            if record[field_name] is None:
-                raise DataError(f"{where}: record {n} has no value (null) in field {field_name!r}; drop it or fill it in")
-        ex_id = record.get(id_column)
-        ex_id = str(n) if ex_id in (None, "") else str(ex_id)
-        n_choices = len(label_names)
-        choices = choice_field(template, record)
-        if choices is not None:
-            n_choices = len(record[choices])
-            if not 1 <= n_choices <= len(label_names) or label >= n_choices:
-                raise DataError(
-                    f"{where}: record {n} has {n_choices} options in {choices!r} and label {value!r}; "
-                    f"labels {label_names} allow at most {len(label_names)} options, and the answer must be one of them"
-                )
-        examples.append(Example(id=ex_id, fields=dict(record), label=label, n_choices=n_choices))
-    ids = [ex.id for ex in examples]
-    if len(set(ids)) != len(ids):
-        log.warning("%s: column %r has duplicate values; using row numbers as example ids", where, id_column)
-        for n, ex in enumerate(examples):
-            ex.id = str(n)
-    if template is None:
-        truncate = None
-    elif truncate_field is None:
-        truncate = longest_field(template, records)
-    elif truncate_field.lower() == "none":
-        truncate = None
-    elif truncate_field not in template_fields(template):
-        raise DataError(
-            f"--truncate-field {truncate_field!r} is not a field of the template (fields: "
-            f"{', '.join(sorted(template_fields(template)))})"
-        )
-    else:
-        truncate = truncate_field
-    task = TaskData(
-        name=name, split=split, label_names=label_names, examples=examples, template=template,
-        text_column=text_column, source=source, truncate_field=truncate,
-        chat_template=chat_template, strip_trailing_space=strip_trailing_space,
-    )
-    for ex in examples:
-        if not task.format(ex.fields).strip():
-            raise DataError(f"{where}: example {ex.id!r} has empty text")
-    return task
+    label_names, classes = record_labels(records, opts, where=source.where, needed=needed, features=features,
+                                         options="--text-column / --template / --label-column")
+    examples = _text_examples(records, classes, label_names, needed, opts, source.where)
+    return checked_task(source.where, name="custom", split=source.split, label_names=label_names, examples=examples,
+                        template=template, text_column=text_column, source=source.provenance,
+                        truncate_field=truncate_field_of(template, opts.truncate_field, records=records),
+                        chat_template=opts.chat_template, strip_trailing_space=opts.strip_trailing_space)

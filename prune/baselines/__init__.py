@@ -1,107 +1,57 @@
 """Depth-pruning baselines from the literature, on any registered model, saved as checkpoints.
 
-Chip-tuning claims to beat general-purpose depth pruning on classification; this module lets a
-user check that claim on their own model and task. Each method decides which blocks to remove
-(or merge, or replace) from calibration text or from an activation cache, then the model is cut
-with the same surgery as chip-tuning (:func:`chiptuning.prune.truncate.truncate_`: config depth,
-per-layer config lists, attention ``layer_idx``) and saved as a plain Hugging Face checkpoint.
+With n the number of blocks the model loses (block i turns feature(i-1) into feature(i)):
 
-Methods (``METHODS``), with n = the number of blocks the model loses:
+* ``tail``: drop the last n blocks (chip-tuning without a chip);
+* ``shortgpt``: drop the n blocks of lowest Block Influence, mean 1 - cos(block input, output);
+* ``angular`` (Gromov et al.): drop blocks l+1..l+n of smallest last-token angular distance;
+* ``streamline`` (LLM-Streamline): replace the n+1 most similar consecutive blocks by one trained block;
+* ``slm`` (sliding layer merging), ``laco`` (layer collapse): merge consecutive blocks by parameter
+  arithmetic while the model's output stays above a cosine threshold.
 
-* ``tail`` - drop the last n blocks; the final norm and LM head stay (chip-tuning without a chip).
-* ``shortgpt`` - Block Influence BI_i = mean over real calibration tokens of
-  1 - cos(input of block i, output of block i); remove the n blocks with the lowest BI (possibly
-  not contiguous). With a cache, the last-token approximation is computed straight from it.
-* ``angular`` (Gromov et al.) - d(l, n) = mean over examples of arccos(cos(x_l, x_{l+n})) / pi at
-  the last token; remove blocks l+1..l+n for the smallest d. Exact from a last-token cache.
-* ``streamline`` (LLM-Streamline) - the n+1 consecutive blocks whose input and output are most
-  similar (cosine over all real tokens) are replaced by one trained block: MSE from the span's
-  input to its output on calibration hidden states. ``replacement="layer"``: a transformer block
-  initialised from the first removed block; ``"mlp"``: the same block with its attention output
-  projection zeroed and frozen, so it computes exactly ``x + MLP(norm(x))`` in pre-norm models
-  (a single MLP) while staying a standard layer that plain transformers loads and that generates
-  with a KV cache.
-* ``slm`` (sliding layer merging) - from the top down, grow a window of consecutive layers while
-  the model with the window merged into one layer keeps its output on calibration text above a
-  cosine threshold; merge by parameter arithmetic (base + sum of differences); repeat.
-* ``laco`` (LaCo, layer collapse) - from the top down, merge ``merge_layers`` consecutive layers
-  into the lowest one (same arithmetic) when the merged model's output similarity stays above
-  the threshold, then step down ``interval`` layers; otherwise step down one.
-
-For ``slm`` and ``laco`` with a target n, a sweep that ends short of the target is repeated with
-the threshold lowered to the best similarity the previous sweep rejected, so the target is always
-met and the thresholds actually used are recorded.
-
-Block numbers follow the layer convention of :mod:`chiptuning.features`: block i (1..L) turns
-feature(i-1) into feature(i).
+The model is cut with chip-tuning's surgery (:mod:`chiptuning.prune.truncate`) and saved as a plain
+Hugging Face checkpoint with ``pruning.json``. Names load lazily: the CLI reads :data:`METHODS`
+and :data:`DEFAULTS` without importing torch.
 """
 
-from chiptuning.prune.baselines.apply import (
-    DEFAULTS,
-    METHODS,
-    RECORD_FILE,
-    DepthPruningRecord,
-    apply_plan_,
-    check_reload,
-    generation_check,
-    n_from_ratio,
-    plan_method,
-    prune_with_method,
-    read_record,
-    save_pruned_model,
-)
-from chiptuning.prune.baselines.calibration import (
-    Calibration,
-    LayerStats,
-    angular_distances_from_cache,
-    block_influence_from_cache,
-    calibration_from_task,
-    layer_stats,
-)
-from chiptuning.prune.baselines.drop import plan_angular, plan_shortgpt, plan_tail
-from chiptuning.prune.baselines.merging import merge_blocks, plan_laco, plan_slm
-from chiptuning.prune.baselines.plan import Plan, select_lowest
-from chiptuning.prune.baselines.streamline import (
-    attention_output_projections,
-    capture_span,
-    mse_over,
-    plan_streamline,
-    train_replacement,
-)
-from chiptuning.prune.truncate import rebuild_blocks_, remove_blocks_
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULTS",
-    "DepthPruningRecord",
-    "METHODS",
-    "RECORD_FILE",
-    "Calibration",
-    "LayerStats",
-    "Plan",
-    "angular_distances_from_cache",
-    "attention_output_projections",
-    "apply_plan_",
-    "block_influence_from_cache",
-    "calibration_from_task",
-    "capture_span",
-    "check_reload",
-    "generation_check",
-    "layer_stats",
-    "merge_blocks",
-    "mse_over",
-    "n_from_ratio",
-    "plan_angular",
-    "plan_laco",
-    "plan_method",
-    "plan_shortgpt",
-    "plan_slm",
-    "plan_streamline",
-    "plan_tail",
-    "prune_with_method",
-    "read_record",
-    "rebuild_blocks_",
-    "remove_blocks_",
-    "save_pruned_model",
-    "select_lowest",
-    "train_replacement",
-]
+import importlib
+from typing import Any
+
+METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
+#: Defaults of the method options (each documented on its ``plan_*`` function).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "streamline": {"replacement": "layer", "epochs": 10, "lr": 5e-4, "holdout": 0.2, "seed": 0},
+    "slm": {"threshold": 0.9},
+    "laco": {"threshold": 0.9, "merge_layers": 4, "interval": 2},
+}
+
+_MODULES = {
+    "apply": ("DepthPruningRecord", "RECORD_FILE", "apply_plan_", "check_reload", "generation_check",
+              "n_from_ratio", "plan_method", "prune_with_method", "read_record", "save_pruned_model"),
+    "calibration": ("Calibration", "LayerStats", "angular_distances_from_cache", "block_influence_from_cache",
+                    "calibration_from_task", "layer_stats"),
+    "drop": ("plan_angular", "plan_shortgpt", "plan_tail"),
+    "merging": ("merge_blocks", "plan_laco", "plan_slm"),
+    "plan": ("Plan", "select_lowest"),
+    "streamline": ("attention_output_projections", "capture_span", "mse_over", "plan_streamline",
+                   "train_replacement"),
+    "chiptuning.prune.truncate": ("rebuild_blocks_", "remove_blocks_"),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted(["DEFAULTS", "METHODS", *_EXPORTS])
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'chiptuning.prune.baselines' has no attribute {name!r}")
+    module = _EXPORTS[name]
+    value = getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,11 +1,5 @@
 """Run a baseline end to end: plan, cut, save a standard checkpoint with ``pruning.json``, check it.
-
-A model larger than memory runs streamed (``offload``, :func:`chiptuning.models.load_model`): every
-method plans on it without reading more than a few blocks into memory, the cut model's kept
-original blocks are saved one shard at a time from the model's own files
-(:func:`chiptuning.prune.checkpoint.save_weights`), and the saved checkpoint is reloaded streamed
-for its checks.
-"""
+A streamed model stays streamed throughout: planned on, saved shard by shard and reloaded."""
 
 from __future__ import annotations
 
@@ -35,6 +29,7 @@ from chiptuning.models import (
     weights_hash,
 )
 from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output, written_files
+from chiptuning.prune.baselines import DEFAULTS, METHODS
 from chiptuning.prune.baselines.calibration import Calibration, calibration_from_task
 from chiptuning.prune.baselines.drop import plan_angular, plan_shortgpt, plan_tail
 from chiptuning.prune.baselines.merging import plan_laco, plan_slm
@@ -48,16 +43,10 @@ from chiptuning.registry import get_blocks, get_spec, num_blocks
 
 log = logging.getLogger(__name__)
 
-METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
 RECORD_FILE = "pruning.json"
-RECORD_FORMAT = "chiptuning-depth-pruned"
-#: Defaults of the method options (each documented on its ``plan_*`` function).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "streamline": {"replacement": "layer", "epochs": 10, "lr": 5e-4, "holdout": 0.2, "seed": 0},
-    "slm": {"threshold": 0.9},
-    "laco": {"threshold": 0.9, "merge_layers": 4, "interval": 2},
-}
 GENERATION_CHECK_PROMPT = "The quick brown fox"
+PLANNERS = {"tail": plan_tail, "shortgpt": plan_shortgpt, "angular": plan_angular,
+            "streamline": plan_streamline, "slm": plan_slm, "laco": plan_laco}
 
 
 @dataclass
@@ -71,24 +60,15 @@ class ParamCounts(Record):
 
 @dataclass
 class DepthPruningRecord(Record):
-    """``pruning.json``: what a depth-pruning method did to a model, and the checkpoint's files.
+    """``pruning.json``: what a method did to a model, and the checkpoint's files.
 
-    Attributes:
-        method: one of :data:`METHODS`; options: its settings (:data:`DEFAULTS` filled in).
-        base_model: the full model.
-        num_blocks: blocks of the result; blocks_removed, block_ratio: what it lost.
-        groups: per block of the result, the original blocks (1-based) it stands for.
-        removed: original blocks that no longer exist as they were.
-        details: the method's scores, thresholds and training metrics.
-        calibration: the calibration text's source and size (None for methods without).
-        cache: the last-token cache it read, if any.
-        params: parameter counts.
-        reload, generation: the checks run on the saved checkpoint.
-        checksums: sha256 of every file written besides this record.
-        record_sha256: sha256 of this record itself.
+    ``groups`` lists, per block of the result, the original blocks (1-based) it stands for;
+    ``removed`` the original blocks that no longer exist as they were; ``details`` the method's
+    scores, thresholds and training metrics; ``reload`` and ``generation`` the checks run on the
+    saved checkpoint; ``checksums`` the sha256 of every other file written.
     """
 
-    FORMAT = RECORD_FORMAT
+    FORMAT = "chiptuning-depth-pruned"
     ERROR = ProvenanceError
 
     method: Literal["tail", "shortgpt", "angular", "streamline", "slm", "laco"]
@@ -119,38 +99,39 @@ class DepthPruningRecord(Record):
             raise Invalid("groups", f"must name distinct blocks of 1..{L} in order")
 
 
-def plan_method(model, method: str, n: int, tokenizer=None, calibration: Calibration | None = None,
-                cache=None, **options) -> Plan:
-    """The :class:`Plan` of ``method`` removing ``n`` blocks (options: see each ``plan_*``)."""
+def needs_calibration(method: str, cache=None) -> bool:
+    """Whether ``method`` scores blocks on calibration text (shortgpt and angular not with a cache)."""
+    return method in ("streamline", "slm", "laco") or (method in ("shortgpt", "angular") and cache is None)
+
+
+def _check_method(method: str, options: dict) -> dict[str, Any]:
+    """The method's options with its defaults filled in; refuses an unknown method or option."""
     if method not in METHODS:
         raise ChipTuningError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
     unknown = set(options) - set(DEFAULTS.get(method, {}))
     if unknown:
         raise ChipTuningError(f"{method} does not take the option(s) {sorted(unknown)}")
-    opts = {**DEFAULTS.get(method, {}), **options}
-    needs_text = method in ("streamline", "slm", "laco") or (method in ("shortgpt", "angular") and cache is None)
-    if needs_text and (calibration is None or tokenizer is None):
+    return {**DEFAULTS.get(method, {}), **options}
+
+
+def plan_method(model, method: str, n: int, tokenizer=None, calibration: Calibration | None = None,
+                cache=None, **options) -> Plan:
+    """The :class:`Plan` of ``method`` removing ``n`` blocks (options: see each ``plan_*``)."""
+    options = _check_method(method, options)
+    if needs_calibration(method, cache) and (calibration is None or tokenizer is None):
         raise ChipTuningError(f"{method} needs calibration text (and the tokenizer)")
     if method == "tail":
         return plan_tail(model, n)
-    if method == "shortgpt":
-        return plan_shortgpt(model, n, tokenizer, calibration, cache=cache)
-    if method == "angular":
-        return plan_angular(model, n, tokenizer, calibration, cache=cache)
-    if method == "streamline":
-        return plan_streamline(model, n, tokenizer, calibration, **opts)
-    if method == "slm":
-        return plan_slm(model, n, tokenizer, calibration, **opts)
-    return plan_laco(model, n, tokenizer, calibration, **opts)
+    if method in ("shortgpt", "angular"):
+        return PLANNERS[method](model, n, tokenizer, calibration, cache=cache)
+    return PLANNERS[method](model, n, tokenizer, calibration, **options)
 
 
 def apply_plan_(model, plan: Plan) -> nn.Module:
     """Cut ``model`` in place to the plan's blocks (config depth, per-layer lists, layer ids)."""
     originals = list(get_blocks(model))
     modules = plan.blocks if plan.blocks is not None else [originals[g[0] - 1] for g in plan.groups]
-    if len(modules) != len(plan.groups):
-        raise ChipTuningError("plan has a different number of blocks and groups; this is a bug")
-    return rebuild_blocks_(model, [(m, g[0] - 1) for m, g in zip(modules, plan.groups)])
+    return rebuild_blocks_(model, [(m, g[0] - 1) for m, g in zip(modules, plan.groups, strict=True)])
 
 
 def n_from_ratio(ratio: float, n_blocks: int) -> int:
@@ -165,11 +146,8 @@ def _count_params(model) -> int:
 
 
 def check_reload(path: Path, cls, depth: int, stream: bool = False, device: str | torch.device = "cpu"):
-    """Reload ``path`` with ``cls`` and refuse missing, unexpected, mismatched or new weights.
-
-    ``stream``: reload it streamed, its blocks read from its files as a forward reaches them (a
-    checkpoint larger than memory), the rest on ``device``; else in memory, on the CPU.
-    """
+    """Reload ``path`` with ``cls`` (``stream``: streamed, the rest on ``device``; else in memory on
+    the CPU) and refuse missing, unexpected or mismatched weights, or another depth."""
     kwargs: dict[str, Any] = {}
     if stream:
         skeleton = empty_model(AutoConfig.from_pretrained(path), cls is not AutoModel)
@@ -203,37 +181,34 @@ def generation_check(model, tokenizer, max_new_tokens: int = 4) -> dict[str, Any
             "kv_cache_matches": True}
 
 
+def plan_record(plan: Plan, base_model: BaseModel, **fields) -> DepthPruningRecord:
+    """The record of ``plan`` cut from ``base_model``; ``fields`` add to (or override) it."""
+    L, depth = base_model.num_blocks, len(plan.groups)
+    return DepthPruningRecord(**{
+        "method": plan.method, "base_model": base_model, "num_blocks": depth, "blocks_removed": L - depth,
+        "block_ratio": (L - depth) / L, "groups": plan.groups, "removed": plan.removed, "details": plan.details,
+        **fields})
+
+
 def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record: DepthPruningRecord | dict,
                       overwrite: bool = False) -> Path:
-    """Save ``model`` (already cut) + tokenizer + ``pruning.json``, check the reload and (decoders)
-    KV-cache generation, atomically (temporary sibling directory renamed at the end,
-    :func:`chiptuning.outputs.write_output`; an existing checkpoint is replaced only with
-    ``overwrite``). ``record``: the record, or its fields as a dict (the plan's groups, removed
-    blocks and details, and the model's depth, fill what it does not give).
-
-    A streamed ``model`` is saved one shard at a time, its streamed blocks read back from the
-    model's files (:func:`chiptuning.prune.checkpoint.save_weights`), and reloaded streamed for
-    the checks: the whole model is never in memory.
+    """Save the cut ``model``, its tokenizer and ``pruning.json`` atomically
+    (:func:`chiptuning.outputs.write_output`), after checking that it reloads and (decoders) that
+    KV-cache generation matches. ``record``: the record, or fields added to :func:`plan_record`.
+    A streamed model is saved shard by shard from its files and reloaded streamed.
     """
     if isinstance(record, dict):
         L = len({i for group in plan.groups for i in group} | set(plan.removed))  # the blocks it started with
-        record = DepthPruningRecord.from_dict(
-            {"base_model": {"id": "in memory", "model_type": model.config.model_type, "num_blocks": L},
-             "num_blocks": len(plan.groups), "blocks_removed": L - len(plan.groups),
-             "block_ratio": (L - len(plan.groups)) / L, "groups": plan.groups, "removed": plan.removed,
-             "details": plan.details, **record}, "depth-pruning record")
+        record = plan_record(plan, BaseModel(id="in memory", model_type=model.config.model_type, num_blocks=L),
+                             **record)
     hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
     with write_output(out_dir, DEPTH_PRUNED, overwrite=overwrite) as tmp:
-        decoder = get_spec(model).decoder
-        has_head = decoder and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
-        streamed = is_streamed(model)
-        device = model_device(model)
+        has_head = get_spec(model).decoder and model.get_output_embeddings() is not None
         save_weights(model, tmp)
         tokenizer.save_pretrained(tmp)
-        depth = len(plan.groups)
-        reloaded = check_reload(tmp, AutoModelForCausalLM if has_head else AutoModel, depth, stream=streamed,
-                                device=device)
+        reloaded = check_reload(tmp, AutoModelForCausalLM if has_head else AutoModel, len(plan.groups),
+                                stream=is_streamed(model), device=model_device(model))
         record = dataclasses.replace(
             record, reload={"class": type(reloaded).__name__, "clean": True},
             generation=generation_check(reloaded, tokenizer) if has_head else None,
@@ -246,72 +221,45 @@ def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record:
 
 
 def read_record(path: str | Path) -> DepthPruningRecord:
-    """The ``pruning.json`` of a depth-pruned checkpoint, verified like a pruned checkpoint's record
-    (exactly the recorded files, each with its sha256, and the record its own).
+    """The verified ``pruning.json`` of a depth-pruned checkpoint (exactly the recorded files, each
+    with its sha256, and the record its own).
 
     Raises:
         ChipTuningError: not such a checkpoint; ProvenanceError: edited, missing or unrecorded files.
     """
     file = Path(path) / RECORD_FILE
     if not file.is_file():
-        raise ChipTuningError(f"{path} has no {RECORD_FILE}: not a checkpoint written by `chiptuning prune --method`")
+        raise ChipTuningError(f"{path} has no {RECORD_FILE}: not a checkpoint written by `chiptuning baseline`")
     raw = read_json(file, ProvenanceError)
     record = DepthPruningRecord.from_dict(raw, str(file), file=True)
     verify_checksums(path, raw, RECORD_FILE)
     return record
 
 
-def prune_with_method(
-    model_name_or_path: str,
-    method: str,
-    out_dir: str | Path,
-    *,
-    n_layers: int | None = None,
-    ratio: float | None = None,
-    calibration_task=None,
-    n_calibration: int | None = 128,
-    max_length: int | None = 256,
-    batch_size: int = 8,
-    cache: str | Path | None = None,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    seed: int = 0,
-    model=None,
-    tokenizer=None,
-    overwrite: bool = False,
-    offload: str = "auto",
-    **options,
-) -> Path:
-    """Prune ``model_name_or_path`` with a baseline ``method`` and save a standard checkpoint.
+def prune_with_method(model_name_or_path: str, method: str, out_dir: str | Path, *, n_layers: int | None = None,
+                      ratio: float | None = None, calibration_task=None, n_calibration: int | None = 128,
+                      max_length: int | None = 256, batch_size: int = 8, cache: str | Path | None = None,
+                      dtype: str = "fp32", device: str = "cpu", seed: int = 0, model=None, tokenizer=None,
+                      overwrite: bool = False, offload: str = "auto", **options) -> Path:
+    """Prune ``model_name_or_path`` with ``method`` (:data:`METHODS`) and save it at ``out_dir``: the
+    model, its tokenizer and ``pruning.json`` (:class:`DepthPruningRecord`).
 
     Args:
-        method: one of :data:`METHODS`.
-        out_dir: the checkpoint directory (HF model + tokenizer + ``pruning.json``).
         n_layers / ratio: blocks to remove, or the fraction of blocks (exactly one).
-        calibration_task: a loaded task (``chiptuning.tasks.load_task``) whose prompts are the
-            calibration text; not needed by ``tail``, nor by ``shortgpt``/``angular`` with a cache.
-        n_calibration: calibration examples drawn from it (seeded); None for all.
-        max_length: longest calibration prompt, in tokens.
-        cache: a last-token cache of this model (``shortgpt``: last-token BI; ``angular``: exact).
-        model, tokenizer: an already-loaded model (``*ForCausalLM`` for decoders, to keep the LM
-            head) and tokenizer; loaded from ``model_name_or_path`` when None. The model is cut
-            in place.
-        overwrite: replace a depth-pruned checkpoint at ``out_dir`` (anything else there is
-            refused before any work).
-        offload: how the loaded model holds its blocks (``--offload``): "none" (in memory),
-            "stream" (read from the model's files as each forward reaches them: a model larger
-            than memory), "auto" (stream when the weights do not fit); see
-            :func:`chiptuning.models.load_model`. Not used with ``model``.
-        **options: method options (:data:`DEFAULTS`).
-
-    Returns:
-        ``out_dir``. Its ``pruning.json`` records the method, the blocks removed or merged, the
-        scores, the calibration source and size, parameter counts and the reload/generation checks.
+        calibration_task: a loaded task whose prompts are the calibration text (``n_calibration``
+            of them, seeded; None: all); needed by all methods but ``tail``, and ``shortgpt`` /
+            ``angular`` given a last-token ``cache`` of this model.
+        model, tokenizer: already loaded (``*ForCausalLM`` for a decoder), cut in place; else
+            loaded, the model held as ``offload`` says (:func:`chiptuning.models.load_model`).
+        overwrite: replace a depth-pruned checkpoint at ``out_dir`` (anything else is refused).
+        **options: the method's options (:data:`DEFAULTS`).
     """
-    if method not in METHODS:
-        raise ChipTuningError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+    options = _check_method(method, options)
     if (n_layers is None) == (ratio is None):
         raise ChipTuningError("give exactly one of --n-layers or --ratio")
+    if calibration_task is None and needs_calibration(method, cache):
+        raise ChipTuningError(f"{method} needs calibration text: --calibration-task or --calibration-data"
+                              + (" (or --cache)" if method in ("shortgpt", "angular") else ""))
     check_output(out_dir, DEPTH_PRUNED, overwrite=overwrite)
     if model is None:
         decoder = get_spec(load_config(model_name_or_path)).decoder
@@ -325,19 +273,15 @@ def prune_with_method(
     if calibration_task is not None and method != "tail":
         calibration = calibration_from_task(calibration_task, tokenizer, n_calibration, max_length, batch_size, seed)
     params_before = _count_params(model)
-    model_hash = weights_hash(model_name_or_path, model)
+    base = BaseModel(id=str(model_name_or_path), hash=weights_hash(model_name_or_path, model),
+                     model_type=model.config.model_type, num_blocks=L)
     plan = plan_method(model, method, n, tokenizer, calibration, cache=cache, **options)
     apply_plan_(model, plan)
     params_after = _count_params(model)
-    record = DepthPruningRecord(
-        method=method, options={**DEFAULTS.get(method, {}), **options},
-        base_model=BaseModel(id=str(model_name_or_path), hash=model_hash, model_type=model.config.model_type,
-                             num_blocks=L),
-        num_blocks=len(plan.groups), blocks_removed=L - len(plan.groups), block_ratio=(L - len(plan.groups)) / L,
-        groups=plan.groups, removed=plan.removed, details=plan.details,
-        calibration=None if calibration is None else calibration.source, cache=None if cache is None else str(cache),
-        params=ParamCounts(before=params_before, after=params_after, pruning_ratio=1 - params_after / params_before),
-    )
+    record = plan_record(
+        plan, base, options=options, calibration=None if calibration is None else calibration.source,
+        cache=None if cache is None else str(cache),
+        params=ParamCounts(before=params_before, after=params_after, pruning_ratio=1 - params_after / params_before))
     path = save_pruned_model(model, tokenizer, out_dir, plan, record, overwrite=overwrite)
     log.info("%s: %d of %d blocks removed (groups %s) -> %s", method, L - len(plan.groups), L, plan.groups, path)
     return path

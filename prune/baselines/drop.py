@@ -25,7 +25,7 @@ def plan_tail(model, n: int) -> Plan:
 
 def plan_shortgpt(model, n: int, tokenizer=None, calibration: Calibration | None = None, cache=None) -> Plan:
     """Remove the ``n`` blocks of lowest Block Influence: over all real tokens of ``calibration``,
-    or, with ``cache``, its last-token approximation straight from the cache."""
+    or at the last token, straight from ``cache``."""
     L = num_blocks(model)
     check_n(n, L, "shortgpt")
     if cache is not None:
@@ -40,8 +40,8 @@ def plan_shortgpt(model, n: int, tokenizer=None, calibration: Calibration | None
 
 
 def plan_angular(model, n: int, tokenizer=None, calibration: Calibration | None = None, cache=None) -> Plan:
-    """Remove the contiguous ``n`` blocks l+1..l+n of smallest last-token angular distance
-    d(x_l, x_{l+n}): exactly from ``cache``, or from the last tokens of ``calibration``."""
+    """Remove the ``n`` blocks l+1..l+n of smallest last-token angular distance d(x_l, x_{l+n}),
+    from ``cache`` (exact) or from ``calibration``."""
     L = num_blocks(model)
     check_n(n, L, "angular")
     if cache is not None:

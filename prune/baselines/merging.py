@@ -1,23 +1,18 @@
 """Methods that merge consecutive blocks by parameter arithmetic: ``slm`` (sliding layer merging)
 and ``laco`` (layer collapse).
 
-Both accept a merge when the model's output stays at least ``threshold`` similar to the original
-(:class:`~chiptuning.prune.baselines.calibration.OutputSimilarity`). Given a target number of
-blocks to lose, a sweep that falls short is followed by another at a lower threshold: the k-th
-highest similarity the sweep rejected, k being the number of blocks still to lose, so the next
-sweep can accept about as many merges as are missing (never more than the target: merging stops
-there). Every threshold used is recorded in the plan's details.
-
-On a streamed model (:func:`chiptuning.models.load_model` with ``offload="stream"``) a merge reads
-only the blocks of its window, one at a time, and each similarity pass streams every block that is
-not a merge: the merged blocks are the only weights the plan holds in memory.
+Both accept a merge while the model's output stays at least ``threshold`` similar to the original
+(:class:`~chiptuning.prune.baselines.calibration.OutputSimilarity`). A sweep that falls short of
+the target is followed by another at a lower threshold (:func:`next_threshold`); merges never
+overshoot it. On a streamed model the merged blocks are the only weights the plan holds.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,14 +25,16 @@ from chiptuning.registry import get_blocks, num_blocks
 
 log = logging.getLogger(__name__)
 
+#: The blocks of the model being merged: (module, the original blocks it stands for), in order.
+Blocks = list[tuple[nn.Module, list[int]]]
+
 
 def merge_blocks(blocks: Sequence[nn.Module]) -> nn.Module:
     """One block from consecutive blocks: theta = theta_base + sum_j (theta_j - theta_base).
 
-    The base is the first (lowest) block; every floating-point parameter is merged, buffers are
-    the base's. A single block is returned as a copy. Streamed blocks stay streamed: their weights
-    are read one block at a time (:func:`~chiptuning.models.materialized_copy`), so a merge
-    holds the result, the base and one other block, however wide the window.
+    The base is the first block; every floating-point parameter is merged, buffers are the base's;
+    a single block gives a copy. Streamed blocks are read one at a time, so a merge holds the
+    result, the base and one other block, however wide the window.
     """
     merged = materialized_copy(blocks[0])
     base = {name: p.detach().float() for name, p in merged.named_parameters() if p.is_floating_point()}
@@ -54,113 +51,113 @@ def merge_blocks(blocks: Sequence[nn.Module]) -> nn.Module:
     return merged
 
 
-def merge_start(model, n: int | None, tokenizer, calibration: Calibration, method: str):
-    """Shared start of the merging methods: (L, output similarity, [(block, [layer])], target depth)."""
-    L = num_blocks(model)
-    if n is not None:
-        check_n(n, L, method)
-    similarity = OutputSimilarity(model, tokenizer, calibration)
-    current = [(b, [i + 1]) for i, b in enumerate(get_blocks(model))]
-    return L, similarity, current, (L - n if n is not None else 1)
-
-
-def merge_plan(method: str, current: list[tuple[nn.Module, list[int]]], L: int, details: dict) -> Plan:
-    groups = [g for _, g in current]
-    removed = sorted(i for g in groups if len(g) > 1 for i in g)
-    return Plan(method, groups, removed, details, blocks=[m for m, _ in current])
-
-
 def next_threshold(rejected: Sequence[float], missing: int) -> float:
     """The next sweep's threshold: the ``missing``-th highest similarity the last sweep rejected
-    (the lowest one when it rejected fewer); -inf when it rejected nothing."""
+    (the lowest one when it rejected fewer), so it can accept about as many merges as are missing;
+    -inf when it rejected nothing."""
     if not rejected:
         return -math.inf
     ranked = sorted(rejected, reverse=True)
     return ranked[min(max(missing, 1), len(ranked)) - 1]
 
 
-def merge_window(current, low, high) -> tuple[nn.Module, list[int]]:
+def _merged(current: Blocks, low: int, high: int) -> tuple[tuple[nn.Module, list[int]], list[nn.Module]]:
+    """Blocks ``low..high`` of ``current`` merged into one, and the candidate block list with it."""
     members = current[low:high + 1]
-    return merge_blocks([m for m, _ in members]), [i for _, g in members for i in g]
+    window = (merge_blocks([m for m, _ in members]), [i for _, g in members for i in g])
+    return window, [m for m, _ in current[:low]] + [window[0]] + [m for m, _ in current[high + 1:]]
+
+
+def _slm_sweep(current: Blocks, target: int, similarity, t: float) -> tuple[Blocks, list, list]:
+    """From the top down, grow each window downwards while the merged model keeps similarity >= t."""
+    rejected, merges = [], []
+    high = len(current) - 1
+    while high > 0 and len(current) > target:
+        accepted, low = None, high - 1
+        while low >= 0 and (high - low) <= len(current) - target:
+            window, candidate = _merged(current, low, high)
+            sim = similarity(candidate)
+            if sim < t:
+                rejected.append(sim)
+                break
+            accepted, low = (low, window, sim), low - 1
+        if accepted is None:
+            high -= 1
+            continue
+        low, window, sim = accepted
+        current = current[:low] + [window] + current[high + 1:]
+        merges.append({"blocks": window[1], "similarity": sim})
+        high = low - 1
+    return current, merges, rejected
+
+
+def _laco_sweep(current: Blocks, target: int, similarity, t: float, merge_layers: int,
+                interval: int) -> tuple[Blocks, list, list]:
+    """From the top down, collapse ``merge_layers`` layers into the lowest one when the merged model
+    keeps similarity >= t, then step down ``interval`` layers; otherwise one."""
+    rejected, merges = [], []
+    low = len(current) - min(merge_layers, len(current) - target + 1)
+    while low >= 0 and len(current) > target:
+        size = min(merge_layers, len(current) - target + 1, len(current) - low)
+        if size < 2:
+            low -= 1
+            continue
+        window, candidate = _merged(current, low, low + size - 1)
+        sim = similarity(candidate)
+        if sim >= t:
+            current = current[:low] + [window] + current[low + size:]
+            merges.append({"blocks": window[1], "similarity": sim})
+            low -= interval
+        else:
+            rejected.append(sim)
+            low -= 1
+    return current, merges, rejected
+
+
+def _merge(method: str, model, n: int | None, tokenizer, calibration: Calibration, threshold: float,
+           max_sweeps: int, sweep: Callable, details: dict) -> Plan:
+    """Sweeps of ``sweep`` at ``threshold``, lowered until the model has lost ``n`` blocks (one
+    sweep when ``n`` is None)."""
+    L = num_blocks(model)
+    if n is not None:
+        check_n(n, L, method)
+    similarity = OutputSimilarity(model, tokenizer, calibration)
+    current = [(b, [i + 1]) for i, b in enumerate(get_blocks(model))]
+    target = L - n if n is not None else 1
+    sweeps, t = [], float(threshold)
+    while len(current) > target and len(sweeps) < max_sweeps:
+        current, merges, rejected = sweep(current, target, similarity, t)
+        sweeps.append({"threshold": t, "merges": merges})
+        if n is None or len(current) <= target:
+            break
+        t = next_threshold(rejected, len(current) - target)
+        if not math.isfinite(t):
+            break
+        log.info("%s: %d blocks after a sweep, target %d; threshold lowered to %.6f", method, len(current), target, t)
+    groups = [g for _, g in current]
+    details.update(threshold=threshold, sweeps=sweeps, similarity_evaluations=similarity.evaluations,
+                   similarity="mean cosine of the last block's output over real calibration tokens")
+    return Plan(method, groups, sorted(i for g in groups if len(g) > 1 for i in g), details,
+                blocks=[m for m, _ in current])
 
 
 def plan_slm(model, n: int | None, tokenizer, calibration: Calibration, threshold: float = 0.9,
              max_sweeps: int = 100) -> Plan:
-    """Sliding layer merging, from the top down (see the module docstring).
+    """Sliding layer merging: from the top down, grow a window of consecutive layers while the model
+    with the window merged keeps its output cosine >= ``threshold``; merge it; go on below it.
 
     Args:
-        n: blocks to lose (the target), or None to make one sweep at ``threshold`` and stop.
-        threshold: cosine similarity to the original output that a merged window must keep.
+        n: blocks to lose (the target), or None for one sweep at ``threshold``.
     """
-    L, similarity, current, target = merge_start(model, n, tokenizer, calibration, "slm")
-    sweeps, t = [], float(threshold)
-    while len(current) > target and len(sweeps) < max_sweeps:
-        rejected, merges = [], []
-        high = len(current) - 1
-        while high > 0 and len(current) > target:
-            accepted, low = None, high - 1
-            while low >= 0 and (high - low) <= len(current) - target:
-                candidate = merge_window(current, low, high)
-                sim = similarity([m for m, _ in current[:low]] + [candidate[0]] + [m for m, _ in current[high + 1:]])
-                if sim >= t:
-                    accepted, low = (low, candidate, sim), low - 1
-                else:
-                    rejected.append(sim)
-                    break
-            if accepted is not None:
-                a_low, (module, group), sim = accepted
-                current = current[:a_low] + [(module, group)] + current[high + 1:]
-                merges.append({"blocks": group, "similarity": sim})
-                high = a_low - 1
-            else:
-                high -= 1
-        sweeps.append({"threshold": t, "merges": merges})
-        if n is None or len(current) <= target:
-            break
-        t = next_threshold(rejected, len(current) - target)
-        if not math.isfinite(t):
-            break
-        log.info("slm: %d blocks after a sweep, target %d; threshold lowered to %.6f", len(current), target, t)
-    details = {"threshold": threshold, "sweeps": sweeps, "similarity_evaluations": similarity.evaluations,
-               "similarity": "mean cosine of the last block's output over real calibration tokens"}
-    return merge_plan("slm", current, L, details)
+    return _merge("slm", model, n, tokenizer, calibration, threshold, max_sweeps, _slm_sweep, {})
 
 
 def plan_laco(model, n: int | None, tokenizer, calibration: Calibration, threshold: float = 0.9,
               merge_layers: int = 4, interval: int = 2, max_sweeps: int = 100) -> Plan:
-    """LaCo: from the top down, collapse ``merge_layers`` consecutive layers into the lowest one
-    (base + sum of differences) when the output similarity stays >= ``threshold``; after a merge
-    step down ``interval`` layers, else one. Merges never overshoot the target ``n``."""
+    """LaCo: from the top down, collapse ``merge_layers`` consecutive layers into the lowest one when
+    the model's output cosine stays >= ``threshold``, then step down ``interval`` layers, else one."""
     if merge_layers < 2 or interval < 1:
         raise ChipTuningError(f"laco needs merge_layers >= 2 and interval >= 1, got {merge_layers}, {interval}")
-    L, similarity, current, target = merge_start(model, n, tokenizer, calibration, "laco")
-    sweeps, t = [], float(threshold)
-    while len(current) > target and len(sweeps) < max_sweeps:
-        rejected, merges = [], []
-        size = min(merge_layers, len(current) - target + 1)
-        low = len(current) - size
-        while low >= 0 and len(current) > target:
-            size = min(merge_layers, len(current) - target + 1, len(current) - low)
-            if size < 2:
-                low -= 1
-                continue
-            candidate = merge_window(current, low, low + size - 1)
-            sim = similarity([m for m, _ in current[:low]] + [candidate[0]] + [m for m, _ in current[low + size:]])
-            if sim >= t:
-                current = current[:low] + [candidate] + current[low + size:]
-                merges.append({"blocks": candidate[1], "similarity": sim})
-                low -= interval
-            else:
-                rejected.append(sim)
-                low -= 1
-        sweeps.append({"threshold": t, "merges": merges})
-        if n is None or len(current) <= target:
-            break
-        t = next_threshold(rejected, len(current) - target)
-        if not math.isfinite(t):
-            break
-        log.info("laco: %d blocks after a sweep, target %d; threshold lowered to %.6f", len(current), target, t)
-    details = {"threshold": threshold, "merge_layers": merge_layers, "interval": interval, "sweeps": sweeps,
-               "similarity_evaluations": similarity.evaluations,
-               "similarity": "mean cosine of the last block's output over real calibration tokens"}
-    return merge_plan("laco", current, L, details)
+    sweep = functools.partial(_laco_sweep, merge_layers=merge_layers, interval=interval)
+    return _merge("laco", model, n, tokenizer, calibration, threshold, max_sweeps, sweep,
+                  {"merge_layers": merge_layers, "interval": interval})
