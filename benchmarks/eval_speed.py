@@ -38,7 +38,7 @@ from chiptuning.models import load_model, load_tokenizer
 from chiptuning.pipeline import default_model
 from chiptuning.prune import ChipModel, truncate_
 from chiptuning.prune.dense import dense_pass
-from chiptuning.prune.provenance import BaseModel, CheckpointRecord, TaskEntry
+from chiptuning.prune.provenance import BaseModel, CheckpointRecord, TaskRecord
 from chiptuning.registry import ARCHITECTURES, base_model, num_blocks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def prompts_of(n: int, seed: int = 0) -> list[str]:
 
 
 def record_for(layer: int, L: int) -> CheckpointRecord:
-    entry = TaskEntry(chip_dir="chip", layer=layer, strategy=f"fixed:{layer}", feature_mode="raw", label_names=LABELS)
+    entry = TaskRecord(chip_dir="chip", layer=layer, strategy=f"fixed:{layer}", feature_mode="raw", label_names=LABELS)
     return CheckpointRecord(base_model=BaseModel(id="random", hash=None, model_type="", num_blocks=L),
                             layer=layer, num_blocks=L, architecture="", dtype="float32", feature_mode="raw",
                             default_task="t", tasks={"t": entry}, params={})
@@ -156,13 +156,13 @@ def main() -> None:
     result = {"device": device, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "chiptuning": __version__, "date": time.strftime("%Y-%m-%d"),
               "rows": rows}
+    table = [f"| {r['family']} | {r['vocab_size']} | {r['dense_examples_per_s']:.1f} | {r['pruned_examples_per_s']:.1f} "
+             f"({r['layer']}/{r['num_blocks']}) | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['ratio_to_ideal']:.2f} |"
+             for r in rows if "speedup" in r]
+    print("\n| family | vocab | dense ex/s | pruned ex/s (layer) | speedup | ideal | ratio |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(table))
     path = Path(args.json or REPO / "benchmarks" / "results" / f"eval_speed_{device}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
-    measured = [r for r in rows if "speedup" in r]
-    print("\n| family | vocab | dense ex/s | pruned ex/s (layer) | speedup | ideal | ratio |\n|---|---:|---:|---:|---:|---:|---:|")
-    for r in measured:
-        print(f"| {r['family']} | {r['vocab_size']} | {r['dense_examples_per_s']:.1f} | {r['pruned_examples_per_s']:.1f} "
-              f"({r['layer']}/{r['num_blocks']}) | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['ratio_to_ideal']:.2f} |")
     print(f"-> {path}")
 
 

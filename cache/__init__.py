@@ -1,5 +1,5 @@
-"""The activation cache: HDF5 shards of last-token features, one dataset per layer (numpy and h5py
-only): the layout (``store.py``), the records (``manifest.py``), ``cache info`` / ``verify``."""
+"""The activation cache: HDF5 shards of last-token features, one dataset per layer (numpy, h5py and a
+file lock; no torch): the layout (``store.py``), the records (``manifest.py``), ``cache info`` / ``verify``."""
 
 from chiptuning.cache.inspect import cache_info, verify_cache
 from chiptuning.cache.manifest import (

@@ -265,7 +265,8 @@ class CacheWriter:
         joined = {key: np.concatenate([part[key] for part in self._buffer]) if len(self._buffer) > 1
                   else self._buffer[0][key] for key in self._buffer[0]}
         self._buffered -= n
-        self._buffer = [{key: value[n:] for key, value in joined.items()}] if self._buffered else []
+        # a copy: a view would keep the whole joined array alive until the next flush
+        self._buffer = [{key: value[n:].copy() for key, value in joined.items()}] if self._buffered else []
         return {key: value[:n] for key, value in joined.items()}
 
     def _shard_image(self, batch: dict, name: Path) -> bytes:

@@ -99,7 +99,7 @@ def compare(model_name_or_path: str, train_task, eval_task, out_dir: str | Path,
     if unknown:
         raise ChipTuningError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     config = load_config(model_name_or_path)
-    if get_spec(config).images or train_task.image_column is not None:
+    if get_spec(config).reads_images or train_task.image_column is not None:
         raise ChipTuningError("compare measures depth-pruning baselines on text models and text data; for a "
                               "vision-language model use `chiptuning run` (or extract, probe, prune)")
     L, decoder = num_blocks(config), get_spec(config).decoder

@@ -112,13 +112,13 @@ def resolve_token_budget(max_tokens: int | str, model, device: torch.device) -> 
 
 @dataclass
 class Batch:
-    """One padded batch: ``rows`` are the positions of its inputs in the prompt list; ``extra``
-    holds the model's other inputs (a vision-language model's ``pixel_values`` and friends)."""
+    """One padded batch: ``rows`` are the positions of its inputs in the prompt list;
+    ``other_inputs``: the model's other inputs (a vision-language model's ``pixel_values`` and friends)."""
 
     rows: list[int]
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    other_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class EncodedInputs:

@@ -1,4 +1,7 @@
-"""Errors a user can cause. The CLI turns each into one line and a non-zero exit, no traceback."""
+"""Errors a user can cause (the CLI turns each into one line and a non-zero exit, no traceback), and
+the old names of renamed public names."""
+
+import warnings
 
 
 class ChipTuningError(Exception):
@@ -35,3 +38,14 @@ def first_line(err: BaseException) -> str:
     """The first line of an error's message, or its type's name when it has none."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def renamed(module: str, names: dict[str, str], namespace: dict):
+    """A module ``__getattr__`` answering each old name of ``names`` (old -> new) with the new name's
+    value from ``namespace``, with a DeprecationWarning."""
+    def __getattr__(name: str):
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} is now {names[name]}", DeprecationWarning, stacklevel=2)
+        return namespace[names[name]]
+    return __getattr__

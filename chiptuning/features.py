@@ -103,15 +103,15 @@ def capture_block_call(model, block: int, record: dict):
         yield record
 
 
-def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> dict:
+def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **other_inputs: torch.Tensor) -> dict:
     """Keyword arguments for the backbone's forward: mask-derived positions where needed, no KV
-    cache, and those of ``extra`` (a vision-language model's ``pixel_values``...) its forward
+    cache, and those of ``other_inputs`` (a vision-language model's ``pixel_values``...) its forward
     names, floating-point ones in the model's dtype."""
     backbone = base_model(model)
     spec = get_spec(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     dtype = next(backbone.parameters()).dtype
-    for name, value in extra.items():
+    for name, value in other_inputs.items():
         if _accepts(backbone, name):
             kwargs[name] = value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
     mask = attention_mask
@@ -127,20 +127,20 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
 
 
 @torch.no_grad()
-def run_backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> None:
+def run_backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **other_inputs: torch.Tensor) -> None:
     """One forward of the backbone for the hooks' sake (outputs discarded; :class:`StopForward` ends it)."""
     try:
-        base_model(model)(**model_inputs(model, input_ids, attention_mask, **extra))
+        base_model(model)(**model_inputs(model, input_ids, attention_mask, **other_inputs))
     except StopForward:
         pass
 
 
 @torch.no_grad()
 def last_token_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        layers: Sequence[int] | None = None, mode: str = "raw", **extra: torch.Tensor) -> torch.Tensor:
+                        layers: Sequence[int] | None = None, mode: str = "raw", **other_inputs: torch.Tensor) -> torch.Tensor:
     """Feature(l) at the last real token of each row of the (B, T) inputs, left or right padded, for
     each of ``layers`` (default 0..L): (B, len(layers), H) in the model's dtype, on the inputs'
-    device. Only these rows leave the hooks. ``extra``: the model's other inputs (pixels...)."""
+    device. Only these rows leave the hooks. ``other_inputs``: the model's other inputs (pixels...)."""
     if mode not in FEATURE_MODES:
         raise ValueError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
     blocks = get_blocks(model)
@@ -163,10 +163,10 @@ def last_token_features(model, input_ids: torch.Tensor, attention_mask: torch.Te
             raise StopForward
 
     with capture_layers(model, layers, keep):
-        run_backbone(model, input_ids, attention_mask, **extra)
+        run_backbone(model, input_ids, attention_mask, **other_inputs)
     return torch.stack([captured[layer] for layer in layers], dim=1)  # (B, n_layers, H)
 
 
 def batch_features(model, batch, layers: Sequence[int] | None = None, mode: str = "raw") -> torch.Tensor:
     """:func:`last_token_features` of one :class:`chiptuning.encoding.Batch` (text or images)."""
-    return last_token_features(model, batch.input_ids, batch.attention_mask, layers=layers, mode=mode, **batch.extra)
+    return last_token_features(model, batch.input_ids, batch.attention_mask, layers=layers, mode=mode, **batch.other_inputs)

@@ -166,14 +166,14 @@ def load_processor(model_name_or_path: str, padding_side: str = "right"):
 
 def load_preprocessor(model_name_or_path: str, padding_side: str = "right"):
     """The tokenizer, or for a vision-language model its processor."""
-    loader = load_processor if get_spec(load_config(model_name_or_path)).images else load_tokenizer
+    loader = load_processor if get_spec(load_config(model_name_or_path)).reads_images else load_tokenizer
     return loader(model_name_or_path, padding_side=padding_side)
 
 
 def head_model_class(model_or_config):
     """The Auto class of a registered model *with* its LM head."""
-    images = get_spec(model_or_config).images
-    return transformers.AutoModelForImageTextToText if images else transformers.AutoModelForCausalLM
+    reads_images = get_spec(model_or_config).reads_images
+    return transformers.AutoModelForImageTextToText if reads_images else transformers.AutoModelForCausalLM
 
 
 def load_config(model_name_or_path: str):
@@ -363,7 +363,7 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
     # A vision-language checkpoint saved with its LM head: AutoModel would report the head's weights as
     # unexpected; load the model it was saved as and keep its backbone.
     saved_with_head = any(name.endswith("ForConditionalGeneration") for name in config.architectures or [])
-    as_head = causal_lm or (get_spec(config).images and saved_with_head and not adapter)
+    as_head = causal_lm or (get_spec(config).reads_images and saved_with_head and not adapter)
     stream = wants_stream(offload, config, torch_dtype, resolve_device(device), as_head)
     scratch = None
     if (stream or keep_blocks is not None) and not device_map:

@@ -274,9 +274,9 @@ def check_output(path: str | Path, kind: OutputKind, *, overwrite: bool = False)
     if record is None:
         raise ChipTuningError(f"--out {path} is not empty and is not {_a(kind.what)} (it holds {describe(path)}); "
                               "choose a new or empty directory")
-    extra = [] if kind.resumable else foreign_entries(path, kind, record)
-    if extra:
-        shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
+    foreign = [] if kind.resumable else foreign_entries(path, kind, record)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ChipTuningError(f"--out {path} holds files `{kind.command}` did not write ({shown}); they are "
                               "never deleted: move them elsewhere or choose another --out (nothing was changed)")
     if not kind.resumable and not overwrite:
@@ -353,21 +353,17 @@ def finish_dir(tmp: Path, target: Path) -> None:
 
 # -- one writer at a time -------------------------------------------------------------------------
 
-def _write_pid(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-
 class DirLock:
-    """An exclusive lock on the file ``name`` in ``directory`` (:class:`filelock.FileLock`, released
-    by the kernel when its holder dies) holding the holder's pid, which ``acquire`` names when it
-    refuses; held until ``release`` (which removes the file), even when the object is dropped."""
+    """An exclusive lock on the file ``name`` in ``directory`` (:class:`filelock.FileLock`: released
+    by the kernel when its holder dies). The holder's pid is kept beside it (``name.pid``) for a
+    refusal to name; held until ``release`` (which removes both), even when the object is dropped."""
 
     _held: set[DirLock] = set()
 
     def __init__(self, directory: str | Path, name: str = ".lock") -> None:
         self.path = Path(directory) / name
-        self._lock = FileLock(self.path, timeout=0, on_acquired=_write_pid)
+        self.pid_file = self.path.with_name(name + ".pid")
+        self._lock = FileLock(self.path, timeout=0, thread_local=False)
 
     @property
     def held(self) -> bool:
@@ -377,16 +373,18 @@ class DirLock:
         try:
             self._lock.acquire()
         except Timeout:
-            pid = read_text(self.path, 32)
+            pid = read_text(self.pid_file, 32)
             holder = f" (pid {pid})" if pid.isdigit() else ""
             raise ChipTuningError(f"{self.path.parent} is being written by another process{holder}; wait for it "
                                   "to finish") from None
+        self.pid_file.write_text(f"{os.getpid()}\n")
         DirLock._held.add(self)
         return self
 
     def release(self) -> None:
         if self._lock.is_locked:
-            self.path.unlink(missing_ok=True)  # while held (filelock refuses a file unlinked meanwhile)
+            self.pid_file.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
             self._lock.release()
         DirLock._held.discard(self)
 

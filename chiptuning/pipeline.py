@@ -352,16 +352,16 @@ class FullModel:
         return cls(path, model, load_preprocessor(path), weights_hash(path, model))
 
     @property
-    def images(self) -> bool:
-        return get_spec(self.model).images
+    def reads_images(self) -> bool:
+        return get_spec(self.model).reads_images
 
     def time_dense(self, task, chips: ChipSet, layer: int, batch_size: int | None, progress: bool) -> list[dict]:
         """Its passes over ``task`` as ``evaluate(dense=True)`` times the dense model: on the inputs
         the pruned checkpoint encodes (the cache's max length), with the pruned model's batching."""
         meta, pre = chips.record.cache_meta, self.preprocessor
-        tokenizer = pre.tokenizer if self.images else pre
-        prompts, _ = task.build_prompts(pre, None if self.images else meta.max_length)
-        inputs = ImageInputs(pre, prompts, task.images()) if self.images else TextInputs(pre, prompts, meta.max_length)
+        tokenizer = pre.tokenizer if self.reads_images else pre
+        prompts, _ = task.build_prompts(pre, None if self.reads_images else meta.max_length)
+        inputs = ImageInputs(pre, prompts, task.images()) if self.reads_images else TextInputs(pre, prompts, meta.max_length)
         mask = optional_class_mask([ex.n_choices for ex in task.examples], chips.n_classes)
         return time_dense(self.model, inputs, progress=progress, tokenizer=tokenizer, layer=layer,
                           mode=meta.feature_mode or "raw", chip=chips.chip(layer), label_names=list(task.label_names),
@@ -375,9 +375,9 @@ class FullModel:
         base = {"id": self.path, "hash": self.hash, "adapter": None, "source": model_source(self.path)}
         record = write_pruned(self.model, self.preprocessor, [task], out, base=base, overwrite=True)
         cascades = {task.name: [Exit(lay, chips.chip(lay), t) for lay, t in task.exit_layers]} if task.cascade else {}
-        tokenizer = self.preprocessor.tokenizer if self.images else self.preprocessor
+        tokenizer = self.preprocessor.tokenizer if self.reads_images else self.preprocessor
         return record, ChipModel(base_model(self.model), tokenizer, {task.name: chips.chip(task.layer)}, record, out,
-                                 cascades, processor=self.preprocessor if self.images else None)
+                                 cascades, processor=self.preprocessor if self.reads_images else None)
 
 
 def extract_cache(out: Path, name: str, task, full: FullModel, config: RunConfig, ledger: Ledger,

@@ -26,7 +26,7 @@ class ArchSpec:
     embedding: str
     decoder: bool = True
     positions_from_mask: bool = True
-    images: bool = False
+    reads_images: bool = False
     language_model: str | None = None
 
 
@@ -105,7 +105,7 @@ def _vision_language_spec(model_type: str, config) -> ArchSpec:
     prefix = vl.language_model + "."
     return ArchSpec(blocks=prefix + text.blocks, final_norm=prefix + text.final_norm if text.final_norm else None,
                     embedding=prefix + text.embedding, decoder=True,
-                    positions_from_mask=vl.positions_from_mask and text.positions_from_mask, images=True,
+                    positions_from_mask=vl.positions_from_mask and text.positions_from_mask, reads_images=True,
                     language_model=vl.language_model)
 
 

@@ -120,7 +120,7 @@ def check_modality(model_or_config, task: TaskData, model_name: str) -> None:
     vision-language model (DataError)."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", model_or_config)
-    is_vlm = get_spec(model_or_config).images
+    is_vlm = get_spec(model_or_config).reads_images
     data = f"{task.name}/{task.split}"
     if is_vlm and task.image_column is None:
         raise DataError(f"model {model_name} is a vision-language model ({model_type}) and {data} holds text only; "

@@ -92,7 +92,7 @@ def features_for_batch(model, inputs: EncodedInputs, rows: list[int], device, mo
     label-word logits of every layer, (B, L+1, K) (else None); out of memory, the batch is split."""
     try:
         batch = inputs.batch(rows, device)
-        feats = last_token_features(model, batch.input_ids, batch.attention_mask, mode=mode, **batch.extra)
+        feats = last_token_features(model, batch.input_ids, batch.attention_mask, mode=mode, **batch.other_inputs)
         lens = None if words is None else lens_logits(model, feats, words, normed=mode == "normed").cpu().numpy()
         return feats.float().cpu().numpy(), lens
     except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -200,7 +200,7 @@ def load(config: ExtractConfig, task: TaskData, model, tokenizer) -> tuple[Any, 
     check_modality(model_config, task, config.model)
     if tokenizer is None:
         tokenizer = load_preprocessor(config.model, padding_side=config.padding_side)
-    images = check_images(task.images()) if get_spec(model_config).images else None
+    images = check_images(task.images()) if get_spec(model_config).reads_images else None
     if model is None:
         # A decoder comes with its LM head: the lens applies it to every layer's feature.
         model = load_model(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,

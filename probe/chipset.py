@@ -37,7 +37,7 @@ from chiptuning.outputs import CHIPS, is_unchanged, write_output, written_files
 from chiptuning.probe.chips import STATE_KEYS, make_chip
 from chiptuning.probe.data import cache_class_mask
 from chiptuning.probe.plots import plot_layer_accuracy
-from chiptuning.probe.records import ChipRecord, ChipsBase, ChipsRecord, MetricRow, Metrics, Selection
+from chiptuning.probe.records import ChipsBase, ChipsRecord, LayerChipRecord, MetricRow, Metrics, Selection
 from chiptuning.records import read_json
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,10 @@ class ChipSet:
             refuse_pickle(f"the chip at layer {layer} ({type(chip).__name__})")
         out.mkdir(parents=True, exist_ok=True)
         weights = "chip.joblib" if state is None else "chip.safetensors"
-        write_weights(out / weights, chip if state is None else state, self.kind, {"format": ChipRecord.FORMAT})
+        write_weights(out / weights, chip if state is None else state, self.kind, {"format": LayerChipRecord.FORMAT})
         common = {f.name: getattr(self.record, f.name) for f in dataclasses.fields(ChipsBase)}
         metrics = self.metrics_at(layer)
-        record = ChipRecord(**dict(common, chiptuning_version=__version__, weights=weights), layer=int(layer),
+        record = LayerChipRecord(**dict(common, chiptuning_version=__version__, weights=weights), layer=int(layer),
                             metrics=MetricRow.from_dict(metrics, "metrics") if metrics else None,
                             selection=self.selection)
         record.write(out / CHIP_CONFIG)
@@ -431,12 +431,12 @@ def sweep_command(path: Path) -> str:
 
 def load_chip(path: str | Path, *, allow_pickle: bool = False):
     """Load a single-chip directory written by :meth:`ChipSet.save_layer`: the fitted chip, with
-    ``chip_record_`` (its :class:`ChipRecord`) and ``chip_config_`` (the same as JSON). A pickled
+    ``chip_record_`` (its :class:`LayerChipRecord`) and ``chip_config_`` (the same as JSON). A pickled
     ``chip.joblib`` is refused unless ``allow_pickle=True``."""
     path = Path(path)
     if not (path / CHIP_CONFIG).is_file():
         raise ChipTuningError(f"{path} is not a chip directory ({CHIP_CONFIG} is missing)")
-    record = ChipRecord.read(path / CHIP_CONFIG)
+    record = LayerChipRecord.read(path / CHIP_CONFIG)
     params = estimator_params(record, str(path / CHIP_CONFIG))
     name = record.weights or ("chip.joblib" if record.chip == "logreg" else "chip.safetensors")
     weights = read_weights(path / name, record, allow_pickle=allow_pickle)

@@ -116,6 +116,21 @@ def open_cache(cache, verify: bool = False):
     return reader
 
 
+def open_caches(train_cache, eval_cache, layers: list[int] | None) -> tuple:
+    """(train, eval or None, layers) to train on: the caches opened with their checksums verified
+    and checked to come from the same source; the layers (default every layer of the training cache)
+    present in both, else a CacheError naming the missing ones."""
+    train = open_cache(train_cache, verify=True)
+    evals = None if eval_cache is None else open_cache(eval_cache, verify=True)
+    if evals is not None:
+        check_same_source(train, evals)
+    layers = list(train.layers) if layers is None else [int(layer) for layer in layers]
+    missing = [layer for layer in layers if layer not in train.layers or (evals is not None and layer not in evals.layers)]
+    if missing:
+        raise CacheError(f"--layers {missing} not in the cache(s) (layers {train.layers[0]}..{train.layers[-1]})")
+    return train, evals, layers
+
+
 def cache_source(cache):
     """What a worker task reopens a cache from: a CacheReader's path (open HDF5 files do not
     pickle, and a remote worker that sees the same files needs a path), any other object as is."""
@@ -497,8 +512,9 @@ def read_standardized(cache, layers, rows, stats, *, stream: bool = False,
             standardize_into(_read_layer(cache, layer), *stats[j], out[j], rows=rows)
         return out
     order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
     for row_idx, feats in cache.iter_batches(layers, 1024, rows=rows):
-        pos = torch.from_numpy(order[np.searchsorted(rows[order], row_idx)])
+        pos = torch.from_numpy(order[np.searchsorted(sorted_rows, row_idx)])
         for j in range(len(layers)):
             mean, scale = (torch.from_numpy(s) for s in stats[j])
             out[j, pos] = (torch.from_numpy(np.ascontiguousarray(feats[:, j])) - mean) / scale
@@ -508,5 +524,5 @@ def read_standardized(cache, layers, rows, stats, *, stream: bool = False,
 __all__ = ["IN_PLACE_FRACTION", "SAME_SOURCE_KEYS", "SAME_TASK_KEYS", "Batches", "CacheBatches", "InMemoryBatches",
            "RunningStats", "as_class_mask", "cache_class_mask", "cache_n_classes", "cache_source", "carve_rows",
            "check_same_source", "feature_dtype", "gather_standardized", "layers_per_group", "load_standardized",
-           "mask_from_n_choices", "open_cache", "opened", "optional_class_mask", "read_parts", "read_standardized",
+           "mask_from_n_choices", "open_cache", "open_caches", "opened", "optional_class_mask", "read_parts", "read_standardized",
            "rows_held", "split_validation", "standardization", "standardize_into", "stream_batches"]

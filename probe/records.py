@@ -1,5 +1,5 @@
 """The probe stage's records, on the codec of :mod:`chiptuning.records`: ``chips.json``
-(:class:`ChipsRecord`), ``chip.json`` (:class:`ChipRecord`), ``metrics.json`` (:class:`Metrics`),
+(:class:`ChipsRecord`), ``chip.json`` (:class:`LayerChipRecord`), ``metrics.json`` (:class:`Metrics`),
 ``selection.json`` (:class:`Selection`, with a :class:`Cascade` for early exit)."""
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ class ChipsRecord(ChipsBase):
 
 
 @dataclass
-class ChipRecord(ChipsBase):
+class LayerChipRecord(ChipsBase):
     """``chip.json`` of a single-chip directory (inside a pruned checkpoint): the chips record of
     one layer, with that layer's metric row and the selection when the chip was saved."""
 

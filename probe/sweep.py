@@ -32,9 +32,8 @@ from chiptuning.probe.data import (
     cache_n_classes,
     cache_source,
     carve_rows,
-    check_same_source,
     layers_per_group,
-    open_cache,
+    open_caches,
     opened,
     read_parts,
 )
@@ -215,14 +214,7 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     if out is not None:
         check_output(out, SWEEP, overwrite=overwrite)  # refused now, not after the sweep
     # Verified once here; the tasks reopen the caches by path without hashing them again.
-    train = open_cache(train_cache, verify=True)
-    evals = open_cache(eval_cache, verify=True) if eval_cache is not None else None
-    if evals is not None:
-        check_same_source(train, evals)
-    layers = list(train.layers) if config.layers is None else list(config.layers)
-    missing = sorted(set(layers) - set(train.layers))
-    if missing:
-        raise ChipTuningError(f"--layers {missing} not in the cache (layers {train.layers[0]}..{train.layers[-1]})")
+    train, evals, layers = open_caches(train_cache, eval_cache, config.layers)
     train_rows, val_rows = carve_rows(train.n_rows, config.val_size, config.seed, None)
     if not len(val_rows):
         raise ChipTuningError("a sweep picks settings on validation rows; --val-size must be > 0")

@@ -26,7 +26,7 @@ import torch
 from joblib import Parallel, delayed
 from threadpoolctl import threadpool_limits
 
-from chiptuning.errors import CacheError, ChipTuningError
+from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import CHIPS, check_output
 from chiptuning.probe.bank import PRECISIONS, Hyperparams, choose_threads, fit_banks, resolve_precision, torch_threads
 from chiptuning.probe.chips import CHIP_KINDS, LogRegChip
@@ -37,11 +37,10 @@ from chiptuning.probe.data import (
     cache_n_classes,
     cache_source,
     carve_rows,
-    check_same_source,
     feature_dtype,
     layers_per_group,
     load_standardized,
-    open_cache,
+    open_caches,
     opened,
     read_parts,
     read_standardized,
@@ -187,15 +186,9 @@ def train_chips(train_cache, eval_cache=None, chip: str = "linear", out: str | P
     cfg = replace(config or TrainConfig(chip=chip), **options).resolved()
     if out is not None:
         check_output(out, CHIPS, overwrite=overwrite)  # refused now, not after training
-    train = open_cache(train_cache, verify=True)
-    evals = open_cache(eval_cache, verify=True) if eval_cache is not None else None
+    train, evals, layers = open_caches(train_cache, eval_cache, cfg.layers)
     if evals is not None:
-        check_same_source(train, evals)
         cache_n_classes(evals)
-    layers = list(train.layers) if cfg.layers is None else [int(layer) for layer in cfg.layers]
-    missing = [layer for layer in layers if layer not in train.layers or (evals is not None and layer not in evals.layers)]
-    if missing:
-        raise CacheError(f"--layers {missing} not in the cache(s) (layers {train.layers[0]}..{train.layers[-1]})")
     C = cache_n_classes(train)
     train_rows, val_rows = carve_rows(train.n_rows, cfg.val_size, cfg.seed, cfg.max_train_rows)
     if len(np.unique(train.labels[train_rows])) < 2:

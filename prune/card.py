@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from chiptuning import __version__
 from chiptuning.probe import MetricRow, describe_exits, is_pickle
-from chiptuning.prune.provenance import CascadeEntry, CheckpointRecord, TaskEntry
+from chiptuning.prune.provenance import CascadeEntry, CheckpointRecord, TaskRecord
 
 PICKLE_WARNING = """## WARNING: this checkpoint holds a pickle
 
@@ -64,13 +64,13 @@ def _accuracy(metrics: MetricRow | None) -> str:
     return "not recorded"
 
 
-def _summary(record: CheckpointRecord, images: bool, pickled: list[str]) -> list[str]:
+def _summary(record: CheckpointRecord, reads_images: bool, pickled: list[str]) -> list[str]:
     """Title, what the checkpoint is, the pickle warning if any, the pruning table and what was kept."""
     base, params, layer, n = record.base_model, record.params, record.layer, len(record.tasks)
     chips = "a small classifier (a *chip*) that reads" if n == 1 else \
         f"{n} small classifiers (*chips*), one per task, that read"
     kept = (", LM head" if record.keep_lm_head else "") + \
-        ("; the vision tower and projector whole, and the processor" if images else "")
+        ("; the vision tower and projector whole, and the processor" if reads_images else "")
     src = base.source
     return [
         f"# {Path(str(base.id)).name} pruned to {layer} of {record.num_blocks} blocks (chip-tuning)", "",
@@ -94,7 +94,7 @@ def _summary(record: CheckpointRecord, images: bool, pickled: list[str]) -> list
     ]
 
 
-def _task(name: str, task: TaskEntry) -> list[str]:
+def _task(name: str, task: TaskRecord) -> list[str]:
     source = task.task
     prompt = f"template `{task.template!r}`" if task.template else f"text column `{task.text_column}`"
     if source.get("image_column"):
@@ -130,16 +130,16 @@ def _cascade(cascade: CascadeEntry | None) -> list[str]:
 
 def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
     """The Markdown model card, with hub metadata; a warning first when ``pickled`` tasks hold pickles."""
-    images = any(task.task.get("image_column") for task in record.tasks.values())
+    reads_images = any(task.task.get("image_column") for task in record.tasks.values())
     data = ModelCardData(library_name="transformers", base_model=record.base_model.id,
-                         tags=["chip-tuning", "pruned", "image-classification" if images else "text-classification"])
-    lines = _summary(record, images, pickled) + [line for name, t in record.tasks.items() for line in _task(name, t)]
-    for image in record.images:
-        what = "accuracy against mean depth (early exit)" if image.startswith("cascade") else "accuracy against layer"
-        lines += [f"![{what}]({image})", ""]
+                         tags=["chip-tuning", "pruned", "image-classification" if reads_images else "text-classification"])
+    lines = _summary(record, reads_images, pickled) + [line for name, t in record.tasks.items() for line in _task(name, t)]
+    for figure in record.figures:
+        what = "accuracy against mean depth (early exit)" if figure.startswith("cascade") else "accuracy against layer"
+        lines += [f"![{what}]({figure})", ""]
     several = f"With several tasks: `clf.predict(texts, task=...)` (tasks: {_ticked(record.tasks)}).\n\n"
     usage = USAGE.format(
-        example='clf.predict(["photo.jpg"])  # paths, PIL images or arrays' if images else
+        example='clf.predict(["photo.jpg"])  # paths, PIL images or arrays' if reads_images else
         'clf.predict(["some text to classify"])', several=several if len(record.tasks) > 1 else "",
         exported=EXPORTED_USAGE if record.export == "sequence-classification" else "", layer=record.layer)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n" + usage))

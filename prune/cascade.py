@@ -41,11 +41,11 @@ def _cut(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 @torch.no_grad()
 def run_cascade(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, exits: Sequence[Exit],
-                mode: str = "raw", class_mask: np.ndarray | None = None, **extra: torch.Tensor
+                mode: str = "raw", class_mask: np.ndarray | None = None, **other_inputs: torch.Tensor
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(predicted class (B,), exit layer (B,), probabilities (B, C) of the answering chip) of a (B, T)
     padded batch, by early exit through ``exits`` (ascending layers; the last answers every row left).
-    ``class_mask`` (B, C): the classes each row may take; ``extra``: other inputs (``pixel_values``...)."""
+    ``class_mask`` (B, C): the classes each row may take; ``other_inputs``: the model's other inputs (``pixel_values``...)."""
     batch = input_ids.shape[0]
     norm = get_final_norm(model) if mode == "normed" else None
     by_layer, last_exit = {e.layer: e for e in exits}, exits[-1].layer
@@ -79,7 +79,7 @@ def run_cascade(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ex
 
     later = range(exits[0].layer, last_exit)  # the blocks after the first exit run on the rows left
     with capture_layers(model, by_layer, at_exit), rewrite_block_calls(model, later, before_block):
-        run_backbone(model, input_ids, attention_mask, **extra)
+        run_backbone(model, input_ids, attention_mask, **other_inputs)
     return prediction, exit_layer, np.stack(probabilities)
 
 

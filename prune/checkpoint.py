@@ -52,13 +52,13 @@ from chiptuning.prune.provenance import (
     CascadeExit,
     CheckpointRecord,
     PruneParams,
-    TaskEntry,
+    TaskRecord,
     TokenizerSettings,
     check_model_matches_cache,
     write_provenance,
 )
 from chiptuning.prune.truncate import check_layer, truncate_
-from chiptuning.registry import base_model, get_spec, num_blocks, text_config
+from chiptuning.registry import base_model, get_blocks, get_spec, num_blocks, text_config
 from chiptuning.tasks import DEFAULT_IMAGE_PROMPT, image_chat_prompt
 from chiptuning.vision import ImageInputs
 
@@ -78,7 +78,7 @@ SHARD_SIZE = "2GB"
 def parity_inputs(model, tokenizer) -> EncodedInputs:
     """What the parity check feeds the model: :data:`CHECK_PROMPTS`, or for a vision-language model
     (``tokenizer``: its processor) seeded noise images of :data:`CHECK_IMAGE_SIZES` with the paper's question."""
-    if not get_spec(model).images:
+    if not get_spec(model).reads_images:
         return TextInputs(tokenizer, CHECK_PROMPTS)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in CHECK_IMAGE_SIZES]
@@ -103,7 +103,7 @@ def resolve_layer(chips: ChipSet, layer: int | None) -> tuple[int, str]:
 
 
 @dataclass
-class TaskChip:
+class PrunedTask:
     """One task of a checkpoint: its chips, the layer its chip reads and how it was chosen, where the
     chips came from (their plots are copied), its name (``predict(..., task=name)``), its cascade."""
 
@@ -142,8 +142,8 @@ def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
 
 
 def load_task_chips(chips_dirs: Sequence[str | Path | ChipSet], layer: int | None = None,
-                    allow_pickle: bool = False) -> list[TaskChip]:
-    """The :class:`TaskChip` of chips directories (``DIR`` or ``NAME=DIR``) or ChipSets, named: NAME,
+                    allow_pickle: bool = False) -> list[PrunedTask]:
+    """The :class:`PrunedTask` of chips directories (``DIR`` or ``NAME=DIR``) or ChipSets, named: NAME,
     else the task's own name when it is unique and not "custom", else the directory's name.
 
     Chips read from a directory must score on their eval cache what they record; a ChipSet was
@@ -160,7 +160,7 @@ def load_task_chips(chips_dirs: Sequence[str | Path | ChipSet], layer: int | Non
         chips = entry if isinstance(entry, ChipSet) else load_chips(path, allow_pickle=allow_pickle)
         chosen, strategy = resolve_layer(chips, layer)
         cascade = chips.selection.cascade if layer is None and chips.selection is not None else None
-        task = TaskChip(chips, chosen, strategy, path, name=given or "", cascade=cascade)
+        task = PrunedTask(chips, chosen, strategy, path, name=given or "", cascade=cascade)
         task.cache_meta  # noqa: B018 -- fails early, naming the fix, when the chips record no cache meta
         if not isinstance(entry, ChipSet):
             check_chips_on_cache(chips, [lay for lay, _ in task.exit_layers])
@@ -176,7 +176,7 @@ def load_task_chips(chips_dirs: Sequence[str | Path | ChipSet], layer: int | Non
     return tasks
 
 
-def check_options(tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
+def check_options(tasks: list[PrunedTask], keep_lm_head: bool, export: str | None) -> None:
     """Refuse option combinations no checkpoint can honour (named by their flags)."""
     lengths = {t.cache_meta.max_length for t in tasks}
     for refused, why in (
@@ -253,7 +253,7 @@ def prune(model_name_or_path: str, chips_dir: str | Path | ChipSet | Sequence[st
     return Path(out_dir)
 
 
-def save_pruned(model, tokenizer, tasks: Sequence[TaskChip], out_dir: str | Path, **options) -> Path:
+def save_pruned(model, tokenizer, tasks: Sequence[PrunedTask], out_dir: str | Path, **options) -> Path:
     """:func:`write_pruned` (``options``: its keywords), returning ``out_dir``."""
     handed = [model]  # write_pruned frees the model before reloading the checkpoint: no reference stays here
     del model
@@ -261,7 +261,7 @@ def save_pruned(model, tokenizer, tasks: Sequence[TaskChip], out_dir: str | Path
     return Path(out_dir)
 
 
-def write_pruned(model, tokenizer, tasks: Sequence[TaskChip], out_dir: str | Path, *, base: dict[str, Any],
+def write_pruned(model, tokenizer, tasks: Sequence[PrunedTask], out_dir: str | Path, *, base: dict[str, Any],
                  keep_lm_head: bool = False, export: str | None = None, overwrite: bool = False,
                  allow_pickle: bool = False) -> CheckpointRecord:
     """Cut ``model`` (``AutoModel``, or ``*ForCausalLM``) in place after the deepest task's layer,
@@ -288,13 +288,13 @@ def write_pruned(model, tokenizer, tasks: Sequence[TaskChip], out_dir: str | Pat
         tokenizer.save_pretrained(tmp)
         after, architecture = pruned_stats(to_save, keep_lm_head, export), type(to_save).__name__
         del model, to_save  # free the full model before reloading the pruned one
-        entries, images = save_chips(tmp, tasks, allow_pickle)
+        entries, figures = save_chips(tmp, tasks, allow_pickle)
         record = CheckpointRecord(
             base_model=base_record, layer=depth, num_blocks=base_record.num_blocks, architecture=architecture,
             keep_lm_head=keep_lm_head, export=export, dtype=str(dtype).replace("torch.", ""),
             feature_mode=tasks[0].feature_mode,
             tokenizer=TokenizerSettings(padding_side="right", max_length=tasks[0].cache_meta.max_length),
-            default_task=tasks[0].name, tasks=entries, images=images,
+            default_task=tasks[0].name, tasks=entries, figures=figures,
             params=PruneParams(before=before, after=after, pruning_ratio=1 - after["total"] / before["total"],
                                removed={"blocks": int(sum(before["blocks"][depth:])),
                                         "lm_head": 0 if keep_lm_head else int(before["lm_head"])}),
@@ -309,14 +309,14 @@ def write_pruned(model, tokenizer, tasks: Sequence[TaskChip], out_dir: str | Pat
 
 # -- the steps of write_pruned --------------------------------------------------------------------
 
-def check_model(model, tasks: list[TaskChip], keep_lm_head: bool, export: str | None) -> None:
+def check_model(model, tasks: list[PrunedTask], keep_lm_head: bool, export: str | None) -> None:
     """Refuse what ``model`` cannot be pruned into: the options, each task's layer, a missing head."""
     check_options(tasks, keep_lm_head, export)
     for task in tasks:
         check_layer(task.layer, num_blocks(model))
     if keep_lm_head and model.get_output_embeddings() is None:
         raise ChipTuningError(f"keep_lm_head needs the model with its head (*ForCausalLM), got {type(model).__name__}")
-    if export and get_spec(model).images:
+    if export and get_spec(model).reads_images:
         raise ChipTuningError(f"--export sequence-classification is for text models; {model.config.model_type} "
                               "reads images: leave --export out (ChipModel serves the checkpoint)")
 
@@ -327,7 +327,7 @@ def inputs_features(model, inputs: EncodedInputs, layer: int, mode: str = "raw")
     return feats[:, 0].float().cpu().numpy()
 
 
-def parity_references(model, tokenizer, tasks: list[TaskChip]) -> dict[tuple[str, int], np.ndarray]:
+def parity_references(model, tokenizer, tasks: list[PrunedTask]) -> dict[tuple[str, int], np.ndarray]:
     """The full model's feature at each task's exit layers on :func:`parity_inputs`: (task, layer) -> (B, H)."""
     check_inputs = parity_inputs(model, tokenizer)
     return {(t.name, lay): inputs_features(model, check_inputs, lay, t.feature_mode)
@@ -345,7 +345,7 @@ def cut(model, depth: int, export: str | None) -> None:
                               "blocks are streamed here: use --offload none (they must fit in memory)")
 
 
-def model_to_save(model, tokenizer, task: TaskChip, keep_lm_head: bool, export: str | None):
+def model_to_save(model, tokenizer, task: PrunedTask, keep_lm_head: bool, export: str | None):
     """(the module to save, the class that reloads it): the backbone, the model with its head, or
     the ``*ForSequenceClassification`` model holding the chip."""
     if export:
@@ -370,26 +370,26 @@ def pruned_stats(saved, keep_lm_head: bool, export: str | None) -> dict:
     return stats
 
 
-def save_chips(root: Path, tasks: list[TaskChip], allow_pickle: bool) -> tuple[dict[str, TaskEntry], list[str]]:
+def save_chips(root: Path, tasks: list[PrunedTask], allow_pickle: bool) -> tuple[dict[str, TaskRecord], list[str]]:
     """Save each task's chip (and a cascade's earlier exits) and plots into ``root``: (the record's
-    task entries, the images)."""
-    entries, images = {}, []
+    task entries, the plots' file names)."""
+    entries, figures = {}, []
     for task in tasks:
         chip_dir = CHIP_DIR if len(tasks) == 1 else f"chips/{task.name}"
         task.chips.save_layer(task.layer, root / chip_dir, allow_pickle=allow_pickle)
         for lay, _ in task.exit_layers[:-1]:
             task.chips.save_layer(lay, root / chip_dir / "exits" / f"layer-{lay}", allow_pickle=allow_pickle)
         entries[task.name] = task_entry(task, chip_dir)
-        for picture in ("layer_accuracy.png", "cascade.png"):
-            source = Path(task.chips_dir) / picture if task.chips_dir is not None else None
-            if source is not None and source.is_file() and (picture != "cascade.png" or task.cascade):
-                image = picture if len(tasks) == 1 else f"{Path(picture).stem}-{task.name}.png"
-                shutil.copy2(source, root / image)
-                images.append(image)
-    return entries, images
+        for plot in ("layer_accuracy.png", "cascade.png"):
+            source = Path(task.chips_dir) / plot if task.chips_dir is not None else None
+            if source is not None and source.is_file() and (plot != "cascade.png" or task.cascade):
+                name = plot if len(tasks) == 1 else f"{Path(plot).stem}-{task.name}.png"
+                shutil.copy2(source, root / name)
+                figures.append(name)
+    return entries, figures
 
 
-def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
+def task_entry(task: PrunedTask, chip_dir: str) -> TaskRecord:
     """The checkpoint's record of one task (its chip, layer and prompt format)."""
     source = dict(task.cache_meta.task)
     cascade = None
@@ -400,7 +400,7 @@ def task_entry(task: TaskChip, chip_dir: str) -> TaskEntry:
         cascade = CascadeEntry(exits=exits, delta=task.cascade.delta, fallback=task.cascade.fallback,
                                reference_layer=task.cascade.reference_layer, simulated=task.cascade.simulated)
     metrics = task.chips.metrics_at(task.layer)
-    return TaskEntry(
+    return TaskRecord(
         chip_dir=chip_dir, layer=task.layer, strategy=task.strategy, feature_mode=task.feature_mode,
         task=source, template=source.get("template"), text_column=source.get("text_column"),
         label_names=task.label_names, cache_meta=task.cache_meta,
@@ -437,7 +437,7 @@ def _check_close(reference: np.ndarray, pruned: np.ndarray, dtype: torch.dtype, 
                               f"{err:.3g} (tolerance {tolerance:.3g}); this is a bug, please report it")
 
 
-def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[tuple[str, int], np.ndarray],
+def verify_checkpoint(path: Path, tasks: Sequence[PrunedTask], references: dict[tuple[str, int], np.ndarray],
                       depth: int, dtype: torch.dtype, device, cls, stream: bool = False) -> None:
     """Reload ``path`` as users will (streamed, when the pruned model was) and compare every task's
     feature and chip predictions with the full model's ``references``; ChipTuningError for missing,
@@ -454,6 +454,8 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[tu
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ChipTuningError(f"the pruned checkpoint does not reload cleanly: {bad}; this is a bug, please report it")
+    if num_blocks(model) != depth or len(get_blocks(model)) != depth:
+        raise ChipTuningError(f"the reloaded checkpoint has {len(get_blocks(model))} blocks, expected {depth}")
     model = (model if stream else model.to(device)).eval()
     tokenizer = load_preprocessor(str(path))
     check_inputs = parity_inputs(model, tokenizer)
@@ -474,4 +476,4 @@ def verify_checkpoint(path: Path, tasks: Sequence[TaskChip], references: dict[tu
             _check_close(np.asarray(expected), probs, dtype, "sequence-classification probabilities")
 
 
-__all__ = ["TaskChip", "load_task_chips", "prune", "resolve_layer", "save_pruned", "save_weights", "write_pruned"]
+__all__ = ["PrunedTask", "load_task_chips", "prune", "resolve_layer", "save_pruned", "save_weights", "write_pruned"]

@@ -4,6 +4,7 @@ vision-language one); prompts are built and tokenized exactly as extraction buil
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from chiptuning.models import load_processor, load_tokenizer, model_device, reso
 from chiptuning.probe import load_chip, optional_class_mask
 from chiptuning.progress import progress_bar
 from chiptuning.prune.cascade import Exit, run_cascade
-from chiptuning.prune.provenance import CheckpointRecord, TaskEntry, load_record
+from chiptuning.prune.provenance import CheckpointRecord, TaskRecord, load_record
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import Example, TaskData, template_fields
 from chiptuning.tasks.images import as_image_input
@@ -143,6 +144,9 @@ class ChipModel:
     cascades: dict[str, list[Exit]] = field(default_factory=dict)  # task -> its early exits, if it has them
     processor: Any = None  # a vision-language checkpoint's processor
 
+    def __post_init__(self) -> None:
+        self.cascades = self.cascades or {}
+
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
                         allow_pickle: bool = False) -> ChipModel:
@@ -171,7 +175,7 @@ class ChipModel:
             raise ProvenanceError(f"{path}: weights do not fit the config (missing {info.get('missing_keys')[:5]}, "
                                   f"mismatched {info.get('mismatched_keys')[:5]}); re-run `chiptuning prune`")
         model = model.to(resolve_device(device)).eval()
-        processor = load_processor(str(path), padding_side=record.padding_side) if spec.images else None
+        processor = load_processor(str(path), padding_side=record.padding_side) if spec.reads_images else None
         tokenizer = processor.tokenizer if processor is not None else load_tokenizer(
             str(path), padding_side=record.padding_side)
         log.debug("loaded %s: %s pruned to %d blocks, tasks %s", path, record.base_model.id, record.layer, list(chips))
@@ -182,7 +186,7 @@ class ChipModel:
         """Names of the tasks this checkpoint classifies."""
         return list(self.record.tasks)
 
-    def task(self, task: str | None = None) -> tuple[str, TaskEntry]:
+    def task(self, task: str | None = None) -> tuple[str, TaskRecord]:
         """(name, entry) of ``task`` (the default task when None); DataError naming the tasks if unknown."""
         name = task or self.record.default_task
         if name not in self.record.tasks:
@@ -199,9 +203,14 @@ class ChipModel:
         return self.record.layer
 
     @property
-    def images(self) -> bool:
+    def reads_images(self) -> bool:
         """True for a vision-language checkpoint (it classifies images)."""
         return self.processor is not None
+
+    @property
+    def images(self) -> bool:
+        warnings.warn("ChipModel.images is now ChipModel.reads_images", DeprecationWarning, stacklevel=2)
+        return self.reads_images
 
     def task_data(self, task: str | None = None) -> TaskData:
         """A :class:`~chiptuning.tasks.TaskData` (no examples) with the saved prompt format, which wins."""
@@ -246,15 +255,15 @@ class ChipModel:
     def _prepare(self, inputs, task) -> tuple[TaskData, list[str], np.ndarray | None]:
         """The saved task holding ``inputs`` as its examples (each checked), their prompts and class mask."""
         data = self.task_data(task)
-        data.examples = image_examples(data, inputs) if self.images else text_examples(data, inputs)
+        data.examples = image_examples(data, inputs) if self.reads_images else text_examples(data, inputs)
         mask = optional_class_mask([ex.n_choices for ex in data.examples], len(data.label_names))
         return data, self._prompts(data), mask
 
     def _prompts(self, data: TaskData) -> list[str]:
-        return data.build_prompts(self.processor if self.images else self.tokenizer, self.record.max_length)[0]
+        return data.build_prompts(self.processor if self.reads_images else self.tokenizer, self.record.max_length)[0]
 
     def _encoded(self, data: TaskData, prompts: list[str]) -> EncodedInputs:
-        if self.images:
+        if self.reads_images:
             return ImageInputs(self.processor, prompts, data.images())
         return TextInputs(self.tokenizer, prompts, self.record.max_length)
 
@@ -307,7 +316,7 @@ class ChipModel:
         for batch in self._batches(inputs, batch_size, max_tokens_per_batch, "cascade", progress):
             mask = None if class_mask is None else class_mask[batch.rows]
             prediction[batch.rows], exit_layer[batch.rows], proba[batch.rows] = run_cascade(
-                self.model, batch.input_ids, batch.attention_mask, exits, entry.feature_mode, mask, **batch.extra)
+                self.model, batch.input_ids, batch.attention_mask, exits, entry.feature_mode, mask, **batch.other_inputs)
         return prediction, exit_layer, proba
 
     def _answers(self, inputs, task, batch_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from chiptuning import __version__
 from chiptuning.cache import CacheMeta, check_label_names, check_model_stats
-from chiptuning.errors import ProvenanceError
+from chiptuning.errors import ProvenanceError, renamed
 from chiptuning.io import canonical_hash, sha256_file, write_json_atomic
 from chiptuning.outputs import written_files
 from chiptuning.probe import ChipsRecord, MetricRow, Simulated
@@ -86,7 +86,7 @@ class CascadeEntry(CheckpointPart):
 
 
 @dataclass
-class TaskEntry(CheckpointPart):
+class TaskRecord(CheckpointPart):
     """One task of a checkpoint: its chip, the layer it reads and the prompt format it was trained on."""
 
     chip_dir: str
@@ -156,7 +156,7 @@ class CheckpointRecord(CheckpointPart):
     layer: int = rule(ge=1)  # the pruned depth: the deepest chip's layer
     num_blocks: int = rule(ge=1)
     default_task: str = ""  # what predict uses when no task is named
-    tasks: dict[str, TaskEntry] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
     params: PruneParams | None = None
     architecture: str = ""  # the transformers class it saves as
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -164,7 +164,7 @@ class CheckpointRecord(CheckpointPart):
     keep_lm_head: bool = False
     export: Literal["sequence-classification"] | None = None  # set for an exported classifier
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
-    images: list[str] = field(default_factory=list)  # layer-curve images in the checkpoint
+    figures: list[str] = rule(default_factory=list, key="images")  # the layer-curve plots in the checkpoint
     checksums: dict[str, str] = field(default_factory=dict)  # every other file: the checkpoint is exactly these
     record_sha256: str | None = rule(None, omit_none=True)
     chiptuning_version: str = __version__
@@ -190,9 +190,9 @@ class CheckpointRecord(CheckpointPart):
             inside(rel, "checksums")
             if not _SHA256.fullmatch(digest):
                 raise Invalid(f"checksums.{rel}", "is not a sha256 (64 hex digits)")
-        for image in self.images:
-            if image not in self.checksums:
-                raise Invalid("images", f"{image!r} is not among the checkpoint's files")
+        for figure in self.figures:
+            if figure not in self.checksums:
+                raise Invalid("images", f"{figure!r} is not among the checkpoint's files")
         for name, task in self.tasks.items():
             for rel in task.chip_dirs():
                 if not any(path.startswith(rel.rstrip("/") + "/") for path in self.checksums):
@@ -268,9 +268,9 @@ def verify_checksums(root: str | Path, record: dict[str, Any], record_file: str 
     expected = record.get("checksums")
     if not isinstance(expected, dict) or not expected:
         raise ProvenanceError(f"{root}/{record_file} records no checksums; re-run `chiptuning prune`")
-    if extra := unrecorded_files(root, expected, record_file):
-        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
-        raise ProvenanceError(f"{root}: {shown} {'is' if len(extra) == 1 else 'are'} not among the files "
+    if unrecorded := unrecorded_files(root, expected, record_file):
+        shown = ", ".join(unrecorded[:3]) + (", ..." if len(unrecorded) > 3 else "")
+        raise ProvenanceError(f"{root}: {shown} {'is' if len(unrecorded) == 1 else 'are'} not among the files "
                               f"{record_file} records; a checkpoint is exactly what was pruned (transformers could "
                               "act on anything else): remove it, or re-run `chiptuning prune`")
     for rel, digest in sorted(expected.items()):
@@ -312,3 +312,5 @@ def check_model_matches_cache(model_id: str, model_hash: str, config, cache_meta
     then, now = (Path(str(a).rstrip("/")).name if a else None for a in (meta.adapter, adapter))
     if then != now:
         refuse(f"adapter {meta.adapter!r} in the cache, {adapter!r} now (--adapter)")
+
+__getattr__ = renamed(__name__, {"TaskEntry": "TaskRecord"}, globals())

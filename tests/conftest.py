@@ -69,14 +69,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def sentiment_file(tmp_path) -> Path:
+def sentiment_rows() -> list[dict]:
     """24 labelled sentences (12 pos, 12 neg), interleaved, with ids."""
     rows = []
     for i, (p, n) in enumerate(zip(SENTENCES["pos"], SENTENCES["neg"])):
-        rows.append({"id": f"p{i}", "text": p, "label": "pos"})
-        rows.append({"id": f"n{i}", "text": n, "label": "neg"})
-    return write_jsonl(tmp_path / "sentiment.jsonl", rows)
+        rows += [{"id": f"p{i}", "text": p, "label": "pos"}, {"id": f"n{i}", "text": n, "label": "neg"}]
+    return rows
+
+
+@pytest.fixture
+def sentiment_file(tmp_path) -> Path:
+    """:func:`sentiment_rows` as a JSONL file."""
+    return write_jsonl(tmp_path / "sentiment.jsonl", sentiment_rows())
 
 
 def tiny_config(kind: str):

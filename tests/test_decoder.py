@@ -24,7 +24,7 @@ from chiptuning.probe import train_chips
 from chiptuning.prune import ChipModel, prune, read_provenance
 from chiptuning.tasks import load_task
 from chiptuning.zeroshot import LabelWords, label_words, spellings
-from tests.conftest import SENTENCES, write_jsonl
+from tests.conftest import sentiment_rows, write_jsonl
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEMPLATE = "Review: {text}\nSentiment (pos or neg):"
@@ -41,10 +41,7 @@ def smollm2() -> str:
 
 @pytest.fixture(scope="module")
 def reviews(tmp_path_factory) -> Path:
-    rows = []
-    for i, (p, n) in enumerate(zip(SENTENCES["pos"], SENTENCES["neg"])):
-        rows += [{"id": f"p{i}", "text": p, "label": "pos"}, {"id": f"n{i}", "text": n, "label": "neg"}]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "reviews.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "reviews.jsonl", sentiment_rows())
 
 
 @pytest.fixture(scope="module")

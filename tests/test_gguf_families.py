@@ -33,7 +33,7 @@ from chiptuning.probe import train_chips
 from chiptuning.prune import ChipModel, prune
 from chiptuning.registry import get_spec
 from chiptuning.tasks import load_task
-from tests.conftest import SENTENCES, require_extra, write_jsonl
+from tests.conftest import SENTENCES, require_extra, sentiment_rows, write_jsonl
 
 gguf = require_extra("gguf", "gguf")
 
@@ -154,10 +154,7 @@ def gguf_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reviews(tmp_path_factory) -> Path:
-    rows = []
-    for i, (p, n) in enumerate(zip(SENTENCES["pos"], SENTENCES["neg"])):
-        rows += [{"id": f"p{i}", "text": p, "label": "pos"}, {"id": f"n{i}", "text": n, "label": "neg"}]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "reviews.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "reviews.jsonl", sentiment_rows())
 
 
 @pytest.fixture(scope="module")

@@ -865,10 +865,14 @@ def test_sweep_on_a_local_dask_cluster(toy):
     assert len(result["rows"]) == 4
 
 
-def test_sweep_on_a_local_ray_cluster(toy, monkeypatch):
+def test_sweep_on_a_local_ray_cluster(toy, monkeypatch, tmp_path):
     # A local Ray instance that cannot start on this machine (an environment limit, not chiptuning)
     # skips it, saying why.
     ray = require_extra("ray", "distributed")
+    # Ray puts the driver's working directory on its workers' sys.path: started from a checkout, the
+    # source tree's `chiptuning/` folder (which holds no stage folders) would shadow the installed
+    # package in the workers.
+    monkeypatch.chdir(tmp_path)
 
     from chiptuning.probe.sweep import SweepConfig, sweep
 

@@ -25,8 +25,8 @@ from chiptuning.pipeline import LayerPoint, RunSummary, Speed
 from chiptuning.probe.records import (
     CacheRef,
     Cascade,
-    ChipRecord,
     ChipsRecord,
+    LayerChipRecord,
     MetricRow,
     Metrics,
     PruningStats,
@@ -37,27 +37,19 @@ from chiptuning.probe.records import (
 )
 from chiptuning.probe.sweep import SweepRecord, SweepRow
 from chiptuning.probe.train import TrainConfig
+from chiptuning.prune import provenance as prov
 from chiptuning.prune.baselines import DepthPruningRecord
 from chiptuning.prune.baselines.apply import ParamCounts
 from chiptuning.prune.evaluation import DenseRun, EvalMetrics, ExitStats
-from chiptuning.prune.provenance import (
-    BaseModel,
-    CascadeEntry,
-    CascadeExit,
-    CheckpointRecord,
-    PruneParams,
-    TaskEntry,
-    TokenizerSettings,
-)
 from chiptuning.records import MAX_DEPTH, Record, json_depth, read_json
 from chiptuning.zeroshot import LabelWords
 
 #: Every record class of the project (a test below checks none is missing).
 RECORDS = [CacheMeta, ShardRecord, CacheManifest, CacheRef, Validation, ZeroShot, MetricRow, Metrics, PruningStats,
-           Simulated, Cascade, Selection, ChipsRecord, ChipRecord, BaseModel, CascadeExit, CascadeEntry, TaskEntry,
-           TokenizerSettings, PruneParams, CheckpointRecord, DepthPruningRecord, EvalMetrics, ExitStats, DenseRun,
-           SweepRow, SweepRecord, LayerPoint, Speed, RunSummary, GGUFSource, LabelWords, ParamCounts,
-           TrainConfig]
+           Simulated, Cascade, Selection, ChipsRecord, LayerChipRecord, prov.BaseModel, prov.CascadeExit,
+           prov.CascadeEntry, prov.TaskRecord, prov.TokenizerSettings, prov.PruneParams, prov.CheckpointRecord,
+           DepthPruningRecord, EvalMetrics, ExitStats, DenseRun, SweepRow, SweepRecord, LayerPoint, Speed, RunSummary,
+           GGUFSource, LabelWords, ParamCounts, TrainConfig]
 #: Bases of other records, never read on their own (covered through their subclasses).
 BASES = {"ChipsBase"}
 
@@ -134,11 +126,11 @@ def _fixed(cls, rng) -> dict[str, Any]:
     selection = Selection(layer=2, num_blocks=2, pruning=pruning, cascade=cascade if rng.random() < 0.5 else None,
                           files={"report.md": _hex(rng, 64)})
     chips = ChipsRecord(**chips_common, layers=[0, 1, 2], validation=Validation(size=2, rows=[3, 7]))
-    entry = TaskEntry(chip_dir="chip", layer=2, label_names=["neg", "pos"], cache_meta=meta,
+    entry = prov.TaskRecord(chip_dir="chip", layer=2, label_names=["neg", "pos"], cache_meta=meta,
                       cache_fingerprint=meta.fingerprint(), chips=chips,
-                      cascade=CascadeEntry(exits=[CascadeExit(layer=1, threshold=0.9, chip_dir="chip/exits/layer-1"),
-                                                  CascadeExit(layer=2, threshold=0.0, chip_dir="chip")]))
-    base = BaseModel(id="m", model_type="llama", num_blocks=2)
+                      cascade=prov.CascadeEntry(exits=[prov.CascadeExit(layer=1, threshold=0.9, chip_dir="chip/exits/layer-1"),
+                                                  prov.CascadeExit(layer=2, threshold=0.0, chip_dir="chip")]))
+    base = prov.BaseModel(id="m", model_type="llama", num_blocks=2)
     row = SweepRow(chip="linear", setting="lr=0.001", layer=1)
     return {
         CacheMeta: {f.name: getattr(meta, f.name) for f in dataclasses.fields(CacheMeta)},
@@ -151,12 +143,12 @@ def _fixed(cls, rng) -> dict[str, Any]:
         Cascade: {f.name: getattr(cascade, f.name) for f in dataclasses.fields(Cascade)},
         Selection: {f.name: getattr(selection, f.name) for f in dataclasses.fields(Selection)},
         ChipsRecord: {f.name: getattr(chips, f.name) for f in dataclasses.fields(ChipsRecord)},
-        ChipRecord: dict(chips_common, layer=1, metrics=MetricRow(layer=1), selection=None),
-        CascadeExit: {"chip_dir": "chip/exits/layer-1"},
-        CascadeEntry: {"exits": entry.cascade.exits},
-        TaskEntry: {f.name: getattr(entry, f.name) for f in dataclasses.fields(TaskEntry)},
-        PruneParams: {"before": stats, "after": {"total": 11}},
-        CheckpointRecord: {"base_model": base, "layer": 2, "num_blocks": 2, "default_task": "t", "tasks": {"t": entry},
+        LayerChipRecord: dict(chips_common, layer=1, metrics=MetricRow(layer=1), selection=None),
+        prov.CascadeExit: {"chip_dir": "chip/exits/layer-1"},
+        prov.CascadeEntry: {"exits": entry.cascade.exits},
+        prov.TaskRecord: {f.name: getattr(entry, f.name) for f in dataclasses.fields(prov.TaskRecord)},
+        prov.PruneParams: {"before": stats, "after": {"total": 11}},
+        prov.CheckpointRecord: {"base_model": base, "layer": 2, "num_blocks": 2, "default_task": "t", "tasks": {"t": entry},
                            "images": [], "checksums": {"chip/chip.json": _hex(rng, 64),
                                                        "chip/exits/layer-1/chip.json": _hex(rng, 64),
                                                        "config.json": _hex(rng, 64)}},

@@ -40,7 +40,7 @@ from chiptuning.prune import ChipModel, prune
 from chiptuning.prune.checkpoint import load_task_chips, save_pruned
 from chiptuning.registry import ARCHITECTURES, VISION_LANGUAGE, get_blocks, get_spec
 from chiptuning.tasks import TaskData, load_task
-from tests.conftest import SENTENCES, write_jsonl
+from tests.conftest import sentiment_rows, write_jsonl
 from tests.test_cli_end_to_end import tree_digest
 from tests.test_vlm import digits, tokenizer_dir, vlms  # noqa: F401 -- the tiny VLMs' fixtures
 from tests.tiny_families import FAMILIES, NOT_TINY, byte_tokenizer, save_family_model
@@ -153,10 +153,7 @@ class Case:
 @pytest.fixture(scope="module")
 def sentences(tmp_path_factory) -> Path:
     """N_ROWS labelled sentences, pos and neg interleaved."""
-    rows = []
-    for i, (p, n) in enumerate(zip(SENTENCES["pos"], SENTENCES["neg"])):
-        rows += [{"id": f"p{i}", "text": p, "label": "pos"}, {"id": f"n{i}", "text": n, "label": "neg"}]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "sentences.jsonl", rows[:N_ROWS])
+    return write_jsonl(tmp_path_factory.mktemp("data") / "sentences.jsonl", sentiment_rows()[:N_ROWS])
 
 
 def image_task(digits_dir: Path):

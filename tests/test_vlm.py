@@ -190,7 +190,7 @@ def test_registry_hooks_the_language_model_blocks(family, vlms):
     model = load_model(vlms[family])
     spec = get_spec(model)
     language = LANGUAGE_MODEL[family]
-    assert spec.images and spec.decoder and spec.language_model == language
+    assert spec.reads_images and spec.decoder and spec.language_model == language
     assert get_blocks(model) is getattr(model, language).layers and len(get_blocks(model)) == num_blocks(model) == L
     # The registry's entry names the family's vision tower and projector.
     parts = VISION_LANGUAGE[family]

@@ -5,23 +5,15 @@ from __future__ import annotations
 import click
 
 from chiptuning.cli.baselines import method_options, method_settings
-from chiptuning.cli.tasks import load_other_split, load_task_from_options, offload_option, task_options
+from chiptuning.cli.tasks import (
+    eval_part_options,
+    load_other_split,
+    load_task_from_options,
+    offload_option,
+    task_options,
+)
 from chiptuning.errors import ChipTuningError
 from chiptuning.prune.baselines import METHODS
-
-
-def eval_part_options(fraction: float):
-    """``--eval-split`` and ``--eval-fraction`` (default ``fraction``): the examples scored on, held
-    out from the training examples (run and compare)."""
-    def decorate(func):
-        func = click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                            default=fraction, show_default=True,
-                            help="Without --eval-split: the share of the examples held out for scoring (seeded by "
-                                 "--seed).")(func)
-        return click.option("--eval-split", default=None,
-                            help="Score on this split of the same --task/--data (e.g. 'validation[1000:2000]'); "
-                                 "default: a seeded --eval-fraction of the examples, disjoint from training.")(func)
-    return decorate
 
 
 @click.command("compare", short_help="Chip-tuning against every depth-pruning baseline.")

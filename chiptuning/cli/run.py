@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import click
 
-from chiptuning.cli.tasks import load_other_split, load_task_from_options, task_options
+from chiptuning.cli.tasks import eval_part_options, load_other_split, load_task_from_options, task_options
 
 
 @click.command("run", short_help="The whole pipeline in one command (the demo).")
 @click.option("--model", default=None,
               help="Hugging Face model id, directory or GGUF file  [default: the embedded SmolLM2-135M-Instruct].")
 @task_options
-@click.option("--eval-split", default=None,
-              help="Evaluate on this split of the same --task/--data (e.g. 'validation[2000:]'); "
-                   "default: a seeded --eval-fraction carved from the data, disjoint from training.")
-@click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25,
-              show_default=True,
-              help="Without --eval-split: the share of the data held out for evaluation (seeded by --seed).")
+@eval_part_options(0.25)
 @click.option("--out", default="chiptuning-run", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the caches, chips, pruned checkpoint and eval results.")
 @click.option("--chip", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True,

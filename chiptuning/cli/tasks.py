@@ -76,6 +76,20 @@ class TokenBudget(click.ParamType):
         return number
 
 
+def eval_part_options(fraction: float):
+    """``--eval-split`` and ``--eval-fraction`` (default ``fraction``): the examples scored on, held
+    out from the training examples (``run`` and ``compare``)."""
+    def decorate(func):
+        func = click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                            default=fraction, show_default=True,
+                            help="Without --eval-split: the share of the examples held out for scoring (seeded by "
+                                 "--seed).")(func)
+        return click.option("--eval-split", default=None,
+                            help="Score on this split of the same --task/--data (e.g. 'validation[1000:2000]'); "
+                                 "default: a seeded --eval-fraction of the examples, disjoint from training.")(func)
+    return decorate
+
+
 def offload_option(func):
     """``--offload``: hold the model's blocks in memory, or stream them from its files (shared by
     every command that loads a full model)."""
@@ -164,3 +178,4 @@ def tasks_cmd(as_json: bool) -> None:
 
 
 COMMANDS: list = [tasks_cmd]
+

@@ -184,10 +184,10 @@ def generation_check(model, tokenizer, max_new_tokens: int = 4) -> dict[str, Any
 def plan_record(plan: Plan, base_model: BaseModel, **fields) -> DepthPruningRecord:
     """The record of ``plan`` cut from ``base_model``; ``fields`` add to (or override) it."""
     L, depth = base_model.num_blocks, len(plan.groups)
-    return DepthPruningRecord(**{
+    return DepthPruningRecord.from_dict({  # checked: a bad field is one line, before anything is saved
         "method": plan.method, "base_model": base_model, "num_blocks": depth, "blocks_removed": L - depth,
         "block_ratio": (L - depth) / L, "groups": plan.groups, "removed": plan.removed, "details": plan.details,
-        **fields})
+        **fields}, "the pruning record")
 
 
 def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record: DepthPruningRecord | dict,

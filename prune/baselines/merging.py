@@ -77,7 +77,7 @@ def _slm_sweep(current: Blocks, target: int, similarity, t: float) -> tuple[Bloc
         while low >= 0 and (high - low) <= len(current) - target:
             window, candidate = _merged(current, low, high)
             sim = similarity(candidate)
-            if sim < t:
+            if not sim >= t:  # a NaN similarity is no reason to merge
                 rejected.append(sim)
                 break
             accepted, low = (low, window, sim), low - 1
