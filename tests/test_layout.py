@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -162,3 +163,14 @@ def _explained(lines: list[str], i: int) -> bool:
             return False
         i -= 1
     return False
+
+
+@pytest.mark.parametrize("module, old, new", [("chiptuning.prune", "TaskChip", "PrunedTask"),
+                                              ("chiptuning.prune.provenance", "TaskEntry", "TaskRecord"),
+                                              ("chiptuning.probe", "ChipRecord", "LayerChipRecord")])
+def test_renamed_public_names_still_import_with_a_deprecation_warning(module, old, new):
+    mod = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"{old} is now {new}"):
+        assert getattr(mod, old) is getattr(mod, new)
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        mod.NoSuchName  # noqa: B018 - the attribute access is the test
