@@ -42,7 +42,12 @@ def verify_cache(path: str | Path) -> list[str]:
         if not file.exists():
             problems.append(f"{shard.file}: missing")
             continue
-        if sha256_file(file) != shard.sha256:
+        try:
+            digest = sha256_file(file)
+        except OSError as err:
+            problems.append(f"{shard.file}: cannot be read ({err.strerror or err})")
+            continue
+        if digest != shard.sha256:
             problems.append(f"{shard.file}: checksum mismatch (file changed or corrupt)")
             continue
         try:

@@ -25,7 +25,7 @@ import numpy as np
 
 from chiptuning.cache.manifest import STORAGE_DTYPES, CacheManifest, CacheMeta, ShardRecord
 from chiptuning.errors import CacheError, first_line
-from chiptuning.io import sha256_file, write_bytes
+from chiptuning.io import check_regular, sha256_file, write_bytes
 from chiptuning.outputs import CACHE, DirLock, claim_output, clean_stale, sibling_dir
 
 log = logging.getLogger(__name__)
@@ -400,6 +400,7 @@ class CacheReader:
     def _file(self, shard: ShardRecord) -> h5py.File:
         if shard.file not in self._files:
             with _reading(self.path, shard):
+                check_regular(self.path / shard.file)  # h5py would block on a pipe
                 f = h5py.File(self.path / shard.file, "r")
                 try:
                     check_self_contained(f)

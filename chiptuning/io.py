@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +67,16 @@ def canonical_hash(obj: Any, length: int | None = None) -> str:
     return digest[:length] if length else digest
 
 
+def check_regular(path: str | Path) -> None:
+    """OSError unless ``path`` is a regular file (or a link to one): reading a pipe blocks until a
+    writer comes, reading a device such as /dev/zero never ends."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a pipe, a device or a directory)", str(path))
+
+
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex sha256 of a regular file's bytes (:func:`check_regular`), read in 1 MiB blocks."""
+    check_regular(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
@@ -82,5 +92,5 @@ def file_checksums(root: str | Path, exclude: tuple[str, ...] = ()) -> dict[str,
             if path.relative_to(root).as_posix() not in exclude}
 
 
-__all__ = ["canonical_hash", "dumps", "file_checksums", "json_default", "sha256_file", "temporary_name", "write_bytes",
+__all__ = ["canonical_hash", "check_regular", "dumps", "file_checksums", "json_default", "sha256_file", "temporary_name", "write_bytes",
            "write_json_atomic"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from chiptuning.errors import ChipTuningError
-from chiptuning.io import write_json_atomic
+from chiptuning.io import check_regular, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,12 @@ def read_json(path: str | Path, error: type[ChipTuningError] = ChipTuningError) 
     file, one too large or too deep, invalid UTF-8 or JSON, ``NaN`` or ``Infinity``."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_RECORD_BYTES:
-            raise error(f"{path} is {size:,} bytes, more than a record may be ({MAX_RECORD_BYTES:,}); refusing to "
+        check_regular(path)
+        with open(path, "rb") as f:
+            blob = f.read(MAX_RECORD_BYTES + 1)  # the size is checked on what was read: a file may grow
+        if len(blob) > MAX_RECORD_BYTES:
+            raise error(f"{path} is more than {MAX_RECORD_BYTES:,} bytes, more than a record may be; refusing to "
                         "read it")
-        blob = path.read_bytes()
     except OSError as err:
         raise error(f"cannot read {path} ({err.strerror or err})") from None
     if json_depth(blob) > MAX_DEPTH:

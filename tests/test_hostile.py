@@ -396,6 +396,29 @@ def test_values_out_of_range_are_caught_at_read(world, tmp_path, value):
     assert not (tmp_path / "chips").exists()
 
 
+@pytest.mark.parametrize("kind", ["pipe", "device"])
+@pytest.mark.parametrize("what, name, command", [
+    ("cache", "shard-00001.h5", ("cache", "verify", "{dir}")),
+    ("cache", "shard-00001.h5", ("probe", "train", "{dir}", "--out", "{tmp}/trained", "--val-size", "4")),
+    ("cache", "manifest.json", ("cache", "info", "{dir}")),
+    ("chips", "chips.json", ("select", "{dir}", "--strategy", "fixed:3")),
+    ("chips", "chips.safetensors", ("select", "{dir}", "--strategy", "fixed:3")),
+    ("pruned", "chiptuning.json", ("eval", "{dir}", "--data", "{data}", "--out", "{tmp}/e")),
+])
+def test_a_pipe_or_a_device_in_place_of_a_file_is_refused_not_read(world, tmp_path, kind, what, name, command):
+    """A named pipe blocks a reader until a writer comes; /dev/zero never ends. Either, put where a
+    shard or a record belongs, is one line at once (a fresh process with a timeout: a hang fails)."""
+    target = copy(world[what], tmp_path / what)
+    (target / name).unlink()
+    if kind == "pipe":
+        os.mkfifo(target / name)
+    else:
+        (target / name).symlink_to("/dev/zero")
+    args = [str(a).format(dir=target, tmp=tmp_path, data=world["data"]) for a in command]
+    assert_subprocess_one_line(run_cli(*args, timeout=120), name)
+    assert not (tmp_path / "trained").exists() and not (tmp_path / "e").exists()
+
+
 # -- 3. outputs are owned: stale selections, user files --------------------------------------------
 
 def test_retraining_replaces_the_chips_and_their_selection(world, tmp_path):
