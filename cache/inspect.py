@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from chiptuning.cache.store import MANIFEST, MAX_ABS_FEATURE, check_self_contained, first_bad_row, read_manifest
+from chiptuning.cache.store import MANIFEST, MAX_ABS_FEATURE, first_bad_row, open_shard, read_manifest
 from chiptuning.errors import CacheError
 from chiptuning.io import sha256_file
 
@@ -51,8 +50,7 @@ def verify_cache(path: str | Path) -> list[str]:
             problems.append(f"{shard.file}: checksum mismatch (file changed or corrupt)")
             continue
         try:
-            with h5py.File(file, "r") as f:
-                check_self_contained(f)
+            with open_shard(file) as f:
                 rows = shard.rows
                 for key in ("index", "labels", "example_ids", "n_tokens", "n_choices"):
                     if f[key].shape != (rows,):

@@ -125,6 +125,19 @@ def decode(stored: np.ndarray, storage_dtype: str, out: np.ndarray | None = None
     return out
 
 
+def open_shard(path: Path) -> h5py.File:
+    """A shard opened for reading: a regular file (h5py would block on a pipe) whose data all live
+    inside it (:func:`check_self_contained`); OSError or CacheError otherwise."""
+    check_regular(path)
+    f = h5py.File(path, "r")
+    try:
+        check_self_contained(f)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 @contextlib.contextmanager
 def _reading(cache: Path, shard: ShardRecord):
     """Turn what h5py raises on a damaged shard into one CacheError line."""
@@ -230,8 +243,7 @@ class CacheWriter:
         """Example positions already stored in complete shards (skipped on resume)."""
         done: set[int] = set()
         for shard in self.manifest.shards:
-            with _reading(self.path, shard), h5py.File(self.path / shard.file, "r") as f:
-                check_self_contained(f)
+            with _reading(self.path, shard), open_shard(self.path / shard.file) as f:
                 done.update(f["index"][:].tolist())
         return done
 
@@ -400,14 +412,7 @@ class CacheReader:
     def _file(self, shard: ShardRecord) -> h5py.File:
         if shard.file not in self._files:
             with _reading(self.path, shard):
-                check_regular(self.path / shard.file)  # h5py would block on a pipe
-                f = h5py.File(self.path / shard.file, "r")
-                try:
-                    check_self_contained(f)
-                except BaseException:
-                    f.close()
-                    raise
-            self._files[shard.file] = f
+                self._files[shard.file] = open_shard(self.path / shard.file)
         return self._files[shard.file]
 
     def lens(self) -> np.ndarray:

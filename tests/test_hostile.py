@@ -587,12 +587,20 @@ def test_a_stale_lock_is_taken_over(world, tmp_path):
 def test_an_interrupted_extraction_says_how_to_resume(world, tmp_path):
     out = tmp_path / "cache"
     proc = start_patched(_SLOW_SHARDS, *world["extract"], "--out", out)
-    wait_for(Path(str(out) + ".writing"), proc)
+    deadline = time.monotonic() + 180  # interrupted once the manifest lists a stored shard
+    while "shard-00000.h5" not in ((out / "manifest.json").read_text() if (out / "manifest.json").exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard was stored"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert_subprocess_one_line(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
                                "interrupted; re-run the same command to resume", status=130)
     assert not leftovers(out) and not (out / ".lock").exists()
+    # resuming reads the stored shards: a pipe put in place of one is one line, not a hang
+    piped = copy(out, tmp_path / "piped")
+    (piped / "shard-00000.h5").unlink()
+    os.mkfifo(piped / "shard-00000.h5")
+    assert_subprocess_one_line(run_cli(*world["extract"], "--out", piped, timeout=120), "shard-00000.h5")
     result = cli(*world["extract"], "--out", out)
     assert result.exit_code == 0, result.output
     same_features(out, world["cache"])
