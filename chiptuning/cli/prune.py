@@ -7,7 +7,6 @@ import click
 from chiptuning.cli.baselines import baseline_cmd, baseline_options
 from chiptuning.cli.tasks import batching_options, load_task_from_options, offload_option, parse_labels, task_options
 from chiptuning.errors import ChipTuningError
-from chiptuning.outputs import EVAL, check_output
 from chiptuning.prune.baselines import METHODS
 
 
@@ -55,7 +54,7 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
         return
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.models import resolve_device
-    from chiptuning.prune import load_record, prune
+    from chiptuning.prune import PROVENANCE_FILE, CheckpointRecord, prune, read_provenance
 
     resolve_device(device)  # refuse --device cuda without a GPU before loading anything
     if not chips_dirs:
@@ -63,7 +62,8 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
     path = prune(model, list(chips_dirs), out, layer=layer, keep_lm_head=keep_lm_head, dtype=dtype,
                  adapter=adapter, device=device, export=export, overwrite=overwrite, allow_pickle=allow_pickle,
                  offload=offload)
-    record = load_record(path)
+    # prune verified the checkpoint it wrote: read its record without hashing the weights again
+    record = CheckpointRecord.from_dict(read_provenance(path), str(path / PROVENANCE_FILE), file=True)
     params = record.params
     click.echo(f"pruned {model} at layer {record.layer} of {record.num_blocks}: {params.before['total']:,} -> "
                f"{params.after['total']:,} parameters ({100 * params.pruning_ratio:.1f}% removed) -> {path}")
@@ -93,6 +93,7 @@ def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, ma
     template (or text column) and the label names default to the checkpoint's own.
     """
     # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
+    from chiptuning.outputs import EVAL, check_output
     from chiptuning.prune import ChipModel, evaluate
 
     check_output(out, EVAL, overwrite=overwrite)  # before loading the checkpoint
