@@ -34,6 +34,7 @@ from chiptuning import __version__
 from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import CHIPS, is_unchanged, write_output, written_files
+from chiptuning.probe.bank import TORCH_KINDS, param_shapes
 from chiptuning.probe.chips import STATE_KEYS, make_chip
 from chiptuning.probe.data import cache_class_mask
 from chiptuning.probe.plots import plot_layer_accuracy
@@ -248,11 +249,9 @@ def expected_shapes(record: ChipsBase, n_layers: int | None) -> dict[str, tuple[
     """The shape of every array a record's chips hold (None: any size), with the leading layer
     axis when ``n_layers`` is given."""
     H, C = record.hidden_size, record.n_classes
-    if record.chip == "linear":
-        shapes = {"weight": (C, H), "bias": (C,)}
-    elif record.chip == "mlp":
+    if record.chip in TORCH_KINDS:
         hidden = record.params.get("hidden") if isinstance(record.params.get("hidden"), int) else None
-        shapes = {"weight_hidden": (hidden, H), "bias_hidden": (hidden,), "weight": (C, hidden), "bias": (C,)}
+        shapes = dict(param_shapes(record.chip, H, C, hidden))
     else:  # logistic regression: one row of coefficients for two classes seen, else one per class seen
         shapes = {"coef": (None, H), "intercept": (None,), "seen": (None,), "n_iter": (1,)}
     shapes.update(mean=(H,), scale=(H,))

@@ -11,12 +11,11 @@ overall is chosen on the validation rows; eval accuracy is reported, never used 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import os
 import shlex
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ from chiptuning import __version__
 from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import SWEEP, check_output, write_output, written_files
 from chiptuning.probe.bank import PRECISIONS, Hyperparams, choose_threads, resolve_precision, torch_threads
-from chiptuning.probe.chipset import majority_baselines, pick_baseline
+from chiptuning.probe.chipset import majority_baselines, pick_baseline, write_rows
 from chiptuning.probe.data import (
     cache_n_classes,
     cache_source,
@@ -44,8 +43,6 @@ from chiptuning.records import Record, rule
 
 log = logging.getLogger(__name__)
 
-SWEEP_COLUMNS = ("chip", "setting", "layer", "lr", "weight_decay", "epochs", "C", "train_accuracy",
-                 "val_accuracy", "val_loss", "eval_accuracy", "eval_loss", "best_epoch", "epochs_run")
 RECORD = "sweep.json"
 
 
@@ -68,6 +65,10 @@ class SweepRow(Record):
     best_epoch: int | None = rule(None, ge=0)
     epochs_run: int | None = rule(None, ge=0)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: The columns of sweep.csv and best_per_layer.csv: the fields of a sweep row.
+SWEEP_COLUMNS = tuple(f.name for f in fields(SweepRow) if f.name != "extra")
 
 
 @dataclass
@@ -296,10 +297,7 @@ def _best_per_layer(rows: list[dict]) -> list[dict]:
 
 def _write(out: Path, result: dict, n_classes: int) -> None:
     for name, rows in (("sweep.csv", result["rows"]), ("best_per_layer.csv", result["best_per_layer"])):
-        with open(out / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(SWEEP_COLUMNS), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in SWEEP_COLUMNS} for r in rows)
+        write_rows(out / name, rows, SWEEP_COLUMNS)
     series = {kind: [r for r in result["best_per_layer"] if r["chip"] == kind]
               for kind in sorted({r["chip"] for r in result["rows"]})}
     part, baseline = pick_baseline(result.get("majority_baseline"))
