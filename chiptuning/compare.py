@@ -22,7 +22,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from chiptuning import __version__
-from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
 from chiptuning.extract import ExtractConfig, extract
 from chiptuning.io import write_json_atomic
@@ -30,7 +29,6 @@ from chiptuning.models import load_config, load_model, load_tokenizer, weights_h
 from chiptuning.outputs import COMPARE, claim_output
 from chiptuning.probe import train_chips
 from chiptuning.probe.chipset import majority_baselines
-from chiptuning.probe.lens import zero_shot_report
 from chiptuning.prune.baselines import METHODS, DepthPruningRecord, n_from_ratio, prune_with_method, read_record
 from chiptuning.registry import get_blocks, get_spec, num_blocks
 
@@ -110,7 +108,7 @@ def compare(model_name_or_path: str, train_task, eval_task, out_dir: str | Path,
     block_params, model_hash = _measure_dense(run, decoder)
     caches = run.caches(model_name_or_path, run.out / "caches" / "dense")
     chips = run.chips(caches, run.out / "chips" / "dense")
-    rows = [_row("dense", L, L, 0.0, "", _chip_accuracy(chips, L), _zero_shot(caches),
+    rows = [_row("dense", L, L, 0.0, "", _chip_accuracy(chips, L), _zero_shot(chips),
                  "unpruned; chip on the last layer", round(time.perf_counter() - started, 1))]
     best = max(chips.layers, key=lambda layer: chips.metrics_at(layer).get("val_accuracy") or 0)
     tokenizer = load_tokenizer(model_name_or_path)
@@ -160,12 +158,12 @@ def _chip_accuracy(chips, layer: int) -> float | None:
     return None if value is None else float(value)
 
 
-def _zero_shot(caches: tuple[Path, Path]) -> dict[str, float | None]:
-    """The model's own answer at its last layer, from the caches' label-word lens (None without)."""
-    train, evals = CacheReader(caches[0]), CacheReader(caches[1])
-    if not (evals.has_lens and train.has_lens):
+def _zero_shot(chips) -> dict[str, float | None]:
+    """The model's own answer at its last layer, as training the chips found it from the caches'
+    label-word lens (None without)."""
+    report = chips.record.zero_shot
+    if report is None:
         return NO_ZERO_SHOT
-    report = zero_shot_report(evals, train)
     return {"zero_shot_accuracy": report.accuracy, "zero_shot_calibrated_accuracy": report.calibrated_accuracy}
 
 
@@ -191,7 +189,7 @@ def _baseline_row(run: _Run, method: str, n: int, tokenizer, options: dict, cach
     caches = run.caches(path, out / "caches" / method)
     chips = run.chips(caches, out / "chips" / method, layers=[depth])
     row = _row(method, run.L, depth, float(1 - record.params.after / run.total_params),
-               _describe_groups(record.groups, run.L), _chip_accuracy(chips, depth), _zero_shot(caches),
+               _describe_groups(record.groups, run.L), _chip_accuracy(chips, depth), _zero_shot(chips),
                _notes(record), round(time.perf_counter() - started, 1))
     log.info("%s (%d blocks removed): chip accuracy %s", method, n, row["chip_accuracy"])
     return row
