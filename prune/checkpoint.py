@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -437,25 +437,36 @@ def _check_close(reference: np.ndarray, pruned: np.ndarray, dtype: torch.dtype, 
                               f"{err:.3g} (tolerance {tolerance:.3g}); this is a bug, please report it")
 
 
+def reload_pruned(path: Path, cls, depth: int, unclean: Callable[[dict], str], *, stream: bool = False,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Reload the pruned checkpoint ``path`` with ``cls`` (``stream``: its blocks streamed, the rest on
+    ``device``; else in memory on the CPU), in eval mode; ChipTuningError (``unclean(bad)``) for
+    missing, unexpected or mismatched weights, or when it has another depth than ``depth``."""
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if stream:
+        skeleton = empty_model(AutoConfig.from_pretrained(path), cls is not AutoModel)
+        # weights transformers converts on load (fused experts) are written there, for the model's lifetime
+        scratch = tempfile.TemporaryDirectory(prefix="chiptuning-offload-")
+        kwargs.update(device_map=stream_device_map(skeleton, torch.device(device), range(depth)),
+                      offload_folder=scratch.name)
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ChipTuningError(unclean(bad))
+    if num_blocks(model) != depth or len(get_blocks(model)) != depth:
+        raise ChipTuningError(f"the reloaded checkpoint has {len(get_blocks(model))} blocks, expected {depth}")
+    if stream:
+        model.chiptuning_offload_dir = scratch  # removed with the model
+    return model.eval()
+
+
 def verify_checkpoint(path: Path, tasks: Sequence[PrunedTask], references: dict[tuple[str, int], np.ndarray],
                       depth: int, dtype: torch.dtype, device, cls, stream: bool = False) -> None:
     """Reload ``path`` as users will (streamed, when the pruned model was) and compare every task's
     feature and chip predictions with the full model's ``references``; ChipTuningError for missing,
     unexpected or re-initialised weights, or a feature that differs."""
-    kwargs = {}
-    if stream:
-        skeleton = empty_model(AutoConfig.from_pretrained(path), cls is not AutoModel)
-        # Weights transformers converts on load (fused experts) are offloaded to a scratch folder, as in load_model;
-        # it lives as long as this function's model.
-        scratch = tempfile.TemporaryDirectory(prefix="chiptuning-offload-")
-        kwargs = {"device_map": stream_device_map(skeleton, torch.device(device), range(depth)),
-                  "offload_folder": scratch.name}
-    model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise ChipTuningError(f"the pruned checkpoint does not reload cleanly: {bad}; this is a bug, please report it")
-    if num_blocks(model) != depth or len(get_blocks(model)) != depth:
-        raise ChipTuningError(f"the reloaded checkpoint has {len(get_blocks(model))} blocks, expected {depth}")
+    model = reload_pruned(path, cls, depth, lambda bad: f"the pruned checkpoint does not reload cleanly: {bad}; "
+                          "this is a bug, please report it", stream=stream, device=device, dtype=dtype)
     model = (model if stream else model.to(device)).eval()
     tokenizer = load_preprocessor(str(path))
     check_inputs = parity_inputs(model, tokenizer)

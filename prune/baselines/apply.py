@@ -5,29 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError, ProvenanceError
 from chiptuning.io import write_json_atomic
-from chiptuning.models import (
-    empty_model,
-    is_streamed,
-    load_config,
-    load_model,
-    load_tokenizer,
-    model_device,
-    stream_device_map,
-    weights_hash,
-)
+from chiptuning.models import is_streamed, load_config, load_model, load_tokenizer, model_device, weights_hash
 from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output, written_files
 from chiptuning.prune.baselines import DEFAULTS, METHODS
 from chiptuning.prune.baselines.calibration import Calibration, calibration_from_task
@@ -35,7 +25,7 @@ from chiptuning.prune.baselines.drop import plan_angular, plan_shortgpt, plan_ta
 from chiptuning.prune.baselines.merging import plan_laco, plan_slm
 from chiptuning.prune.baselines.plan import Plan
 from chiptuning.prune.baselines.streamline import plan_streamline
-from chiptuning.prune.checkpoint import save_weights
+from chiptuning.prune.checkpoint import reload_pruned, save_weights
 from chiptuning.prune.provenance import BaseModel, record_hash, verify_checksums
 from chiptuning.prune.truncate import rebuild_blocks_
 from chiptuning.records import Invalid, Record, read_json, rule
@@ -148,22 +138,8 @@ def _count_params(model) -> int:
 def check_reload(path: Path, cls, depth: int, stream: bool = False, device: str | torch.device = "cpu"):
     """Reload ``path`` with ``cls`` (``stream``: streamed, the rest on ``device``; else in memory on
     the CPU) and refuse missing, unexpected or mismatched weights, or another depth."""
-    kwargs: dict[str, Any] = {}
-    if stream:
-        skeleton = empty_model(AutoConfig.from_pretrained(path), cls is not AutoModel)
-        # weights transformers converts on load (fused experts) are written there, for the model's lifetime
-        scratch = tempfile.TemporaryDirectory(prefix="chiptuning-offload-")
-        kwargs = {"device_map": stream_device_map(skeleton, torch.device(device), range(depth)),
-                  "offload_folder": scratch.name}
-    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise ChipTuningError(f"the pruned checkpoint {path} does not reload cleanly: {bad}")
-    if num_blocks(model) != depth or len(get_blocks(model)) != depth:
-        raise ChipTuningError(f"the reloaded checkpoint has {len(get_blocks(model))} blocks, expected {depth}")
-    if stream:
-        model.chiptuning_offload_dir = scratch  # removed with the model
-    return model.eval()
+    return reload_pruned(path, cls, depth, lambda bad: f"the pruned checkpoint {path} does not reload cleanly: {bad}",
+                         stream=stream, device=device)
 
 
 def generation_check(model, tokenizer, max_new_tokens: int = 4) -> dict[str, Any]:
