@@ -204,15 +204,16 @@ def record_hash(record: dict[str, Any]) -> str:
     return canonical_hash({k: v for k, v in record.items() if k != "record_sha256"})
 
 
-def write_provenance(root: Path, record: CheckpointRecord | dict[str, Any]) -> CheckpointRecord:
-    """Stamp ``record`` (typed, or its JSON) with the version and ``root``'s checksums; write it there, last."""
-    checksums = written_files(Path(root), PROVENANCE_FILE)
+def write_provenance(root: Path, record: CheckpointRecord | dict[str, Any], record_file: str = PROVENANCE_FILE):
+    """Stamp ``record`` (typed, or a checkpoint record's JSON) with the version, ``root``'s checksums and
+    its own hash; write it there as ``record_file``, last."""
+    checksums = written_files(Path(root), record_file)
     if isinstance(record, dict):
         record = CheckpointRecord.from_dict(dict(record, checksums=checksums), "checkpoint record")
     record = dataclasses.replace(record, chiptuning_version=__version__, checksums=checksums, record_sha256=None)
     data = record.to_dict()
     record.record_sha256 = data["record_sha256"] = record_hash(data)
-    write_json_atomic(Path(root) / PROVENANCE_FILE, data)
+    write_json_atomic(Path(root) / record_file, data)
     return record
 
 

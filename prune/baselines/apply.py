@@ -16,9 +16,8 @@ from transformers.utils import logging as hf_logging
 
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError, ProvenanceError
-from chiptuning.io import write_json_atomic
 from chiptuning.models import is_streamed, load_config, load_model, load_tokenizer, model_device, weights_hash
-from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output, written_files
+from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output
 from chiptuning.prune.baselines import DEFAULTS, METHODS
 from chiptuning.prune.baselines.calibration import Calibration, calibration_from_task
 from chiptuning.prune.baselines.drop import plan_angular, plan_shortgpt, plan_tail
@@ -26,7 +25,7 @@ from chiptuning.prune.baselines.merging import plan_laco, plan_slm
 from chiptuning.prune.baselines.plan import Plan
 from chiptuning.prune.baselines.streamline import plan_streamline
 from chiptuning.prune.checkpoint import reload_pruned, save_weights
-from chiptuning.prune.provenance import BaseModel, record_hash, verify_checksums
+from chiptuning.prune.provenance import BaseModel, verify_checksums, write_provenance
 from chiptuning.prune.truncate import rebuild_blocks_
 from chiptuning.records import Invalid, Record, read_json, rule
 from chiptuning.registry import get_blocks, get_spec, num_blocks
@@ -185,14 +184,10 @@ def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record:
         tokenizer.save_pretrained(tmp)
         reloaded = check_reload(tmp, AutoModelForCausalLM if has_head else AutoModel, len(plan.groups),
                                 stream=is_streamed(model), device=model_device(model))
-        record = dataclasses.replace(
-            record, reload={"class": type(reloaded).__name__, "clean": True},
-            generation=generation_check(reloaded, tokenizer) if has_head else None,
-            chiptuning_version=__version__, checksums=written_files(tmp, RECORD_FILE), record_sha256=None)
+        record = dataclasses.replace(record, reload={"class": type(reloaded).__name__, "clean": True},
+                                     generation=generation_check(reloaded, tokenizer) if has_head else None)
         del reloaded
-        data = record.to_dict()
-        data["record_sha256"] = record_hash(data)
-        write_json_atomic(tmp / RECORD_FILE, data)
+        write_provenance(tmp, record, RECORD_FILE)
     return out_dir
 
 
