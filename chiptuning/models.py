@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -94,7 +96,8 @@ def params_hash(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def _count(module) -> int:
+def count_params(module) -> int:
+    """Parameters of ``module`` (0 for None)."""
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
@@ -102,15 +105,15 @@ def param_stats(model) -> dict:
     """Parameter counts by part, for pruning ratios: {"embedding", "blocks": [per block],
     "final_norm", "lm_head", "other", "total"}. An untied LM head is counted from the config when
     the loaded model has none (``AutoModel``), since the full model ships it."""
-    blocks = [_count(block) for block in get_blocks(model)]
-    norm, embedding = _count(get_final_norm(model)), _count(get_embedding(model))
-    loaded = _count(model)
+    blocks = [count_params(block) for block in get_blocks(model)]
+    norm, embedding = count_params(get_final_norm(model)), count_params(get_embedding(model))
+    loaded = count_params(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     text = text_config(model.config)  # a vision-language model's vocabulary and width are its text model's
     tied = bool(getattr(model.config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", True)))
     lm_head = 0
     if not tied and head is not None:
-        lm_head = _count(head)
+        lm_head = count_params(head)
         loaded -= lm_head
     elif not tied and get_spec(model).decoder:
         lm_head = int(text.vocab_size) * int(text.hidden_size)
@@ -327,14 +330,15 @@ def stream_device_map(skeleton, device: torch.device, streamed: range) -> dict[s
     return device_map
 
 
-def wants_stream(offload: str, config, dtype: torch.dtype, device: torch.device, causal_lm: bool) -> bool:
-    """Whether ``offload`` streams the blocks: always for "stream"; for "auto" when the weights
-    would take more than :data:`WEIGHTS_SHARE` of the memory available on ``device``."""
+def wants_stream(offload: str, structure: Callable[[], torch.nn.Module], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``offload`` streams the blocks: always for "stream"; for "auto" when the weights of
+    ``structure()`` (the model on the meta device, built only then) would take more than
+    :data:`WEIGHTS_SHARE` of the memory available on ``device``."""
     if offload not in OFFLOAD_MODES:
         raise ChipTuningError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     if offload != "auto":
         return offload == "stream"
-    needed = _count(empty_model(config, causal_lm)) * torch.empty((), dtype=dtype).element_size()
+    needed = count_params(structure()) * torch.empty((), dtype=dtype).element_size()
     free = available_memory(device)
     stream = needed > WEIGHTS_SHARE * free
     log.log(logging.INFO if stream else logging.DEBUG, "--offload auto: the weights take %.1f GB, %.1f GB are "
@@ -364,13 +368,14 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
     # unexpected; load the model it was saved as and keep its backbone.
     saved_with_head = any(name.endswith("ForConditionalGeneration") for name in config.architectures or [])
     as_head = causal_lm or (get_spec(config).reads_images and saved_with_head and not adapter)
-    stream = wants_stream(offload, config, torch_dtype, resolve_device(device), as_head)
+    structure = functools.cache(lambda: empty_model(config, as_head))  # built once, when needed
+    stream = wants_stream(offload, structure, torch_dtype, resolve_device(device))
     scratch = None
     if (stream or keep_blocks is not None) and not device_map:
         if adapter:
             raise ChipTuningError("--adapter is merged into weights in memory; merge it into a copy of the model first "
                                   "(peft's merge_and_unload, save_pretrained) and stream that, or use --offload none")
-        skeleton = empty_model(config, as_head)
+        skeleton = structure()
         streamed = range(0 if stream else int(keep_blocks), len(get_blocks(skeleton)))
         if len(streamed):
             # weights transformers converts on load (fused experts) are written here, for the model's lifetime

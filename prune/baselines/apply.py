@@ -16,7 +16,15 @@ from transformers.utils import logging as hf_logging
 
 from chiptuning import __version__
 from chiptuning.errors import ChipTuningError, ProvenanceError
-from chiptuning.models import is_streamed, load_config, load_model, load_tokenizer, model_device, weights_hash
+from chiptuning.models import (
+    count_params,
+    is_streamed,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_device,
+    weights_hash,
+)
 from chiptuning.outputs import DEPTH_PRUNED, check_output, write_output
 from chiptuning.prune.baselines import DEFAULTS, METHODS
 from chiptuning.prune.baselines.calibration import Calibration, calibration_from_task
@@ -130,10 +138,6 @@ def n_from_ratio(ratio: float, n_blocks: int) -> int:
     return int(min(max(round(ratio * n_blocks), 1), n_blocks - 1))
 
 
-def _count_params(model) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
 def check_reload(path: Path, cls, depth: int, stream: bool = False, device: str | torch.device = "cpu"):
     """Reload ``path`` with ``cls`` (``stream``: streamed, the rest on ``device``; else in memory on
     the CPU) and refuse missing, unexpected or mismatched weights, or another depth."""
@@ -243,12 +247,12 @@ def prune_with_method(model_name_or_path: str, method: str, out_dir: str | Path,
     calibration = None
     if calibration_task is not None and method != "tail":
         calibration = calibration_from_task(calibration_task, tokenizer, n_calibration, max_length, batch_size, seed)
-    params_before = _count_params(model)
+    params_before = count_params(model)
     base = BaseModel(id=str(model_name_or_path), hash=weights_hash(model_name_or_path, model),
                      model_type=model.config.model_type, num_blocks=L)
     plan = plan_method(model, method, n, tokenizer, calibration, cache=cache, **options)
     apply_plan_(model, plan)
-    params_after = _count_params(model)
+    params_after = count_params(model)
     record = plan_record(
         plan, base, options=options, calibration=None if calibration is None else calibration.source,
         cache=None if cache is None else str(cache),
