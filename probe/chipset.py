@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,9 +114,14 @@ class ChipSet:
             if self._sklearn is not None:
                 self._chips[layer] = self._sklearn[self.layers[i]]
             else:
-                chip = make_chip(self.kind, **estimator_params(self.record))
+                chip = make_chip(self.kind, **self._estimator_params)
                 self._chips[layer] = chip.load_state(self.layer_state(layer), np.arange(self.n_classes))
         return self._chips[layer]
+
+    @functools.cached_property
+    def _estimator_params(self) -> dict[str, Any]:
+        """The record's params as every layer's estimator takes them (checked, and warned about, once)."""
+        return estimator_params(self.record)
 
     def save(self, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False) -> Path:
         """Write the whole chips directory (record, weights, metrics, predictions, plot), beside
