@@ -60,13 +60,14 @@ def score_eval(evals, layers, stats, specs, results, n_classes: int, stream: boo
 def chip_metrics(scored: dict, j: int, losses: tuple[str, ...] = PARTS) -> dict:
     """{"<part>_accuracy", "<part>_loss"} of the j-th chip of a bank for train, val and eval (in
     that order), from its spec's scores {"train" | "val" | "eval": (accuracy (G,), loss (G,),
-    predictions (G, N))}: None for a part not scored, and a loss only for the parts in ``losses``."""
+    predictions (G, N))}: None for a part not scored or a loss not finite (a diverged chip); a loss
+    only for the parts in ``losses``."""
     row: dict = {}
     for name in PARTS:
         acc, loss, _ = scored.get(name, (None, None, None))
         row[f"{name}_accuracy"] = None if acc is None else float(acc[j])
         if name in losses:
-            row[f"{name}_loss"] = None if loss is None else finite_or_none(loss[j])
+            row[f"{name}_loss"] = None if loss is None or not np.isfinite(loss[j]) else float(loss[j])
     return row
 
 
@@ -81,10 +82,3 @@ def score_logreg(chip: LogRegChip, parts: dict[str, tuple]) -> tuple[dict, np.nd
         loss = -np.log(np.clip(proba[np.arange(len(ys)), ys], 1e-12, None)).mean()
         scored[name] = ([(pred == ys).mean()], [loss], pred)
     return chip_metrics(scored, 0), (scored["eval"][2] if "eval" in scored else None)
-
-
-def finite_or_none(value) -> float | None:
-    """A loss as a record holds it: a number, or None when it is not finite (a diverged chip)."""
-    value = float(value)
-    return value if np.isfinite(value) else None
-
