@@ -27,18 +27,10 @@ from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import SWEEP, check_output, write_output, written_files
 from chiptuning.probe.bank import PRECISIONS, Hyperparams, choose_threads, resolve_precision, torch_threads
 from chiptuning.probe.chipset import majority_baselines, pick_baseline, write_rows
-from chiptuning.probe.data import (
-    cache_n_classes,
-    cache_source,
-    carve_rows,
-    layers_per_group,
-    open_caches,
-    opened,
-    read_parts,
-)
+from chiptuning.probe.data import cache_n_classes, cache_source, carve_rows, layers_per_group, open_caches, opened
 from chiptuning.probe.plots import plot_layer_accuracy
-from chiptuning.probe.scoring import chip_metrics, score_logreg
-from chiptuning.probe.train import REGIMES, fit_group, fit_logreg, warn_few_steps
+from chiptuning.probe.scoring import chip_metrics
+from chiptuning.probe.train import REGIMES, fit_group, fit_logreg_layer, warn_few_steps
 from chiptuning.records import Record, rule
 
 log = logging.getLogger(__name__)
@@ -173,12 +165,6 @@ class SweepConfig:
         return list(self.chip_epochs.get(kind) or self.epochs)
 
 
-def _setting(spec: Hyperparams | None = None, C: float | None = None) -> str:
-    if spec is None:
-        return f"C={C:g}"
-    return f"lr={spec.lr:g},wd={spec.weight_decay:g},epochs={spec.epochs}"
-
-
 def train_command(best: dict, config: SweepConfig, train_path, eval_path=None, out=None) -> str:
     """The ``chiptuning probe train`` command that trains ``best``'s setting at every layer (the
     chips ``select`` and ``prune`` need: a sweep keeps metrics, not weights). With the sweep's
@@ -219,7 +205,6 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
     train_rows, val_rows = carve_rows(train.n_rows, config.val_size, config.seed, None)
     if not len(val_rows):
         raise ChipTuningError("a sweep picks settings on validation rows; --val-size must be > 0")
-    # Tasks reopen caches by path: open HDF5 files do not pickle, and remote workers need a path.
     t_src, e_src = cache_source(train), cache_source(evals)
     specs = config.specs()
     tasks = []
@@ -232,8 +217,10 @@ def sweep(train_cache, eval_cache=None, out: str | Path | None = None, *, config
             tasks.append(delayed(_torch_task)(t_src, e_src, layers[i:i + G], train_rows, val_rows, specs,
                                               config.seed, config.n_jobs, config.max_memory_mb, config.threads))
     if "logreg" in config.chips:
+        classes = list(range(cache_n_classes(train)))
+        params = [dict(C=C, classes=classes, random_state=config.seed) for C in config.Cs]
         for layer in layers:
-            tasks.append(delayed(_logreg_task)(t_src, e_src, layer, train_rows, val_rows, config.Cs, config.seed))
+            tasks.append(delayed(_logreg_task)(t_src, e_src, layer, train_rows, val_rows, params))
     start = time.perf_counter()
     with _backend(config.backend, config.n_jobs, config.scheduler):
         results = Parallel(n_jobs=config.n_jobs, verbose=5 if progress else 0)(tasks)
@@ -319,7 +306,8 @@ def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, seed, n_jobs,
     rows = []
     for spec, result, scored in zip(specs, fitted["results"], fitted["scores"]):
         for j, layer in enumerate(layers):
-            row = {"chip": spec.kind, "setting": _setting(spec), "layer": layer, "lr": spec.lr,
+            setting = f"lr={spec.lr:g},wd={spec.weight_decay:g},epochs={spec.epochs}"
+            row = {"chip": spec.kind, "setting": setting, "layer": layer, "lr": spec.lr,
                    "weight_decay": spec.weight_decay, "epochs": spec.epochs, "C": None,
                    "best_epoch": int(result["best_epoch"][j]), "epochs_run": int(result["chip_epochs"][j])}
             row.update(chip_metrics(scored, j, losses=("val", "eval")))  # no train loss in a sweep row
@@ -327,19 +315,12 @@ def _torch_task(t_src, e_src, layers, train_rows, val_rows, specs, seed, n_jobs,
     return rows
 
 
-def _logreg_task(t_src, e_src, layer, train_rows, val_rows, Cs, seed) -> list[dict]:
+def _logreg_task(t_src, e_src, layer, train_rows, val_rows, params) -> list[dict]:
     """Every C of logreg at one layer (the layer is read once)."""
-    with opened(t_src, e_src) as (train, evals):
-        n_classes = cache_n_classes(train)
-        parts = read_parts(train, evals, layer, train_rows, val_rows, n_classes)
-    rows = []
-    for C in Cs:
-        chip = fit_logreg(dict(C=C, classes=list(range(n_classes)), random_state=seed), *parts["train"][:2])
-        row = {"chip": "logreg", "setting": _setting(C=C), "layer": layer, "lr": None, "weight_decay": None,
-               "epochs": None, "C": C, "best_epoch": None, "epochs_run": int(chip.n_iter_)}
-        row.update(score_logreg(chip, parts)[0])
-        rows.append(row)
-    return rows
+    fitted = fit_logreg_layer(t_src, e_src, layer, train_rows, val_rows, params)
+    return [{"chip": "logreg", "setting": f"C={p['C']:g}", "layer": layer, "lr": None, "weight_decay": None,
+             "epochs": None, "C": p["C"], "best_epoch": None, "epochs_run": int(chip.n_iter_), **scores}
+            for p, (chip, scores, _) in zip(params, fitted)]
 
 
 __all__ = ["SweepConfig", "sweep"]

@@ -332,29 +332,29 @@ def _train_torch(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig
 def _train_logreg(train, evals, layers, train_rows, val_rows, C, cfg: TrainConfig):
     """One LogRegChip per layer, in parallel with joblib (each job reads its own layer)."""
     t_src, e_src, params = cache_source(train), cache_source(evals), cfg.chip_params(C)
-    results = Parallel(n_jobs=cfg.n_jobs)(delayed(_fit_logreg_layer)(t_src, e_src, layer, train_rows, val_rows, C,
-                                                                     params) for layer in layers)
-    preds = np.stack([p for _, _, p in results]) if evals is not None else None
-    return {layer: chip for layer, (chip, _, _) in zip(layers, results)}, [row for _, row, _ in results], preds
+    fitted = [one for [one] in Parallel(n_jobs=cfg.n_jobs)(
+        delayed(fit_logreg_layer)(t_src, e_src, layer, train_rows, val_rows, [params]) for layer in layers)]
+    n_eval = 0 if evals is None else int(evals.n_rows)
+    metrics = [{"layer": layer, "chip": "logreg", "best_epoch": None, "epochs_run": int(chip.n_iter_),
+                "n_train": len(train_rows), "n_val": len(val_rows), "n_eval": n_eval, **scores}
+               for layer, (chip, scores, _) in zip(layers, fitted)]
+    preds = np.stack([p for _, _, p in fitted]) if evals is not None else None
+    return {layer: chip for layer, (chip, _, _) in zip(layers, fitted)}, metrics, preds
 
 
-def fit_logreg(params: dict, x: np.ndarray, y: np.ndarray) -> LogRegChip:
-    """A LogRegChip of ``params`` fitted on (x, y), with BLAS threads sized like the torch trainer's
-    (oversubscribed OpenMP pools beside torch's can make lbfgs many times slower)."""
-    with threadpool_limits(limits=choose_threads(None)):
-        return LogRegChip(**params).fit(x, y)
-
-
-def _fit_logreg_layer(train_src, eval_src, layer, train_rows, val_rows, C, params):
+def fit_logreg_layer(train_src, eval_src, layer: int, train_rows, val_rows, params: list[dict]) -> list[tuple]:
+    """[(chip, {"<part>_accuracy", "<part>_loss"}, eval predictions or None)]: a LogRegChip of each ``params``
+    fitted at one layer, read once from :func:`~chiptuning.probe.data.cache_source`'s caches, with BLAS threads
+    sized like the torch trainer's (oversubscribed OpenMP pools beside torch's can make lbfgs many times slower)."""
     with opened(train_src, eval_src) as (train, evals):
-        parts = read_parts(train, evals, layer, train_rows, val_rows, C)
-        n_eval = 0 if evals is None else int(evals.n_rows)
-    chip = fit_logreg(params, *parts["train"][:2])
-    scores, pred_eval = score_logreg(chip, parts)
-    row = {"layer": layer, "chip": "logreg", "best_epoch": None, "epochs_run": int(chip.n_iter_),
-           "n_train": len(train_rows), "n_val": len(val_rows), "n_eval": n_eval, **scores}
-    return chip, row, pred_eval
+        parts = read_parts(train, evals, layer, train_rows, val_rows, cache_n_classes(train))
+    fitted = []
+    for chip_params in params:
+        with threadpool_limits(limits=choose_threads(None)):
+            chip = LogRegChip(**chip_params).fit(*parts["train"][:2])
+        fitted.append((chip, *score_logreg(chip, parts)))
+    return fitted
 
 
-__all__ = ["FEW_STEPS", "PAPER_MAX_TRAIN_ROWS", "REGIMES", "TRAINED", "TrainConfig", "fit_group", "fit_logreg",
+__all__ = ["FEW_STEPS", "PAPER_MAX_TRAIN_ROWS", "REGIMES", "TRAINED", "TrainConfig", "fit_group", "fit_logreg_layer",
            "train_chips", "warn_few_steps"]
