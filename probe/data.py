@@ -202,11 +202,13 @@ def as_tensor(x) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float16 else np.float32))
 
 
-def _chunks(t: torch.Tensor, rows: np.ndarray | None, buf: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+def _chunks(t: torch.Tensor, rows: np.ndarray | None) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, float32 chunk of ``t[rows]``), gathered and decoded into reused buffers."""
     idx = None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    n = t.shape[0] if idx is None else len(idx)
+    buf = torch.empty((max(1, min(_STATS_CHUNK, n)), t.shape[1]))
     gathered = None if idx is None else torch.empty((buf.shape[0], t.shape[1]), dtype=t.dtype)
-    for start in range(0, t.shape[0] if idx is None else len(idx), _STATS_CHUNK):
+    for start in range(0, n, _STATS_CHUNK):
         if idx is None:
             src = t[start:start + _STATS_CHUNK]
         else:
@@ -221,8 +223,8 @@ class RunningStats:
     result depends on the values and the chunking only, not on their storage dtype."""
 
     def __init__(self, n_features: int) -> None:
-        self.n, self.mean, self.m2 = 0, torch.zeros(n_features, dtype=torch.float64), torch.zeros(n_features,
-                                                                                                  dtype=torch.float64)
+        self.n = 0
+        self.mean, self.m2 = torch.zeros(n_features, dtype=torch.float64), torch.zeros(n_features, dtype=torch.float64)
 
     def update(self, chunk: torch.Tensor, center: bool = True) -> None:
         """Merge a (b, H) chunk; a float32 chunk is overwritten (used as scratch)."""
@@ -255,8 +257,7 @@ class RunningStats:
 
 def _running_stats(t: torch.Tensor, rows: np.ndarray | None, center: bool) -> RunningStats:
     stats = RunningStats(t.shape[1])
-    buf = torch.empty((max(1, min(_STATS_CHUNK, t.shape[0] if rows is None else len(rows))), t.shape[1]))
-    for _, chunk in _chunks(t, rows, buf):
+    for _, chunk in _chunks(t, rows):
         stats.update(chunk, center=center)
     return stats
 
@@ -288,8 +289,7 @@ def standardize_into(x, mean: np.ndarray, scale: np.ndarray, out: torch.Tensor,
     """``out[i] = (x[rows[i]] - mean) / scale`` computed in float32 by chunks, rounded to ``out``'s dtype."""
     t = as_tensor(x)
     m, s = torch.from_numpy(np.asarray(mean, np.float32)), torch.from_numpy(np.asarray(scale, np.float32))
-    buf = torch.empty((min(_STATS_CHUNK, max(out.shape[0], 1)), t.shape[1]))
-    for start, chunk in _chunks(t, rows, buf):
+    for start, chunk in _chunks(t, rows):
         out[start:start + len(chunk)].copy_(chunk.sub_(m).div_(s))
     return out
 
@@ -362,16 +362,29 @@ class InMemoryBatches:
 
 class CacheBatches:
     """Minibatches streamed from the cache, for training rows that do not fit in memory: each epoch
-    reads the rows shard by shard in ``chunk_rows`` chunks, shuffles each chunk (seeded) and cuts it
-    into minibatches, so memory stays at one chunk of the group's layers (the order is a shuffle
-    within chunks, not a global one)."""
+    reads the rows shard by shard in chunks sized to ``max_memory_mb``, shuffles each chunk (seeded)
+    and cuts it into minibatches, so memory stays at one chunk of the group's layers (the order is a
+    shuffle within chunks, not a global one).
 
-    def __init__(self, cache, layers, rows, y_all, mask_all, stats, batch_size, seed, chunk_rows):
+    ``stats``: [(mean (H,), scale (H,))] per layer of the training rows, taken in one streamed pass
+    first (mean 0 and scale 1 without ``standardize``, mean 0 without ``center``).
+    """
+
+    def __init__(self, cache, layers, rows, y_all, mask_all, *, standardize: bool, batch_size: int, seed: int,
+                 max_memory_mb: float, center: bool = True) -> None:
+        H = int(cache.hidden_size)
         self.cache, self.layers, self.rows = cache, layers, np.asarray(rows)
         self.y_all, self.mask_all, self.n_chips = y_all, mask_all, len(layers)
-        self.mean = torch.from_numpy(np.stack([s[0] for s in stats]))[:, None, :]  # (G, 1, H)
-        self.scale = torch.from_numpy(np.stack([s[1] for s in stats]))[:, None, :]
-        self.batch_size, self.chunk_rows, self._rng = batch_size, chunk_rows, np.random.default_rng(seed)
+        self.batch_size, self._rng = batch_size, np.random.default_rng(seed)
+        self.chunk_rows = max(batch_size, int(max_memory_mb * 2**20 // (4 * H * len(layers) * 3)))
+        self.stats = [(np.zeros(H, np.float32), np.ones(H, np.float32)) for _ in layers]
+        if standardize:
+            running = [RunningStats(H) for _ in layers]
+            for _, feats in cache.iter_batches(layers, self.chunk_rows, rows=self.rows):
+                for j in range(len(layers)):
+                    running[j].update(torch.from_numpy(np.ascontiguousarray(feats[:, j])), center=center)
+            self.stats = [r.result() for r in running]
+        self.mean, self.scale = (torch.from_numpy(np.stack(s))[:, None, :] for s in zip(*self.stats))  # (G, 1, H)
         self._order = np.argsort(self.rows, kind="stable")  # a cache row's position in the training rows
         self._sorted = self.rows[self._order]
 
@@ -385,21 +398,6 @@ class CacheBatches:
                 positions = self._order[np.searchsorted(self._sorted, cache_rows.numpy())]
                 yield (positions, x.index_select(1, local), self.y_all[cache_rows],
                        None if self.mask_all is None else self.mask_all[cache_rows])
-
-
-def stream_batches(cache, layers, rows, y_all, mask_all, standardize: bool, batch_size: int, seed: int,
-                   max_memory_mb: float, center: bool = True):
-    """Statistics of a group's training rows (one streamed pass) and their :class:`CacheBatches`."""
-    H = int(cache.hidden_size)
-    chunk = max(batch_size, int(max_memory_mb * 2**20 // (4 * H * len(layers) * 3)))
-    stats = [(np.zeros(H, np.float32), np.ones(H, np.float32)) for _ in layers]
-    if standardize:
-        running = [RunningStats(H) for _ in layers]
-        for _, feats in cache.iter_batches(layers, chunk, rows=rows):
-            for j in range(len(layers)):
-                running[j].update(torch.from_numpy(np.ascontiguousarray(feats[:, j])), center=center)
-        stats = [r.result() for r in running]
-    return stats, CacheBatches(cache, layers, rows, y_all, mask_all, stats, batch_size, seed, chunk)
 
 
 # -- memory planning and reading a group of layers --------------------------------------------------
@@ -427,17 +425,14 @@ def _reads_in_place(cache, dtype: torch.dtype, n_train: int) -> bool:
             and n_train >= IN_PLACE_FRACTION * cache.n_rows)
 
 
-def rows_held(cache, dtype: torch.dtype, n_train: int) -> int:
-    """Rows of a layer the trainer holds in memory: the whole cache when it reads in place."""
-    return cache.n_rows if _reads_in_place(cache, dtype, n_train) else n_train
-
-
 def layers_per_group(cache, specs: list[Hyperparams], standardize: bool, n_train: int, n_val: int, n_layers: int,
                      max_memory_mb: float) -> int:
     """Layers one group holds so that its features fit in ``max_memory_mb``: the rows a layer holds
-    in :func:`feature_dtype`, the validation rows in float32."""
+    in :func:`feature_dtype` (every row of the cache when a layer is read in place), the validation rows
+    in float32."""
     dtype = feature_dtype(cache, specs, standardize)
-    per_layer = (rows_held(cache, dtype, n_train) * dtype.itemsize + n_val * 4) * int(cache.hidden_size)
+    rows_held = cache.n_rows if _reads_in_place(cache, dtype, n_train) else n_train
+    per_layer = (rows_held * dtype.itemsize + n_val * 4) * int(cache.hidden_size)
     return max(1, min(n_layers, int(max_memory_mb * 2**20 // max(per_layer, 1))))
 
 
@@ -458,7 +453,7 @@ def _workspace_tensor(workspace: dict | None, shape: tuple[int, ...], dtype: tor
     return workspace[dtype][:numel].view(shape)
 
 
-def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_rows: list[np.ndarray], *,
+def load_standardized(cache, layers: list[int], train_rows: np.ndarray, val_rows: np.ndarray, *,
                       standardize: bool = True, dtype: torch.dtype = torch.float32, center: bool = True,
                       workspace: dict | None = None):
     """Read each layer once, take its statistics on ``train_rows`` and standardize.
@@ -469,7 +464,7 @@ def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_ro
     ``x`` holds the training rows only.
 
     Returns:
-        x (G, M, H) in ``dtype``, train_pos, [(G, len(rows), H) float32 per ``other_rows``],
+        x (G, M, H) in ``dtype``, train_pos, the validation rows (G, len(val_rows), H) in float32,
         [(mean (H,), scale (H,))] per layer.
     """
     G, H, train_rows = len(layers), int(cache.hidden_size), np.asarray(train_rows)
@@ -477,7 +472,7 @@ def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_ro
     x = _workspace_tensor(workspace, (G, cache.n_rows if in_place else len(train_rows), H), dtype)
     train_pos = train_rows if in_place else np.arange(len(train_rows))
     excluded = np.setdiff1d(np.arange(cache.n_rows), train_rows) if in_place else None
-    others = [torch.empty((G, len(rows), H), dtype=torch.float32) for rows in other_rows]
+    x_val = torch.empty((G, len(val_rows), H), dtype=torch.float32)
     stats = []
     for j, layer in enumerate(layers):
         if in_place:
@@ -492,12 +487,11 @@ def load_standardized(cache, layers: list[int], train_rows: np.ndarray, other_ro
             else:
                 mean, scale = standardization(raw, standardize, rows=train_rows, center=center)
                 standardize_into(raw, mean, scale, x[j], rows=train_rows)
-        for rows, out in zip(other_rows, others):  # from the raw values, before standardizing in place
-            standardize_into(raw, mean, scale, out[j], rows=rows)
+        standardize_into(raw, mean, scale, x_val[j], rows=val_rows)  # from the raw values, before in place
         if in_place and standardize:
             standardize_into(raw, mean, scale, raw)
         stats.append((mean, scale))
-    return x, train_pos, others, stats
+    return x, train_pos, x_val, stats
 
 
 def read_standardized(cache, layers, rows, stats, *, stream: bool = False,
@@ -513,11 +507,10 @@ def read_standardized(cache, layers, rows, stats, *, stream: bool = False,
         return out
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
+    mean, scale = (torch.from_numpy(np.stack(s))[:, None, :] for s in zip(*stats))  # (G, 1, H)
     for row_idx, feats in cache.iter_batches(layers, 1024, rows=rows):
         pos = torch.from_numpy(order[np.searchsorted(sorted_rows, row_idx)])
-        for j in range(len(layers)):
-            mean, scale = (torch.from_numpy(s) for s in stats[j])
-            out[j, pos] = (torch.from_numpy(np.ascontiguousarray(feats[:, j])) - mean) / scale
+        out[:, pos] = (torch.from_numpy(feats).transpose(0, 1) - mean) / scale
     return out
 
 
@@ -525,4 +518,4 @@ __all__ = ["IN_PLACE_FRACTION", "SAME_SOURCE_KEYS", "SAME_TASK_KEYS", "Batches",
            "RunningStats", "as_class_mask", "cache_class_mask", "cache_n_classes", "cache_source", "carve_rows",
            "check_same_source", "feature_dtype", "gather_standardized", "layers_per_group", "load_standardized",
            "mask_from_n_choices", "open_cache", "open_caches", "opened", "optional_class_mask", "read_parts", "read_standardized",
-           "rows_held", "split_validation", "standardization", "standardize_into", "stream_batches"]
+           "split_validation", "standardization", "standardize_into"]

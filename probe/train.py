@@ -32,6 +32,7 @@ from chiptuning.probe.bank import PRECISIONS, Hyperparams, choose_threads, fit_b
 from chiptuning.probe.chips import CHIP_KINDS, LogRegChip
 from chiptuning.probe.chipset import ChipSet, majority_baselines
 from chiptuning.probe.data import (
+    CacheBatches,
     InMemoryBatches,
     cache_class_mask,
     cache_n_classes,
@@ -44,7 +45,6 @@ from chiptuning.probe.data import (
     opened,
     read_parts,
     read_standardized,
-    stream_batches,
 )
 from chiptuning.probe.lens import lens_curve, zero_shot_report
 from chiptuning.probe.records import CacheRef, ChipsRecord, Validation
@@ -268,12 +268,13 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
                     len(train_rows) * H * dtype.itemsize / 2**20, max_memory_mb)
     parts = {}
     if stream:
-        stats, data = stream_batches(train, layers, train_rows, y_all, mask_all, first.standardize, first.batch_size,
-                                     seed, max_memory_mb, center=first.fit_intercept)
+        data = CacheBatches(train, layers, train_rows, y_all, mask_all, standardize=first.standardize, seed=seed,
+                            batch_size=first.batch_size, max_memory_mb=max_memory_mb, center=first.fit_intercept)
+        stats = data.stats
         x_val = read_standardized(train, layers, val_rows, stats, stream=True)
     else:
-        x_tr, train_pos, (x_val,), stats = load_standardized(
-            train, layers, train_rows, [val_rows], standardize=first.standardize, center=first.fit_intercept,
+        x_tr, train_pos, x_val, stats = load_standardized(
+            train, layers, train_rows, val_rows, standardize=first.standardize, center=first.fit_intercept,
             dtype=dtype, workspace=workspace)
         data = InMemoryBatches(x_tr, take(y_all, train_rows), take(mask_all, train_rows), first.batch_size, seed,
                                rows=train_pos)
