@@ -276,10 +276,8 @@ def _pick(rows: list[dict]) -> dict:
 
 
 def _best_per_layer(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["chip"], row["layer"]), []).append(row)
-    return [_pick(group) for _, group in sorted(groups.items())]
+    keys = sorted({(row["chip"], row["layer"]) for row in rows})
+    return [_pick([row for row in rows if (row["chip"], row["layer"]) == key]) for key in keys]
 
 
 def _write(out: Path, result: dict, n_classes: int) -> None:

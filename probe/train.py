@@ -258,8 +258,9 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
     mask_all = cache_class_mask(train, C)
     mask_all = None if mask_all is None else torch.from_numpy(mask_all)
 
-    def take(t, rows):
-        return None if t is None else t[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+    def take(rows):
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return y_all[idx], None if mask_all is None else mask_all[idx]
 
     dtype = feature_dtype(train, specs, first.standardize)
     stream = len(train_rows) * H * dtype.itemsize > max_memory_mb * 2**20
@@ -276,24 +277,22 @@ def fit_group(train, evals, layers: list[int], train_rows: np.ndarray, val_rows:
         x_tr, train_pos, x_val, stats = load_standardized(
             train, layers, train_rows, val_rows, standardize=first.standardize, center=first.fit_intercept,
             dtype=dtype, workspace=workspace)
-        data = InMemoryBatches(x_tr, take(y_all, train_rows), take(mask_all, train_rows), first.batch_size, seed,
-                               rows=train_pos)
+        y_tr, mask_tr = take(train_rows)
+        data = InMemoryBatches(x_tr, y_tr, mask_tr, first.batch_size, seed, rows=train_pos)
         in_order = len(train_pos) == x_tr.shape[1]  # x_tr holds the training rows only, in order
-        parts["train"] = (x_tr, take(y_all, train_rows), take(mask_all, train_rows), None if in_order else train_pos)
-    val = (x_val, take(y_all, val_rows), take(mask_all, val_rows)) if len(val_rows) else None
+        parts["train"] = (x_tr, y_tr, mask_tr, None if in_order else train_pos)
+    val = (x_val, *take(val_rows)) if len(val_rows) else None
     results = fit_banks(data, specs, H, C, seed=seed, val=val, device=device, callback=callback)
     if val is not None:
         parts["val"] = (*val, None)
-    scores: list[dict] = [{} for _ in specs]
+    per_part = {}  # part -> [(accuracy, loss, predictions)] per setting
     for name, (xs, ys, ms, rows) in parts.items():
         # The training rows are scored in the precision they trained in; val / eval in float32.
         bf16 = name == "train" and xs.dtype == torch.bfloat16 and all(s.precision == "bfloat16" for s in specs)
-        for i, scored in enumerate(score_specs(specs, results, xs, ys, ms, torch.bfloat16 if bf16 else torch.float32,
-                                               rows=rows)):
-            scores[i][name] = scored
+        per_part[name] = score_specs(specs, results, xs, ys, ms, torch.bfloat16 if bf16 else torch.float32, rows=rows)
     if evals is not None:
-        for i, scored in enumerate(score_eval(evals, layers, stats, specs, results, C, stream)):
-            scores[i]["eval"] = scored
+        per_part["eval"] = score_eval(evals, layers, stats, specs, results, C, stream)
+    scores = [{name: scored[i] for name, scored in per_part.items()} for i in range(len(specs))]
     return {"stats": stats, "results": results, "scores": scores, "streamed": stream}
 
 
