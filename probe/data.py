@@ -125,7 +125,8 @@ def open_caches(train_cache, eval_cache, layers: list[int] | None) -> tuple:
     if evals is not None:
         check_same_source(train, evals)
     layers = list(train.layers) if layers is None else [int(layer) for layer in layers]
-    missing = [layer for layer in layers if layer not in train.layers or (evals is not None and layer not in evals.layers)]
+    missing = [layer for layer in layers
+               if layer not in train.layers or (evals is not None and layer not in evals.layers)]
     if missing:
         raise CacheError(f"--layers {missing} not in the cache(s) (layers {train.layers[0]}..{train.layers[-1]})")
     return train, evals, layers
@@ -163,7 +164,8 @@ def check_same_source(train, eval_cache) -> None:
             raise ProvenanceError(f"{where} has {key}={_short(theirs)} but the train cache has {_short(ours)}; "
                                   f"extract both with the same {settings}")
     if list(train.label_names) != list(eval_cache.label_names):
-        raise ProvenanceError(f"{where} has labels {eval_cache.label_names} but the train cache has {train.label_names}")
+        raise ProvenanceError(f"{where} has labels {eval_cache.label_names} but the train cache has "
+                              f"{train.label_names}")
     if train.hidden_size != eval_cache.hidden_size:
         raise CacheError(f"{where} has hidden size {eval_cache.hidden_size}, the train cache {train.hidden_size}")
 
@@ -517,5 +519,5 @@ def read_standardized(cache, layers, rows, stats, *, stream: bool = False,
 __all__ = ["IN_PLACE_FRACTION", "SAME_SOURCE_KEYS", "SAME_TASK_KEYS", "Batches", "CacheBatches", "InMemoryBatches",
            "RunningStats", "as_class_mask", "cache_class_mask", "cache_n_classes", "cache_source", "carve_rows",
            "check_same_source", "feature_dtype", "gather_standardized", "layers_per_group", "load_standardized",
-           "mask_from_n_choices", "open_cache", "open_caches", "opened", "optional_class_mask", "read_parts", "read_standardized",
-           "split_validation", "standardization", "standardize_into"]
+           "mask_from_n_choices", "open_cache", "open_caches", "opened", "optional_class_mask", "read_parts",
+           "read_standardized", "split_validation", "standardization", "standardize_into"]

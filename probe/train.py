@@ -155,7 +155,9 @@ class TrainConfig(Record):
             return dict(C=self.C, max_iter=self.max_iter, standardize=self.standardize is not False, **common)
         params = {k: getattr(self, k) for k in TRAINED if k != "precision"}
         params = dict(params, betas=list(self.betas), **common, device="cpu", precision=self.precision)
-        return dict(params, hidden=self.hidden) if self.chip == "mlp" else dict(params, fit_intercept=self.fit_intercept)
+        if self.chip == "mlp":
+            return dict(params, hidden=self.hidden)
+        return dict(params, fit_intercept=self.fit_intercept)
 
 
 # -- training -------------------------------------------------------------------------------------
