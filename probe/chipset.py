@@ -101,9 +101,13 @@ class ChipSet:
             raise ChipTuningError(f"no chip at layer {layer}; the chips cover layers {first}..{last}")
         return self.layers.index(int(layer))
 
-    def layer_state(self, layer: int) -> dict[str, np.ndarray]:
-        """Arrays of the chip at ``layer`` (the weights file's layout without the layer axis)."""
+    def layer_state(self, layer: int) -> dict[str, np.ndarray] | None:
+        """Arrays of the chip at ``layer`` (the weights file's layout without the layer axis); None
+        for a chip only a pickle holds (another estimator)."""
         i = self._position(layer)
+        if self._tensors is None:
+            chip = self._sklearn[self.layers[i]]
+            return chip.state_tensors() if type(chip) is CHIP_CLASSES[self.kind] else None
         return {name: value[i] for name, value in self._tensors.items()}
 
     def chip(self, layer: int):
@@ -130,7 +134,7 @@ class ChipSet:
         out = Path(out)
         state = self._tensors
         if state is None:
-            state = stacked_state(self.kind, [self._sklearn[layer] for layer in self.layers])
+            state = stacked_state([self.layer_state(layer) for layer in self.layers])
         if state is None and not allow_pickle:
             own = CHIP_CLASSES[self.kind]
             foreign = sorted({type(c).__name__ for c in self._sklearn.values() if type(c) is not own})
@@ -139,7 +143,9 @@ class ChipSet:
             weights = SKLEARN_WEIGHTS if state is None else WEIGHTS
             write_weights(tmp / weights, self._sklearn if state is None else state, self.kind,
                           {"format": ChipsRecord.FORMAT, "chip": self.kind})
-            write_metrics(tmp, self.metrics, self.kind)
+            write_rows(tmp / METRICS_CSV, self.metrics, METRIC_COLUMNS)
+            table = Metrics(chip=self.kind, layers=[MetricRow.from_dict(row, "metrics") for row in self.metrics])
+            table.write(tmp / METRICS_JSON)
             if self.eval_predictions is not None:
                 write_predictions(tmp / PREDICTIONS, self.eval_predictions)
             part, baseline = pick_baseline(self.record.majority_baseline)
@@ -156,11 +162,7 @@ class ChipSet:
         """Write the chip at ``layer`` as a single-chip directory (``chip.json`` + weights), which
         :func:`load_chip` reads; a chip that is not chip-tuning's own needs ``allow_pickle``."""
         out = Path(out_dir)
-        chip = self.chip(layer)
-        if self._tensors is not None:
-            state = self.layer_state(layer)
-        else:
-            state = chip.state_tensors() if type(chip) is CHIP_CLASSES[self.kind] else None
+        chip, state = self.chip(layer), self.layer_state(layer)
         if state is None and not allow_pickle:
             refuse_pickle(f"the chip at layer {layer} ({type(chip).__name__})")
         out.mkdir(parents=True, exist_ok=True)
@@ -180,14 +182,13 @@ class ChipSet:
 
 # -- weights ----------------------------------------------------------------------------------------
 
-def stacked_state(kind: str, chips: list) -> dict[str, np.ndarray] | None:
-    """The arrays (:data:`~chiptuning.probe.chips.STATE_KEYS`) of fitted chips stacked on a leading
-    layer axis; None for chips only a pickle holds (another estimator, or arrays of different shapes)."""
-    if not all(type(chip) is CHIP_CLASSES[kind] for chip in chips):
+def stacked_state(states: list[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray] | None:
+    """Per-layer arrays (:meth:`ChipSet.layer_state`) stacked on a leading layer axis; None for
+    chips only a pickle holds (another estimator, or arrays of different shapes)."""
+    if any(state is None for state in states):
         return None
-    states = [chip.state_tensors() for chip in chips]
     try:
-        return {key: np.stack([state[key] for state in states]) for key in STATE_KEYS[kind]}
+        return {key: np.stack([state[key] for state in states]) for key in states[0]}
     except ValueError:
         return None
 
@@ -319,12 +320,6 @@ def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str] | None =
         writer.writeheader()
         writer.writerows({k: ("" if row.get(k) is None else row.get(k)) for k in columns} for row in rows)
     return Path(path)
-
-
-def write_metrics(out: Path, rows: Sequence[dict], kind: str) -> None:
-    """metrics.csv (one row per layer) and metrics.json (the :class:`Metrics` record)."""
-    write_rows(out / METRICS_CSV, rows, METRIC_COLUMNS)
-    Metrics(chip=kind, layers=[MetricRow.from_dict(row, "metrics") for row in rows]).write(out / METRICS_JSON)
 
 
 def write_predictions(path: Path, predictions: dict) -> None:
