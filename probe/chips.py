@@ -37,7 +37,8 @@ H = Hyperparams()
 
 
 class _ChipBase(ClassifierMixin, BaseEstimator):
-    """What every chip shares: label encoding, standardization, masking, predict / score."""
+    """What every chip shares: label encoding, standardization, masking, predict / score (from the
+    subclass's ``_masked_scores``: (N, C) logits, or log-probabilities for logreg, masked ones -inf)."""
 
     def _encode_fit(self, X, y, class_mask):
         X, y = validate_data(self, X, y, dtype=np.float32)
@@ -59,10 +60,6 @@ class _ChipBase(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
         return X, as_class_mask(class_mask, X.shape[0], len(self.classes_))
-
-    def _masked_scores(self, X, class_mask) -> np.ndarray:
-        """(N, C) masked logits (torch chips) or log-probabilities (logreg)."""
-        raise NotImplementedError
 
     def decision_function(self, X, class_mask=None) -> np.ndarray:
         """Logits (N, C), masked classes -inf; for two classes the logit difference (N,), as scikit-learn."""
@@ -90,7 +87,8 @@ class _TorchChip(_ChipBase):
     when a class may be missing from the training rows), ``random_state`` (of the initialisation,
     the order and the validation split), ``shuffle``, ``device``, ``verbose`` (unused, the
     scikit-learn convention); ``precision`` "auto" is bfloat16 on CPUs with AMX / AVX512-BF16 in
-    training, and prediction is float32."""
+    training, and prediction is float32. A subclass maps its arrays to and from the bank layout
+    (a chip axis of 1) in ``_params_tensors`` / ``_set_params``."""
 
     _kind = "linear"
 
@@ -148,12 +146,6 @@ class _TorchChip(_ChipBase):
         self._set_params({k: np.asarray(v, dtype=np.float32) for k, v in state.items() if k not in ("mean", "scale")})
         return self
 
-    def _params_tensors(self) -> dict[str, torch.Tensor]:
-        """The chip's tensors in the bank layout, with a chip axis of 1."""
-        raise NotImplementedError
-
-    def _set_params(self, params: dict[str, np.ndarray]) -> None:
-        raise NotImplementedError
 
 
 class LinearChip(_TorchChip):
@@ -184,7 +176,8 @@ class LinearChip(_TorchChip):
                 "bias": torch.from_numpy(self.intercept_).unsqueeze(0)}
 
     def linear_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W (C, H), b (C,)) acting on raw features: the standardization folded in."""
+        """(W (C, H), b (C,)) acting on raw features: the standardization folded in (a logistic
+        chip's in scikit-learn's shapes: one row for two classes)."""
         check_is_fitted(self)
         weight = self.coef_ / self.scale_[None, :]
         return weight, self.intercept_ - weight @ self.mean_
@@ -256,11 +249,7 @@ class LogRegChip(_ChipBase):
             log_proba[~mask] = -np.inf
         return log_proba
 
-    def linear_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W, b) acting on raw features (the standardization folded in); scikit-learn's shapes."""
-        check_is_fitted(self)
-        weight = self.coef_ / self.scale_[None, :]
-        return weight, self.intercept_ - weight @ self.mean_
+    linear_weights = LinearChip.linear_weights
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         """:data:`STATE_KEYS` ``["logreg"]``: coefficients and intercept on standardized features,
@@ -293,12 +282,15 @@ def _seed(random_state) -> int:
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 
+#: The class of each chip kind.
+CHIP_CLASSES = {"linear": LinearChip, "mlp": MLPChip, "logreg": LogRegChip}
+
+
 def make_chip(kind: str, **params) -> _ChipBase:
     """A new (unfitted) chip of ``kind`` ("linear", "mlp" or "logreg") with ``params``."""
-    classes = {"linear": LinearChip, "mlp": MLPChip, "logreg": LogRegChip}
-    if kind not in classes:
+    if kind not in CHIP_CLASSES:
         raise ValueError(f"unknown chip {kind!r}; choose one of {CHIP_KINDS}")
-    return classes[kind](**params)
+    return CHIP_CLASSES[kind](**params)
 
 
-__all__ = ["CHIP_KINDS", "STATE_KEYS", "LinearChip", "LogRegChip", "MLPChip", "make_chip"]
+__all__ = ["CHIP_CLASSES", "CHIP_KINDS", "STATE_KEYS", "LinearChip", "LogRegChip", "MLPChip", "make_chip"]

@@ -36,7 +36,7 @@ from chiptuning.cache import CacheReader
 from chiptuning.errors import ChipTuningError
 from chiptuning.outputs import CHIPS, is_unchanged, write_output, written_files
 from chiptuning.probe.bank import TORCH_KINDS, param_shapes
-from chiptuning.probe.chips import STATE_KEYS, make_chip
+from chiptuning.probe.chips import CHIP_CLASSES, STATE_KEYS, make_chip
 from chiptuning.probe.data import cache_class_mask
 from chiptuning.probe.plots import plot_layer_accuracy
 from chiptuning.probe.records import ChipsBase, ChipsRecord, LayerChipRecord, MetricRow, Metrics, Selection
@@ -97,25 +97,27 @@ class ChipSet:
 
     def _position(self, layer: int) -> int:
         if int(layer) not in self.layers:
-            raise ChipTuningError(
-                f"no chip at layer {layer}; the chips cover layers {self.layers[0]}..{self.layers[-1]}"
-            )
+            first, last = self.layers[0], self.layers[-1]
+            raise ChipTuningError(f"no chip at layer {layer}; the chips cover layers {first}..{last}")
         return self.layers.index(int(layer))
 
-    def layer_state(self, layer: int) -> dict[str, np.ndarray]:
-        """Arrays of the chip at ``layer`` (the weights file's layout without the layer axis)."""
+    def layer_state(self, layer: int) -> dict[str, np.ndarray] | None:
+        """Arrays of the chip at ``layer`` (the weights file's layout without the layer axis); None
+        for a chip only a pickle holds (another estimator)."""
         i = self._position(layer)
+        if self._tensors is None:
+            chip = self._sklearn[self.layers[i]]
+            return chip.state_tensors() if type(chip) is CHIP_CLASSES[self.kind] else None
         return {name: value[i] for name, value in self._tensors.items()}
 
     def chip(self, layer: int):
         """The fitted chip at ``layer`` (predict / predict_proba / decision_function, class_mask=)."""
         i = self._position(layer)
+        if self._sklearn is not None:
+            return self._sklearn[self.layers[i]]
         if layer not in self._chips:
-            if self._sklearn is not None:
-                self._chips[layer] = self._sklearn[self.layers[i]]
-            else:
-                chip = make_chip(self.kind, **self._estimator_params)
-                self._chips[layer] = chip.load_state(self.layer_state(layer), np.arange(self.n_classes))
+            chip = make_chip(self.kind, **self._estimator_params)
+            self._chips[layer] = chip.load_state(self.layer_state(layer), np.arange(self.n_classes))
         return self._chips[layer]
 
     @functools.cached_property
@@ -132,16 +134,18 @@ class ChipSet:
         out = Path(out)
         state = self._tensors
         if state is None:
-            state = stacked_state(self.kind, [self._sklearn[layer] for layer in self.layers])
+            state = stacked_state([self.layer_state(layer) for layer in self.layers])
         if state is None and not allow_pickle:
-            own = type(make_chip(self.kind))
+            own = CHIP_CLASSES[self.kind]
             foreign = sorted({type(c).__name__ for c in self._sklearn.values() if type(c) is not own})
             refuse_pickle(f"the chips ({', '.join(foreign) or f'{self.kind} chips of different shapes'})")
         with write_output(out, CHIPS, overwrite=overwrite) as tmp:
             weights = SKLEARN_WEIGHTS if state is None else WEIGHTS
             write_weights(tmp / weights, self._sklearn if state is None else state, self.kind,
                           {"format": ChipsRecord.FORMAT, "chip": self.kind})
-            write_metrics(tmp, self.metrics, self.kind)
+            write_rows(tmp / METRICS_CSV, self.metrics, METRIC_COLUMNS)
+            table = Metrics(chip=self.kind, layers=[MetricRow.from_dict(row, "metrics") for row in self.metrics])
+            table.write(tmp / METRICS_JSON)
             if self.eval_predictions is not None:
                 write_predictions(tmp / PREDICTIONS, self.eval_predictions)
             part, baseline = pick_baseline(self.record.majority_baseline)
@@ -158,11 +162,7 @@ class ChipSet:
         """Write the chip at ``layer`` as a single-chip directory (``chip.json`` + weights), which
         :func:`load_chip` reads; a chip that is not chip-tuning's own needs ``allow_pickle``."""
         out = Path(out_dir)
-        chip = self.chip(layer)
-        if self._tensors is not None:
-            state = self.layer_state(layer)
-        else:
-            state = chip.state_tensors() if type(chip) is type(make_chip(self.kind)) else None
+        chip, state = self.chip(layer), self.layer_state(layer)
         if state is None and not allow_pickle:
             refuse_pickle(f"the chip at layer {layer} ({type(chip).__name__})")
         out.mkdir(parents=True, exist_ok=True)
@@ -182,14 +182,13 @@ class ChipSet:
 
 # -- weights ----------------------------------------------------------------------------------------
 
-def stacked_state(kind: str, chips: list) -> dict[str, np.ndarray] | None:
-    """The arrays (:data:`~chiptuning.probe.chips.STATE_KEYS`) of fitted chips stacked on a leading
-    layer axis; None for chips only a pickle holds (another estimator, or arrays of different shapes)."""
-    if not all(type(chip) is type(make_chip(kind)) for chip in chips):
+def stacked_state(states: list[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray] | None:
+    """Per-layer arrays (:meth:`ChipSet.layer_state`) stacked on a leading layer axis; None for
+    chips only a pickle holds (another estimator, or arrays of different shapes)."""
+    if any(state is None for state in states):
         return None
-    states = [chip.state_tensors() for chip in chips]
     try:
-        return {key: np.stack([state[key] for state in states]) for key in STATE_KEYS[kind]}
+        return {key: np.stack([state[key] for state in states]) for key in states[0]}
     except ValueError:
         return None
 
@@ -251,22 +250,10 @@ def estimator_params(record: ChipsBase, where: str = "the chips record") -> dict
     return params
 
 
-def expected_shapes(record: ChipsBase, n_layers: int | None) -> dict[str, tuple[int | None, ...]]:
-    """The shape of every array a record's chips hold (None: any size), with the leading layer
-    axis when ``n_layers`` is given."""
-    H, C = record.hidden_size, record.n_classes
-    if record.chip in TORCH_KINDS:
-        hidden = record.params.get("hidden") if isinstance(record.params.get("hidden"), int) else None
-        shapes = dict(param_shapes(record.chip, H, C, hidden))
-    else:  # logistic regression: one row of coefficients for two classes seen, else one per class seen
-        shapes = {"coef": (None, H), "intercept": (None,), "seen": (None,), "n_iter": (1,)}
-    shapes.update(mean=(H,), scale=(H,))
-    return {k: ((n_layers,) if n_layers is not None else ()) + v for k, v in shapes.items()}
-
-
 def check_weights(path: Path, tensors: dict[str, np.ndarray], record: ChipsBase, n_layers: int | None) -> None:
     """Refuse arrays that do not fit the record, naming the file and the array: missing, of another
-    shape (another width than the cache's hidden size, number of layers or classes), not finite."""
+    shape (another width than the cache's hidden size, number of layers or classes; ``n_layers`` on
+    the leading axis when given), not finite."""
     def refuse(detail: str) -> None:
         raise ChipTuningError(f"{path} does not hold the {record.chip} chips its record describes ({detail}); "
                               "train the chips again")
@@ -274,7 +261,15 @@ def check_weights(path: Path, tensors: dict[str, np.ndarray], record: ChipsBase,
     missing = [k for k in STATE_KEYS[record.chip] if k not in tensors]
     if missing:
         refuse(f"missing {', '.join(missing)}")
-    for name, shape in expected_shapes(record, n_layers).items():
+    H, C = record.hidden_size, record.n_classes
+    if record.chip in TORCH_KINDS:
+        hidden = record.params.get("hidden") if isinstance(record.params.get("hidden"), int) else None
+        shapes = dict(param_shapes(record.chip, H, C, hidden))
+    else:  # logistic regression: one row of coefficients for two classes seen, else one per class seen
+        shapes = {"coef": (None, H), "intercept": (None,), "seen": (None,), "n_iter": (1,)}
+    shapes.update(mean=(H,), scale=(H,))
+    for name, shape in shapes.items():  # None: any size
+        shape = ((n_layers,) if n_layers is not None else ()) + shape
         value = tensors[name]
         if value.ndim != len(shape) or any(want is not None and got != want for got, want in zip(value.shape, shape)):
             refuse(f"{name} has shape {tuple(value.shape)}, expected {tuple('*' if s is None else s for s in shape)}")
@@ -327,12 +322,6 @@ def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str] | None =
     return Path(path)
 
 
-def write_metrics(out: Path, rows: Sequence[dict], kind: str) -> None:
-    """metrics.csv (one row per layer) and metrics.json (the :class:`Metrics` record)."""
-    write_rows(out / METRICS_CSV, rows, METRIC_COLUMNS)
-    Metrics(chip=kind, layers=[MetricRow.from_dict(row, "metrics") for row in rows]).write(out / METRICS_JSON)
-
-
 def write_predictions(path: Path, predictions: dict) -> None:
     """eval_predictions.csv: example_id, label, layer_<l> per layer (predicted class index)."""
     layers, preds = predictions["layers"], predictions["predictions"]  # preds: (n_layers, N)
@@ -346,12 +335,8 @@ def write_predictions(path: Path, predictions: dict) -> None:
 def majority_baselines(**labels) -> dict[str, float]:
     """Accuracy of always predicting the most frequent class, per labelled part
     (``majority_baselines(eval=y_eval, val=y_val)``); parts with no labels are left out."""
-    out = {}
-    for part, y in labels.items():
-        y = np.asarray(y if y is not None else [], dtype=np.int64)
-        if len(y):
-            out[part] = float(np.bincount(y).max() / len(y))
-    return out
+    return {part: float(np.bincount(np.asarray(y, dtype=np.int64)).max() / len(y))
+            for part, y in labels.items() if y is not None and len(y)}
 
 
 def pick_baseline(baselines: dict | None) -> tuple[str | None, float | None]:
@@ -444,11 +429,9 @@ def load_chip(path: str | Path, *, allow_pickle: bool = False):
     record = LayerChipRecord.read(path / CHIP_CONFIG)
     params = estimator_params(record, str(path / CHIP_CONFIG))
     name = record.weights or ("chip.joblib" if record.chip == "logreg" else "chip.safetensors")
-    weights = read_weights(path / name, record, allow_pickle=allow_pickle)
-    if is_pickle(name):
-        chip = weights
-    else:
-        chip = make_chip(record.chip, **params).load_state(weights, np.arange(record.n_classes))
+    chip = read_weights(path / name, record, allow_pickle=allow_pickle)
+    if not is_pickle(name):  # the arrays of a chip
+        chip = make_chip(record.chip, **params).load_state(chip, np.arange(record.n_classes))
     chip.chip_record_ = record
     chip.chip_config_ = record.to_dict()
     return chip

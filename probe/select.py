@@ -158,7 +158,10 @@ def choose_cascade(s: Scores, delta: float):
         why = (f"early-exit cascade ({describe_exits(cascade.exits)}): validation accuracy {sim.val_accuracy:.4f} "
                f"against {sim.reference_val_accuracy:.4f} for the best fixed chip (layer {layer}); mean depth "
                f"{depth:.2f} blocks, {layer / depth:.2f}x fewer")
-    return layer, why, dict(cascade=cascade), cascade_curve(cascade, material, s.chips)
+    on_eval = sim.eval_accuracy is not None  # what the cascade scores, not its last chip alone
+    fields = dict(cascade=cascade, expected_accuracy=sim.eval_accuracy if on_eval else sim.val_accuracy,
+                  expected_accuracy_from=f"{'eval' if on_eval else 'validation'} (simulated cascade)")
+    return layer, why, fields, cascade_curve(cascade, material, s.chips)
 
 
 STRATEGY_FUNCTIONS: dict[str, Strategy] = {"fixed": choose_fixed, "validate": choose_validate,
@@ -192,20 +195,15 @@ def select_layer(chips: ChipSet | str | Path, strategy: str = "validate", write:
     scores = Scores(chips)
     layer, why, fields, curve = STRATEGY_FUNCTIONS[name](scores, arg)
     val, ev = scores.val.get(layer), scores.eval.get(layer)
+    expected = dict(expected_accuracy=ev if ev is not None else val,
+                    expected_accuracy_from=("eval (optimistic: the oracle chose on it)" if name == "optimal"
+                                            else "eval" if ev is not None else "validation"))
     selection = Selection(
         layer=layer, strategy=strategy, oracle=name == "optimal", why=why, chip=chips.kind, val_accuracy=val,
         eval_accuracy=ev, train_accuracy=_accuracy(scores.rows[layer], "train_accuracy"),
-        expected_accuracy=ev if ev is not None else val,
-        expected_accuracy_from=("eval (optimistic: the oracle chose on it)" if name == "optimal"
-                                else "eval" if ev is not None else "validation"),
         num_blocks=chips.record.num_blocks, pruning=pruning_stats(chips.record.model_stats, layer,
-                                                                  chips.record.num_blocks), **fields)
+                                                                  chips.record.num_blocks), **(expected | fields))
     check_chips_on_cache(chips, selection.cascade.layers if selection.cascade is not None else [layer])
-    if selection.cascade is not None:  # what the cascade scores, not its last chip alone
-        sim = selection.cascade.simulated
-        on_eval = sim.eval_accuracy is not None
-        selection.expected_accuracy = sim.eval_accuracy if on_eval else sim.val_accuracy
-        selection.expected_accuracy_from = "eval (simulated cascade)" if on_eval else "validation (simulated cascade)"
     chips.selection = selection
     if write and chips.path is not None:
         write_selection(Path(chips.path), chips, selection, curve)
