@@ -22,7 +22,7 @@ from chiptuning.models import load_processor, load_tokenizer, model_device, reso
 from chiptuning.probe import load_chip, optional_class_mask
 from chiptuning.progress import progress_bar
 from chiptuning.prune.cascade import Exit, run_cascade
-from chiptuning.prune.provenance import CheckpointRecord, TaskRecord, load_record
+from chiptuning.prune.provenance import CheckpointRecord, TaskRecord, load_record, other_weights
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import Example, TaskData, template_fields
 from chiptuning.tasks.images import as_image_input
@@ -33,6 +33,19 @@ log = logging.getLogger(__name__)
 #: One raw input of a text checkpoint: a text, or a record (a mapping of fields) for the saved template.
 RawInput = str | Mapping[str, Any]
 Inputs = RawInput | Iterable[RawInput]
+
+
+def model_batches(model, inputs: EncodedInputs, batch_size: int | None, max_tokens_per_batch: int | str, what: str,
+                  progress: bool):
+    """Batches of ``inputs`` on ``model``'s device as extraction makes them: sorted by length and packed up to a
+    token budget ("auto": from free GPU memory, 8192 tokens on CPU; 0: ``batch_size`` in input order)."""
+    device = model_device(model)
+    budget = resolve_token_budget(max_tokens_per_batch, model, device)
+    bar = progress_bar(len(inputs), what, enabled=progress)
+    for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
+        yield batch
+        bar.update(len(batch.rows))
+    bar.close()
 
 
 def check_config(path: Path, record: CheckpointRecord):
@@ -46,7 +59,7 @@ def check_config(path: Path, record: CheckpointRecord):
         (f"hidden size {width}, provenance says {base.hidden_size}", base.hidden_size not in (None, width))) if bad]
     for name, task in record.tasks.items():
         then, now = task.cache_meta.model_hash, base.hash
-        if then and now and then.split(":")[0] == now.split(":")[0] and then != now:
+        if other_weights(then, now):
             problems.append(f"task {name!r} chip comes from weights {then}, base model is {now}")
         if task.cache_meta.model_type not in (None, kind):
             problems.append(f"task {name!r} chip comes from a {task.cache_meta.model_type!r} model")
@@ -267,17 +280,6 @@ class ChipModel:
             return ImageInputs(self.processor, prompts, data.images())
         return TextInputs(self.tokenizer, prompts, self.record.max_length)
 
-    def _batches(self, inputs: EncodedInputs, batch_size, max_tokens_per_batch, what: str, progress: bool):
-        """Batches of ``inputs`` as extraction makes them: sorted by length and packed up to a token
-        budget ("auto": from free GPU memory, 8192 tokens on CPU; 0: ``batch_size`` in input order)."""
-        device = model_device(self.model)
-        budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
-        bar = progress_bar(len(inputs), what, enabled=progress)
-        for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
-            yield batch
-            bar.update(len(batch.rows))
-        bar.close()
-
     def features(self, inputs: Inputs, task: str | None = None, **batching: Any) -> np.ndarray:
         """feature(l) of each input at ``task``'s layer: float32 (N, H), what the chip reads."""
         return self.features_of_inputs(self.encode(inputs, task)[0], task, **batching)
@@ -292,7 +294,7 @@ class ChipModel:
         """feature(l) of encoded inputs (:meth:`encode`, :meth:`encode_task`): float32 (N, H), in input order."""
         _, entry = self.task(task)
         out = np.empty((len(inputs), int(text_config(self.model.config).hidden_size)), dtype=np.float32)
-        for batch in self._batches(inputs, batch_size, max_tokens_per_batch, "pruned model", progress):
+        for batch in model_batches(self.model, inputs, batch_size, max_tokens_per_batch, "pruned model", progress):
             feats = batch_features(self.model, batch, layers=[entry.layer], mode=entry.feature_mode)  # (B, 1, H)
             out[batch.rows] = feats[:, 0].float().cpu().numpy()
         return out
@@ -313,7 +315,7 @@ class ChipModel:
         exits, n = self.cascades[name], len(inputs)
         prediction, exit_layer = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         proba = np.empty((n, len(entry.label_names)), dtype=np.float64)
-        for batch in self._batches(inputs, batch_size, max_tokens_per_batch, "cascade", progress):
+        for batch in model_batches(self.model, inputs, batch_size, max_tokens_per_batch, "cascade", progress):
             mask = None if class_mask is None else class_mask[batch.rows]
             prediction[batch.rows], exit_layer[batch.rows], proba[batch.rows] = run_cascade(
                 self.model, batch.input_ids, batch.attention_mask, exits, entry.feature_mode, mask, **batch.other_inputs)
