@@ -1,5 +1,5 @@
-"""``ChipModel``: a verified pruned checkpoint as a classifier of raw text (or images, for a
-vision-language one); prompts are built and tokenized exactly as extraction built the cache's."""
+"""``ChipModel``: a verified pruned checkpoint as a classifier of raw text (or images), with prompts built
+and tokenized as extraction built the cache's."""
 
 from __future__ import annotations
 
@@ -164,10 +164,9 @@ class ChipModel:
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
                         allow_pickle: bool = False) -> ChipModel:
         """Load and verify a checkpoint written by ``chiptuning prune``, on ``device`` (cpu, cuda, cuda:N,
-        auto), in ``dtype`` (fp32, bf16, fp16; default: the saved one, the only one whose predictions
-        equal the chip's on the cache). Nothing executable is loaded: safetensors weights, no remote
-        code, a pickled chip only with ``allow_pickle`` (for checkpoints you made yourself: the
-        checksums catch accidents, not an attacker, who can re-hash what they edit). Raises
+        auto), in ``dtype`` (fp32, bf16, fp16; default: the saved one, whose predictions equal the chip's on
+        the cache). Nothing executable is loaded: safetensors weights, no remote code, a pickled chip only
+        with ``allow_pickle`` (for your own checkpoints: an attacker can re-hash what they edit). Raises
         ProvenanceError for files, config or chips that are not what the record describes."""
         path = Path(path)
         record = load_record(path)
@@ -233,8 +232,8 @@ class ChipModel:
                                               label_names=list(entry.label_names), text_column=text_column))
 
     def data_options(self, task: str | None = None, **options: Any) -> dict[str, Any]:
-        """Data options (as :func:`chiptuning.tasks.load_task` takes them) with the saved prompt format filled
-        in where none was given: template or text column, labels, image column, trailing space, chat template."""
+        """Data options (as :func:`chiptuning.tasks.load_task` takes them) with the saved prompt format
+        (template or text column, labels, image column, trailing space, chat template) where none was given."""
         saved = self.task_data(task)
         out = dict(options)
         if out.get("template") is None and out.get("text_column") is None:
@@ -309,8 +308,8 @@ class ChipModel:
     def cascade_of_inputs(self, inputs: EncodedInputs, task: str | None = None, class_mask: np.ndarray | None = None,
                           batch_size: int | None = None, max_tokens_per_batch: int | str = "auto",
                           progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(class index (N,), exit layer (N,), probabilities (N, C)) of encoded inputs, in input order,
-        by early exit through ``task``'s cascade (:func:`~chiptuning.prune.cascade.run_cascade`)."""
+        """(class index (N,), exit layer (N,), probabilities (N, C)) of encoded inputs, in input order, by
+        early exit through ``task``'s cascade."""
         name, entry = self.task(task)
         exits, n = self.cascades[name], len(inputs)
         prediction, exit_layer = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)

@@ -1,5 +1,5 @@
-"""Provenance of a pruned checkpoint (``chiptuning.json``): where it came from, each task's chip and
-prompt format, and the sha256 of every file beside it, so that nothing changed since can be proven."""
+"""``chiptuning.json``: where a pruned checkpoint came from, each task's chip and prompt format, and the
+sha256 of every file beside it."""
 
 from __future__ import annotations
 
