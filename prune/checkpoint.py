@@ -139,13 +139,10 @@ def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
 
 def load_task_chips(chips_dirs: Sequence[str | Path | ChipSet], layer: int | None = None,
                     allow_pickle: bool = False) -> list[PrunedTask]:
-    """The :class:`PrunedTask` of chips directories (``DIR`` or ``NAME=DIR``) or ChipSets, named: NAME,
-    else the task's own name when it is unique and not "custom", else the directory's name.
-
-    Chips read from a directory must score on their eval cache what they record; a ChipSet was
-    checked where it was loaded or trained. ChipTuningError for ``layer`` with several chips, or
-    names that are not unique.
-    """
+    """The :class:`PrunedTask` of chips directories (``DIR`` or ``NAME=DIR``; their chips must score on
+    their eval cache what they record) or ChipSets, named: NAME, else the task's own name when it is unique
+    and not "custom", else the directory's name. ChipTuningError for ``layer`` with several chips, or names
+    that are not unique."""
     if not chips_dirs:
         raise ChipTuningError("give at least one --chips directory")
     if layer is not None and len(chips_dirs) > 1:

@@ -9,9 +9,8 @@ With n the number of blocks the model loses (block i turns feature(i-1) into fea
 * ``slm`` (sliding layer merging), ``laco`` (layer collapse): merge consecutive blocks by parameter
   arithmetic while the model's output stays above a cosine threshold.
 
-The model is cut with chip-tuning's surgery (:mod:`chiptuning.prune.truncate`) and saved as a plain
-Hugging Face checkpoint with ``pruning.json``. Names load lazily: the CLI reads :data:`METHODS`
-and :data:`DEFAULTS` without importing torch.
+The model is cut with chip-tuning's surgery and saved as a plain Hugging Face checkpoint with
+``pruning.json``. Names load lazily: the CLI reads :data:`METHODS` and :data:`DEFAULTS` without torch.
 """
 
 from __future__ import annotations
