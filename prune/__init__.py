@@ -12,24 +12,32 @@ _MODULES = {
     "checkpoint": ("PrunedTask", "load_task_chips", "prune", "save_pruned"),
     "chip_model": ("ChipModel",), "evaluation": ("evaluate",), "hub": ("push_to_hub",), "truncate": ("truncate_",),
 }
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
-
-__all__ = sorted(_EXPORTS)
 
 
-_RENAMED = {"TaskChip": "PrunedTask"}  # old name -> new name
+def lazy_exports(package: str, modules: dict[str, tuple[str, ...]], namespace: dict,
+                 renamed: dict[str, str] | None = None):
+    """The ``__getattr__`` and ``__dir__`` of ``package``, whose names (``modules``: module -> names; a
+    module without a dot is one of the package's) are imported on first use into its ``namespace``;
+    ``renamed`` (old name -> new) answers old names with a DeprecationWarning."""
+    exports = {name: module for module, names in modules.items() for name in names}
+    renamed = renamed or {}
+
+    def __getattr__(name: str):
+        if name in renamed:
+            warnings.warn(f"{package}.{name} is now {renamed[name]}", DeprecationWarning, stacklevel=2)
+            return __getattr__(renamed[name])
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module = exports[name]
+        value = getattr(importlib.import_module(module if "." in module else f"{package}.{module}"), name)
+        namespace[name] = value  # resolved once
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__
 
 
-def __getattr__(name: str):
-    if name in _RENAMED:
-        warnings.warn(f"chiptuning.prune.{name} is now {_RENAMED[name]}", DeprecationWarning, stacklevel=2)
-        return __getattr__(_RENAMED[name])
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'chiptuning.prune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"chiptuning.prune.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # resolved once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = sorted(name for names in _MODULES.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals(), renamed={"TaskChip": "PrunedTask"})

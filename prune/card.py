@@ -145,17 +145,14 @@ def render_model_card(record: CheckpointRecord, pickled: list[str] = ()) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n" + usage))
 
 
-def pickled_tasks(root: Path, record: CheckpointRecord) -> list[str]:
-    """Tasks with a chip directory in ``root`` (their own or a cascade exit's) that holds a pickle."""
+def write_model_card(root: Path, record: CheckpointRecord) -> Path:
+    """Write ``README.md`` into ``root``, after the chips: it warns about the tasks with a chip directory
+    (their own or a cascade exit's) that holds a pickle."""
     def holds_pickle(folder: Path) -> bool:
         return folder.is_dir() and any(is_pickle(p) for p in folder.iterdir())
 
-    return [name for name, task in record.tasks.items()
-            if any(holds_pickle(Path(root) / chip_dir) for chip_dir in task.chip_dirs())]
-
-
-def write_model_card(root: Path, record: CheckpointRecord) -> Path:
-    """Write ``README.md`` into ``root`` (after the chips: the card warns about a pickled one)."""
-    path = Path(root) / "README.md"
-    path.write_text(render_model_card(record, pickled_tasks(root, record)), encoding="utf-8")
+    root = Path(root)
+    pickled = [name for name, task in record.tasks.items() if any(holds_pickle(root / d) for d in task.chip_dirs())]
+    path = root / "README.md"
+    path.write_text(render_model_card(record, pickled), encoding="utf-8")
     return path

@@ -1,10 +1,6 @@
-"""Write a pruned checkpoint: truncated model + tokenizer + chip + provenance + model card.
-
-:func:`prune` (``chiptuning prune``) checks that the chips were trained on a cache of *this* model,
-cuts the model after the chosen layer and saves a directory that reloads with ``AutoModel``, after
-proving that the reloaded model gives the full model's feature(l) and chip predictions. It is
-written beside its place and renamed at the end (:func:`chiptuning.outputs.write_output`). A
-vision-language model is cut inside its language model and saved with its processor.
+"""Write a pruned checkpoint (``chiptuning prune``): the model cut after the chips' layer, its tokenizer
+(or processor), chips, provenance and model card, in a directory that reloads with ``AutoModel`` and
+gives the full model's feature(l) and chip predictions (checked on reload before it is renamed into place).
 """
 
 from __future__ import annotations
@@ -104,8 +100,8 @@ def resolve_layer(chips: ChipSet, layer: int | None) -> tuple[int, str]:
 
 @dataclass
 class PrunedTask:
-    """One task of a checkpoint: its chips, the layer its chip reads and how it was chosen, where the
-    chips came from (their plots are copied), its name (``predict(..., task=name)``), its cascade."""
+    """One task of a checkpoint: its chips, its chip's layer and how it was chosen, the chips' directory
+    (their plots are copied), its name (``predict(..., task=name)``), its cascade."""
 
     chips: ChipSet
     layer: int
@@ -143,13 +139,10 @@ def _parse_chips_arg(entry: str | Path) -> tuple[str | None, Path]:
 
 def load_task_chips(chips_dirs: Sequence[str | Path | ChipSet], layer: int | None = None,
                     allow_pickle: bool = False) -> list[PrunedTask]:
-    """The :class:`PrunedTask` of chips directories (``DIR`` or ``NAME=DIR``) or ChipSets, named: NAME,
-    else the task's own name when it is unique and not "custom", else the directory's name.
-
-    Chips read from a directory must score on their eval cache what they record; a ChipSet was
-    checked where it was loaded or trained. ChipTuningError for ``layer`` with several chips, or
-    names that are not unique.
-    """
+    """The :class:`PrunedTask` of chips directories (``DIR`` or ``NAME=DIR``; their chips must score on
+    their eval cache what they record) or ChipSets, named: NAME, else the task's own name when it is unique
+    and not "custom", else the directory's name. ChipTuningError for ``layer`` with several chips, or names
+    that are not unique."""
     if not chips_dirs:
         raise ChipTuningError("give at least one --chips directory")
     if layer is not None and len(chips_dirs) > 1:
@@ -248,9 +241,8 @@ def prune(model_name_or_path: str, chips_dir: str | Path | ChipSet | Sequence[st
             "source": model_source(model_name_or_path)}
     handed = [model]  # write_pruned frees the model before reloading the checkpoint: no reference stays here
     del model
-    write_pruned(handed.pop(), tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export,
-                 overwrite=overwrite, allow_pickle=allow_pickle)
-    return Path(out_dir)
+    return save_pruned(handed.pop(), tokenizer, tasks, out_dir, base=base, keep_lm_head=keep_lm_head, export=export,
+                       overwrite=overwrite, allow_pickle=allow_pickle)
 
 
 def save_pruned(model, tokenizer, tasks: Sequence[PrunedTask], out_dir: str | Path, **options) -> Path:
@@ -264,14 +256,11 @@ def save_pruned(model, tokenizer, tasks: Sequence[PrunedTask], out_dir: str | Pa
 def write_pruned(model, tokenizer, tasks: Sequence[PrunedTask], out_dir: str | Path, *, base: dict[str, Any],
                  keep_lm_head: bool = False, export: str | None = None, overwrite: bool = False,
                  allow_pickle: bool = False) -> CheckpointRecord:
-    """Cut ``model`` (``AutoModel``, or ``*ForCausalLM``) in place after the deepest task's layer,
-    write the checkpoint, check its parity with the full model and return its record.
-
-    ``tokenizer`` is the model's (a vision-language model's processor); ``tasks`` the task(s) and
-    their chips, the first the default; ``base`` ``{"id", "hash", "adapter", "source"}`` of the base
-    model; the other options as :func:`prune`. The model is released before the checkpoint is
-    reloaded for the parity check (the caller may hold it: it is then the pruned model).
-    """
+    """Cut ``model`` (``AutoModel``, or ``*ForCausalLM``) in place after the deepest task's layer, write
+    the checkpoint, check its parity with the full model and return its record. ``tokenizer``: the model's
+    (or processor); ``tasks``: the first is the default; ``base``: ``{"id", "hash", "adapter", "source"}``
+    of the base model; the options as :func:`prune`. The model is released before the reload (a caller
+    that holds it holds the pruned model)."""
     tasks = list(tasks)
     check_model(model, tasks, keep_lm_head, export)
     depth = max(task.layer for task in tasks)
@@ -281,7 +270,12 @@ def write_pruned(model, tokenizer, tasks: Sequence[PrunedTask], out_dir: str | P
                                 hidden_size=int(text_config(model.config).hidden_size), source=base.get("source"))
         dtype, device, before = next(model.parameters()).dtype, model_device(model), param_stats(model)
         references = parity_references(model, tokenizer, tasks)
-        cut(model, depth, export)
+        truncate_(model, depth)
+        if not is_streamed(model):  # only never-read blocks were offloaded, and they are gone: an ordinary model
+            settle_(model)
+        elif export:
+            raise ChipTuningError("--export sequence-classification folds the chip into weights in memory; the kept "
+                                  "blocks are streamed here: use --offload none (they must fit in memory)")
         to_save, cls = model_to_save(model, tokenizer, tasks[0], keep_lm_head, export)
         streamed = is_streamed(to_save)
         save_weights(to_save, tmp)
@@ -329,20 +323,9 @@ def inputs_features(model, inputs: EncodedInputs, layer: int, mode: str = "raw")
 
 def parity_references(model, tokenizer, tasks: list[PrunedTask]) -> dict[tuple[str, int], np.ndarray]:
     """The full model's feature at each task's exit layers on :func:`parity_inputs`: (task, layer) -> (B, H)."""
-    check_inputs = parity_inputs(model, tokenizer)
-    return {(t.name, lay): inputs_features(model, check_inputs, lay, t.feature_mode)
+    inputs = parity_inputs(model, tokenizer)
+    return {(t.name, lay): inputs_features(model, inputs, lay, t.feature_mode)
             for t in tasks for lay, _ in t.exit_layers}
-
-
-def cut(model, depth: int, export: str | None) -> None:
-    """Truncate ``model`` to ``depth`` blocks: an offloaded model whose kept blocks are in memory
-    becomes an ordinary one."""
-    truncate_(model, depth)
-    if not is_streamed(model):  # only never-read blocks were offloaded, and they are gone
-        settle_(model)
-    elif export:
-        raise ChipTuningError("--export sequence-classification folds the chip into weights in memory; the kept "
-                              "blocks are streamed here: use --offload none (they must fit in memory)")
 
 
 def model_to_save(model, tokenizer, task: PrunedTask, keep_lm_head: bool, export: str | None):
@@ -358,8 +341,8 @@ def model_to_save(model, tokenizer, task: PrunedTask, keep_lm_head: bool, export
 
 
 def pruned_stats(saved, keep_lm_head: bool, export: str | None) -> dict:
-    """:func:`~chiptuning.models.param_stats` of the saved model: a head only when one ships; an
-    exported score head counts with the chip."""
+    """:func:`~chiptuning.models.param_stats` of the saved model: a head only when one ships; an exported
+    score head counts with the chip."""
     stats = param_stats(saved)
     if not keep_lm_head:  # the config still describes a head (param_stats counts it); none ships
         stats["total"] -= stats["lm_head"]
@@ -411,9 +394,8 @@ def task_entry(task: PrunedTask, chip_dir: str) -> TaskRecord:
 
 
 def save_weights(model, directory: Path) -> None:
-    """``model.save_pretrained`` in shards of at most :data:`SHARD_SIZE` (saving holds one shard's
-    bytes in memory at a time); a streamed model's weights are read from their files one shard at a
-    time, into the shards an in-memory save fills."""
+    """``model.save_pretrained`` in shards of at most :data:`SHARD_SIZE`; a streamed model's weights are
+    read from their files one shard at a time, into the shards an in-memory save fills."""
     state_dict = None
     if is_streamed(model):
         if not getattr(model, "hf_device_map", None):
@@ -462,12 +444,12 @@ def reload_pruned(path: Path, cls, depth: int, unclean: Callable[[dict], str], *
 
 def verify_checkpoint(path: Path, tasks: Sequence[PrunedTask], references: dict[tuple[str, int], np.ndarray],
                       depth: int, dtype: torch.dtype, device, cls, stream: bool = False) -> None:
-    """Reload ``path`` as users will (streamed, when the pruned model was) and compare every task's
-    feature and chip predictions with the full model's ``references``; ChipTuningError for missing,
-    unexpected or re-initialised weights, or a feature that differs."""
+    """Reload ``path`` as users will (streamed, when the pruned model was) and compare every task's feature
+    and chip predictions with the full model's ``references``; ChipTuningError for unclean weights or a
+    feature that differs."""
     model = reload_pruned(path, cls, depth, lambda bad: f"the pruned checkpoint does not reload cleanly: {bad}; "
                           "this is a bug, please report it", stream=stream, device=device, dtype=dtype)
-    model = (model if stream else model.to(device)).eval()
+    model = model if stream else model.to(device)
     tokenizer = load_preprocessor(str(path))
     check_inputs = parity_inputs(model, tokenizer)
     for task in tasks:

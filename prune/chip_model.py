@@ -1,5 +1,5 @@
-"""``ChipModel``: a verified pruned checkpoint as a classifier of raw text (or images, for a
-vision-language one); prompts are built and tokenized exactly as extraction built the cache's."""
+"""``ChipModel``: a verified pruned checkpoint as a classifier of raw text (or images), with prompts built
+and tokenized as extraction built the cache's."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from chiptuning.models import load_processor, load_tokenizer, model_device, reso
 from chiptuning.probe import load_chip, optional_class_mask
 from chiptuning.progress import progress_bar
 from chiptuning.prune.cascade import Exit, run_cascade
-from chiptuning.prune.provenance import CheckpointRecord, TaskRecord, load_record
+from chiptuning.prune.provenance import CheckpointRecord, TaskRecord, load_record, other_weights
 from chiptuning.registry import get_spec, num_blocks, text_config
 from chiptuning.tasks import Example, TaskData, template_fields
 from chiptuning.tasks.images import as_image_input
@@ -33,6 +33,19 @@ log = logging.getLogger(__name__)
 #: One raw input of a text checkpoint: a text, or a record (a mapping of fields) for the saved template.
 RawInput = str | Mapping[str, Any]
 Inputs = RawInput | Iterable[RawInput]
+
+
+def model_batches(model, inputs: EncodedInputs, batch_size: int | None, max_tokens_per_batch: int | str, what: str,
+                  progress: bool):
+    """Batches of ``inputs`` on ``model``'s device as extraction makes them: sorted by length and packed up to a
+    token budget ("auto": from free GPU memory, 8192 tokens on CPU; 0: ``batch_size`` in input order)."""
+    device = model_device(model)
+    budget = resolve_token_budget(max_tokens_per_batch, model, device)
+    bar = progress_bar(len(inputs), what, enabled=progress)
+    for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
+        yield batch
+        bar.update(len(batch.rows))
+    bar.close()
 
 
 def check_config(path: Path, record: CheckpointRecord):
@@ -46,7 +59,7 @@ def check_config(path: Path, record: CheckpointRecord):
         (f"hidden size {width}, provenance says {base.hidden_size}", base.hidden_size not in (None, width))) if bad]
     for name, task in record.tasks.items():
         then, now = task.cache_meta.model_hash, base.hash
-        if then and now and then.split(":")[0] == now.split(":")[0] and then != now:
+        if other_weights(then, now):
             problems.append(f"task {name!r} chip comes from weights {then}, base model is {now}")
         if task.cache_meta.model_type not in (None, kind):
             problems.append(f"task {name!r} chip comes from a {task.cache_meta.model_type!r} model")
@@ -151,10 +164,9 @@ class ChipModel:
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
                         allow_pickle: bool = False) -> ChipModel:
         """Load and verify a checkpoint written by ``chiptuning prune``, on ``device`` (cpu, cuda, cuda:N,
-        auto), in ``dtype`` (fp32, bf16, fp16; default: the saved one, the only one whose predictions
-        equal the chip's on the cache). Nothing executable is loaded: safetensors weights, no remote
-        code, a pickled chip only with ``allow_pickle`` (for checkpoints you made yourself: the
-        checksums catch accidents, not an attacker, who can re-hash what they edit). Raises
+        auto), in ``dtype`` (fp32, bf16, fp16; default: the saved one, whose predictions equal the chip's on
+        the cache). Nothing executable is loaded: safetensors weights, no remote code, a pickled chip only
+        with ``allow_pickle`` (for your own checkpoints: an attacker can re-hash what they edit). Raises
         ProvenanceError for files, config or chips that are not what the record describes."""
         path = Path(path)
         record = load_record(path)
@@ -220,8 +232,8 @@ class ChipModel:
                                               label_names=list(entry.label_names), text_column=text_column))
 
     def data_options(self, task: str | None = None, **options: Any) -> dict[str, Any]:
-        """Data options (as :func:`chiptuning.tasks.load_task` takes them) with the saved prompt format filled
-        in where none was given: template or text column, labels, image column, trailing space, chat template."""
+        """Data options (as :func:`chiptuning.tasks.load_task` takes them) with the saved prompt format
+        (template or text column, labels, image column, trailing space, chat template) where none was given."""
         saved = self.task_data(task)
         out = dict(options)
         if out.get("template") is None and out.get("text_column") is None:
@@ -267,17 +279,6 @@ class ChipModel:
             return ImageInputs(self.processor, prompts, data.images())
         return TextInputs(self.tokenizer, prompts, self.record.max_length)
 
-    def _batches(self, inputs: EncodedInputs, batch_size, max_tokens_per_batch, what: str, progress: bool):
-        """Batches of ``inputs`` as extraction makes them: sorted by length and packed up to a token
-        budget ("auto": from free GPU memory, 8192 tokens on CPU; 0: ``batch_size`` in input order)."""
-        device = model_device(self.model)
-        budget = resolve_token_budget(max_tokens_per_batch, self.model, device)
-        bar = progress_bar(len(inputs), what, enabled=progress)
-        for batch in inputs.batches(batch_size or (1024 if budget else 16), budget, device):
-            yield batch
-            bar.update(len(batch.rows))
-        bar.close()
-
     def features(self, inputs: Inputs, task: str | None = None, **batching: Any) -> np.ndarray:
         """feature(l) of each input at ``task``'s layer: float32 (N, H), what the chip reads."""
         return self.features_of_inputs(self.encode(inputs, task)[0], task, **batching)
@@ -292,7 +293,7 @@ class ChipModel:
         """feature(l) of encoded inputs (:meth:`encode`, :meth:`encode_task`): float32 (N, H), in input order."""
         _, entry = self.task(task)
         out = np.empty((len(inputs), int(text_config(self.model.config).hidden_size)), dtype=np.float32)
-        for batch in self._batches(inputs, batch_size, max_tokens_per_batch, "pruned model", progress):
+        for batch in model_batches(self.model, inputs, batch_size, max_tokens_per_batch, "pruned model", progress):
             feats = batch_features(self.model, batch, layers=[entry.layer], mode=entry.feature_mode)  # (B, 1, H)
             out[batch.rows] = feats[:, 0].float().cpu().numpy()
         return out
@@ -307,13 +308,13 @@ class ChipModel:
     def cascade_of_inputs(self, inputs: EncodedInputs, task: str | None = None, class_mask: np.ndarray | None = None,
                           batch_size: int | None = None, max_tokens_per_batch: int | str = "auto",
                           progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(class index (N,), exit layer (N,), probabilities (N, C)) of encoded inputs, in input order,
-        by early exit through ``task``'s cascade (:func:`~chiptuning.prune.cascade.run_cascade`)."""
+        """(class index (N,), exit layer (N,), probabilities (N, C)) of encoded inputs, in input order, by
+        early exit through ``task``'s cascade."""
         name, entry = self.task(task)
         exits, n = self.cascades[name], len(inputs)
         prediction, exit_layer = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         proba = np.empty((n, len(entry.label_names)), dtype=np.float64)
-        for batch in self._batches(inputs, batch_size, max_tokens_per_batch, "cascade", progress):
+        for batch in model_batches(self.model, inputs, batch_size, max_tokens_per_batch, "cascade", progress):
             mask = None if class_mask is None else class_mask[batch.rows]
             prediction[batch.rows], exit_layer[batch.rows], proba[batch.rows] = run_cascade(
                 self.model, batch.input_ids, batch.attention_mask, exits, entry.feature_mode, mask, **batch.other_inputs)

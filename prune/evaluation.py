@@ -39,8 +39,8 @@ class ExitStats(Record):
 
 @dataclass
 class DenseRun(Record):
-    """The dense base model on the same data and hardware: its speed, the chip on its feature, and
-    its own zero-shot answer (decoders)."""
+    """The dense base model on the same data and hardware: its speed, the chip on its feature, its own
+    zero-shot answer (decoders)."""
 
     model: str
     num_blocks: int = rule(ge=1)
@@ -55,8 +55,8 @@ class DenseRun(Record):
 
 @dataclass
 class EvalMetrics(Record):
-    """``metrics.json`` of ``chiptuning eval``: the pruned checkpoint's accuracy from raw inputs,
-    its speed, and (with ``--dense``) the dense model's; ``files`` lists predictions.csv."""
+    """``metrics.json`` of ``chiptuning eval``: the pruned checkpoint's accuracy from raw inputs, its speed,
+    and (with ``--dense``) the dense model's; ``files`` lists predictions.csv."""
 
     FORMAT = "chiptuning-eval"
     LEGACY = True
@@ -86,8 +86,8 @@ class EvalMetrics(Record):
 
 @dataclass
 class EvalConfig:
-    """Settings of :func:`evaluate` (``chiptuning eval``). A data file is read as ``load_task`` reads
-    it, the checkpoint's own prompt format and label names by default (``ChipModel.data_options``)."""
+    """Settings of :func:`evaluate` (``chiptuning eval``); a data file is read as ``load_task`` reads it, in
+    the checkpoint's own prompt format and label names by default."""
 
     text_column: str | None = None
     template: str | None = None
@@ -108,8 +108,8 @@ class EvalConfig:
 
 
 def time_dense(model, inputs: EncodedInputs, repeats: int = 1, progress: bool = False, **run) -> list[dict]:
-    """The timed passes (:func:`~chiptuning.prune.dense.dense_pass` results) of ``model`` over ``inputs``
-    after one untimed pass; ``run`` holds dense_pass's other arguments."""
+    """The timed passes (:func:`~chiptuning.prune.dense.dense_pass` results; ``run``: its other arguments)
+    of ``model`` over ``inputs``, after one untimed pass."""
     dense_pass(model, prompts=None, inputs=inputs, **run)  # warm-up, untimed
     return [dense_pass(model, prompts=None, inputs=inputs, progress=progress, **run) for _ in range(repeats)]
 
@@ -177,8 +177,8 @@ def evaluate(pruned_dir: str | Path, data: str | Path | TaskData, config: EvalCo
 
 
 def eval_data(clf: ChipModel, name: str, data: str | Path | TaskData, cfg: EvalConfig) -> TaskData:
-    """``data`` as a TaskData with task ``name``'s labels: itself, or the file read with the
-    checkpoint's own prompt format where ``cfg`` leaves it open."""
+    """``data`` as a TaskData with task ``name``'s labels: itself, or the file read with the checkpoint's
+    own prompt format where ``cfg`` leaves it open."""
     _, entry = clf.task(name)
     saved = list(entry.label_names)
     if cfg.labels is not None and [str(x) for x in cfg.labels] != saved:
@@ -200,12 +200,9 @@ def eval_data(clf: ChipModel, name: str, data: str | Path | TaskData, cfg: EvalC
 
 def time_pruned(clf: ChipModel, name: str, inputs: EncodedInputs, mask: np.ndarray | None, cfg: EvalConfig,
                 warm_all: bool) -> tuple[np.ndarray, np.ndarray | None, list[float]]:
-    """(predictions, a cascade's exit layers or None, seconds of each timed pass) of the pruned model.
-
-    An untimed warm-up comes first, on every input when the dense model is timed too: CPU kernels
-    built per matrix shape (oneDNN's bf16 matmuls) slow the first pass over a set of batch shapes,
-    a cost that would land on whichever model is timed first.
-    """
+    """(predictions, a cascade's exit layers or None, seconds of each timed pass) of the pruned model, after
+    an untimed warm-up: on every input when the dense model is timed too, as CPU kernels built per batch
+    shape (oneDNN's bf16 matmuls) would otherwise slow whichever model is timed first."""
     batching = dict(batch_size=cfg.batch_size, max_tokens_per_batch=cfg.max_tokens_per_batch)
 
     def predict(rows: EncodedInputs, rows_mask, progress=False):
@@ -227,8 +224,8 @@ def time_pruned(clf: ChipModel, name: str, inputs: EncodedInputs, mask: np.ndarr
 
 def add_dense(metrics: EvalMetrics, model: str, passes: list[dict], y_true: np.ndarray, y_pred: np.ndarray,
               exit_layer: np.ndarray | None) -> dict:
-    """Record the dense model's fastest pass in ``metrics`` and return it: its speed, the chip on its
-    feature, its own zero-shot answer, the pruned model's speedup and block ratio."""
+    """Record the dense model's fastest pass in ``metrics`` (its speed, the chip on its feature, its own
+    zero-shot answer, the pruned model's speedup and block ratio) and return it."""
     best = min(passes, key=lambda p: p["elapsed_s"])
     elapsed, chip, zero_shot = best["elapsed_s"], best["chip_predictions"], best["zero_shot_predictions"]
     n = len(y_true)
@@ -251,7 +248,7 @@ def add_dense(metrics: EvalMetrics, model: str, passes: list[dict], y_true: np.n
 
 def write_eval(out_dir: str | Path, metrics: EvalMetrics, data: TaskData, y_pred: np.ndarray,
                columns: dict[str, np.ndarray | None], labels: list[str], overwrite: bool) -> None:
-    """Write ``predictions.csv`` (one row per example, ``columns`` that are not None added) and
+    """Write ``predictions.csv`` (a row per example, with the ``columns`` that are not None) and
     ``metrics.json`` listing it, replacing an earlier eval's only with ``overwrite``."""
     columns = {key: values for key, values in columns.items() if values is not None}
     with write_output(out_dir, EVAL, overwrite=overwrite) as out:

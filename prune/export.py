@@ -1,9 +1,6 @@
-"""Export a pruned model + linear chip as a plain ``*ForSequenceClassification`` checkpoint.
-
-A decoder's ``*ForSequenceClassification`` computes ``score(final_norm(h_l))`` at the last non-pad
-token with a bias-free ``score``: on a model cut to l blocks, exactly a bias-free linear chip on the
-*normed* feature(l). Such a chip folds into ``score.weight`` and the checkpoint serves the same
-predictions without chip-tuning; raw-mode chips and chips with a bias cannot be folded.
+"""Export a pruned model + linear chip as a plain ``*ForSequenceClassification`` checkpoint: a decoder's
+computes a bias-free ``score(final_norm(h_l))`` at the last non-pad token, on a model cut to l blocks exactly
+a bias-free linear chip on the *normed* feature(l), which folds into ``score.weight``.
 """
 
 from __future__ import annotations
@@ -41,11 +38,9 @@ def linear_chip_weights(chip, n_classes: int) -> np.ndarray:
 
 
 def to_sequence_classification(model, tokenizer, chip, label_names: list[str], feature_mode: str):
-    """A ``*ForSequenceClassification`` model holding the backbone of the truncated ``model`` and
-    ``chip`` (bias-free, linear, on normed features) as its ``score`` head; ``label_names`` become
-    ``id2label`` and the tokenizer's pad token id goes into the config (batched pooling).
-    ChipTuningError for raw features, an encoder, a model type without that class, a chip that does not fold.
-    """
+    """A ``*ForSequenceClassification`` model: the truncated ``model``'s backbone, ``chip`` as its ``score``
+    head, ``label_names`` as ``id2label``, the tokenizer's pad token id in the config (batched pooling).
+    ChipTuningError for raw features, an encoder, a model type without that class, a chip that does not fold."""
     if feature_mode != "normed":
         raise ChipTuningError("--export sequence-classification needs chips on normed features (extract with "
                               "--feature-mode normed): the classifier head reads the final-normed state")

@@ -1,5 +1,5 @@
-"""Provenance of a pruned checkpoint (``chiptuning.json``): where it came from, each task's chip and
-prompt format, and the sha256 of every file beside it, so that nothing changed since can be proven."""
+"""``chiptuning.json``: where a pruned checkpoint came from, each task's chip and prompt format, and the
+sha256 of every file beside it."""
 
 from __future__ import annotations
 
@@ -286,6 +286,12 @@ def verify_checksums(root: str | Path, record: dict[str, Any], record_file: str 
             raise ProvenanceError(f"{root}: file {rel} was modified after pruning (checksum mismatch); {rerun}")
 
 
+def other_weights(then: str | None, now: str | None) -> bool:
+    """Whether two weights hashes (:func:`~chiptuning.models.weights_hash`, ``kind:digest``) are of one
+    kind and differ: then they name other weights (hashes of two kinds cannot be compared)."""
+    return bool(then and now and then.split(":")[0] == now.split(":")[0] and then != now)
+
+
 def check_model_matches_cache(model_id: str, model_hash: str, config, cache_meta: CacheMeta | dict[str, Any],
                               adapter: str | None = None, what: str = "chips") -> None:
     """ProvenanceError ("cache from another model") unless the model (``model_id``, its weights hash and
@@ -304,8 +310,7 @@ def check_model_matches_cache(model_id: str, model_hash: str, config, cache_meta
         if getattr(meta, key) is not None and getattr(meta, key) != value:
             refuse(f"{key} {getattr(meta, key)!r} in the cache, {value!r} in the model")
     if meta.model_hash and model_hash and meta.model_hash != model_hash:
-        kind_then, kind_now = meta.model_hash.split(":", 1)[0], model_hash.split(":", 1)[0]
-        if kind_then == kind_now and kind_then != "unknown":
+        if other_weights(meta.model_hash, model_hash) and meta.model_hash.split(":")[0] != "unknown":
             refuse(f"weights hash {meta.model_hash} in the cache, {model_hash} now")
         log.warning("cannot compare weights of %s (%s) with the cache's %s (%s); checked the architecture only",
                     model_id, model_hash, meta.model, meta.model_hash)

@@ -1,13 +1,7 @@
-"""Model surgery: keep blocks 1..l of a model, with its config made to agree.
-
-Pruning at layer l (the layer convention of :mod:`chiptuning.features`) keeps blocks 1..l, so a
-pruned model's feature(l) is exactly the full model's. Deleting blocks is not enough for a
-checkpoint that reloads and generates correctly: transformers sizes the KV cache and per-layer
-settings from the config, so the config depth, per-layer config lists and every attention module's
-``layer_idx`` must change with the weights, in one place: :func:`truncate_`.
-
-The final norm stays: the checkpoint must reload with ``AutoModel.from_pretrained`` without newly
-initialised weights, and chips read the raw stream through hooks on the blocks, before the norm.
+"""Model surgery: keep blocks 1..l of a model (so its feature(l) is the full model's), with the config
+depth, per-layer config lists and every module's ``layer_idx`` made to agree, as transformers sizes the
+KV cache and per-layer settings from them. The final norm stays: the checkpoint reloads with
+``AutoModel.from_pretrained`` without new weights, and chips read the raw stream before the norm.
 """
 
 from __future__ import annotations
@@ -22,9 +16,8 @@ from chiptuning.registry import base_model, get_blocks, get_language_model, num_
 
 log = logging.getLogger(__name__)
 
-#: Config attributes known to hold one entry per layer (sliced with the blocks). Any other list
-#: attribute of length L whose name mentions "layer" is sliced too; lists that only happen to be
-#: L long (token ids, architectures) are left alone.
+#: Config attributes known to hold one entry per layer. Any other list of length L whose name mentions
+#: "layer" is one too; lists that only happen to be L long (token ids, architectures) are not.
 PER_LAYER_CONFIG_KEYS = frozenset({"layer_types", "no_rope_layers", "mlp_only_layers", "block_types"})
 _NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "bad_words_ids",
                             "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids"})
@@ -40,29 +33,24 @@ def check_layer(layer: int, n_blocks: int) -> int:
 
 
 def per_layer_keys(config, n_blocks: int) -> list[str]:
-    """Config fields holding one entry per block (e.g. Gemma-2's ``layer_types``): what cutting
-    or reordering the blocks must cut or reorder too."""
+    """Config fields holding one entry per block (e.g. Gemma-2's ``layer_types``)."""
     return sorted(key for key, value in vars(config).items()
                   if isinstance(value, (list, tuple)) and len(value) == n_blocks and key not in _NOT_PER_LAYER
                   and (key in PER_LAYER_CONFIG_KEYS or "layer" in key))
 
 
 def model_configs(model) -> list:
-    """Every distinct config object of a model (its own, its backbone's, its text config, a
-    vision-language model's language model's copy): depth and per-layer fields must agree in all."""
+    """Every distinct config object of a model (its own, its backbone's, its text config, its language
+    model's): depth and per-layer fields must agree in all."""
     configs = (model.config, base_model(model).config, text_config(model.config), get_language_model(model).config)
     return list({id(c): c for c in configs}.values())
 
 
 def truncate_(model: nn.Module, layer: int) -> nn.Module:
-    """Keep blocks 1..``layer`` (1..L; L removes nothing) of ``model`` (base or with a head) in place
-    and return it.
-
-    Edits together: the block list, the config depth (``num_hidden_layers``; GPT-2's ``n_layer``
-    follows through its attribute map), every per-layer config list, and the ``layer_idx`` of every
-    submodule of each kept block (the KV cache is indexed by it). Embeddings, final norm and head
-    stay. ChipTuningError for a layer out of range, UnsupportedModelError for an unknown architecture.
-    """
+    """Keep blocks 1..``layer`` (1..L; L removes nothing) of ``model`` (base or with a head) in place and
+    return it: the block list, the config depth (GPT-2's ``n_layer`` follows ``num_hidden_layers``), every
+    per-layer config list and each kept block's ``layer_idx``; embeddings, final norm and head stay.
+    ChipTuningError for a layer out of range, UnsupportedModelError for an unknown architecture."""
     blocks = get_blocks(model)
     n_blocks = len(blocks)
     check_layer(layer, n_blocks)
@@ -88,10 +76,8 @@ def truncate_(model: nn.Module, layer: int) -> nn.Module:
 
 
 def rebuild_blocks_(model, plan: Sequence[tuple[nn.Module, int]]) -> nn.Module:
-    """Make ``model``'s blocks exactly ``plan``: (block module, the original 0-based index whose
-    per-layer config entries it takes) for each block of the result, in order; modules may be
-    original blocks, merged or new ones. The per-layer config lists are permuted the same way and
-    :func:`truncate_` cuts the rest."""
+    """Make ``model``'s blocks exactly ``plan``: (block module, the original 0-based index whose per-layer
+    config entries it takes) for each block of the result, in order: original blocks, merged or new ones."""
     blocks = list(get_blocks(model))
     L = len(blocks)
     if not 1 <= len(plan) <= L:

@@ -9,15 +9,15 @@ With n the number of blocks the model loses (block i turns feature(i-1) into fea
 * ``slm`` (sliding layer merging), ``laco`` (layer collapse): merge consecutive blocks by parameter
   arithmetic while the model's output stays above a cosine threshold.
 
-The model is cut with chip-tuning's surgery (:mod:`chiptuning.prune.truncate`) and saved as a plain
-Hugging Face checkpoint with ``pruning.json``. Names load lazily: the CLI reads :data:`METHODS`
-and :data:`DEFAULTS` without importing torch.
+The model is cut with chip-tuning's surgery and saved as a plain Hugging Face checkpoint with
+``pruning.json``. Names load lazily: the CLI reads :data:`METHODS` and :data:`DEFAULTS` without torch.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from chiptuning.prune import lazy_exports
 
 METHODS = ("tail", "shortgpt", "angular", "streamline", "slm", "laco")
 #: Defaults of the method options (each documented on its ``plan_*`` function).
@@ -39,19 +39,5 @@ _MODULES = {
                    "train_replacement"),
     "chiptuning.prune.truncate": ("rebuild_blocks_", "remove_blocks_"),
 }
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
-
-__all__ = sorted(["DEFAULTS", "METHODS", *_EXPORTS])
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'chiptuning.prune.baselines' has no attribute {name!r}")
-    module = _EXPORTS[name]
-    value = getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
-    globals()[name] = value  # resolved once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = sorted(["DEFAULTS", "METHODS", *(name for names in _MODULES.values() for name in names)])
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())

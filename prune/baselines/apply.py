@@ -1,5 +1,5 @@
-"""Run a baseline end to end: plan, cut, save a standard checkpoint with ``pruning.json``, check it.
-A streamed model stays streamed throughout: planned on, saved shard by shard and reloaded."""
+"""Run a baseline end to end: plan, cut, save a standard checkpoint with ``pruning.json``, check it (a
+streamed model stays streamed throughout)."""
 
 from __future__ import annotations
 
@@ -57,13 +57,9 @@ class ParamCounts(Record):
 
 @dataclass
 class DepthPruningRecord(Record):
-    """``pruning.json``: what a method did to a model, and the checkpoint's files.
-
-    ``groups`` lists, per block of the result, the original blocks (1-based) it stands for;
-    ``removed`` the original blocks that no longer exist as they were; ``details`` the method's
-    scores, thresholds and training metrics; ``reload`` and ``generation`` the checks run on the
-    saved checkpoint; ``checksums`` the sha256 of every other file written.
-    """
+    """``pruning.json``: what a method did to a model (``groups``, ``removed``, ``details``: the
+    :class:`Plan`'s), the checks run on the saved checkpoint (``reload``, ``generation``) and the sha256
+    of every other file written (``checksums``)."""
 
     FORMAT = "chiptuning-depth-pruned"
     ERROR = ProvenanceError
@@ -171,11 +167,9 @@ def plan_record(plan: Plan, base_model: BaseModel, **fields) -> DepthPruningReco
 
 def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record: DepthPruningRecord | dict,
                       overwrite: bool = False) -> Path:
-    """Save the cut ``model``, its tokenizer and ``pruning.json`` atomically
-    (:func:`chiptuning.outputs.write_output`), after checking that it reloads and (decoders) that
-    KV-cache generation matches. ``record``: the record, or fields added to :func:`plan_record`.
-    A streamed model is saved shard by shard from its files and reloaded streamed.
-    """
+    """Save the cut ``model`` (a streamed one shard by shard, from its files), its tokenizer and
+    ``pruning.json`` atomically, after checking that it reloads (streamed, if it was) and, for decoders,
+    that KV-cache generation matches. ``record``: the record, or fields added to :func:`plan_record`."""
     if isinstance(record, dict):
         L = len({i for group in plan.groups for i in group} | set(plan.removed))  # the blocks it started with
         record = plan_record(plan, BaseModel(id="in memory", model_type=model.config.model_type, num_blocks=L),
@@ -196,12 +190,9 @@ def save_pruned_model(model, tokenizer, out_dir: str | Path, plan: Plan, record:
 
 
 def read_record(path: str | Path) -> DepthPruningRecord:
-    """The verified ``pruning.json`` of a depth-pruned checkpoint (exactly the recorded files, each
-    with its sha256, and the record its own).
-
-    Raises:
-        ChipTuningError: not such a checkpoint; ProvenanceError: edited, missing or unrecorded files.
-    """
+    """The verified ``pruning.json`` of a depth-pruned checkpoint (exactly the recorded files, each with
+    its sha256, and the record its own). ChipTuningError: not such a checkpoint; ProvenanceError: edited,
+    missing or unrecorded files."""
     file = Path(path) / RECORD_FILE
     if not file.is_file():
         raise ChipTuningError(f"{path} has no {RECORD_FILE}: not a checkpoint written by `chiptuning baseline`")

@@ -1,10 +1,6 @@
-"""Methods that merge consecutive blocks by parameter arithmetic: ``slm`` (sliding layer merging)
-and ``laco`` (layer collapse).
-
-Both accept a merge while the model's output stays at least ``threshold`` similar to the original
-(:class:`~chiptuning.prune.baselines.calibration.OutputSimilarity`). A sweep that falls short of
-the target is followed by another at a lower threshold (:func:`next_threshold`); merges never
-overshoot it. On a streamed model the merged blocks are the only weights the plan holds.
+"""Methods that merge consecutive blocks by parameter arithmetic, ``slm`` (sliding layer merging) and
+``laco`` (layer collapse), while the model's output stays ``threshold`` similar to the original; a sweep
+that falls short of the target is followed by one at a lower threshold (:func:`next_threshold`).
 """
 
 from __future__ import annotations
@@ -30,12 +26,8 @@ Blocks = list[tuple[nn.Module, list[int]]]
 
 
 def merge_blocks(blocks: Sequence[nn.Module]) -> nn.Module:
-    """One block from consecutive blocks: theta = theta_base + sum_j (theta_j - theta_base).
-
-    The base is the first block; every floating-point parameter is merged, buffers are the base's;
-    a single block gives a copy. Streamed blocks are read one at a time, so a merge holds the
-    result, the base and one other block, however wide the window.
-    """
+    """One block from consecutive blocks: theta = theta_base + sum_j (theta_j - theta_base), the base the
+    first block (its buffers kept; one block gives a copy). Streamed blocks are read one at a time."""
     merged = materialized_copy(blocks[0])
     base = {name: p.detach().float() for name, p in merged.named_parameters() if p.is_floating_point()}
     total = {name: value.clone() for name, value in base.items()}
@@ -143,12 +135,9 @@ def _merge(method: str, model, n: int | None, tokenizer, calibration: Calibratio
 
 def plan_slm(model, n: int | None, tokenizer, calibration: Calibration, threshold: float = 0.9,
              max_sweeps: int = 100) -> Plan:
-    """Sliding layer merging: from the top down, grow a window of consecutive layers while the model
-    with the window merged keeps its output cosine >= ``threshold``; merge it; go on below it.
-
-    Args:
-        n: blocks to lose (the target), or None for one sweep at ``threshold``.
-    """
+    """Sliding layer merging: from the top down, grow a window of consecutive layers while the model with
+    it merged keeps its output cosine >= ``threshold``; merge it; go on below it. ``n``: blocks to lose
+    (the target), or None for one sweep at ``threshold``."""
     return _merge("slm", model, n, tokenizer, calibration, threshold, max_sweeps, _slm_sweep, {})
 
 

@@ -1,8 +1,5 @@
-"""LLM-Streamline: replace the most similar span of consecutive blocks by one trained block.
-
-On a streamed model the span's inputs and targets come from streamed forward passes; only the first
-removed block is read into memory, as the replacement's start (:func:`~chiptuning.models.materialized_copy`).
-"""
+"""LLM-Streamline: replace the most similar span of consecutive blocks by one trained block (on a streamed
+model only the first removed block, the replacement's start, is read into memory)."""
 
 from __future__ import annotations
 
