@@ -1,4 +1,7 @@
-"""The `chiptuning` command: one click group; each stage's commands live in their own module."""
+"""The `chiptuning` command: one click group; each stage's commands live in their own module.
+
+A command imports the stages (and so torch) inside its body, so `chiptuning --help` stays instant.
+"""
 
 from __future__ import annotations
 
@@ -102,7 +105,7 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 
 
 def _register() -> None:
-    # the commands' modules; each keeps its heavy imports inside its commands
+    # imported once `main` exists: the commands' modules import this package
     from chiptuning.cli import baselines, cache, compare, extract, probe, prune, run, tasks
 
     for module in (tasks, extract, cache, probe, prune, baselines, run, compare):

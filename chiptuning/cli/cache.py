@@ -19,7 +19,6 @@ def cache_group():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_cmd(cache_dir, as_json):
     """Summarise CACHE_DIR from its manifest."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.cache import cache_info
 
     info = cache_info(cache_dir)
@@ -36,7 +35,6 @@ def info_cmd(cache_dir, as_json):
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 def verify_cmd(cache_dir):
     """Check every shard of CACHE_DIR: checksums, shapes, counts, finite values."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.cache import verify_cache
 
     problems = verify_cache(cache_dir)

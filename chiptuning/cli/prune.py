@@ -52,7 +52,6 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
         click.get_current_context().invoke(baseline_cmd, model=model, method=method, out=out, overwrite=overwrite,
                                            dtype=dtype or "fp32", device=device, offload=offload, **baseline)
         return
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.models import resolve_device
     from chiptuning.prune import PROVENANCE_FILE, CheckpointRecord, prune, read_provenance
 
@@ -92,7 +91,6 @@ def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, ma
     The data is given as to `chiptuning extract` (--task NAME or --data FILE); the prompt
     template (or text column) and the label names default to the checkpoint's own.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.outputs import EVAL, check_output
     from chiptuning.prune import ChipModel, evaluate
 
@@ -132,7 +130,6 @@ def push_cmd(pruned_dir, repo_id, private, revision, token, commit_message, allo
     A checkpoint holding a pickle (a chip saved with --allow-pickle) is refused unless
     --allow-pickle is given here too.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.prune.hub import push_to_hub
 
     if allow_pickle:

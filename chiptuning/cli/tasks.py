@@ -125,7 +125,6 @@ def parse_labels(text: str | None) -> list[str] | None:
 def load_task_from_options(**options: Any):
     """Load the task the :func:`task_options` parameters describe (others are ignored); DataError for
     not exactly one of --task / --data, or anything :func:`load_task` refuses."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.errors import DataError
     from chiptuning.tasks import TaskOptions, load_task
 
@@ -157,7 +156,6 @@ def tasks_cmd(as_json: bool) -> None:
     Load one with `--task NAME` (from the Hugging Face hub) or `--task NAME --data-dir DIR`
     (offline, from the original release files listed here).
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
     from chiptuning.tasks import BUILTIN_TASKS
 
     entries = [task.summary() for task in BUILTIN_TASKS.values()]
