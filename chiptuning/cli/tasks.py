@@ -111,12 +111,6 @@ def batching_options(func):
                              "decides].")(func)
 
 
-def _unescape(template: str) -> str:
-    # A shell gives '\n' as two characters; only these escapes are decoded, so non-ASCII text
-    # (C3's Chinese) and other backslashes stay as typed.
-    return template.replace("\\n", "\n").replace("\\t", "\t")
-
-
 def parse_labels(text: str | None) -> list[str] | None:
     """``--labels a,b,c`` -> ["a", "b", "c"] (None when not given)."""
     return [x.strip() for x in text.split(",")] if text else None
@@ -138,7 +132,9 @@ def load_task_from_options(**options: Any):
                         "dataset with --task NAME")
     settings = {key: options[key] for key in TASK_PARAMS[2:] if options.get(key) is not None}
     if "template" in settings:
-        settings["template"] = _unescape(settings["template"])
+        # a shell gives '\n' as two characters; only \n and \t are decoded, so non-ASCII text (C3's
+        # Chinese) and other backslashes stay as typed
+        settings["template"] = settings["template"].replace("\\n", "\n").replace("\\t", "\t")
     settings["labels"] = parse_labels(settings.get("labels"))
     return load_task(task if task is not None else data, TaskOptions(**settings))
 
