@@ -1,7 +1,4 @@
-"""The `chiptuning` command: one click group; each stage's commands live in their own module.
-
-A command imports the stages (and so torch) inside its body, so `chiptuning --help` stays instant.
-"""
+"""The `chiptuning` command: one click group; each stage's commands live in their own module."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def train_cmd(train_cache, eval_cache, out, overwrite, layers, no_intercept, **s
     Every shard's checksum is verified before training (one more read of the cache); a corrupt
     shard is refused, naming it.
     """
-    from chiptuning.probe import TrainConfig, train_chips
+    from chiptuning.probe import TrainConfig, train_chips  # here: `chiptuning --help` stays free of torch
 
     config = TrainConfig(**settings, layers=_layers(layers), fit_intercept=not no_intercept)
     chips = train_chips(train_cache, eval_cache, out=out, config=config, progress=True, overwrite=overwrite)
@@ -156,7 +156,7 @@ def train_cmd(train_cache, eval_cache, out, overwrite, layers, no_intercept, **s
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per task (default: timed once).")
 def sweep_cmd(train_cache, eval_cache, out, overwrite, chip_kinds, weight_decays, Cs, lrs, epochs, layers, **settings):
     """Grid over chip type, regularization, learning rate, epochs and layers on TRAIN_CACHE."""
-    from chiptuning.probe.sweep import SweepConfig, sweep
+    from chiptuning.probe.sweep import SweepConfig, sweep  # here: `chiptuning --help` stays free of torch
 
     lr_values, chip_lrs = _per_chip("--lr", lrs, float)
     epoch_values, chip_epochs = _per_chip("--epochs", epochs, int)
@@ -184,7 +184,7 @@ def sweep_cmd(train_cache, eval_cache, out, overwrite, chip_kinds, weight_decays
               help="Load chips stored as a pickle (runs code from the file: only chips you made).")
 def select(chips_dir, strategy, allow_pickle):
     """Pick the pruning layer of CHIPS_DIR; write selection.json and report.md there."""
-    from chiptuning.probe import select_layer
+    from chiptuning.probe import select_layer  # here: `chiptuning --help` stays free of torch
 
     s = select_layer(chips_dir, strategy, allow_pickle=allow_pickle)
     acc = s.expected_accuracy
@@ -212,7 +212,7 @@ def select(chips_dir, strategy, allow_pickle):
 def zeroshot_cmd(eval_cache, prior_cache, as_json):
     """The decoder's own answer on EVAL_CACHE: zero-shot accuracy (plain and prior-calibrated)
     and the logit-lens curve, from the label-word logits stored at extraction (no model run)."""
-    from chiptuning.cache import CacheReader
+    from chiptuning.cache import CacheReader  # here: `chiptuning --help` stays free of torch
     from chiptuning.probe.lens import lens_curve, zero_shot_report
 
     evals = CacheReader(eval_cache)

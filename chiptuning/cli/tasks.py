@@ -119,7 +119,7 @@ def parse_labels(text: str | None) -> list[str] | None:
 def load_task_from_options(**options: Any):
     """Load the task the :func:`task_options` parameters describe (others are ignored); DataError for
     not exactly one of --task / --data, or anything :func:`load_task` refuses."""
-    from chiptuning.errors import DataError
+    from chiptuning.errors import DataError  # here: `chiptuning --help` stays free of torch
     from chiptuning.tasks import TaskOptions, load_task
 
     task, data = options.get("task"), options.get("data")
@@ -152,7 +152,7 @@ def tasks_cmd(as_json: bool) -> None:
     Load one with `--task NAME` (from the Hugging Face hub) or `--task NAME --data-dir DIR`
     (offline, from the original release files listed here).
     """
-    from chiptuning.tasks import BUILTIN_TASKS
+    from chiptuning.tasks import BUILTIN_TASKS  # here: `chiptuning --help` stays free of torch
 
     entries = [task.summary() for task in BUILTIN_TASKS.values()]
     if as_json:
