@@ -368,12 +368,11 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
         if adapter:
             raise ChipTuningError("--adapter is merged into weights in memory; merge it into a copy of the model first "
                                   "(peft's merge_and_unload, save_pretrained) and stream that, or use --offload none")
-        skeleton = structure()
-        streamed = range(0 if stream else int(keep_blocks), len(get_blocks(skeleton)))
+        streamed = range(0 if stream else int(keep_blocks), len(get_blocks(structure())))
         if len(streamed):
             # weights transformers converts on load (fused experts) are written here, for the model's lifetime
             scratch = tempfile.TemporaryDirectory(prefix="chiptuning-offload-")
-            kwargs.update(device_map=stream_device_map(skeleton, resolve_device(device), streamed),
+            kwargs.update(device_map=stream_device_map(structure(), resolve_device(device), streamed),
                           offload_folder=scratch.name)
     elif device_map:
         kwargs["device_map"] = device_map
