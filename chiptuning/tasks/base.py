@@ -225,8 +225,7 @@ class TaskData:
 
     def format(self, record: dict[str, Any] | str) -> str:
         """The prompt of one record: a dict of fields, a raw text (text column, or a one-field
-        template), or for image data the image alone. No chat template (see :meth:`build_prompts`).
-        """
+        template), or for image data the image alone. No chat template (see :meth:`build_prompts`)."""
         if self.image_column is not None and not isinstance(record, dict):
             record = {}  # the image itself: the prompt is the template's fixed text
         if isinstance(record, str) and self.template is not None:
