@@ -50,11 +50,6 @@ def _accepts(module, name: str) -> bool:
     return name in inspect.signature(module.forward).parameters
 
 
-def _with_hidden(output, hidden: torch.Tensor):
-    """A block's output with its hidden states replaced (a tuple stays a tuple)."""
-    return type(output)((hidden, *output[1:])) if isinstance(output, (tuple, list)) else hidden
-
-
 @contextlib.contextmanager
 def capture_layers(model, layers: Iterable[int], keep: Callable[[int, torch.Tensor], torch.Tensor | None]):
     """Within the block, every forward of ``model`` calls ``keep(layer, hidden)`` with the (B, T, H)
@@ -66,7 +61,9 @@ def capture_layers(model, layers: Iterable[int], keep: Callable[[int, torch.Tens
     def after(layer: int):
         def hook(_module, _args, output):
             replacement = keep(layer, hidden_from_output(output))
-            return None if replacement is None else _with_hidden(output, replacement)
+            if replacement is None or not isinstance(output, (tuple, list)):
+                return replacement
+            return type(output)((replacement, *output[1:]))  # a tuple stays a tuple
         return hook
 
     with contextlib.ExitStack() as hooks:

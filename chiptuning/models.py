@@ -198,19 +198,17 @@ _PEFT_PREFIX = "base_model.model."
 
 def _peft():
     try:
-        # peft is optional (only --adapter needs it): imported on first use.
-        import peft
-        from peft.utils import load_peft_weights
+        import peft.utils  # optional (only --adapter needs it): imported on first use
     except ImportError:
         raise ChipTuningError("--adapter needs the peft package: pip install peft") from None
-    return peft, load_peft_weights
+    return peft
 
 
 def adapter_keys(adapter: str) -> list[str]:
     """Names of the adapter's weights as saved (``base_model.model.<param path>``)."""
-    _, load_peft_weights = _peft()
+    peft = _peft()
     try:
-        return sorted(load_peft_weights(adapter, device="cpu"))
+        return sorted(peft.utils.load_peft_weights(adapter, device="cpu"))
     except (OSError, ValueError) as err:
         raise ChipTuningError(f"cannot read adapter {adapter!r}: {first_line(err)}") from None
 
@@ -224,9 +222,8 @@ def saved_from_head_model(adapter: str, backbone_prefix: str) -> bool:
 def merge_adapter_(model, adapter: str):
     """Apply ``adapter`` to ``model`` and merge it into the weights; returns the merged model.
     ChipTuningError when some adapter weights find no module in ``model``."""
-    peft, _ = _peft()
     expected = adapter_keys(adapter)
-    wrapped = peft.PeftModel.from_pretrained(model, adapter)
+    wrapped = _peft().PeftModel.from_pretrained(model, adapter)
     loaded = {key.replace(".default", "") for key in wrapped.state_dict()}
     missing = [key for key in expected if key not in loaded]
     if missing:
@@ -289,14 +286,10 @@ def materialized_copy(block):
     so a method that merges or trains blocks holds only the blocks it makes."""
     if not is_streamed(block):
         return copy.deepcopy(block)
-    memo = {}  # the copy shares the hooks' index of the weight files instead of copying it
-    for sub in block.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        for shared in ("weights_map", "tied_params_map"):
-            value = getattr(hook, shared, None)
-            if value is not None:
-                memo[id(value)] = value
-    copied = copy.deepcopy(block, memo)
+    # the copy shares the hooks' index of the weight files instead of copying it
+    shared = [getattr(getattr(sub, "_hf_hook", None), name, None) for sub in block.modules()
+              for name in ("weights_map", "tied_params_map")]
+    copied = copy.deepcopy(block, {id(value): value for value in shared if value is not None})
     materialize_(copied)
     return copied
 
@@ -375,12 +368,11 @@ def load_model(model_name_or_path: str, dtype: str = "fp32", device: str | None 
         if adapter:
             raise ChipTuningError("--adapter is merged into weights in memory; merge it into a copy of the model first "
                                   "(peft's merge_and_unload, save_pretrained) and stream that, or use --offload none")
-        skeleton = structure()
-        streamed = range(0 if stream else int(keep_blocks), len(get_blocks(skeleton)))
+        streamed = range(0 if stream else int(keep_blocks), len(get_blocks(structure())))
         if len(streamed):
             # weights transformers converts on load (fused experts) are written here, for the model's lifetime
             scratch = tempfile.TemporaryDirectory(prefix="chiptuning-offload-")
-            kwargs.update(device_map=stream_device_map(skeleton, resolve_device(device), streamed),
+            kwargs.update(device_map=stream_device_map(structure(), resolve_device(device), streamed),
                           offload_folder=scratch.name)
     elif device_map:
         kwargs["device_map"] = device_map

@@ -102,7 +102,7 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 
 
 def _register() -> None:
-    # the commands' modules; each keeps its heavy imports inside its commands
+    # imported once `main` exists: the commands' modules import this package
     from chiptuning.cli import baselines, cache, compare, extract, probe, prune, run, tasks
 
     for module in (tasks, extract, cache, probe, prune, baselines, run, compare):

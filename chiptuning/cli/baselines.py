@@ -96,8 +96,7 @@ def baseline_cmd(model, method, out, overwrite, dtype, device, offload, n_layers
     head for decoders) plus pruning.json: the blocks removed or merged, their scores, the
     calibration source and size.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.models import resolve_device
+    from chiptuning.models import resolve_device  # here: `chiptuning --help` stays free of torch
     from chiptuning.prune.baselines import prune_with_method, read_record
     from chiptuning.tasks import load_task
 

@@ -19,8 +19,7 @@ def cache_group():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_cmd(cache_dir, as_json):
     """Summarise CACHE_DIR from its manifest."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.cache import cache_info
+    from chiptuning.cache import cache_info  # here: `chiptuning --help` stays free of torch
 
     info = cache_info(cache_dir)
     if as_json:
@@ -36,8 +35,7 @@ def info_cmd(cache_dir, as_json):
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 def verify_cmd(cache_dir):
     """Check every shard of CACHE_DIR: checksums, shapes, counts, finite values."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.cache import verify_cache
+    from chiptuning.cache import verify_cache  # here: `chiptuning --help` stays free of torch
 
     problems = verify_cache(cache_dir)
     if problems:

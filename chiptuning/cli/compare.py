@@ -60,8 +60,7 @@ def compare_cmd(model, eval_split, eval_fraction, ratio, n_layers, methods, cali
     the Chip-Tuning paper's Table 1) shows the pruning ratio, chip accuracy and, for decoder
     models, zero-shot accuracy. Writes compare.csv, compare.json, compare.md and compare.png.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.compare import compare, markdown_table
+    from chiptuning.compare import compare, markdown_table  # here: `chiptuning --help` stays free of torch
     from chiptuning.models import resolve_device
     from chiptuning.pipeline import carve
     from chiptuning.tasks import load_task

@@ -39,8 +39,7 @@ def extract_cmd(model, out, device, dtype, batch_size, max_tokens_per_batch, max
     settings, a non-empty directory that is not a cache, and a second extraction writing the same
     cache at the same time are refused.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.cache import cache_info
+    from chiptuning.cache import cache_info  # here: `chiptuning --help` stays free of torch
     from chiptuning.extract import ExtractConfig, extract
 
     task = load_task_from_options(**task_opts)

@@ -212,8 +212,7 @@ def select(chips_dir, strategy, allow_pickle):
 def zeroshot_cmd(eval_cache, prior_cache, as_json):
     """The decoder's own answer on EVAL_CACHE: zero-shot accuracy (plain and prior-calibrated)
     and the logit-lens curve, from the label-word logits stored at extraction (no model run)."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.cache import CacheReader
+    from chiptuning.cache import CacheReader  # here: `chiptuning --help` stays free of torch
     from chiptuning.probe.lens import lens_curve, zero_shot_report
 
     evals = CacheReader(eval_cache)

@@ -52,8 +52,7 @@ def prune_cmd(model, method, chips_dirs, layer, out, overwrite, allow_pickle, ke
         click.get_current_context().invoke(baseline_cmd, model=model, method=method, out=out, overwrite=overwrite,
                                            dtype=dtype or "fp32", device=device, offload=offload, **baseline)
         return
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.models import resolve_device
+    from chiptuning.models import resolve_device  # here: `chiptuning --help` stays free of torch
     from chiptuning.prune import PROVENANCE_FILE, CheckpointRecord, prune, read_provenance
 
     resolve_device(device)  # refuse --device cuda without a GPU before loading anything
@@ -92,8 +91,7 @@ def eval_cmd(pruned_dir, out, overwrite, allow_pickle, task_name, batch_size, ma
     The data is given as to `chiptuning extract` (--task NAME or --data FILE); the prompt
     template (or text column) and the label names default to the checkpoint's own.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.outputs import EVAL, check_output
+    from chiptuning.outputs import EVAL, check_output  # here: `chiptuning --help` stays free of torch
     from chiptuning.prune import ChipModel, evaluate
 
     check_output(out, EVAL, overwrite=overwrite)  # before loading the checkpoint
@@ -132,8 +130,7 @@ def push_cmd(pruned_dir, repo_id, private, revision, token, commit_message, allo
     A checkpoint holding a pickle (a chip saved with --allow-pickle) is refused unless
     --allow-pickle is given here too.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.prune.hub import push_to_hub
+    from chiptuning.prune.hub import push_to_hub  # here: `chiptuning --help` stays free of torch
 
     if allow_pickle:
         click.echo("WARNING: pushing with --allow-pickle: if the checkpoint holds a pickle, whoever loads it "

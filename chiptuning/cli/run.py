@@ -41,8 +41,7 @@ def run_cmd(model, eval_split, eval_fraction, out, chip, strategy, val_size, dev
     into the same OUT reuses its caches, and its chips, checkpoint and eval when their inputs and
     settings are unchanged, and says what it reused; an OUT that is not a run directory is refused.
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.errors import DataError
+    from chiptuning.errors import DataError  # here: `chiptuning --help` stays free of torch
     from chiptuning.pipeline import RunConfig, run_pipeline
 
     train_task = eval_task = None

@@ -111,12 +111,6 @@ def batching_options(func):
                              "decides].")(func)
 
 
-def _unescape(template: str) -> str:
-    # A shell gives '\n' as two characters; only these escapes are decoded, so non-ASCII text
-    # (C3's Chinese) and other backslashes stay as typed.
-    return template.replace("\\n", "\n").replace("\\t", "\t")
-
-
 def parse_labels(text: str | None) -> list[str] | None:
     """``--labels a,b,c`` -> ["a", "b", "c"] (None when not given)."""
     return [x.strip() for x in text.split(",")] if text else None
@@ -125,8 +119,7 @@ def parse_labels(text: str | None) -> list[str] | None:
 def load_task_from_options(**options: Any):
     """Load the task the :func:`task_options` parameters describe (others are ignored); DataError for
     not exactly one of --task / --data, or anything :func:`load_task` refuses."""
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.errors import DataError
+    from chiptuning.errors import DataError  # here: `chiptuning --help` stays free of torch
     from chiptuning.tasks import TaskOptions, load_task
 
     task, data = options.get("task"), options.get("data")
@@ -139,7 +132,9 @@ def load_task_from_options(**options: Any):
                         "dataset with --task NAME")
     settings = {key: options[key] for key in TASK_PARAMS[2:] if options.get(key) is not None}
     if "template" in settings:
-        settings["template"] = _unescape(settings["template"])
+        # a shell gives '\n' as two characters; only \n and \t are decoded, so non-ASCII text (C3's
+        # Chinese) and other backslashes stay as typed
+        settings["template"] = settings["template"].replace("\\n", "\n").replace("\\t", "\t")
     settings["labels"] = parse_labels(settings.get("labels"))
     return load_task(task if task is not None else data, TaskOptions(**settings))
 
@@ -157,8 +152,7 @@ def tasks_cmd(as_json: bool) -> None:
     Load one with `--task NAME` (from the Hugging Face hub) or `--task NAME --data-dir DIR`
     (offline, from the original release files listed here).
     """
-    # imported here, not at the top: `chiptuning --help` stays instant (no torch import)
-    from chiptuning.tasks import BUILTIN_TASKS
+    from chiptuning.tasks import BUILTIN_TASKS  # here: `chiptuning --help` stays free of torch
 
     entries = [task.summary() for task in BUILTIN_TASKS.values()]
     if as_json:

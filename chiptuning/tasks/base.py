@@ -225,8 +225,7 @@ class TaskData:
 
     def format(self, record: dict[str, Any] | str) -> str:
         """The prompt of one record: a dict of fields, a raw text (text column, or a one-field
-        template), or for image data the image alone. No chat template (see :meth:`build_prompts`).
-        """
+        template), or for image data the image alone. No chat template (see :meth:`build_prompts`)."""
         if self.image_column is not None and not isinstance(record, dict):
             record = {}  # the image itself: the prompt is the template's fixed text
         if isinstance(record, str) and self.template is not None:
@@ -263,10 +262,8 @@ class TaskData:
         lengths = _token_counts(prompts, tokenizer)
         too_long = [i for i, n in enumerate(lengths) if n > max_length]
         shortened = self._shorten(too_long, lengths, tokenizer, max_length, render)
-        for i, prompt in shortened.items():
-            if prompt is not None:
-                prompts[i] = prompt
-        still_long = sum(prompt is None for prompt in shortened.values())
+        prompts = [shortened.get(i, prompt) for i, prompt in enumerate(prompts)]
+        still_long = len(too_long) - len(shortened)
         if too_long:
             log.info("%s/%s: shortened %d of %d prompts to fit %d tokens (field %r)", self.name, self.split,
                      len(too_long) - still_long, len(prompts), max_length, self.truncate_field)
@@ -327,12 +324,12 @@ class TaskData:
         return head, full[len(head): len(full) - len(tail)], tail
 
     def _shorten(self, rows: list[int], lengths: list[int], tokenizer, max_length: int,
-                 render: Callable[[str], str]) -> dict[int, str | None]:
-        """Prompts of ``rows`` with :attr:`truncate_field` cut on the right to fit ``max_length`` (None
-        where even an empty field does not fit): keep k field tokens, from "drop the overshoot" down by
-        the remaining overshoot until it fits (merges at the cut make counts only nearly additive)."""
+                 render: Callable[[str], str]) -> dict[int, str]:
+        """Prompts of ``rows`` with :attr:`truncate_field` cut on the right to fit ``max_length`` (left
+        out where even an empty field does not fit): keep k field tokens, from "drop the overshoot" down
+        by the remaining overshoot until it fits (merges at the cut make counts only nearly additive)."""
         pieces = {i: self._split_at_field(self.examples[i].fields) for i in rows}
-        result: dict[int, str | None] = {i: None for i in rows if pieces[i] is None}
+        result: dict[int, str] = {}
         todo = [i for i in rows if pieces[i] is not None]
         if not todo:
             return result
@@ -351,8 +348,6 @@ class TaskData:
                 elif keep[i] > 0:
                     keep[i] = max(0, keep[i] - max(1, n - max_length))
                     pending.append(i)
-                else:
-                    result[i] = None
             todo = pending
         return result
 

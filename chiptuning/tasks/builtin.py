@@ -105,7 +105,6 @@ def _choice_example(ex_id: str, fields: dict[str, Any], label: int) -> Example:
 _FILE_SPLIT = {"train": "train", "validation": "dev", "test": "test"}
 
 
-
 def _boolq_example(record: dict[str, Any], n: int, split: str, where: str) -> Example:
     answer = record.get("answer", record.get("label"))
     if not isinstance(answer, bool) or "passage" not in record or "question" not in record:
@@ -132,7 +131,6 @@ def _boolq_local(data_dir: Path, split: str) -> list[Example]:
 def _boolq_hub(split: str) -> list[Example]:
     rows = load_hub_dataset("google/boolq", None, split)
     return [_boolq_example(r, n, split, "google/boolq") for n, r in enumerate(rows)]
-
 
 
 def _race_example(passage_id: str, q: int, article: str, question: str, options: list[str], answer: Any,
