@@ -4,6 +4,7 @@ read, so an edited meta is refused; optional fields are written only when set)."
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,7 +15,8 @@ from chiptuning.records import Invalid, Record, name_clash, rule
 
 FORMAT = "chiptuning-cache"
 FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+STORAGE_DTYPES = typing.get_args(StorageDtype)
 #: A shard's file name: ``shard-00000.h5``, or ``shard-r01-00000.h5`` for rank 1 of a data-parallel run.
 SHARD_NAME = re.compile(r"shard-(r\d{2}-)?\d{5}\.h5")
 _HEX = re.compile(r"[0-9a-f]+")
@@ -75,8 +77,8 @@ class CacheMeta(Record):
     max_length: int | None = rule(None, ge=1)
     pooling: Literal["last_token"] | None = None
     feature_mode: Literal["raw", "normed"] | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    storage_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    dtype: StorageDtype | None = None
+    storage_dtype: StorageDtype | None = None
     layers: list[int] = field(default_factory=list)
     num_blocks: int | None = rule(None, ge=1)
     hidden_size: int | None = rule(None, ge=1)
@@ -148,7 +150,7 @@ class CacheManifest(Record):
     meta: CacheMeta
     layers: list[int]
     hidden_size: int = rule(ge=1)
-    storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    storage_dtype: StorageDtype = "float32"
     n_rows: int = rule(0, ge=0)
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False

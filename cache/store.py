@@ -479,12 +479,9 @@ class CacheReader:
         self._check_values(stored, layer)
         if rows is not None:
             return stored[np.asarray(rows) if self._in_order else self._order[rows]]
-        if self._in_order:
-            return stored
-        if out is None:
-            return stored[self._order]
-        out[:] = stored[self._order]
-        return out
+        if not self._in_order:
+            stored[:] = stored[self._order]
+        return stored
 
     def layer(self, layer: int, rows: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Features of one layer, (N, H) float32 in canonical order, or only the canonical ``rows``;
@@ -498,8 +495,7 @@ class CacheReader:
         (b, len(layers), H) float32)."""
         for layer in layers:
             self._check_layer(layer)
-        canonical = np.empty(self.n_rows, dtype=np.int64)  # canonical position of each shard-order row
-        canonical[self._order] = np.arange(self.n_rows)
+        canonical = np.argsort(self._order)  # canonical position of each shard-order row
         wanted = np.zeros(self.n_rows, dtype=bool)
         wanted[slice(None) if rows is None else np.asarray(rows)] = True
         for s, shard in enumerate(self.shards):

@@ -10,9 +10,8 @@ __all__ = ["ChipModel", "__version__"]
 
 
 def __getattr__(name):
-    # Lazy so that `import chiptuning` (and `chiptuning --help`) does not import torch/transformers.
-    if name == "ChipModel":
-        from chiptuning.prune import ChipModel  # on first use: `import chiptuning` stays light
+    if name == "ChipModel":  # imported on first use: `import chiptuning` (and `--help`) loads no torch
+        from chiptuning.prune import ChipModel
 
         return ChipModel
     raise AttributeError(f"module 'chiptuning' has no attribute {name!r}")

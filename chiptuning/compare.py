@@ -22,15 +22,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from chiptuning import __version__
+from chiptuning.cache import MANIFEST, read_manifest
 from chiptuning.errors import ChipTuningError
 from chiptuning.extract import ExtractConfig, extract
 from chiptuning.io import write_json_atomic
-from chiptuning.models import load_config, load_model, load_tokenizer, weights_hash
+from chiptuning.models import load_config, load_tokenizer
 from chiptuning.outputs import COMPARE, claim_output
 from chiptuning.probe import train_chips
 from chiptuning.probe.chipset import majority_baselines
 from chiptuning.prune.baselines import METHODS, DepthPruningRecord, n_from_ratio, prune_with_method, read_record
-from chiptuning.registry import get_blocks, get_spec, num_blocks
+from chiptuning.registry import get_spec, num_blocks
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,9 @@ def compare(model_name_or_path: str, train_task, eval_task, out_dir: str | Path,
     run = _Run(model_name_or_path, _claim(out_dir), train_task, eval_task, calibration_task or train_task,
                n_calibration, max_length, batch_size, chip, device, dtype, offload, seed, L)
     started = time.perf_counter()
-    block_params, model_hash = _measure_dense(run, decoder)
     caches = run.caches(model_name_or_path, run.out / "caches" / "dense")
+    dense = read_manifest(caches[0] / MANIFEST)  # the dense model's parameter counts and weights hash
+    block_params, run.total_params = dense.model_stats["blocks"], dense.model_stats["total"]
     chips = run.chips(caches, run.out / "chips" / "dense")
     rows = [_row("dense", L, L, 0.0, "", _chip_accuracy(chips, L), _zero_shot(chips),
                  "unpruned; chip on the last layer", round(time.perf_counter() - started, 1))]
@@ -120,7 +122,7 @@ def compare(model_name_or_path: str, train_task, eval_task, out_dir: str | Path,
         for method in methods:
             cache = caches[0] if method == "angular" and angular_from_cache else None
             rows.append(_baseline_row(run, method, n, tokenizer, (method_options or {}).get(method, {}), cache))
-    summary = _summary(run, config, decoder, model_hash, ratios, targets, rows, started)
+    summary = _summary(run, config, decoder, dense.meta.model_hash, ratios, targets, rows, started)
     write_outputs(run.out, summary)
     return summary
 
@@ -144,13 +146,6 @@ def _claim(out_dir: str | Path) -> Path:
     if not (out / COMPARE.record).exists():
         write_json_atomic(out / COMPARE.record, {"format": COMPARE.formats[0], "complete": False})
     return out
-
-
-def _measure_dense(run: _Run, decoder: bool) -> tuple[list[int], str]:
-    """Set ``run.total_params``; return the parameters of each block and the weights hash."""
-    dense = load_model(run.model, dtype=run.dtype, device=run.device, causal_lm=decoder, offload=run.offload)
-    run.total_params = int(sum(p.numel() for p in dense.parameters()))
-    return [int(sum(p.numel() for p in b.parameters())) for b in get_blocks(dense)], weights_hash(run.model, dense)
 
 
 def _chip_accuracy(chips, layer: int) -> float | None:

@@ -24,14 +24,10 @@ class UnsupportedModelError(ChipTuningError):
     """A model architecture the registry does not know."""
 
 
-#: Modules whose exceptions mean the Hugging Face Hub could not be reached or refused a request
-#: (network, authentication, offline mode; the HTTP client's module may be a renamed build).
-HUB_ERROR_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3")
-
-
 def is_hub_error(err: BaseException) -> bool:
-    """Whether ``err`` comes from the Hugging Face Hub client or the HTTP stack under it."""
-    return type(err).__module__.startswith(HUB_ERROR_MODULES)
+    """Whether ``err`` comes from the Hugging Face Hub client or the HTTP stack under it: the Hub could
+    not be reached or refused a request (network, authentication, offline mode)."""
+    return type(err).__module__.startswith(("huggingface_hub", "httpx", "httpcore", "requests", "urllib3"))
 
 
 def first_line(err: BaseException) -> str:

