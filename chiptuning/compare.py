@@ -108,6 +108,9 @@ def compare(model_name_or_path: str, train_task, eval_task, out_dir: str | Path,
     started = time.perf_counter()
     caches = run.caches(model_name_or_path, run.out / "caches" / "dense")
     dense = read_manifest(caches[0] / MANIFEST)  # the dense model's parameter counts and weights hash
+    if "blocks" not in dense.model_stats:
+        raise ChipTuningError(f"{caches[0]} records no parameter counts (extracted by an older chip-tuning); "
+                              "remove it and run compare again")
     block_params, run.total_params = dense.model_stats["blocks"], dense.model_stats["total"]
     chips = run.chips(caches, run.out / "chips" / "dense")
     rows = [_row("dense", L, L, 0.0, "", _chip_accuracy(chips, L), _zero_shot(chips),
