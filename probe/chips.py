@@ -147,7 +147,6 @@ class _TorchChip(_ChipBase):
         return self
 
 
-
 class LinearChip(_TorchChip):
     """Linear chip ``softmax(W x + b)`` trained with AdamW on standardized features (see
     :class:`_TorchChip` for the parameters; without ``fit_intercept`` the features are only scaled,

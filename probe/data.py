@@ -362,6 +362,12 @@ class InMemoryBatches:
             yield pos, xb, self.y[idx], None if self.class_mask is None else self.class_mask[idx]
 
 
+def stacked_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer [(mean (H,), scale (H,))] as two (G, 1, H) tensors, to standardize (G, B, H) features."""
+    mean, scale = (torch.from_numpy(np.stack(part))[:, None, :] for part in zip(*stats))
+    return mean, scale
+
+
 class CacheBatches:
     """Minibatches streamed from the cache, for training rows that do not fit in memory: each epoch
     reads the rows shard by shard in chunks sized to ``max_memory_mb``, shuffles each chunk (seeded)
@@ -386,7 +392,7 @@ class CacheBatches:
                 for j in range(len(layers)):
                     running[j].update(torch.from_numpy(np.ascontiguousarray(feats[:, j])), center=center)
             self.stats = [r.result() for r in running]
-        self.mean, self.scale = (torch.from_numpy(np.stack(s))[:, None, :] for s in zip(*self.stats))  # (G, 1, H)
+        self.mean, self.scale = stacked_stats(self.stats)
         self._order = np.argsort(self.rows, kind="stable")  # a cache row's position in the training rows
         self._sorted = self.rows[self._order]
 
@@ -509,7 +515,7 @@ def read_standardized(cache, layers, rows, stats, *, stream: bool = False,
         return out
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
-    mean, scale = (torch.from_numpy(np.stack(s))[:, None, :] for s in zip(*stats))  # (G, 1, H)
+    mean, scale = stacked_stats(stats)
     for row_idx, feats in cache.iter_batches(layers, 1024, rows=rows):
         pos = torch.from_numpy(order[np.searchsorted(sorted_rows, row_idx)])
         out[:, pos] = (torch.from_numpy(feats).transpose(0, 1) - mean) / scale
@@ -520,4 +526,4 @@ __all__ = ["IN_PLACE_FRACTION", "SAME_SOURCE_KEYS", "SAME_TASK_KEYS", "Batches",
            "RunningStats", "as_class_mask", "cache_class_mask", "cache_n_classes", "cache_source", "carve_rows",
            "check_same_source", "feature_dtype", "gather_standardized", "layers_per_group", "load_standardized",
            "mask_from_n_choices", "open_cache", "open_caches", "opened", "optional_class_mask", "read_parts",
-           "read_standardized", "split_validation", "standardization", "standardize_into"]
+           "read_standardized", "split_validation", "stacked_stats", "standardization", "standardize_into"]

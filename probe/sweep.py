@@ -276,8 +276,10 @@ def _pick(rows: list[dict]) -> dict:
 
 
 def _best_per_layer(rows: list[dict]) -> list[dict]:
-    keys = sorted({(row["chip"], row["layer"]) for row in rows})
-    return [_pick([row for row in rows if (row["chip"], row["layer"]) == key]) for key in keys]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["chip"], row["layer"]), []).append(row)
+    return [_pick(group) for _, group in sorted(groups.items())]
 
 
 def _write(out: Path, result: dict, n_classes: int) -> None:
